@@ -1,0 +1,20 @@
+"""One error family for bad input. The CLIs catch MeshplanError and print one line, exit code 2."""
+
+
+class MeshplanError(Exception):
+    """Anything a user can fix: bad specs, bad plans, missing files."""
+
+
+class SpecError(MeshplanError):
+    """A field of an input (model, cluster, device, plan, results) is wrong.
+
+    The message says which source, which field, what was seen and what was expected.
+    """
+
+    def __init__(self, source: str, field: str, message: str):
+        self.source, self.field, self.message = source, field, message
+        super().__init__(f"{source}: {field}: {message}")
+
+
+class PlanError(MeshplanError):
+    """A parallel configuration that cannot be built (e.g. tp*pp*dp != GPUs, layers < stages)."""

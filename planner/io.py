@@ -1,0 +1,66 @@
+"""Every file the project writes goes through here: atomic JSON writes and JSONL appends."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from planner.errors import MeshplanError
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to path via a temp file in the same directory and os.replace: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
+    """Append one JSON line. The line is built first and written with one O_APPEND write, so a
+    concurrent reader sees either the whole line or nothing of it (a crash can still tear it:
+    read_jsonl tolerates a torn last line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, str | None]]:
+    """Yield (line number, object or None, error or None) for each non-empty line.
+
+    A line that does not parse (a torn last line, say) is reported, not raised, so callers keep the
+    good lines. A missing file is a MeshplanError."""
+    path = Path(path)
+    if not path.is_file():
+        raise MeshplanError(f"{path}: no such results file; run a plan with --results {path} first")
+    with open(path) as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield n, json.loads(raw), None
+            except json.JSONDecodeError as e:
+                torn = "" if raw.endswith("\n") else " (torn last line: the run was cut off while writing)"
+                yield n, None, f"line {n} is not valid JSON{torn}: {e.msg}"

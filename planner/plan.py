@@ -1,0 +1,263 @@
+"""plan.json (version 1): the Plan, its Stages and its Prediction; versioned read, atomic write.
+
+One spelling per concept: tp, pp, dp, micro_batch, num_microbatches, virtual_stages, recompute.
+Megatron-LM's names map to ours once, here (MEGATRON_NAMES)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from planner import __version__
+from planner.errors import PlanError, SpecError
+from planner.io import atomic_write_json
+from planner.specs import ClusterSpec, ModelSpec, cluster_from_dict, from_dict, model_from_dict
+
+PLAN_VERSION = 1
+SCHEDULES = ("1f1b", "gpipe", "interleaved")
+RECOMPUTE = ("none", "selective", "full")
+
+# Megatron-LM argument -> meshplan name (for reading published configs and Megatron launch scripts).
+MEGATRON_NAMES = {
+    "tensor_model_parallel_size": "tp",
+    "pipeline_model_parallel_size": "pp",
+    "data_parallel_size": "dp",
+    "micro_batch_size": "micro_batch",
+    "global_batch_size": "global_batch",
+    "num_layers_per_virtual_pipeline_stage": "virtual_stages",  # converted: layers/pp/this
+    "recompute_granularity": "recompute",
+    "sequence_parallel": "sequence_parallel",
+    "use_distributed_optimizer": "distributed_optimizer",
+}
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Everything the search chooses except the layer split."""
+
+    tp: int
+    """Tensor-parallel degree (inside a node first)."""
+    pp: int
+    """Pipeline stages (devices along the pipeline)."""
+    dp: int
+    """Data-parallel replicas."""
+    micro_batch: int
+    """Sequences per microbatch per replica."""
+    schedule: str = "1f1b"
+    """'1f1b', 'gpipe' or 'interleaved'."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline device (interleaved only; 1 otherwise)."""
+    recompute: str = "none"
+    """Default recomputation: 'none', 'selective' (attention core) or 'full' (whole block)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: norms/dropout sharded over tp, all-gather/reduce-scatter instead of all-reduce."""
+    distributed_optimizer: bool = False
+    """Optimizer state (and with FSDP2, weights and grads) sharded over dp."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    layers: tuple[int, int]
+    """Half-open range [first, last) of transformer blocks this stage holds."""
+    embedding: bool
+    """Holds the token/position embedding (the first stage)."""
+    head: bool
+    """Holds the final norm and LM head with the loss (the last stage)."""
+    recompute: str = "none"
+    """'none', 'selective' or 'full' for the blocks of this stage."""
+    recompute_layers: int | None = None
+    """With 'full': how many of the blocks recompute (None = all); the ILP may recompute only some."""
+    memory_gib: float = 0.0
+    """Predicted peak memory of the device holding this stage (all its chunks), GiB."""
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    compute_s: float = 0.0
+    """Forward, backward and recomputation on the critical path."""
+    tp_comm_s: float = 0.0
+    """Tensor-parallel collectives not hidden."""
+    pp_comm_s: float = 0.0
+    """Pipeline send/recv on the critical path."""
+    dp_comm_s: float = 0.0
+    """Data-parallel gradient reduction (and parameter all-gather) not overlapped with backward."""
+    bubble_s: float = 0.0
+    """Pipeline idle time of the slowest device."""
+    optimizer_s: float = 0.0
+    """Optimizer step."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    iteration_s: float
+    tokens_per_s: float
+    tflops_per_gpu: float
+    """Model FLOPs (Narayanan et al. 2021, counting recomputation as the run does) per second per GPU."""
+    mfu: float
+    """tflops_per_gpu / device peak."""
+    peak_memory_gib: float
+    """The largest stage's memory."""
+    fits: bool
+    breakdown: Breakdown
+    reason: str = ""
+    """Why it does not fit (which stage, how many GiB over), empty when it fits."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelSpec
+    cluster: ClusterSpec
+    global_batch: int
+    micro_batch: int
+    num_microbatches: int
+    tp: int
+    pp: int
+    dp: int
+    schedule: str
+    virtual_stages: int
+    sequence_parallel: bool
+    distributed_optimizer: bool
+    stages: tuple[Stage, ...]
+    """pp * virtual_stages entries in model order (chunk c of device i is entry c*pp + i)."""
+    prediction: Prediction | None = None
+    profile: str = ""
+    """Device profile used: its name and whether measured or datasheet."""
+    id: str = ""
+    version: int = PLAN_VERSION
+    created_by: str = f"meshplan {__version__}"
+
+    @property
+    def knobs(self) -> Knobs:
+        return Knobs(self.tp, self.pp, self.dp, self.micro_batch, self.schedule, self.virtual_stages,
+                     self.stages[0].recompute if self.stages else "none", self.sequence_parallel, self.distributed_optimizer)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+def plan_id(plan: Plan) -> str:
+    """Short hash of everything that changes what runs: model, batch, knobs and the layer split."""
+    d = plan_to_dict(plan)
+    for k in ("id", "prediction", "profile", "created_by", "cluster"):
+        d.pop(k, None)
+    for s in d["stages"]:
+        s.pop("memory_gib", None)
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def with_id(plan: Plan) -> Plan:
+    return dataclasses.replace(plan, id=plan_id(plan))
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    d = dataclasses.asdict(plan)
+    order = ["version", "id", "created_by", "model", "cluster", "global_batch", "micro_batch", "num_microbatches",
+             "tp", "pp", "dp", "schedule", "virtual_stages", "sequence_parallel", "distributed_optimizer",
+             "stages", "prediction", "profile"]
+    for s in d["stages"]:
+        s["layers"] = list(s["layers"])
+    return {k: d[k] for k in order}
+
+
+def check_plan(plan: Plan, source: str) -> Plan:
+    """Consistency of a plan's knobs and stages; raises SpecError naming the field."""
+    for name in ("global_batch", "micro_batch", "num_microbatches", "tp", "pp", "dp", "virtual_stages"):
+        if getattr(plan, name) <= 0:
+            raise SpecError(source, name, f"must be positive, got {getattr(plan, name)}")
+    if plan.schedule not in SCHEDULES:
+        raise SpecError(source, "schedule", f"expected one of {', '.join(SCHEDULES)}, got {plan.schedule!r}")
+    if plan.schedule != "interleaved" and plan.virtual_stages != 1:
+        raise SpecError(source, "virtual_stages", f"must be 1 unless schedule is 'interleaved', got {plan.virtual_stages}")
+    if plan.model.heads % plan.tp:
+        raise SpecError(source, "tp", f"heads {plan.model.heads} are not divisible by tp {plan.tp}; pick a tp that divides the heads")
+    if plan.model.ffn_hidden % plan.tp:
+        raise SpecError(source, "tp", f"ffn_hidden {plan.model.ffn_hidden} is not divisible by tp {plan.tp}")
+    if plan.global_batch != plan.micro_batch * plan.num_microbatches * plan.dp:
+        raise SpecError(source, "num_microbatches", f"global_batch {plan.global_batch} != micro_batch {plan.micro_batch} x num_microbatches {plan.num_microbatches} x dp {plan.dp}")
+    n = plan.pp * plan.virtual_stages
+    if len(plan.stages) != n:
+        raise SpecError(source, "stages", f"expected pp x virtual_stages = {n} entries, got {len(plan.stages)}")
+    nxt = 0
+    for i, s in enumerate(plan.stages):
+        a, b = s.layers
+        if a != nxt or b < a:
+            raise SpecError(source, f"stages[{i}].layers", f"expected a range starting at {nxt}, got [{a}, {b}]")
+        if b == a and not (s.embedding or s.head):
+            raise SpecError(source, f"stages[{i}].layers", "a stage with no layers (and no embedding or head); give every stage at least one layer")
+        if s.recompute not in RECOMPUTE:
+            raise SpecError(source, f"stages[{i}].recompute", f"expected one of {', '.join(RECOMPUTE)}, got {s.recompute!r}")
+        if s.embedding != (i == 0) or s.head != (i == n - 1):
+            raise SpecError(source, f"stages[{i}]", "the embedding belongs on the first stage and the head on the last")
+        nxt = b
+    if nxt != plan.model.layers:
+        raise SpecError(source, "stages", f"stages cover {nxt} layers, the model has {plan.model.layers}")
+    return plan
+
+
+def plan_from_dict(d: dict, source: str) -> Plan:
+    if not isinstance(d, dict):
+        raise SpecError(source, "(top level)", "expected a JSON object")
+    version = d.get("version")
+    if version != PLAN_VERSION:
+        raise SpecError(source, "version", f"plan version {version!r} is not supported (this meshplan reads version {PLAN_VERSION}); re-create it with `planner plan --out`")
+    d = dict(d)
+    model_d = d.pop("model", None)
+    if not isinstance(model_d, dict):
+        raise SpecError(source, "model", "missing or not an object")
+    model = model_from_dict(model_d, source + " model")
+    cluster_d = d.pop("cluster", None)
+    if not isinstance(cluster_d, dict):
+        raise SpecError(source, "cluster", "missing or not an object")
+    cluster = cluster_from_dict(cluster_d, source + " cluster")
+    rest = dict(d)
+    stages = rest.pop("stages", None)
+    if not isinstance(stages, list):
+        raise SpecError(source, "stages", "missing or not a list")
+    stage_objs = []
+    for i, s in enumerate(stages):
+        st = from_dict(Stage, s, source, prefix=f"stages[{i}].")
+        stage_objs.append(dataclasses.replace(st, layers=tuple(st.layers)))
+    pred = rest.pop("prediction", None)
+    prediction = from_dict(Prediction, pred, source, prefix="prediction.") if pred is not None else None
+    plan = from_dict(_PlanScalars, rest, source)
+    out = Plan(model=model, cluster=cluster, stages=tuple(stage_objs), prediction=prediction, **dataclasses.asdict(plan))
+    return check_plan(out, source)
+
+
+@dataclass(frozen=True)
+class _PlanScalars:
+    """The scalar fields of Plan, for validation by from_dict."""
+
+    global_batch: int
+    micro_batch: int
+    num_microbatches: int
+    tp: int
+    pp: int
+    dp: int
+    schedule: str
+    virtual_stages: int
+    sequence_parallel: bool
+    distributed_optimizer: bool
+    profile: str = ""
+    id: str = ""
+    version: int = PLAN_VERSION
+    created_by: str = ""
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), "(file)", "no such plan file; write one with `planner plan --out plan.json`")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpecError(str(path), "(file)", f"not valid JSON at line {e.lineno}: {e.msg}") from None
+    return plan_from_dict(d, str(path))
+
+
+def write_plan(path: str | Path, plan: Plan) -> None:
+    atomic_write_json(path, plan_to_dict(plan))

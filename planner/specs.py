@@ -1,0 +1,294 @@
+"""The inputs: ModelSpec, ClusterSpec, DeviceProfile. Each is a frozen dataclass loaded once, at the
+edge, by one load_* function that validates everything (unknown keys, types, ranges, divisibility).
+Inside the planner, code trusts them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from planner.errors import SpecError
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+DEVICE_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    """Preset or file name, for tables and plan ids."""
+    layers: int
+    """Transformer blocks."""
+    hidden: int
+    """Model width h."""
+    heads: int
+    """Attention heads a; hidden must divide by it."""
+    ffn_hidden: int
+    """MLP inner width (4h for GPT)."""
+    seq_len: int
+    """Sequence length s in tokens."""
+    vocab: int
+    """Vocabulary size V before padding (padded to a multiple of 128*tp, as Megatron-LM does)."""
+
+    def padded_vocab(self, tp: int) -> int:
+        # Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by (128) * tp.
+        m = 128 * tp
+        return -(-self.vocab // m) * m
+
+    def layer_params(self) -> int:
+        """Parameters in one block: QKV + proj (4h^2 + 4h), MLP (2*h*f + f + h), two LayerNorms (4h)."""
+        h, f = self.hidden, self.ffn_hidden
+        return 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
+
+    def embedding_params(self, tp: int = 1) -> int:
+        """Token embedding (padded vocab, tied with the head as in GPT-2) and learned positions."""
+        return self.padded_vocab(tp) * self.hidden + self.seq_len * self.hidden
+
+    def params(self) -> int:
+        """All parameters (tied embedding/head, final LayerNorm)."""
+        return self.layers * self.layer_params() + self.embedding_params() + 2 * self.hidden
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    bandwidth_GBps: float
+    """Per GPU, per direction, in GB/s (1e9 bytes)."""
+    latency_us: float
+    """One-way latency of a message, microseconds."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    """Preset or file name."""
+    nodes: int
+    """Nodes in the cluster."""
+    gpus_per_node: int
+    """Devices per node (CPU ranks for local-cpu)."""
+    device: str
+    """Device profile name: a file in profiles/devices/ (a measured profile beside it wins)."""
+    intra_node: LinkSpec
+    """Link between two devices of one node (NVLink/NVSwitch; shared memory for CPU ranks)."""
+    inter_node: LinkSpec
+    """Link between nodes, per device (the device's NIC share)."""
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class GemmPoint:
+    gflop: float
+    """Size of one GEMM in GFLOP (2*m*n*k / 1e9)."""
+    efficiency: float
+    """Achieved fraction of peak_tflops at that size."""
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    """Device name (a100-sxm4-80gb, h100-sxm5-80gb, cpu, ...)."""
+    source: str
+    """'datasheet' (vendor numbers and a fitted efficiency curve) or 'measured' (planner profile)."""
+    dtype: str
+    """Training dtype the numbers are for: bf16 on GPUs, fp32 on CPU."""
+    peak_tflops: float
+    """Peak dense matrix throughput in that dtype, TFLOP/s."""
+    memory_gib: float
+    """Device memory, GiB."""
+    memory_bandwidth_GBps: float
+    """Main-memory bandwidth, GB/s."""
+    gemm_efficiency: tuple[GemmPoint, ...]
+    """Efficiency curve by GEMM size (log-linear interpolation between points, flat outside)."""
+    memory_efficiency: float = 0.7
+    """Fraction of memory_bandwidth_GBps that elementwise kernels reach."""
+    framework_overhead_gib: float = 2.0
+    """Memory the framework takes besides tensors (context, allocator slack)."""
+    version: int = DEVICE_SCHEMA_VERSION
+    """Schema version of this file."""
+    measured: dict | None = None
+    """Raw measured timings (planner profile output); None for a datasheet."""
+    notes: str = ""
+    """Where the numbers come from."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.source})"
+
+
+# ---------------------------------------------------------------- validation at the edge
+
+_SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _convert(source: str, path: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(source, path, value, args[0])
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, prefix=path + ".")
+    if origin is tuple:
+        (elem, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise SpecError(source, path, f"expected a list, got {value!r}")
+        return tuple(_convert(source, f"{path}[{i}]", v, elem) for i, v in enumerate(value))
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise SpecError(source, path, f"expected a mapping, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in _SCALARS and (type(value) is not tp):
+        raise SpecError(source, path, f"expected {_SCALARS[tp]}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, source: str, prefix: str = "") -> Any:
+    """Build dataclass cls from a mapping: rejects unknown keys, missing keys and wrong types."""
+    if not isinstance(data, dict):
+        raise SpecError(source, prefix.rstrip(".") or "(top level)", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise SpecError(source, prefix + unknown[0], f"unknown key; expected one of {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SpecError(source, prefix + name, "missing; this field is required")
+            continue
+        kwargs[name] = _convert(source, prefix + name, data[name], hints[name])
+    return cls(**kwargs)
+
+
+def _positive(source: str, obj: Any, names: list[str]) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v <= 0:
+            raise SpecError(source, n, f"must be positive, got {v}")
+
+
+def _read_mapping(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(str(path), "(file)", f"cannot read: {e.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else (f" at line {e.lineno}" if hasattr(e, "lineno") else "")
+        raise SpecError(str(path), "(file)", f"malformed {'JSON' if path.suffix == '.json' else 'YAML'}{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise SpecError(str(path), "(top level)", "expected a mapping of field: value")
+    return data
+
+
+def _presets(kind: str) -> list[str]:
+    d = PROFILES_DIR / kind
+    names = {p.stem.removesuffix(".measured") for p in d.glob("*.yaml")} | {p.stem.removesuffix(".measured") for p in d.glob("*.json")}
+    return sorted(names)
+
+
+def _is_file_arg(arg: str) -> bool:
+    return arg.endswith((".yaml", ".yml", ".json")) or os.sep in arg
+
+
+def _resolve(kind: str, what: str, arg: str) -> tuple[str, dict]:
+    if _is_file_arg(arg):
+        path = Path(arg)
+        if not path.is_file():
+            raise SpecError(arg, "(file)", f"no such {what} file")
+        return str(path), _read_mapping(path)
+    path = PROFILES_DIR / kind / f"{arg}.yaml"
+    if not path.is_file():
+        raise SpecError(f"--{what}", what, f"unknown preset {arg!r}; expected one of {', '.join(_presets(kind))} or a YAML file")
+    return arg, _read_mapping(path)
+
+
+def model_from_dict(data: dict, source: str) -> ModelSpec:
+    m = from_dict(ModelSpec, data, source)
+    _positive(source, m, ["layers", "hidden", "heads", "ffn_hidden", "seq_len", "vocab"])
+    if m.hidden % m.heads:
+        raise SpecError(source, "heads", f"hidden {m.hidden} is not divisible by heads {m.heads}")
+    return m
+
+
+def load_model(arg: str) -> ModelSpec:
+    """A preset name (profiles/models/NAME.yaml) or a YAML/JSON file."""
+    source, data = _resolve("models", "model", arg)
+    data.setdefault("name", Path(arg).stem if _is_file_arg(arg) else arg)
+    return model_from_dict(data, source)
+
+
+def cluster_from_dict(data: dict, source: str) -> ClusterSpec:
+    c = from_dict(ClusterSpec, data, source)
+    _positive(source, c, ["nodes", "gpus_per_node"])
+    for link in ("intra_node", "inter_node"):
+        lk = getattr(c, link)
+        if lk.bandwidth_GBps <= 0:
+            raise SpecError(source, f"{link}.bandwidth_GBps", f"must be positive, got {lk.bandwidth_GBps}")
+        if lk.latency_us < 0:
+            raise SpecError(source, f"{link}.latency_us", f"must be zero or more, got {lk.latency_us}")
+    return c
+
+
+def load_cluster(arg: str, nodes: int | None = None, gpus_per_node: int | None = None) -> ClusterSpec:
+    """A preset name (profiles/clusters/NAME.yaml) or a YAML file; --nodes/--gpus-per-node override.
+
+    local-cpu's gpus_per_node defaults to this machine's core count."""
+    source, data = _resolve("clusters", "cluster", arg)
+    data.setdefault("name", Path(arg).stem if _is_file_arg(arg) else arg)
+    if data.get("gpus_per_node") == "auto":
+        data["gpus_per_node"] = os.cpu_count() or 1
+    for key, v in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
+        if v is not None:
+            if v <= 0:
+                raise SpecError(f"--{key.replace('_', '-')}", key, f"must be positive, got {v}")
+            data[key] = v
+    return cluster_from_dict(data, source)
+
+
+def device_from_dict(data: dict, source: str) -> DeviceProfile:
+    version = data.get("version", DEVICE_SCHEMA_VERSION)
+    if version != DEVICE_SCHEMA_VERSION:
+        raise SpecError(source, "version", f"schema version {version!r} is not supported (this meshplan reads {DEVICE_SCHEMA_VERSION}); re-run `planner profile` to regenerate it")
+    d = from_dict(DeviceProfile, data, source)
+    _positive(source, d, ["peak_tflops", "memory_gib", "memory_bandwidth_GBps"])
+    if d.source not in ("datasheet", "measured"):
+        raise SpecError(source, "source", f"expected 'datasheet' or 'measured', got {d.source!r}")
+    if not d.gemm_efficiency:
+        raise SpecError(source, "gemm_efficiency", "needs at least one point")
+    for i, p in enumerate(d.gemm_efficiency):
+        if not (0 < p.efficiency <= 1) or p.gflop <= 0:
+            raise SpecError(source, f"gemm_efficiency[{i}]", f"expected gflop > 0 and 0 < efficiency <= 1, got {p}")
+    return d
+
+
+def load_device(arg: str) -> DeviceProfile:
+    """A device name (a measured profiles/devices/NAME.measured.json wins over NAME.json) or a JSON file."""
+    if _is_file_arg(arg):
+        path = Path(arg)
+        if not path.is_file():
+            raise SpecError(arg, "(file)", "no such device profile file")
+        return device_from_dict(_read_mapping(path), str(path))
+    for path in (PROFILES_DIR / "devices" / f"{arg}.measured.json", PROFILES_DIR / "devices" / f"{arg}.json"):
+        if path.is_file():
+            return device_from_dict(_read_mapping(path), str(path))
+    raise SpecError("cluster", "device", f"unknown device {arg!r}; expected one of {', '.join(_presets('devices'))} (files in profiles/devices/)")
+
+
+def spec_to_dict(spec: Any) -> dict:
+    return dataclasses.asdict(spec)
