@@ -1,0 +1,2 @@
+"""Parallelism applied to a model chunk by functions that take the chunk, a 1-D submesh and plain values.
+Fixed order (runtime/launch.py): pipeline split, tensor parallel, recomputation, data parallel."""

@@ -1,0 +1,87 @@
+"""Tensor parallelism with DTensor (Megatron-LM's layout, Shoeybi et al. 2019, section 3): column-parallel q/k/v
+and MLP fc, row-parallel attention output and MLP proj, a vocab-parallel embedding, a column-parallel head whose
+vocab-sharded logits go straight into a vocab-parallel cross-entropy (`loss_parallel`), and, when the plan asks,
+sequence parallelism (Korthikanti et al. 2022, section 4.2.2) for the LayerNorms.
+
+Every pipeline-stage boundary carries plain tensors: the residual stream (B, T, h) without sequence parallelism,
+its local sequence shard (B, T/tp, h) with it. The head returns its local logit shard (B, T, V/tp) and
+`cross_entropy` rewraps it as a DTensor; so `torch.distributed.pipelining` never sends or receives a DTensor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+
+def tp_plan(*, sequence_parallel: bool, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
+    """FQN pattern (fnmatch, as parallelize_module reads it) -> DTensor style, for runtime.model.GPT."""
+    sp = sequence_parallel
+    # Layout of the residual stream between blocks: sharded along the sequence with SP, replicated without.
+    stream = Shard(1) if sp else Replicate()
+    plan = {
+        # Vocab-parallel embedding: each rank holds V/tp rows; out-of-range ids give zeros and the partial
+        # sums are all-reduced (Megatron-LM VocabParallelEmbedding).
+        "embed.tok": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        # With SP the summed token + position embedding is cut along the sequence (a local slice, no comm).
+        "embed": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)) if sp else None,
+        "layers.*.ln_1": SequenceParallel() if sp else None,
+        # SP: all-gather the sequence before attention (Korthikanti et al. 2022, figure 5, the g operator).
+        "layers.*.attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)) if sp else None,
+        "layers.*.attn.wq": ColwiseParallel(),
+        "layers.*.attn.wk": ColwiseParallel(),
+        "layers.*.attn.wv": ColwiseParallel(),
+        # All-reduce (or reduce-scatter into the sequence shard with SP) after the row-parallel projection.
+        "layers.*.attn.wo": RowwiseParallel(output_layouts=stream),
+        "layers.*.ln_2": SequenceParallel() if sp else None,
+        "layers.*.mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)) if sp else None,
+        "layers.*.mlp.fc": ColwiseParallel(),
+        "layers.*.mlp.proj": RowwiseParallel(output_layouts=stream),
+        "norm": SequenceParallel() if sp else None,
+        # With loss_parallel the logits stay sharded over the vocabulary, (B, T, V/tp) per rank, never gathered.
+        "head": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate()),
+    }
+    return {fqn: style for fqn, style in plan.items() if style is not None}
+
+
+def matching_modules(model: nn.Module, pattern: str) -> list[str]:
+    """FQNs of the modules of `model` that a TP-plan key names."""
+    return [name for name, _ in model.named_modules() if name and fnmatch.fnmatchcase(name, pattern)]
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool = True) -> nn.Module:
+    """Shard one model chunk (a pipeline stage, or the whole GPT) over the 1-D tp mesh, in place.
+
+    Keys naming modules that this chunk does not hold (the head on the first stage, say) are left out,
+    so parallelize_module sees only what exists."""
+    plan = {fqn: style for fqn, style in tp_plan(sequence_parallel=sequence_parallel, loss_parallel=loss_parallel).items()
+            if matching_modules(model, fqn)}
+    return parallelize_module(model, tp_mesh, plan)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tp_mesh: DeviceMesh | None) -> torch.Tensor:
+    """Mean next-token cross-entropy of a microbatch, in fp32.
+
+    logits: (B, T, V), or this rank's vocab shard (B, T, V/tp) when tp_mesh is given (loss_parallel); then the
+    softmax's max and sum are all-reduced over tp inside loss_parallel (Megatron-LM's vocab-parallel
+    cross-entropy), and the full logits never exist. The caller runs backward under `loss_parallel()` too."""
+    if tp_mesh is not None and tp_mesh.size() > 1:
+        logits = DTensor.from_local(logits, tp_mesh, [Shard(2)], run_check=False)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))  # (B*T, V) vs (B*T,)
+
+
+__all__ = ["tp_plan", "apply_tp", "cross_entropy", "matching_modules"]
