@@ -1,0 +1,68 @@
+"""RunResult: one measured run, as one line of a results/*.jsonl file (design.md's schema).
+
+No torch import here, so the planner (`planner validate`) and the dashboard can read results with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass
+
+from planner.errors import SpecError
+from planner.io import append_jsonl
+from planner.specs import from_dict
+
+
+@dataclass(frozen=True)
+class RunResult:
+    plan_id: str
+    """The plan's id (plan.json "id")."""
+    plan: dict
+    """The whole plan as plan.json holds it (planner.plan.plan_to_dict), so a validator can predict it again."""
+    device: str
+    """What ran it: a CUDA device name, or 'cpu (gloo)'."""
+    world_size: int
+    """Processes (ranks) in the run: tp * pp * dp."""
+    steps: int
+    """Training steps this run measured (len(step_s)); a resumed run counts only its own."""
+    step_s: list
+    """Wall time of each step in seconds, between barriers (after a device synchronise on GPU)."""
+    tokens_per_s: float
+    """global_batch * seq_len / the median step_s after warm-up."""
+    losses: list
+    """Mean loss of each step over the global batch (mean over data-parallel replicas of their microbatch means)."""
+    peak_memory_gib: list
+    """Per rank: the CUDA allocator's peak on GPU, the resident set's peak (ru_maxrss) on CPU, GiB."""
+    predicted: dict | None
+    """The plan's prediction, as plan.json holds it, or None when the plan has none."""
+    started_at: str
+    """ISO 8601 UTC time at which training started."""
+    meshplan_version: str
+    """Version of meshplan that ran it."""
+    stage_timings: dict | None = None
+    """Per pipeline stage, 'stage<k>': mean forward_s and backward_s per microbatch (wall time, on CPU)."""
+
+
+def median_tokens_per_s(step_s: list[float], warmup: int, tokens_per_step: int) -> float:
+    """Tokens per second of the median step after the first `warmup` steps (all steps if none are left)."""
+    timed = step_s[warmup:] or step_s
+    return tokens_per_step / statistics.median(timed) if timed else 0.0
+
+
+def result_to_dict(result: RunResult) -> dict:
+    return dataclasses.asdict(result)
+
+
+def result_from_dict(d: dict, source: str) -> RunResult:
+    """Validate one results line (unknown or missing keys, types) and build the RunResult."""
+    r = from_dict(RunResult, d, source)
+    if r.steps != len(r.step_s):
+        raise SpecError(source, "steps", f"{r.steps} steps but {len(r.step_s)} step_s entries")
+    if len(r.peak_memory_gib) != r.world_size:
+        raise SpecError(source, "peak_memory_gib", f"{len(r.peak_memory_gib)} entries for world_size {r.world_size}; expected one per rank")
+    return r
+
+
+def append_result(path: str, result: RunResult) -> None:
+    """Append the run as one JSON line (planner.io.append_jsonl: one O_APPEND write)."""
+    append_jsonl(path, result_to_dict(result))
