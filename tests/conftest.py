@@ -1,0 +1,80 @@
+"""Shared test helpers. run_on_ranks spawns N CPU ranks (gloo) for multi-rank tests of any package."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, out, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        out.put((rank, True, fn(*args)))
+    except BaseException:
+        out.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 180.0) -> list:
+    """Run fn(*args) on `world_size` fresh CPU processes and return their return values in rank order.
+
+    Each process has RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and a free MASTER_PORT set, and one torch
+    thread, so `dist.init_process_group("gloo")` (or runtime.launch.main) joins the group with no arguments.
+    fn must be importable (a module-level function) and its return value picklable. If a rank raises,
+    the others are stopped and this raises with that rank's traceback; the same after timeout_s."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, out, fn, args), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    try:
+        while len(results) < world_size:
+            try:
+                rank, ok, value = out.get(timeout=timeout_s)
+            except queue.Empty:
+                missing = sorted(set(range(world_size)) - set(results))
+                raise RuntimeError(f"ranks {missing} of {world_size} gave no result within {timeout_s:.0f} s") from None
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")
+            results[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10 if len(results) == world_size else 0.1)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return [results[r] for r in range(world_size)]
+
+
+@pytest.fixture
+def ranks():
+    """The run_on_ranks function, for tests that prefer a fixture to an import."""
+    return run_on_ranks
