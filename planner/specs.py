@@ -108,6 +108,9 @@ class DeviceProfile:
     """Main-memory bandwidth, GB/s."""
     gemm_efficiency: tuple[GemmPoint, ...]
     """Efficiency curve by GEMM size (log-linear interpolation between points, flat outside)."""
+    fused_attention: bool = False
+    """Attention runs as one fused kernel (FlashAttention through SDPA): no s x s scores in memory
+    and no separate softmax pass. False models Megatron-LM 2021 (GEMM, fused softmax, GEMM)."""
     memory_efficiency: float = 0.7
     """Fraction of memory_bandwidth_GBps that elementwise kernels reach."""
     framework_overhead_gib: float = 2.0
@@ -118,6 +121,10 @@ class DeviceProfile:
     """Raw measured timings (planner profile output); None for a datasheet."""
     notes: str = ""
     """Where the numbers come from."""
+
+    @property
+    def dtype_bytes(self) -> int:
+        return 4 if self.dtype == "fp32" else 2
 
     @property
     def label(self) -> str:

@@ -1,0 +1,41 @@
+"""Collective and point-to-point times for a group on a link (alpha-beta model of ring algorithms).
+
+Bytes are the full message per rank (e.g. the whole gradient for an all-reduce); bandwidth_GBps is
+per device, per direction. COLLECTIVE_EFFICIENCY is the fraction of that bandwidth NCCL's rings reach
+(nccl-tests report ~230 GB/s bus bandwidth for all-reduce on DGX A100's 300 GB/s NVLink, and ~20 of
+25 GB/s per HDR NIC)."""
+
+from __future__ import annotations
+
+from planner.specs import LinkSpec
+
+COLLECTIVE_EFFICIENCY = 0.8
+
+
+def _beta_s(nbytes: float, link: LinkSpec) -> float:
+    return nbytes / (link.bandwidth_GBps * 1e9 * COLLECTIVE_EFFICIENCY)
+
+
+# Thakur, Rabenseifner & Gropp 2005, "Optimization of Collective Communication Operations in MPICH":
+# ring all-reduce sends 2(n-1)/n of the message per rank in 2(n-1) steps; all-gather and
+# reduce-scatter send (n-1)/n in n-1 steps.
+def all_reduce_s(nbytes: float, n: int, link: LinkSpec) -> float:
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * _beta_s(nbytes, link) + 2 * (n - 1) * link.latency_us * 1e-6
+
+
+def all_gather_s(nbytes: float, n: int, link: LinkSpec) -> float:
+    """nbytes is the gathered (full) size."""
+    if n <= 1:
+        return 0.0
+    return (n - 1) / n * _beta_s(nbytes, link) + (n - 1) * link.latency_us * 1e-6
+
+
+def reduce_scatter_s(nbytes: float, n: int, link: LinkSpec) -> float:
+    """nbytes is the unreduced (full) size."""
+    return all_gather_s(nbytes, n, link)
+
+
+def send_recv_s(nbytes: float, link: LinkSpec) -> float:
+    return nbytes / (link.bandwidth_GBps * 1e9) + link.latency_us * 1e-6
