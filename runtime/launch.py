@@ -29,7 +29,7 @@ from planner.plan import Plan, load_plan, plan_to_dict
 from runtime import checkpoint, data
 from runtime.mesh import build_mesh
 from runtime.model import GPT, GPTConfig
-from runtime.parallel.data import apply_data_parallel
+from runtime.parallel.data import all_reduce_gradients, apply_data_parallel, needs_manual_all_reduce
 from runtime.parallel.pipeline import build_schedule, build_stages, split_model
 from runtime.parallel.recompute import apply_recompute
 from runtime.parallel.tensor import apply_tp, cross_entropy
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         # Seeded weights before DP: DDP cannot wrap meta tensors (it broadcasts at construction), and FSDP2
         # then shards the values it is given. A checkpoint, if any, overwrites them below.
         checkpoint.init_weights(chunk, cfg, args.seed, device)
-        chunks[idx] = apply_data_parallel(chunk, mesh["dp"], shard_optimizer=plan.distributed_optimizer, pipelined=plan.pp > 1)
+        chunks[idx] = apply_data_parallel(chunk, mesh["dp"], shard_optimizer=plan.distributed_optimizer, tp=plan.tp,
+                                          pipelined=plan.pp > 1)
+    manual_dp = needs_manual_all_reduce(dp=plan.dp, tp=plan.tp, shard_optimizer=plan.distributed_optimizer)
     optimizers = {idx: build_optimizer(chunk, args.lr) for idx, chunk in chunks.items()}
     start = 0
     if args.checkpoint_dir and (last := checkpoint.latest_step(args.checkpoint_dir)) is not None:
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 loss = pipeline_step(schedule, stages, x, y)
             else:
                 loss = plain_step(chunks[0], x, y, plan.num_microbatches, loss_fn, timings[0] if not cuda else None)
+        if manual_dp:
+            all_reduce_gradients(chunks.values(), mesh["dp"])
         for opt in optimizers.values():
             opt.step()
             opt.zero_grad(set_to_none=True)
