@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 from pathlib import Path
 
 TINY = {"name": "test-tiny", "layers": 4, "hidden": 64, "heads": 4, "ffn_hidden": 256, "seq_len": 32, "vocab": 256}
@@ -11,7 +13,7 @@ CLUSTER = {"name": "local-cpu", "nodes": 1, "gpus_per_node": 4, "device": "cpu",
            "inter_node": {"bandwidth_GBps": 1.0, "latency_us": 100.0}}
 
 
-def even_stages(layers: int, n: int, recompute: str = "none") -> list[list[int]]:
+def even_stages(layers: int, n: int) -> list[list[int]]:
     edges = [round(i * layers / n) for i in range(n + 1)]
     return [[edges[i], edges[i + 1]] for i in range(n)]
 
@@ -37,3 +39,46 @@ def write_plan(path: Path, **knobs) -> Path:
     path = Path(path)
     path.write_text(json.dumps(plan_dict(**knobs)))
     return path
+
+
+# ---------------------------------------------------------------- running plans on spawned ranks
+
+PARITY_STEPS = 4
+"""Steps each parallel layout runs in the parity tests."""
+REFERENCE_STEPS = 30
+"""Steps of the single-process reference run (its first PARITY_STEPS losses are the parity reference)."""
+
+
+def launch(*argv) -> int:
+    """Runs on each spawned rank: the real front door, runtime.launch.cli, with these arguments."""
+    from runtime.launch import cli
+
+    return cli([str(a) for a in argv])
+
+
+def last_result(path: Path) -> dict:
+    return json.loads(Path(path).read_text().splitlines()[-1])
+
+
+def run_layout(tmp: Path, steps: int = PARITY_STEPS, extra: tuple = (), **knobs) -> dict:
+    """Write a plan with these knobs, run it on tp*pp*dp spawned ranks, return its results line."""
+    from conftest import run_on_ranks
+
+    tmp = Path(tmp)
+    plan = write_plan(tmp / "plan.json", **knobs)
+    results = tmp / "results.jsonl"
+    world = knobs.get("tp", 1) * knobs.get("pp", 1) * knobs.get("dp", 1)
+    codes = run_on_ranks(launch, world, plan, "--steps", steps, "--results", results, *extra)
+    assert codes == [0] * world, codes
+    return last_result(results)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_losses() -> tuple[float, ...]:
+    """The single-process run of the test model (global batch 8), computed once per test session."""
+    return tuple(run_layout(Path(tempfile.mkdtemp(prefix="meshplan-ref-")), steps=REFERENCE_STEPS)["losses"])
+
+
+def max_relative_difference(a, b) -> float:
+    assert len(a) == len(b), (a, b)
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))

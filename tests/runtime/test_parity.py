@@ -1,0 +1,71 @@
+"""Given a seed, every parallel layout computes the losses one process computes (fp32, relative difference
+<= 1e-4), for the same global batch of 8 sequences. Each test spawns its layout's gloo ranks on CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from planfiles import PARITY_STEPS, max_relative_difference, reference_losses, run_layout
+
+TOLERANCE = 1e-4
+
+
+def assert_matches_single_process(result: dict) -> None:
+    expected = reference_losses()[:PARITY_STEPS]
+    assert len(result["losses"]) == PARITY_STEPS
+    diff = max_relative_difference(result["losses"], expected)
+    assert diff <= TOLERANCE, f"losses {result['losses']} vs single process {list(expected)}: relative difference {diff:.2e}"
+
+
+def test_loss_falls_on_the_synthetic_stream():
+    losses = reference_losses()
+    # ln(256) = 5.55 at init; the bigram chain's entropy is about 1.2 nats, 30 steps get well on the way.
+    assert losses[0] == pytest.approx(5.55, abs=0.1)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(b < a for a, b in zip(losses[:PARITY_STEPS], losses[1:PARITY_STEPS])), losses
+
+
+def test_tp2_pp2_loss_matches_single_process(tmp_path):
+    # Sequence parallelism on, so the stage boundary carries the sequence shard (B, T/tp, h).
+    assert_matches_single_process(run_layout(tmp_path, tp=2, pp=2, sequence_parallel=True))
+
+
+def test_tp2_loss_matches_single_process(tmp_path):
+    assert_matches_single_process(run_layout(tmp_path, tp=2, micro_batch=4, num_microbatches=2))
+
+
+def test_dp2_ddp_loss_matches_single_process(tmp_path):
+    assert_matches_single_process(run_layout(tmp_path, dp=2, num_microbatches=2))
+
+
+def test_tp2_dp2_loss_matches_single_process(tmp_path):
+    # DP gradients averaged by hand under TP (runtime.parallel.data.all_reduce_gradients).
+    assert_matches_single_process(run_layout(tmp_path, tp=2, dp=2, micro_batch=4, num_microbatches=1))
+
+
+def test_fsdp2_distributed_optimizer_loss_matches_single_process(tmp_path):
+    assert_matches_single_process(run_layout(tmp_path, dp=2, num_microbatches=2, distributed_optimizer=True))
+
+
+def test_pp2_uneven_stages_loss_matches_single_process(tmp_path):
+    result = run_layout(tmp_path, pp=2, layers=[[0, 1], [1, 4]])
+    assert_matches_single_process(result)
+    assert set(result["stage_timings"]) == {"stage0", "stage1"}
+
+
+def test_pp2_gpipe_loss_matches_single_process(tmp_path):
+    assert_matches_single_process(run_layout(tmp_path, pp=2, schedule="gpipe", layers=[[0, 3], [3, 4]]))
+
+
+def test_interleaved_pp2_v2_loss_matches_single_process(tmp_path):
+    result = run_layout(tmp_path, pp=2, virtual_stages=2, schedule="interleaved", layers=[[0, 1], [1, 2], [2, 3], [3, 4]])
+    assert_matches_single_process(result)
+    assert set(result["stage_timings"]) == {"stage0", "stage1", "stage2", "stage3"}
+
+
+def test_selective_recompute_loss_matches_single_process(tmp_path):
+    assert_matches_single_process(run_layout(tmp_path, pp=2, recompute="selective"))
+
+
+def test_full_recompute_of_first_layer_per_stage_loss_matches_single_process(tmp_path):
+    assert_matches_single_process(run_layout(tmp_path, pp=2, recompute="full", recompute_layers=1, layers=[[0, 3], [3, 4]]))
