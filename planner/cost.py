@@ -29,13 +29,21 @@ class Framework:
     """Gradient reduction overlaps the last microbatch's backward (DDP/FSDP2 buckets)."""
     p2p_scatter_gather: bool
     """Narayanan et al. 2021, section 4.1: cross-node pipeline sends split over the t NICs of a node."""
+    p2p_blocking: bool
+    """Sends and receives wait for their peer and occupy the device (Megatron-LM 2021's
+    send_forward_recv_backward, DeepSpeed's pipeline engine); otherwise they run beside compute."""
 
 
-# meshplan's runtime: fp32 parameters (bf16 autocast on GPU), DDP/FSDP2 overlap the reduction.
-MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatter_gather=False)
-# Megatron-LM as in Narayanan et al. 2021 (fp16 gradients all-reduced after the flush, no overlap).
-MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scatter_gather=True)
-FRAMEWORKS = {f.name: f for f in (MESHPLAN, MEGATRON)}
+# meshplan's runtime: fp32 parameters (bf16 autocast on GPU), DDP/FSDP2 overlap the reduction,
+# torch.distributed.pipelining posts its sends and receives asynchronously.
+MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatter_gather=False, p2p_blocking=False)
+# Megatron-LM as in Narayanan et al. 2021: fp16 gradients all-reduced after the flush, no overlap;
+# blocking pipeline sends split over the node's NICs.
+MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True)
+# DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022: blocking sends of whole
+# activations, fp32 gradients reduce-scattered after the flush.
+DEEPSPEED = Framework("deepspeed", grad_reduce_bytes=4, dp_overlap=False, p2p_scatter_gather=False, p2p_blocking=True)
+FRAMEWORKS = {f.name: f for f in (MESHPLAN, MEGATRON, DEEPSPEED)}
 
 
 @dataclass(frozen=True)
@@ -187,8 +195,16 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     fwd = [c.forward_s for c in costs]
     bwd = [c.backward_s for c in costs]
     rc = [c.recompute_s for c in costs]
+    io = [0.0] * (p * v)
+    if framework.p2p_blocking and p > 1:
+        # A blocking send/recv holds both devices for the transfer: stage k receives from k-1 and
+        # sends to k+1 in its forward, and the reverse in its backward.
+        io = [(p2p[k - 1] if k > 0 else 0.0) + (p2p[k] if k < p * v - 1 else 0.0) for k in range(p * v)]
+        fwd = [f + x for f, x in zip(fwd, io)]
+        bwd = [b + x for b, x in zip(bwd, io)]
+        p2p = [0.0] * len(p2p)
     sim = schedule.simulate(knobs.schedule, p, m, v, fwd, bwd, p2p_s=p2p, recompute_s=rc, with_timeline=with_timeline)
-    sim0 = schedule.simulate(knobs.schedule, p, m, v, fwd, bwd, p2p_s=0.0, recompute_s=rc, with_timeline=False)
+    sim0 = schedule.simulate(knobs.schedule, p, m, v, fwd, bwd, p2p_s=0.0, recompute_s=rc, with_timeline=False) if any(p2p) else sim
     finish = list(sim.finish_s)
 
     order = schedule.stage_order(knobs.schedule, p, m, v)
@@ -213,7 +229,9 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     mine = [k for k in range(p * v) if _device_of_stage(k, p) == crit]
     busy = m * sum(costs[k].forward_s + costs[k].backward_s + costs[k].recompute_s for k in mine)
     tpc = m * sum(costs[k].tp_comm_s for k in mine)
-    pp_comm = max(0.0, sim.iteration_s - sim0.iteration_s)
+    blocking = m * 2 * sum(io[k] for k in mine)
+    busy += blocking
+    pp_comm = max(0.0, sim.iteration_s - sim0.iteration_s) + blocking
     bubble = max(0.0, finish[crit] - busy - pp_comm)
     breakdown = Breakdown(compute_s=busy - tpc, tp_comm_s=tpc, pp_comm_s=pp_comm, dp_comm_s=dp_exposed[crit],
                           bubble_s=bubble, optimizer_s=opt[crit])

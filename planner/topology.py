@@ -60,13 +60,24 @@ def _canonical(cluster: ClusterSpec, a: int, b: int) -> tuple[int, int]:
 
 
 def group_link(cluster: ClusterSpec, ranks: tuple[int, ...]) -> LinkSpec:
-    """The link a ring over `ranks` runs at: its slowest hop's bandwidth and latency."""
+    """The link a ring over `ranks` runs at: its slowest hop's bandwidth and latency.
+
+    A group with k members on each node leaves a node through k NICs: NCCL runs one ring per NIC
+    (channel), each carrying 1/k of the data across the node boundary, so a hop between nodes runs
+    at k times one NIC (capped by the node's NIC count). Without this, a 32-way data-parallel
+    all-reduce over 4 DGX nodes would be priced 8x too slow."""
     if len(ranks) < 2:
         return LinkSpec(bandwidth_GBps=float("inf"), latency_us=0.0)
+    per_node: dict[int, int] = {}
+    for r in ranks:
+        per_node[r // cluster.gpus_per_node] = per_node.get(r // cluster.gpus_per_node, 0) + 1
+    nics = min(min(per_node.values()), cluster.gpus_per_node)
     bw, lat = float("inf"), 0.0
     for a, b in zip(ranks, ranks[1:] + ranks[:1]):
         ca, cb = _canonical(cluster, a, b)
         hb, hl = _hop(cluster, ca, cb)
+        if a // cluster.gpus_per_node != b // cluster.gpus_per_node:
+            hb *= nics
         bw, lat = min(bw, hb), max(lat, hl)
     return LinkSpec(bandwidth_GBps=bw, latency_us=lat)
 

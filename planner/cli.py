@@ -1,0 +1,159 @@
+"""`planner`: plan | predict | profile | validate. One small function per subcommand: load the
+specs, call one library function, print a table (or --json) or write a file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from planner.errors import MeshplanError
+
+KNOB_FLAGS = ("tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel", "distributed_optimizer")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="preset name (e.g. gpt3-175b) or a model YAML file")
+    p.add_argument("--cluster", required=True, help="preset name (dgx-a100-80gb, dgx-h100-80gb, local-cpu) or a cluster YAML file")
+    p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per iteration")
+    p.add_argument("--nodes", type=_positive_int, help="override the cluster's node count")
+    p.add_argument("--gpus-per-node", type=_positive_int, help="override the cluster's devices per node")
+    p.add_argument("--device", help="override the cluster's device profile (a name in profiles/devices/ or a JSON file)")
+    p.add_argument("--framework", choices=("meshplan", "megatron"), default="meshplan",
+                   help="software that runs the plan: meshplan's runtime (default) or Megatron-LM as in Narayanan et al. 2021")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_knobs(p: argparse.ArgumentParser, required: bool) -> None:
+    for name in ("tp", "pp", "dp"):
+        p.add_argument(f"--{name}", type=_positive_int, required=required, help=f"{name} degree")
+    p.add_argument("--micro-batch", type=_positive_int, required=required, help="sequences per microbatch")
+    p.add_argument("--schedule", choices=("1f1b", "gpipe", "interleaved"))
+    p.add_argument("--virtual-stages", type=_positive_int, help="model chunks per pipeline device (interleaved)")
+    p.add_argument("--recompute", choices=("none", "selective", "full"))
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="planner", description="Plan, predict, profile and validate parallel GPT training.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="search every tp/pp/dp split and knob; rank the plans; write the best")
+    _add_common(p)
+    _add_knobs(p, required=False)
+    p.add_argument("--top", type=_positive_int, default=5, help="plans to show (default 5)")
+    p.add_argument("--out", default=None, help="write the best plan here (plan.json format)")
+    p = sub.add_parser("predict", help="price one configuration")
+    _add_common(p)
+    _add_knobs(p, required=True)
+    p.add_argument("--out", default=None, help="also write the priced plan here (plan.json format)")
+    p = sub.add_parser("profile", help="measure this machine's layers and collectives into a device profile")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", default=None, help="default: profiles/devices/<name>.measured.json")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (for tests)")
+    p = sub.add_parser("validate", help="predicted vs measured for results files")
+    p.add_argument("results", nargs="+", help="results/*.jsonl files written by runtime.launch --results")
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def _specs(args):
+    from planner.specs import load_cluster, load_device, load_model
+
+    model = load_model(args.model)
+    cluster = load_cluster(args.cluster, args.nodes, args.gpus_per_node)
+    device = load_device(args.device or cluster.device)
+    return model, cluster, device
+
+
+def _pins(args) -> dict:
+    return {k: getattr(args, k) for k in KNOB_FLAGS if getattr(args, k, None) is not None}
+
+
+def cmd_plan(args) -> int:
+    from planner.cost import FRAMEWORKS
+    from planner.plan import plan_to_dict, write_plan
+    from planner.report import print_plans
+    from planner.search import search
+
+    model, cluster, device = _specs(args)
+    result = search(model, cluster, device, args.global_batch, _pins(args), top=args.top, framework=FRAMEWORKS[args.framework])
+    best = result.plans[0] if result.plans else None
+    fits = best is not None and best.prediction.fits
+    if args.out and fits:
+        write_plan(args.out, best)
+    if args.json:
+        print(json.dumps({"plans": [plan_to_dict(p) for p in result.plans], "searched": result.searched,
+                          "search_s": round(result.search_s, 3)}, indent=1))
+    else:
+        print_plans(result, out=args.out if fits else None)
+    if not fits:
+        print(f"error: no plan fits: {best.prediction.reason if best else 'no candidate'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from planner.cost import FRAMEWORKS, predict
+    from planner.plan import Knobs, write_plan
+    from planner.report import print_prediction
+
+    model, cluster, device = _specs(args)
+    knobs = Knobs(args.tp, args.pp, args.dp, args.micro_batch, args.schedule or ("interleaved" if (args.virtual_stages or 1) > 1 else "1f1b"),
+                  args.virtual_stages or 1, args.recompute or "none", bool(args.sequence_parallel), bool(args.distributed_optimizer))
+    plan, _ = predict(model, cluster, device, knobs, args.global_batch, framework=FRAMEWORKS[args.framework])
+    if args.out:
+        write_plan(args.out, plan)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(plan.prediction), indent=1))
+    else:
+        print_prediction(plan)
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from runtime.profile import main as profile_main  # torch is imported only here
+
+    return profile_main(device=args.device, out=args.out, quick=args.quick)
+
+
+def cmd_validate(args) -> int:
+    from planner.report import print_validation
+    from planner.validate import validate
+
+    report = validate(args.results)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print_validation(report)
+    return 0 if report["runs"] else 1
+
+
+COMMANDS = {"plan": cmd_plan, "predict": cmd_predict, "profile": cmd_profile, "validate": cmd_validate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MeshplanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
