@@ -56,6 +56,10 @@ def result_to_dict(result: RunResult) -> dict:
 def result_from_dict(d: dict, source: str) -> RunResult:
     """Validate one results line (unknown or missing keys, types) and build the RunResult."""
     r = from_dict(RunResult, d, source)
+    for name in ("step_s", "losses", "peak_memory_gib"):
+        value = getattr(r, name)
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise SpecError(source, name, f"expected a list of numbers, got {value!r}")
     if r.steps != len(r.step_s):
         raise SpecError(source, "steps", f"{r.steps} steps but {len(r.step_s)} step_s entries")
     if len(r.peak_memory_gib) != r.world_size:

@@ -1,0 +1,110 @@
+"""The front door: bad plans are refused with one line naming the field (exit 2, no traceback, before any
+process group exists), and a real torchrun run appends a results line in design.md's schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from planfiles import plan_dict, write_plan
+from planner.errors import SpecError
+from planner.plan import plan_from_dict
+from runtime.launch import cli
+from runtime.results import result_from_dict
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA_KEYS = {"plan_id", "plan", "device", "world_size", "steps", "step_s", "tokens_per_s", "losses", "peak_memory_gib",
+               "stage_timings", "predicted", "started_at", "meshplan_version"}
+
+
+def refusal(capsys, monkeypatch, plan: dict, tmp_path, world_size: int = 1, flags: tuple = ()) -> str:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    assert cli([str(path), *flags]) == 2
+    assert not dist.is_initialized()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_unknown_plan_version_is_refused_naming_version(capsys, monkeypatch, tmp_path):
+    err = refusal(capsys, monkeypatch, {**plan_dict(), "version": 7}, tmp_path)
+    assert ": version: plan version 7 is not supported" in err
+
+
+def test_world_size_other_than_tp_pp_dp_is_refused_naming_world_size(capsys, monkeypatch, tmp_path):
+    err = refusal(capsys, monkeypatch, plan_dict(tp=2, pp=2), tmp_path, world_size=2)
+    assert "world_size: tp 2 x pp 2 x dp 1 = 4 ranks, but 2 were started" in err and "--nproc-per-node 4" in err
+
+
+def test_heads_not_divisible_by_tp_is_refused_naming_tp(capsys, monkeypatch, tmp_path):
+    err = refusal(capsys, monkeypatch, plan_dict(tp=3), tmp_path, world_size=3)
+    assert ": tp: heads 4 are not divisible by tp 3" in err
+
+
+def test_stage_with_no_layers_is_refused_naming_the_stage(capsys, monkeypatch, tmp_path):
+    err = refusal(capsys, monkeypatch, plan_dict(pp=3, layers=[[0, 2], [2, 2], [2, 4]]), tmp_path, world_size=3)
+    assert "stages[1].layers: a stage with no layers" in err
+
+
+def test_fewer_microbatches_than_stages_under_1f1b_is_refused_naming_num_microbatches(capsys, monkeypatch, tmp_path):
+    err = refusal(capsys, monkeypatch, plan_dict(pp=4, num_microbatches=2), tmp_path, world_size=4)
+    assert "num_microbatches: 1F1B needs at least pp = 4 microbatches, got 2" in err
+
+
+def test_checkpoint_every_without_a_directory_is_refused(capsys, monkeypatch, tmp_path):
+    err = refusal(capsys, monkeypatch, plan_dict(), tmp_path, flags=("--checkpoint-every", "2"))
+    assert "checkpoint_every: needs --checkpoint-dir" in err
+
+
+def test_missing_plan_file_is_refused_without_a_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "runtime.launch", str(tmp_path / "nope.json")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert "no such plan file" in out.stderr
+
+
+def test_torchrun_runs_a_hand_written_plan_and_appends_a_results_line_in_the_schema(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", pp=2, layers=[[0, 1], [1, 4]])
+    results = tmp_path / "results.jsonl"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "runtime.launch", str(plan), "--steps", "3", "--results", str(results)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tokens/s" in out.stdout
+    lines = results.read_text().splitlines()
+    assert len(lines) == 1
+    line = json.loads(lines[0])
+    assert set(line) == SCHEMA_KEYS
+    result = result_from_dict(line, str(results))
+    assert result.world_size == 2 and result.steps == 3 and len(result.losses) == 3 and len(result.peak_memory_gib) == 2
+    assert all(s > 0 for s in result.step_s) and result.tokens_per_s > 0
+    assert all(m > 0.05 for m in result.peak_memory_gib)
+    assert set(result.stage_timings) == {"stage0", "stage1"}
+    assert all(t["forward_s"] > 0 and t["backward_s"] > 0 for t in result.stage_timings.values())
+    # The plan inside is the whole plan: a validator can load and predict it again.
+    assert plan_from_dict(result.plan, "results plan") == plan_from_dict(json.loads(plan.read_text()), "plan")
+    assert result.plan_id == "t1p2d1" and result.predicted is None
+
+
+def test_results_line_with_unknown_key_or_wrong_list_is_refused_naming_the_field():
+    with pytest.raises(SpecError, match="unknown key") as e:
+        result_from_dict({"plan_idd": "x"}, "r.jsonl")
+    assert e.value.field == "plan_idd"
+    good = {"plan_id": "p", "plan": {}, "device": "cpu (gloo)", "world_size": 1, "steps": 1, "step_s": [0.1],
+            "tokens_per_s": 10.0, "losses": [5.0], "peak_memory_gib": [0.3], "predicted": None,
+            "started_at": "2026-01-01T00:00:00+00:00", "meshplan_version": "0.1.0", "stage_timings": None}
+    assert result_from_dict(good, "r.jsonl").tokens_per_s == 10.0
+    with pytest.raises(SpecError) as e:
+        result_from_dict({**good, "losses": ["nan?"]}, "r.jsonl")
+    assert e.value.field == "losses"
+    with pytest.raises(SpecError) as e:
+        result_from_dict({**good, "peak_memory_gib": [0.3, 0.3]}, "r.jsonl")
+    assert e.value.field == "peak_memory_gib"
