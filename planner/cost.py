@@ -183,9 +183,12 @@ def _device_of_stage(k: int, pp: int) -> int:
 
 def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs: Knobs, global_batch: int,
             stages: tuple[Stage, ...] | None = None, framework: Framework = MESHPLAN,
-            with_timeline: bool = False) -> tuple[Plan, schedule.SimResult | None]:
+            with_timeline: bool = False, exact_pp_comm: bool = True) -> tuple[Plan, schedule.SimResult | None]:
     """Price one configuration by simulating its schedule. Returns the plan (with prediction) and,
-    when asked, the simulation (timeline) of the slowest pipeline."""
+    when asked, the simulation (timeline) of the slowest pipeline.
+
+    exact_pp_comm=False skips the second simulation (without sends) that splits the pipeline's
+    idle time into send/recv and bubble; the search uses it for candidates it will not show."""
     check_knobs(model, cluster, knobs, global_batch)
     p, v, t = knobs.pp, knobs.virtual_stages, knobs.tp
     m = global_batch // (knobs.micro_batch * knobs.dp)
@@ -204,7 +207,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
         bwd = [b + x for b, x in zip(bwd, io)]
         p2p = [0.0] * len(p2p)
     sim = schedule.simulate(knobs.schedule, p, m, v, fwd, bwd, p2p_s=p2p, recompute_s=rc, with_timeline=with_timeline)
-    sim0 = schedule.simulate(knobs.schedule, p, m, v, fwd, bwd, p2p_s=0.0, recompute_s=rc, with_timeline=False) if any(p2p) else sim
+    sim0 = schedule.simulate(knobs.schedule, p, m, v, fwd, bwd, p2p_s=0.0, recompute_s=rc, with_timeline=False) if any(p2p) and exact_pp_comm else sim
     finish = list(sim.finish_s)
 
     order = schedule.stage_order(knobs.schedule, p, m, v)

@@ -8,6 +8,7 @@ blocks are then dealt evenly over its v virtual stages (split_chunks)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import pulp
@@ -58,51 +59,66 @@ def assign_layers(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float
     if lower is None:
         return None
     prob = pulp.LpProblem("layer_split", pulp.LpMinimize)
-    n = [pulp.LpVariable(f"n{i}", lowBound=min_layers, upBound=n_layers, cat="Integer") for i in range(P)]
-    r = [pulp.LpVariable(f"r{i}", lowBound=0, upBound=n_layers if allow_recompute else 0, cat="Integer") for i in range(P)]
-    T = pulp.LpVariable("T", lowBound=0)
-    # The slowest device's time dominates; a small weight on total recomputation breaks ties
-    # towards recomputing nothing that memory does not force.
-    prob += T + 1e-3 * pulp.lpSum(terms[i].recompute_s * r[i] for i in range(P))
+    n = [prob.add_variable(f"n{i}", lowBound=min_layers, upBound=n_layers, cat="Integer") for i in range(P)]
+    r = [prob.add_variable(f"r{i}", lowBound=0, upBound=n_layers if allow_recompute else 0, cat="Integer") for i in range(P)]
+    T = prob.add_variable("T", lowBound=0)
+    prob += T
     prob += pulp.lpSum(n) == n_layers
-    # lower_bound_s is this program's optimum up to the tie-break: stating it spares CBC the proof by
-    # branching that costs seconds on 64 near-identical devices.
-    prob += T >= lower * (1 - 1e-9)
-    g = 2.0**30  # memory rows in GiB: byte-sized coefficients next to second-sized ones upset CBC
+    # lower_bound_s is this program's optimum: stating it spares CBC the proof by branching that
+    # costs seconds on 64 near-identical devices (it stops at the first solution that meets it).
+    prob += T >= lower * (1 - 1e-6)
+    g = capacity_bytes  # memory rows as fractions of capacity: byte-sized coefficients upset CBC
     for i, t in enumerate(terms):
         prob += r[i] <= n[i]
         prob += t.fixed_s + t.layer_s * n[i] + t.recompute_s * r[i] <= T
         prob += (t.fixed_bytes / g + t.layer_state_bytes / g * n[i]
                  + t.inflight / g * (t.layer_act_bytes * n[i] - (t.layer_act_bytes - t.full_act_bytes) * r[i])) <= capacity_bytes / g
-    status = prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=1e-3))
+    with warnings.catch_warnings():
+        # PuLP 3 warns that its bundled CBC goes away in PuLP 4; pyproject pins pulp<4.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=1e-3)
+    status = prob.solve(solver)
     if pulp.LpStatus[status] != "Optimal" or T.value() is None:
         return None
-    return Assignment(tuple(int(round(x.value())) for x in n), tuple(int(round(x.value())) for x in r), float(T.value()))
+    layers = tuple(int(round(x.value())) for x in n)
+    # Recompute no more than memory forces: the fewest recomputed blocks that fit, per device
+    # (fewer never costs time, so T stays optimal). Cheaper than a tie-break term in the objective.
+    recomputed = tuple(next((k for k in range(int(round(x.value())) + 1) if t.memory_bytes(nl, k) <= capacity_bytes * (1 + 1e-6)),
+                            int(round(x.value()))) for x, t, nl in zip(r, terms, layers))
+    return Assignment(layers, recomputed, float(T.value()))
 
 
 def _max_layers(t: DeviceTerms, budget_s: float, capacity_bytes: float, n_layers: int, allow_recompute: bool) -> int:
     """Most blocks device t can hold within budget_s per microbatch and capacity_bytes, recomputing as
-    many as the time allows (recomputation only ever lowers memory)."""
-    best = 0
-    for n in range(1, n_layers + 1):
+    many as the time allows (recomputation only ever lowers memory). Holding n blocks is feasible for
+    a prefix of n (more blocks: more time, less room to recompute, more memory): bisect it."""
+
+    def ok(n: int) -> bool:
         spare = budget_s - t.fixed_s - t.layer_s * n
         if spare < -1e-12 * budget_s:
-            break
+            return False
         if not allow_recompute:
             r = 0
         elif t.recompute_s > 0:
             r = min(n, int(max(spare, 0.0) / t.recompute_s + 1e-9))
         else:
             r = n
-        if t.memory_bytes(n, r) <= capacity_bytes:
-            best = n
-    return best
+        return t.memory_bytes(n, r) <= capacity_bytes
+
+    lo, hi = 0, n_layers  # ok(lo) holds (or lo == 0); find the largest ok n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def lower_bound_s(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float, allow_recompute: bool,
                   min_layers: int = 1) -> float | None:
     """Smallest per-microbatch time at which the devices can hold all blocks (bisection). Devices are
-    independent but for the block total, so this is the program's optimum (to 1e-9). None when no
+    independent but for the block total, so this is the program's optimum (to 1e-7). None when no
     time is enough: the model does not fit."""
     hi = max(t.fixed_s for t in terms) + max(t.layer_s + t.recompute_s for t in terms) * n_layers
 
@@ -113,11 +129,9 @@ def lower_bound_s(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float
     if not feasible(hi):
         return None
     lo = 0.0
-    for _ in range(60):
+    while hi - lo > 1e-7 * hi:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if feasible(mid) else (mid, hi)
-        if hi - lo < 1e-9 * hi:
-            break
     return hi
 
 

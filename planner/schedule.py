@@ -14,6 +14,7 @@ Pure Python, no torch import (house style habit 9).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from collections.abc import Sequence
 
 # Same spelling and members as planner.plan.SCHEDULES (kept local so plan.py may import this module).
@@ -58,12 +59,15 @@ def schedule_constraint(schedule: str, pp: int, num_microbatches: int, virtual_s
     return None
 
 
+@lru_cache(maxsize=64)
 def stage_order(schedule: str, pp: int, num_microbatches: int, virtual_stages: int = 1) -> list[list[Op]]:
     """The compute ops of each pipeline device (rank 0..pp-1), in the order that device runs them."""
     return [[Op(*op) for op in ops] for ops in _order(schedule, pp, num_microbatches, virtual_stages)]
 
 
+@lru_cache(maxsize=64)
 def _order(schedule: str, pp: int, m: int, v: int) -> list[list[tuple[str, int, int]]]:
+    # Cached: the search prices many candidates with the same (schedule, pp, m, v); callers only read it.
     # (kind, microbatch, stage) tuples: the simulator reads these without building 65k Op objects.
     reason = schedule_constraint(schedule, pp, m, v)
     if reason is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 from planner import comm, schedule
 from planner.compute import end_times, layer_times, optimizer_step_s
@@ -37,6 +38,9 @@ class Candidate:
     reason: str
     exact: bool
     """Priced by the ILP and the simulator (a finalist); otherwise the closed-form estimate."""
+    may_fit: bool = True
+    """The memory lower bound (the average device, recomputing all it may) fits: only such
+    candidates are worth the ILP, which can move blocks off the fuller devices."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,7 @@ class _Bounds:
         w, g, o = state_bytes_per_param(dev.dtype_bytes, k.distributed_optimizer, d)
         scale = dev.dtype_bytes / 2
         a_layer = activation_bytes_per_layer(model, t, b, k.sequence_parallel, k.recompute, dev.fused_attention) * scale
-        inflight_chunks = {"gpipe": m, "1f1b": min(m, p)}.get(k.schedule, min(m * v, 2 * (p - 1) + (v - 1) * p + 1))
+        inflight_chunks = _inflight_closed_form(k.schedule, p, m, v, 0)
         per_chunk_layers = model.layers / (p * v)
         emb_acts = min(m, inflight_chunks) * embedding_activation_bytes(model, t, b, k.sequence_parallel) * scale
         first_params = model.layers / p * layer_param_count(model, t) + end_param_count(model, t, True, p == 1)
@@ -155,11 +159,12 @@ class _Bounds:
         fits = peak <= dev.memory_gib
         extra_rc = 0.0
         if not fits and k.recompute == "none":
-            # The ILP may recompute some blocks fully to fit: price the share the first device needs.
+            # The ILP may recompute some blocks fully to fit: price the share the first device needs,
+            # if recomputing all of them would fit at all.
             a_full = activation_bytes_per_layer(model, t, b, k.sequence_parallel, "full", dev.fused_attention) * scale
-            share = (peak - dev.memory_gib) * GIB / max(1.0, acts * (1 - a_full / a_layer))
-            if share <= 1.0:
-                extra_rc, fits = share * f, True
+            peak_full = (fixed + inflight_chunks * per_chunk_layers * a_full) / GIB
+            if peak_full <= dev.memory_gib:
+                extra_rc, fits = (peak - dev.memory_gib) / (peak - peak_full) * f, True
         layer = f + bw + rc + extra_rc
         total = model.layers * layer + emb + head
         dev_s = max(total / p, layer + (head if p > 1 else emb + head))
@@ -171,9 +176,14 @@ class _Bounds:
         opt = optimizer_step_s(dev, params / (d if k.distributed_optimizer else 1))
         iteration = pipe + max(0.0, dp_s - window) + opt
         reason = "" if fits else f"first pipeline device needs about {peak:.1f} GiB with an even split, {peak - dev.memory_gib:.1f} GiB over the {dev.memory_gib:g} GiB of a {dev.name}"
+        # No split can do better than the average device: its blocks' state, the mean in-flight
+        # microbatches, with full recomputation where the ILP may add it.
+        a_min = activation_bytes_per_layer(model, t, b, k.sequence_parallel, "full" if k.recompute == "none" else k.recompute, dev.fused_attention) * scale
+        mean_inflight = sum(_inflight_closed_form(k.schedule, p, m, v, i) for i in range(p)) / p
+        avg = (params * (w + g + o) + mean_inflight * per_chunk_layers * a_min) / GIB + dev.framework_overhead_gib
         tokens = self.B * model.seq_len / iteration
         tflops = model_flops(model, self.B, 1.0 if k.recompute == "full" else 0.0) / (iteration * self.cluster.gpus) / 1e12
-        return Candidate(k, iteration, tokens, tflops, peak, fits, reason, exact=False)
+        return Candidate(k, iteration, tokens, tflops, peak, fits, reason, exact=False, may_fit=avg <= dev.memory_gib)
 
     def device_terms(self, k: Knobs) -> tuple[list[DeviceTerms], float]:
         """ILP coefficients for each pipeline device, and the device capacity in bytes."""
@@ -208,15 +218,26 @@ class _Bounds:
         return terms, capacity
 
 
+def _inflight_closed_form(sched: str, p: int, m: int, v: int, i: int) -> int:
+    """Chunk-microbatches device i holds at its peak: GPipe all m; 1F1B p - i (Narayanan et al.
+    2021, section 2.2.1); interleaved, torch's warm-up 2(p-1-i) + (v-1)p forwards plus one."""
+    if sched == "gpipe":
+        return m
+    if sched == "1f1b":
+        return min(m, p - i)
+    return min(m * v, 2 * (p - 1 - i) + (v - 1) * p + 1)
+
+
+@lru_cache(maxsize=64)
 def _inflight_by_stage(sched: str, p: int, m: int, v: int) -> list[float]:
     """Most microbatches of each stage alive at once (forward done, backward not) on its device."""
-    order = schedule.stage_order(sched, p, m, v)
     peak = [0] * (p * v)
-    for ops in order:
-        cur = {}
+    cur = [0] * (p * v)
+    for ops in schedule.stage_order(sched, p, m, v):
         for op in ops:
-            cur[op.stage] = cur.get(op.stage, 0) + (1 if op.kind == "F" else -1)
-            peak[op.stage] = max(peak[op.stage], cur[op.stage])
+            cur[op.stage] += 1 if op.kind == "F" else -1
+            if cur[op.stage] > peak[op.stage]:
+                peak[op.stage] = cur[op.stage]
     return [float(x) for x in peak]
 
 
@@ -239,7 +260,8 @@ def stages_from_assignment(a: Assignment, v: int, knob_recompute: str) -> tuple[
 
 
 def price(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs: Knobs, global_batch: int,
-          framework: Framework = MESHPLAN, bounds: _Bounds | None = None, timings: dict | None = None) -> Plan:
+          framework: Framework = MESHPLAN, bounds: _Bounds | None = None, timings: dict | None = None,
+          exact_pp_comm: bool = True) -> Plan:
     """The exact plan for fixed knobs: the ILP's layer split (uneven where that is faster or fits),
     priced by the simulator. Falls back to an even split (which then reports why it does not fit)."""
     bounds = bounds or _Bounds(model, cluster, device, global_batch, framework)
@@ -250,7 +272,7 @@ def price(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs: 
     t1 = time.perf_counter()
     timings["ilp"] = timings.get("ilp", 0.0) + t1 - t0
     stages = stages_from_assignment(a, knobs.virtual_stages, knobs.recompute) if a else uniform_stages(model, knobs.pp * knobs.virtual_stages, knobs.recompute)
-    plan, _ = predict(model, cluster, device, knobs, global_batch, stages, framework)
+    plan, _ = predict(model, cluster, device, knobs, global_batch, stages, framework, exact_pp_comm=exact_pp_comm)
     timings["simulate"] = timings.get("simulate", 0.0) + time.perf_counter() - t1
     return plan
 
@@ -274,13 +296,13 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
     best: list[float] = []
     for i in order:
         c = cands[i]
-        if len(priced) >= max_finalists:
-            break
         if len(best) >= top and c.iteration_s > best[top - 1]:
             break
-        if not c.fits and c.knobs.recompute != "none" and c.knobs.pp == 1:
-            continue  # one stage, no recomputation left to add: the estimate is exact enough
-        plan = price(model, cluster, device, c.knobs, global_batch, framework, bounds, timings)
+        if len(priced) >= max_finalists and best:
+            break
+        if not c.may_fit:
+            continue  # not even the average device fits: no split can make it fit
+        plan = price(model, cluster, device, c.knobs, global_batch, framework, bounds, timings, exact_pp_comm=False)
         priced[i] = plan
         if plan.prediction.fits:
             best = sorted(best + [plan.prediction.iteration_s])
@@ -289,7 +311,8 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
         cands[i] = Candidate(cands[i].knobs, pr.iteration_s, pr.tokens_per_s, pr.tflops_per_gpu, pr.peak_memory_gib, pr.fits, pr.reason, True)
     fitting = sorted((p for p in priced.values() if p.prediction.fits), key=lambda p: p.prediction.iteration_s)
     if fitting:
-        plans = fitting[:top]
+        # The shown plans get their breakdown's send/recv share exactly (a second simulation).
+        plans = [predict(model, cluster, device, p.knobs, global_batch, p.stages, framework)[0] for p in fitting[:top]]
     else:
         # Nothing fits: show the configurations that come closest, each with its reason.
         closest = sorted(range(len(cands)), key=lambda i: cands[i].peak_memory_gib)[:top]

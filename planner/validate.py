@@ -1,0 +1,122 @@
+"""Predicted vs measured: results/*.jsonl lines (runtime.launch --results) against the planner.
+
+Each run's plan is priced again with today's profile (a measured profile wins over the datasheet),
+so the error is the current model's. Repeated runs of one plan are pooled: the measured step time
+is their median, and their spread is reported beside the error so that a reader can tell the
+model's error from the machine's noise. Bad lines are reported and skipped, never fatal."""
+
+from __future__ import annotations
+
+import statistics
+
+from planner.cost import predict
+from planner.errors import MeshplanError
+from planner.io import read_jsonl
+from planner.plan import plan_from_dict
+from planner.specs import load_device
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None for fewer than 3 points."""
+    if len(xs) < 3:
+        return None
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = sum((a - mx) ** 2 for a in rx) ** 0.5
+    sy = sum((b - my) ** 2 for b in ry) ** 0.5
+    return cov / (sx * sy) if sx and sy else None
+
+
+def _measured_step_s(line: dict) -> float:
+    plan = line["plan"]
+    return plan["global_batch"] * plan["model"]["seq_len"] / line["tokens_per_s"]
+
+
+def load_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
+    """Good results lines (with their parsed plan) and a message for each bad one."""
+    from runtime.results import result_from_dict  # torch-free module
+
+    good, skipped = [], []
+    for path in paths:
+        try:
+            lines = list(read_jsonl(path))
+        except MeshplanError as e:
+            skipped.append(str(e))
+            continue
+        for n, obj, err in lines:
+            where = f"{path}:{n}"
+            if err:
+                skipped.append(f"{where}: {err}")
+                continue
+            try:
+                result = result_from_dict(obj, where)
+            except MeshplanError as e:
+                skipped.append(str(e))
+                continue
+            try:
+                plan = plan_from_dict(result.plan, f"{where} plan")
+            except MeshplanError as e:
+                skipped.append(f"{e} (this line's plan no longer parses with this meshplan; plan and run it again)")
+                continue
+            if result.tokens_per_s <= 0:
+                skipped.append(f"{where}: tokens_per_s is {result.tokens_per_s}; the run measured no step")
+                continue
+            good.append({"where": where, "result": result, "line": obj, "plan": plan})
+    return good, skipped
+
+
+def validate(paths: list[str]) -> dict:
+    runs, skipped = load_runs(paths)
+    by_plan: dict[str, list[dict]] = {}
+    for r in runs:
+        by_plan.setdefault(r["plan"].id or r["result"].plan_id, []).append(r)
+    rows = []
+    devices: dict[str, object] = {}
+    for pid, group in by_plan.items():
+        plan = group[0]["plan"]
+        name = plan.cluster.device
+        if name not in devices:
+            devices[name] = load_device(name)
+        device = devices[name]
+        priced, _ = predict(plan.model, plan.cluster, device, plan.knobs, plan.global_batch, plan.stages)
+        measured = [_measured_step_s(g["line"]) for g in group]
+        med = statistics.median(measured)
+        if len(measured) > 1:
+            spread = 100 * (max(measured) - min(measured)) / 2 / med
+        else:
+            steps = group[0]["result"].step_s[1:] or group[0]["result"].step_s
+            steps = sorted(steps)
+            spread = 100 * (steps[-1] - steps[0]) / 2 / statistics.median(steps) if len(steps) > 1 else 0.0
+        pred = priced.prediction.iteration_s
+        k = plan.knobs
+        rows.append({
+            "run": ", ".join(g["where"] for g in group[:2]) + (f" (+{len(group) - 2})" if len(group) > 2 else ""),
+            "plan_id": pid, "repeats": len(group),
+            "knobs": {"tp": k.tp, "pp": k.pp, "dp": k.dp, "micro_batch": k.micro_batch, "schedule": k.schedule,
+                      "virtual_stages": k.virtual_stages, "recompute": k.recompute},
+            "model": plan.model.name, "device": group[0]["result"].device, "profile": device.label,
+            "predicted_step_s": pred, "measured_step_s": med, "measured_step_s_all": measured,
+            "spread_pct": spread, "error_pct": 100 * (pred - med) / med,
+            "predicted_tokens_per_s": priced.prediction.tokens_per_s,
+            "measured_tokens_per_s": plan.global_batch * plan.model.seq_len / med,
+            "stage_timings": group[0]["result"].stage_timings,
+        })
+    rows.sort(key=lambda r: r["measured_step_s"])
+    mape = statistics.fmean(abs(r["error_pct"]) for r in rows) if rows else None
+    rho = spearman([r["predicted_step_s"] for r in rows], [r["measured_step_s"] for r in rows])
+    return {"runs": rows, "mape_pct": mape, "spearman": rho, "skipped": skipped}

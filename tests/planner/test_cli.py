@@ -1,0 +1,145 @@
+"""The planner CLI: outputs, files, and one clear line for every kind of bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from planner.cli import main
+from planner.plan import load_plan
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def run_argparse(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+TINY = ("--model", "gpt-tiny", "--cluster", "local-cpu", "--gpus-per-node", "2", "--global-batch", "16")
+
+
+def test_planner_imports_no_torch_even_when_planning():
+    code = ("import sys; from planner.cli import main; "
+            "main(['plan', '--model', 'gpt3-1.3b', '--cluster', 'dgx-a100-80gb', '--nodes', '2', '--global-batch', '64', '--json']); "
+            "assert 'torch' not in sys.modules, 'planner imported torch'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_plan_json_lists_ranked_plans_and_out_writes_a_loadable_plan(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code, stdout, _ = run(capsys, "plan", *TINY, "--json", "--out", str(out))
+    assert code == 0
+    d = json.loads(stdout)
+    assert d["searched"] > 10 and d["search_s"] > 0
+    times = [p["prediction"]["iteration_s"] for p in d["plans"]]
+    assert times == sorted(times)
+    plan = load_plan(out)
+    assert plan.id == d["plans"][0]["id"] and plan.prediction.fits
+    assert plan.tp * plan.pp * plan.dp == 2
+
+
+def test_plan_pins_a_knob_and_searches_the_rest(capsys):
+    code, stdout, _ = run(capsys, "plan", *TINY, "--json", "--pp", "2", "--schedule", "gpipe")
+    assert code == 0
+    assert all(p["pp"] == 2 and p["schedule"] == "gpipe" for p in json.loads(stdout)["plans"])
+
+
+def test_predict_json_has_the_prediction_fields(capsys):
+    code, stdout, _ = run(capsys, "predict", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb", "--global-batch", "1536",
+                          "--tp", "8", "--pp", "8", "--dp", "8", "--micro-batch", "1", "--recompute", "full", "--json")
+    assert code == 0
+    p = json.loads(stdout)
+    for key in ("iteration_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_gib", "fits", "breakdown"):
+        assert key in p
+    assert p["fits"] and 0 < p["mfu"] < 1
+    assert sum(p["breakdown"].values()) == pytest.approx(p["iteration_s"], rel=1e-6)
+
+
+def test_table_output_names_the_best_plan_and_how_to_run_it(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    code, stdout, _ = run(capsys, "plan", *TINY, "--out", str(out))
+    assert code == 0
+    assert "Ranked plans" in stdout and "torchrun --nproc-per-node 2 -m runtime.launch" in stdout
+
+
+def test_a_model_that_fits_nowhere_says_which_stage_and_how_much_over(capsys):
+    code, stdout, err = run(capsys, "plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb", "--nodes", "1", "--global-batch", "8")
+    assert code == 1
+    assert "no plan fits" in err and "GiB over" in err
+
+
+@pytest.mark.parametrize("argv, field", [
+    (("plan", "--model", "no-such-model", "--cluster", "local-cpu", "--global-batch", "8"), "unknown preset 'no-such-model'"),
+    (("plan", "--model", "gpt-tiny", "--cluster", "no-such-cluster", "--global-batch", "8"), "unknown preset 'no-such-cluster'"),
+    (("plan", *TINY, "--device", "no-such-device"), "unknown device 'no-such-device'"),
+    (("predict", *TINY, "--tp", "3", "--pp", "1", "--dp", "1", "--micro-batch", "1"), "tp"),
+    (("predict", *TINY, "--tp", "2", "--pp", "1", "--dp", "1", "--micro-batch", "3"), "global_batch"),
+    (("predict", *TINY, "--tp", "1", "--pp", "1", "--dp", "1", "--micro-batch", "1"), "tp 1 x pp 1 x dp 1 = 1"),
+    (("predict", "--model", "gpt-tiny", "--cluster", "local-cpu", "--gpus-per-node", "16", "--global-batch", "16",
+      "--tp", "1", "--pp", "16", "--dp", "1", "--micro-batch", "1"), "fewer than pp"),
+])
+def test_bad_knobs_give_one_line_naming_the_field(capsys, argv, field):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("error: ") and field in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_heads_not_divisible_by_tp_says_so(capsys):
+    code, _, err = run(capsys, "predict", "--model", "gpt3-1.3b", "--cluster", "dgx-a100-80gb", "--nodes", "1", "--global-batch", "64",
+                       "--tp", "3", "--pp", "1", "--dp", "1", "--micro-batch", "1", "--gpus-per-node", "3")
+    assert code == 2 and "heads are not divisible by tp 3" in err
+
+
+@pytest.mark.parametrize("text, field", [
+    ("layers: [1, 2\n", "malformed YAML at line"),
+    ("layers: 0\nhidden: 64\nheads: 4\nffn_hidden: 256\nseq_len: 32\nvocab: 100\n", "layers: must be positive, got 0"),
+    ("layers: -2\nhidden: 64\nheads: 4\nffn_hidden: 256\nseq_len: 32\nvocab: 100\n", "layers: must be positive"),
+    ("layers: 2\nhidden: 64\nheads: 5\nffn_hidden: 256\nseq_len: 32\nvocab: 100\n", "heads: hidden 64 is not divisible by heads 5"),
+    ("layers: 2\nhidden: 64\nheads: 4\nffn_hidden: 256\nseq_len: 32\n", "vocab: missing"),
+    ("layers: 2\nhidden: 64\nheads: 4\nffn_hidden: 256\nseq_len: 32\nvocab: 100\nwidth: 3\n", "width: unknown key"),
+    ("layers: two\nhidden: 64\nheads: 4\nffn_hidden: 256\nseq_len: 32\nvocab: 100\n", "layers: expected an integer"),
+])
+def test_bad_model_yaml_names_the_field(tmp_path, capsys, text, field):
+    path = tmp_path / "model.yaml"
+    path.write_text(text)
+    code, _, err = run(capsys, "plan", "--model", str(path), "--cluster", "local-cpu", "--global-batch", "8")
+    assert code == 2 and field in err and str(path) in err and "Traceback" not in err
+
+
+def test_bad_cluster_yaml_names_the_field(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nnodes: 2\ngpus_per_node: 8\ndevice: a100-sxm4-80gb\nintra_node: {bandwidth_GBps: -1, latency_us: 1}\ninter_node: {bandwidth_GBps: 1, latency_us: 1}\n")
+    code, _, err = run(capsys, "plan", "--model", "gpt-tiny", "--cluster", str(path), "--global-batch", "8")
+    assert code == 2 and "intra_node.bandwidth_GBps: must be positive" in err
+
+
+@pytest.mark.parametrize("flag", ["--global-batch", "--nodes"])
+def test_zero_or_negative_sizes_are_refused_by_the_parser(capsys, flag):
+    argv = ["plan", "--model", "gpt-tiny", "--cluster", "local-cpu", "--global-batch", "8"]
+    argv += [flag, "0"] if flag != "--global-batch" else []
+    if flag == "--global-batch":
+        argv[-1] = "-4"
+    code, err = run_argparse(capsys, *argv)
+    assert code == 2 and flag in err and "must be positive" in err
+
+
+def test_plan_file_of_unknown_version_is_refused(tmp_path):
+    from planner.errors import SpecError
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"version": 7}))
+    with pytest.raises(SpecError, match="version: plan version 7 is not supported"):
+        load_plan(path)
+
+
+def test_validate_with_a_missing_results_file_says_so(tmp_path, capsys):
+    code, _, err = run(capsys, "validate", str(tmp_path / "nope.jsonl"))
+    assert code == 1

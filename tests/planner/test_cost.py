@@ -1,0 +1,63 @@
+"""Cost model invariants: the breakdown adds up, the bubble shrinks with microbatches, communication
+follows the topology, and FLOPs follow Narayanan et al. 2021."""
+
+import pytest
+
+from planner.cost import MEGATRON, model_flops, predict
+from planner.plan import Knobs
+from planner.specs import load_cluster, load_device, load_model
+from planner.topology import dp_link, pp_links, tp_link
+
+A100 = load_device("a100-sxm4-80gb")
+GPT = load_model("gpt3-13b")
+
+
+def price(knobs, nodes=4, batch=256, **kw):
+    return predict(GPT, load_cluster("dgx-a100-80gb", nodes=nodes), A100, knobs, batch, **kw)[0].prediction
+
+
+def test_breakdown_adds_up_to_the_iteration():
+    p = price(Knobs(4, 2, 4, 1, "1f1b", 1, "selective", True, True))
+    assert sum(vars(p.breakdown).values()) == pytest.approx(p.iteration_s, rel=1e-9)
+
+
+def test_more_microbatches_shrink_the_bubble_share():
+    small = price(Knobs(8, 4, 1, 4, "1f1b", 1, "full"), batch=32)   # 8 microbatches
+    large = price(Knobs(8, 4, 1, 1, "1f1b", 1, "full"), batch=32)   # 32 microbatches
+    assert large.breakdown.bubble_s / large.iteration_s < small.breakdown.bubble_s / small.iteration_s
+
+
+def test_tp1_has_no_tensor_parallel_communication():
+    assert price(Knobs(1, 4, 8, 1, "1f1b", 1, "full")).breakdown.tp_comm_s == 0
+
+
+def test_groups_inside_a_node_use_nvlink_and_across_nodes_use_the_nics():
+    c = load_cluster("dgx-a100-80gb", nodes=4)
+    assert tp_link(c, 8).bandwidth_GBps == 300
+    assert dp_link(c, 8, 4).bandwidth_GBps == 25          # one member per node: one NIC
+    assert dp_link(c, 1, 32).bandwidth_GBps == 200        # 8 members per node: 8 NICs, under NVLink's 300
+    assert pp_links(c, 8, 1, 4)[0].bandwidth_GBps == 25
+
+
+def test_model_flops_match_narayanan_formula_for_ffn_4h():
+    m = load_model("gpt-1008.0b")
+    B, s, l, h, V = 3072, 2048, 128, 25600, 51200
+    assert model_flops(m, B, 1.0) == pytest.approx(96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h)), rel=1e-12)
+    assert model_flops(m, B, 0.0) == pytest.approx(72 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h)), rel=1e-12)
+
+
+def test_full_recompute_costs_time_and_saves_memory():
+    none = price(Knobs(8, 4, 1, 1, "1f1b", 1, "none"), batch=32)
+    full = price(Knobs(8, 4, 1, 1, "1f1b", 1, "full"), batch=32)
+    assert full.iteration_s > none.iteration_s and full.peak_memory_gib < none.peak_memory_gib
+
+
+def test_interleaving_shortens_a_bubble_bound_pipeline():
+    plain = price(Knobs(8, 4, 1, 1, "1f1b", 1, "full"), batch=8)
+    inter = price(Knobs(8, 4, 1, 1, "interleaved", 2, "full"), batch=8)
+    assert inter.breakdown.bubble_s < plain.breakdown.bubble_s
+
+
+def test_megatron_blocking_sends_count_as_pipeline_communication():
+    p = price(Knobs(8, 4, 1, 1, "1f1b", 1, "full"), batch=32, framework=MEGATRON)
+    assert p.breakdown.pp_comm_s > 0
