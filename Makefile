@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: setup
-	$(PY) -m planner.main_job
+	$(PY) -m planner.closed_loop
 
 test: setup
 	$(PY) -m pytest -q

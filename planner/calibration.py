@@ -75,3 +75,56 @@ def calibrate(device_name: str = "a100-sxm4-80gb") -> list[CalibrationRow]:
             rows.append(CalibrationRow(path.stem, run["name"], run["gpus"], run["published_tflops_per_gpu"],
                                        plan.prediction.tflops_per_gpu, assumed, plan))
     return rows
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    name: str
+    published_plan: Plan
+    """The published configuration as the planner prices it (the calibration prediction)."""
+    best_plan: Plan
+    """The planner's own best plan for the same model, GPUs and global batch, same framework."""
+    knob_gains: dict
+    """For each knob where they differ: % of the best plan's tokens/s lost by setting only that knob
+    back to the published value, or why that cannot be priced ('needed to fit', 'invalid')."""
+
+    @property
+    def speedup(self) -> float:
+        """Tokens/s ratio (TFLOP/s would count recomputation as work and flatter full recompute)."""
+        return self.best_plan.prediction.tokens_per_s / self.published_plan.prediction.tokens_per_s
+
+
+# Knobs reverted one at a time (schedule and its virtual stages together).
+QUALITY_KNOBS = {"micro_batch": ("micro_batch",), "schedule": ("schedule", "virtual_stages"), "recompute": ("recompute",),
+                 "sequence_parallel": ("sequence_parallel",), "distributed_optimizer": ("distributed_optimizer",)}
+
+
+def plan_quality(rows: list[CalibrationRow]) -> list[QualityRow]:
+    """The planner's best plan next to each published (hand-tuned) configuration."""
+    import dataclasses
+
+    from planner.errors import MeshplanError
+    from planner.search import price
+
+    out = []
+    for r in rows:
+        pub = r.plan
+        framework = FRAMEWORKS["deepspeed" if r.source.startswith("smith") else "megatron"]
+        device = load_device("a100-sxm4-80gb")
+        best = search(pub.model, pub.cluster, device, pub.global_batch, {}, top=1, framework=framework).plans[0]
+        gains = {}
+        bk, pk = best.knobs, pub.knobs
+        for name, fields in QUALITY_KNOBS.items():
+            if all(getattr(bk, f) == getattr(pk, f) for f in fields):
+                continue
+            trial = dataclasses.replace(bk, **{f: getattr(pk, f) for f in fields})
+            try:
+                alt = price(pub.model, pub.cluster, device, trial, pub.global_batch, framework)
+            except (MeshplanError, ValueError):
+                gains[name] = "invalid with the other knobs"
+                continue
+            gains[name] = 100 * (1 - alt.prediction.tokens_per_s / best.prediction.tokens_per_s) if alt.prediction.fits else "needed to fit"
+        if (bk.tp, bk.pp, bk.dp) != (pk.tp, pk.pp, pk.dp):
+            gains["tp x pp x dp"] = f"{pk.tp}x{pk.pp}x{pk.dp} -> {bk.tp}x{bk.pp}x{bk.dp}"
+        out.append(QualityRow(r.name, pub, best, gains))
+    return out

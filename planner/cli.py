@@ -30,8 +30,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=_positive_int, help="override the cluster's node count")
     p.add_argument("--gpus-per-node", type=_positive_int, help="override the cluster's devices per node")
     p.add_argument("--device", help="override the cluster's device profile (a name in profiles/devices/ or a JSON file)")
-    p.add_argument("--framework", choices=("meshplan", "megatron"), default="meshplan",
-                   help="software that runs the plan: meshplan's runtime (default) or Megatron-LM as in Narayanan et al. 2021")
+    p.add_argument("--framework", choices=("meshplan", "megatron", "deepspeed"), default="meshplan",
+                   help="software that runs the plan: meshplan's runtime (default), Megatron-LM as in Narayanan et al. 2021, "
+                        "or DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022 (for comparing with published runs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -1,0 +1,110 @@
+"""`make run`: the closed loop on this machine. Profile it (once; cached in profiles/devices/), plan
+gpt-tiny for local-cpu, run the best plan and contrasting ones with torchrun, and print predicted vs
+measured with the error. Each plan runs `--repeats` times, alternating, so the spread of the machine
+sits next to the model's error.
+
+    python -m planner.closed_loop [--steps 6] [--repeats 2] [--global-batch 32] [--model gpt-tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from planner.errors import MeshplanError
+from planner.plan import write_plan
+from planner.report import console, plans_table, print_validation
+from planner.search import search
+from planner.specs import PROFILES_DIR, load_cluster, load_device, load_model
+from planner.validate import validate
+
+# Contrasts to the best plan: other tp/pp/dp splits, micro-batches and schedules.
+CONTRASTS = ({"tp": 2}, {"dp": 2}, {"pp": 2, "schedule": "1f1b"}, {"pp": 2, "schedule": "gpipe"},
+             {"pp": 2, "schedule": "interleaved"}, {"dp": 2, "micro_batch": 1}, {"tp": 2, "micro_batch": 2})
+
+
+def ensure_profile(root: Path) -> None:
+    path = PROFILES_DIR / "devices" / "cpu.measured.json"
+    if path.is_file():
+        console.print(f"Using the cached profile of this machine: {path} (delete it to measure again)")
+        return
+    console.print("Profiling this machine once (layers and gloo collectives; cached in profiles/devices/cpu.measured.json) ...")
+    subprocess.run([sys.executable, "-m", "planner.cli", "profile", "--device", "cpu"], cwd=root, check=True)
+
+
+def choose_plans(model, cluster, device, global_batch: int, n: int) -> list:
+    best = search(model, cluster, device, global_batch, top=1)
+    plans = [best.plans[0]]
+    for pins in CONTRASTS:
+        if len(plans) >= n:
+            break
+        try:
+            r = search(model, cluster, device, global_batch, pins, top=1)
+        except MeshplanError:
+            continue
+        p = r.plans[0] if r.plans else None
+        if p is not None and p.prediction.fits and p.id not in {q.id for q in plans}:
+            plans.append(p)
+    return plans
+
+
+def run_plan(path: Path, world: int, steps: int, results: Path, root: Path) -> float:
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+           "-m", "runtime.launch", str(path), "--steps", str(steps), "--results", str(results)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        raise MeshplanError(f"torchrun failed for {path} (exit {r.returncode}):\n{tail}")
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m planner.closed_loop", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gpt-tiny")
+    ap.add_argument("--global-batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=6, help="training steps per run (the first is warm-up)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per plan, alternating plans")
+    ap.add_argument("--plans", type=int, default=5, help="the best plan and this many minus one contrasting ones")
+    ap.add_argument("--results-dir", default="results")
+    args = ap.parse_args(argv)
+    root = Path(__file__).resolve().parent.parent
+    started = time.perf_counter()
+    try:
+        ensure_profile(root)
+        model, cluster = load_model(args.model), load_cluster("local-cpu")
+        device = load_device(cluster.device)
+        plans = choose_plans(model, cluster, device, args.global_batch, args.plans)
+        console.print(plans_table(plans, f"{model.name} on {cluster.gpus} CPU ranks of this machine (profile: {device.label}): "
+                                         f"the best plan, then contrasting ones"))
+        out_dir = root / args.results_dir
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        results = out_dir / f"make-run-{stamp}.jsonl"
+        paths = []
+        for p in plans:
+            path = out_dir / "plans" / f"{p.id}.json"
+            write_plan(path, p)
+            paths.append((p, path))
+        for rep in range(args.repeats):
+            for i, (p, path) in enumerate(paths, 1):
+                console.print(f"run {rep + 1}/{args.repeats}, plan {i}/{len(paths)} ({p.tp}×{p.pp}×{p.dp}, micro-batch {p.micro_batch}, "
+                              f"{p.schedule}{f' v={p.virtual_stages}' if p.virtual_stages > 1 else ''}) ...", end=" ")
+                console.print(f"{run_plan(path, p.world_size, args.steps, results, root):.1f} s")
+        report = validate([str(results)])
+        print_validation(report)
+        console.print(f"Results: {results}. Whole loop: {time.perf_counter() - started:.0f} s.")
+        console.print("Explore the plans and these measurements in the dashboard:\n  .venv/bin/streamlit run dashboard/app.py")
+        return 0
+    except (MeshplanError, subprocess.CalledProcessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
