@@ -1,0 +1,1 @@
+"""Streamlit dashboard: plans, timelines and predicted vs measured (`streamlit run dashboard/app.py`)."""

@@ -1,0 +1,171 @@
+"""Plotly figure builders for the dashboard: each takes a DataFrame from dashboard.data and returns a Figure
+with a title, axis labels with units and a colour per meaning that stays the same across figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from dashboard.data import TimelineView
+
+# Tableau 10: distinguishable for the common colour-vision deficiencies, readable on white.
+OP_COLORS = {"forward": "#4C78A8", "backward": "#F58518", "recompute": "#B279A2", "send": "#54A24B"}
+PART_COLORS = {"compute": "#4C78A8", "TP communication": "#72B7B2", "PP send/recv": "#54A24B",
+               "DP gradient reduction": "#EECA3B", "pipeline bubble": "#BAB0AC", "optimizer step": "#F58518",
+               "weights": "#4C78A8", "gradients": "#72B7B2", "optimizer state": "#F58518",
+               "activations": "#E45756", "framework overhead": "#BAB0AC"}
+SCATTER_SYMBOLS = {"fits": "circle", "fits with recomputation": "x-thin-open", "does not fit": "circle-open"}
+CATEGORY_COLORS = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#EECA3B", "#FF9DA6", "#9D755D"]
+LAYOUT = dict(template="plotly_white", font=dict(size=13), margin=dict(l=10, r=10, t=80, b=10))
+
+
+def _title(text: str, note: str = "") -> dict:
+    return dict(text=text + (f"<br><sup>{note}</sup>" if note else ""), x=0.0, xanchor="left")
+
+
+def plans_scatter(cands: pd.DataFrame, plans: pd.DataFrame, memory_limit_gib: float, color_by: str = "schedule") -> go.Figure:
+    """Every evaluated configuration: predicted tokens/s against peak memory per GPU, coloured by a knob,
+    shaped by whether it fits (data.candidates_frame's memory_status); stars are the ranked plans and the
+    dashed line is the device's memory."""
+    fig = go.Figure()
+    hover = ("tp %{customdata[0]} · pp %{customdata[1]} · dp %{customdata[2]} · micro-batch %{customdata[3]}<br>"
+             "%{customdata[4]} v=%{customdata[5]} · recompute %{customdata[6]} · SP %{customdata[7]} · dist-opt %{customdata[8]}<br>"
+             "%{y:,.0f} tokens/s · %{x:.1f} GiB · %{customdata[9]} · %{customdata[10]}<extra></extra>")
+    cols = ["tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel",
+            "distributed_optimizer", "memory_status"]
+    for i, (value, group) in enumerate(cands.groupby(color_by, sort=True)):
+        color = CATEGORY_COLORS[i % len(CATEGORY_COLORS)]
+        statuses = [st for st in SCATTER_SYMBOLS if (group["memory_status"] == st).any()]  # filled marker first in the legend
+        for j, status in enumerate(statuses):
+            sub = group[group["memory_status"] == status]
+            custom = sub[cols].assign(how=np.where(sub["exact"], "priced exactly (ILP + simulator)", "closed-form estimate"))
+            fig.add_trace(go.Scattergl(
+                x=sub["peak_memory_gib"], y=sub["tokens_per_s"], mode="markers", customdata=custom.to_numpy(),
+                hovertemplate=hover, name=f"{color_by} {value}", legendgroup=str(value), showlegend=j == 0,
+                marker=dict(color=color, size=6, symbol=SCATTER_SYMBOLS[status], opacity=0.75)))
+    if len(plans):
+        fig.add_trace(go.Scatter(
+            x=plans["peak_memory_gib"], y=plans["tokens_per_s"], mode="markers+text", name="ranked plans",
+            text=["best" if r == 1 else "" for r in plans["rank"]], textposition="top center", customdata=plans["rank"],
+            marker=dict(symbol="star", size=15, color="#FFD700", line=dict(color="black", width=1)),
+            hovertemplate="plan #%{customdata}: %{y:,.0f} tokens/s, %{x:.1f} GiB<extra></extra>"))
+    # A trace, not add_vline: on a log axis a shape's x is log10 of the value.
+    fig.add_trace(go.Scatter(x=[memory_limit_gib] * 2, y=[0, 1.05 * cands["tokens_per_s"].max()], mode="lines",
+                             name=f"device memory {memory_limit_gib:g} GiB", line=dict(color="#E45756", dash="dash", width=2),
+                             hoverinfo="skip"))
+    fig.update_layout(**LAYOUT, height=540, title=_title(
+        f"All {len(cands):,} evaluated configurations: throughput against memory",
+        "● fits · ✕ fits once the planner recomputes some blocks (memory shown before that) · ○ does not fit<br>"
+        "finalists are priced exactly (ILP + simulator), the rest are closed-form estimates; hover for the knobs"))
+    fig.update_layout(margin=dict(t=100))
+    fig.update_xaxes(title_text="peak memory per GPU (GiB, log scale)", type="log")
+    fig.update_yaxes(title_text="predicted throughput (tokens/s)", rangemode="tozero")
+    return fig
+
+
+def timeline_figure(view: TimelineView, title: str, x_max_s: float | None = None) -> go.Figure:
+    """Gantt chart of one iteration: a row per pipeline device, bars per op; white space is idle (bubble).
+    Sends ride in a thin lane under their device's row, since they overlap its compute. x_max_s puts two
+    timelines on one time scale."""
+    ev = view.events
+    end = max(view.iteration_s, x_max_s or 0.0)
+    windows = [(0.0, end)] if view.gap is None else [(0.0, view.gap[0]), (view.gap[1], end)]
+    fig = make_subplots(rows=1, cols=len(windows), shared_yaxes=True, horizontal_spacing=0.02)
+    for col, _ in enumerate(windows, 1):
+        for op, color in OP_COLORS.items():
+            sub = ev[ev["op"] == op]
+            if sub.empty:
+                continue
+            send = op == "send"
+            fig.add_trace(go.Bar(
+                orientation="h", base=sub["start_s"], x=sub["end_s"] - sub["start_s"],
+                y=sub["device"] + (0.36 if send else 0.0), width=0.16 if send else 0.62,
+                marker=dict(color=color, line=dict(width=0)), name=op, legendgroup=op, showlegend=col == 1,
+                customdata=sub[["stage", "microbatch", "start_s", "end_s"]].to_numpy(),
+                hovertemplate=(f"{op} · stage %{{customdata[0]}} · microbatch %{{customdata[1]}}<br>"
+                               "%{customdata[2]:.4g} s → %{customdata[3]:.4g} s<extra></extra>")), row=1, col=col)
+    for col, (lo, hi) in enumerate(windows, 1):
+        fig.update_xaxes(range=[lo, hi], title_text="time within one iteration (s)", row=1, col=col)
+    devices = sorted(view.idle_pct)
+    fig.update_yaxes(tickvals=devices, ticktext=[f"device {d} · idle {max(0.0, view.idle_pct[d]):.0f}%" for d in devices],
+                     autorange="reversed", title_text="pipeline device", row=1, col=1)
+    note = "white space is idle time (the pipeline bubble); sends run under each row"
+    fig.update_layout(**LAYOUT, barmode="overlay", bargap=0, height=140 + 34 * max(3, len(devices)),
+                      title=_title(title, "; ".join(x for x in (view.note, note) if x)))
+    return fig
+
+
+def breakdown_figure(df: pd.DataFrame, iteration_s: float) -> go.Figure:
+    """Seconds per part of the iteration on the slowest device, with each part's share."""
+    fig = go.Figure(go.Bar(
+        x=df["seconds"], y=df["part"], orientation="h", marker_color=[PART_COLORS[p] for p in df["part"]],
+        text=[f"{s:.3g} s ({p:.0f}%)" for s, p in zip(df["seconds"], df["share_pct"])], textposition="auto",
+        hovertemplate="%{y}: %{x:.4g} s<extra></extra>"))
+    fig.update_layout(**LAYOUT, height=330, showlegend=False,
+                      title=_title(f"Where the {iteration_s:.3g} s of an iteration go", "slowest pipeline device"))
+    fig.update_xaxes(title_text="seconds per iteration")
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def memory_figure(df: pd.DataFrame, capacity_gib: float) -> go.Figure:
+    """Stacked memory per pipeline device against the device's capacity."""
+    fig = go.Figure()
+    labels = [f"dev {d}" for d in df["device"].unique()]
+    for part in df["part"].unique():
+        sub = df[df["part"] == part]
+        fig.add_trace(go.Bar(x=[f"dev {d}" for d in sub["device"]], y=sub["gib"], name=part, marker_color=PART_COLORS[part],
+                             customdata=sub[["stages"]].to_numpy(),
+                             hovertemplate=f"{part}: %{{y:.2f}} GiB<br>stages %{{customdata[0]}}<extra></extra>"))
+    fig.add_hline(y=capacity_gib, line=dict(color="#E45756", dash="dash", width=2),
+                  annotation_text=f"device memory {capacity_gib:g} GiB", annotation_position="top left",
+                  annotation_font_color="#E45756")
+    totals = df.groupby("device")["gib"].sum()
+    fig.update_layout(**LAYOUT, barmode="stack", height=380, title=_title(
+        "Memory per pipeline device", f"largest {totals.max():.1f} GiB of {capacity_gib:g} GiB"))
+    fig.update_xaxes(title_text="pipeline device", categoryorder="array", categoryarray=labels)
+    fig.update_yaxes(title_text="memory (GiB)", range=[0, 1.1 * max(capacity_gib, totals.max())])
+    return fig
+
+
+def validation_figure(df: pd.DataFrame) -> go.Figure:
+    """Predicted against measured step time per plan run, with the y = x line (a perfect prediction)."""
+    lo = 0.8 * min(df["measured_step_s"].min(), df["predicted_step_s"].min())
+    hi = 1.25 * max(df["measured_step_s"].max(), df["predicted_step_s"].max())
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x (exact prediction)",
+                             line=dict(color="#888888", dash="dash")))
+    fig.add_trace(go.Scatter(
+        x=df["measured_step_s"], y=df["predicted_step_s"], mode="markers+text", name="plan runs",
+        text=[f"{p} ({e:+.0f}%)" for p, e in zip(df["plan_id"], df["error_pct"])], textposition="top center",
+        marker=dict(size=11, color="#4C78A8", line=dict(color="black", width=1)),
+        customdata=df[["plan_id", "tp", "pp", "dp", "micro_batch", "schedule", "error_pct"]].to_numpy(),
+        hovertemplate=("plan %{customdata[0]}: tp %{customdata[1]} · pp %{customdata[2]} · dp %{customdata[3]} · "
+                       "micro-batch %{customdata[4]} · %{customdata[5]}<br>measured %{x:.3g} s, predicted %{y:.3g} s "
+                       "(%{customdata[6]:+.1f}%)<extra></extra>")))
+    fig.update_layout(**LAYOUT, height=460, title=_title("Predicted against measured step time",
+                                                         "above the line: the planner predicted a slower step than measured"),
+                      legend=dict(x=0.01, y=0.99, xanchor="left", yanchor="top", bgcolor="rgba(255,255,255,0.8)"))
+    fig.update_xaxes(title_text="measured step time (s, log scale)", type="log", range=[np.log10(lo), np.log10(hi)])
+    fig.update_yaxes(title_text="predicted step time (s, log scale)", type="log", range=[np.log10(lo), np.log10(hi)])
+    return fig
+
+
+def error_figure(df: pd.DataFrame) -> go.Figure:
+    """Each run's error (predicted − measured, % of measured), with its repeat spread as an error bar."""
+    labels = [f"{p} ({tp}×{pp}×{dp}, mb {mb})" for p, tp, pp, dp, mb in
+              zip(df["plan_id"], df["tp"], df["pp"], df["dp"], df["micro_batch"])]
+    fig = go.Figure(go.Bar(
+        x=labels, y=df["error_pct"], error_y=dict(type="data", array=df["spread_pct"], visible=True, color="#555555"),
+        marker_color=["#E45756" if e > 0 else "#4C78A8" for e in df["error_pct"]],
+        text=[f"{e:+.1f}%" for e in df["error_pct"]], textposition="inside", insidetextanchor="middle",
+        textfont=dict(color="white"),
+        hovertemplate="%{x}: %{y:+.1f}%<extra></extra>"))
+    fig.add_hline(y=0, line=dict(color="#888888"))
+    fig.update_layout(**LAYOUT, height=380, showlegend=False, title=_title(
+        "Prediction error per run", "predicted − measured step time, % of measured; whiskers: spread over repeats and steps"))
+    fig.update_xaxes(title_text="plan (tp×pp×dp, micro-batch)")
+    fig.update_yaxes(title_text="error (%)")
+    return fig

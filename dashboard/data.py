@@ -1,0 +1,265 @@
+"""What the dashboard draws, as pandas DataFrames: input specs from YAML text, the search's plans and
+candidates, a plan's timeline, time breakdown, memory and stages, and measured runs against predictions.
+
+No streamlit import here: every function is plain and unit-tested (tests/dashboard/test_data.py)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from planner.cost import memory_by_device, predict
+from planner.errors import SpecError
+from planner.plan import Plan
+from planner.report import schedule_label, stage_summary
+from planner.schedule import simulate
+from planner.specs import PROFILES_DIR, ClusterSpec, DeviceProfile, ModelSpec, cluster_from_dict, load_device, model_from_dict
+from planner.validate import load_runs, validate
+
+RESULTS_DIR_ENV = "MESHPLAN_RESULTS_DIR"
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
+# A Gantt chart stays legible (and quick in a browser) up to about this many rows and bars.
+MAX_TIMELINE_DEVICES = 16
+MAX_TIMELINE_EVENTS = 6000
+COMPUTE_OPS = ("forward", "backward", "recompute")
+
+
+# ---------------------------------------------------------------- inputs
+
+def presets(kind: str) -> list[str]:
+    """Preset names of 'models' or 'clusters' (profiles/<kind>/*.yaml)."""
+    return sorted(p.stem for p in (PROFILES_DIR / kind).glob("*.yaml"))
+
+
+def device_names() -> list[str]:
+    """Device profiles in profiles/devices/ (a measured NAME.measured.json counts as NAME)."""
+    return sorted({p.name.removesuffix(".json").removesuffix(".measured") for p in (PROFILES_DIR / "devices").glob("*.json")})
+
+
+def preset_text(kind: str, name: str) -> str:
+    return (PROFILES_DIR / kind / f"{name}.yaml").read_text()
+
+
+def parse_yaml(text: str, source: str) -> dict:
+    """A YAML mapping, or a SpecError that names the line (the page shows it instead of a traceback)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(source, "(YAML)", f"malformed YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise SpecError(source, "(top level)", "expected a mapping of field: value, e.g. 'layers: 24'")
+    return data
+
+
+def model_from_yaml(text: str, source: str = "model YAML") -> ModelSpec:
+    data = parse_yaml(text, source)
+    data.setdefault("name", "custom")
+    return model_from_dict(data, source)
+
+
+def cluster_from_yaml(text: str, nodes: int, gpus_per_node: int, device: str, source: str = "cluster YAML") -> ClusterSpec:
+    """The cluster YAML with nodes, GPUs per node and device taken from the pickers (as the CLI's flags do)."""
+    data = parse_yaml(text, source)
+    data.setdefault("name", "custom")
+    data.update(nodes=nodes, gpus_per_node=gpus_per_node, device=device)
+    return cluster_from_dict(data, source)
+
+
+def default_gpus_per_node(cluster_text: str) -> int:
+    """The preset's GPUs per node; local-cpu's 'auto' is this machine's core count."""
+    value = yaml.safe_load(cluster_text).get("gpus_per_node", 8)
+    return (os.cpu_count() or 1) if value == "auto" else int(value)
+
+
+def pins_from_choices(choices: dict[str, str]) -> dict:
+    """Sidebar choices ('auto', '8', 'on', ...) to search pins; 'auto' leaves the knob to the search."""
+    pins = {}
+    for knob, choice in choices.items():
+        if choice == "auto":
+            continue
+        pins[knob] = {"on": True, "off": False}.get(choice, choice)
+        if knob in ("tp", "pp", "dp", "micro_batch", "virtual_stages"):
+            pins[knob] = int(choice)
+    return pins
+
+
+# ---------------------------------------------------------------- plans and candidates
+
+def plans_frame(plans: tuple[Plan, ...]) -> pd.DataFrame:
+    """The ranked plans, best first, one row each."""
+    rows = []
+    for rank, p in enumerate(plans, 1):
+        pr = p.prediction
+        rows.append({"rank": rank, "plan_id": p.id, "tp": p.tp, "pp": p.pp, "dp": p.dp, "micro_batch": p.micro_batch,
+                     "num_microbatches": p.num_microbatches, "schedule": schedule_label(p), "recompute": recompute_label(p),
+                     "sequence_parallel": p.sequence_parallel, "distributed_optimizer": p.distributed_optimizer,
+                     "layers_per_stage": stage_summary(p), "iteration_s": pr.iteration_s, "tokens_per_s": pr.tokens_per_s,
+                     "tflops_per_gpu": pr.tflops_per_gpu, "mfu_pct": 100 * pr.mfu, "peak_memory_gib": pr.peak_memory_gib,
+                     "fits": pr.fits, "reason": pr.reason})
+    return pd.DataFrame(rows)
+
+
+def recompute_label(plan: Plan) -> str:
+    kinds = {s.recompute for s in plan.stages}
+    if kinds == {"full"} and any(s.recompute_layers is not None for s in plan.stages):
+        return "full (some blocks)"
+    return kinds.pop() if len(kinds) == 1 else "mixed: " + "/".join(sorted(kinds))
+
+
+def candidates_frame(candidates, memory_gib: float) -> pd.DataFrame:
+    """Every configuration the search evaluated (closed-form estimate, or exact for the finalists).
+
+    memory_status: 'fits', 'does not fit', or 'fits with recomputation' for an estimate that fits only once
+    the ILP recomputes some blocks: its peak_memory_gib is the peak before that recomputation."""
+    rows = [(c.knobs.tp, c.knobs.pp, c.knobs.dp, c.knobs.micro_batch, c.knobs.schedule, c.knobs.virtual_stages,
+             c.knobs.recompute, c.knobs.sequence_parallel, c.knobs.distributed_optimizer, c.iteration_s, c.tokens_per_s,
+             c.tflops_per_gpu, c.peak_memory_gib, c.fits, c.exact) for c in candidates]
+    df = pd.DataFrame(rows, columns=["tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute",
+                                     "sequence_parallel", "distributed_optimizer", "iteration_s", "tokens_per_s",
+                                     "tflops_per_gpu", "peak_memory_gib", "fits", "exact"])
+    df["memory_status"] = np.where(~df["fits"], "does not fit",
+                                   np.where(df["peak_memory_gib"] > memory_gib, "fits with recomputation", "fits"))
+    return df
+
+
+# ---------------------------------------------------------------- one plan
+
+BREAKDOWN_LABELS = {"compute_s": "compute", "tp_comm_s": "TP communication", "pp_comm_s": "PP send/recv",
+                    "dp_comm_s": "DP gradient reduction", "bubble_s": "pipeline bubble", "optimizer_s": "optimizer step"}
+
+
+def breakdown_frame(plan: Plan) -> pd.DataFrame:
+    """Where the iteration's seconds go on the slowest pipeline device."""
+    pr = plan.prediction
+    rows = [{"part": label, "seconds": getattr(pr.breakdown, key)} for key, label in BREAKDOWN_LABELS.items()]
+    df = pd.DataFrame(rows)
+    df["share_pct"] = 100 * df["seconds"] / pr.iteration_s
+    return df
+
+
+MEMORY_PARTS = {"weights_gib": "weights", "grads_gib": "gradients", "optimizer_gib": "optimizer state",
+                "activations_gib": "activations", "overhead_gib": "framework overhead"}
+
+
+def memory_frame(plan: Plan, device: DeviceProfile) -> pd.DataFrame:
+    """Per pipeline device and part (weights, gradients, optimizer, activations, overhead), in GiB, long format."""
+    rows = []
+    for i, mem in enumerate(memory_by_device(plan, device)):
+        stages = [k for k in range(len(plan.stages)) if k % plan.pp == i]
+        for key, label in MEMORY_PARTS.items():
+            rows.append({"device": i, "stages": ", ".join(map(str, stages)), "part": label, "gib": getattr(mem, key)})
+    return pd.DataFrame(rows)
+
+
+def stages_frame(plan: Plan) -> pd.DataFrame:
+    """Each (virtual) stage: its pipeline device, its half-open layer range, what else it holds."""
+    rows = []
+    for k, s in enumerate(plan.stages):
+        n = s.layers[1] - s.layers[0]
+        recomputed = 0 if s.recompute != "full" else (n if s.recompute_layers is None else s.recompute_layers)
+        rows.append({"stage": k, "device": k % plan.pp, "layers": f"{s.layers[0]}–{s.layers[1] - 1}" if n else "none",
+                     "first_layer": s.layers[0], "end_layer": s.layers[1], "blocks": n, "embedding": s.embedding,
+                     "head": s.head, "recompute": s.recompute, "recomputed_blocks": recomputed, "memory_gib": s.memory_gib})
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class TimelineView:
+    """The part of a simulated iteration that a Gantt chart draws, and what was left out."""
+
+    events: pd.DataFrame
+    """device, stage, microbatch, op, start_s, end_s; only the devices and time windows drawn."""
+    iteration_s: float
+    """End of the last compute op (the pipeline flush)."""
+    idle_pct: dict
+    """Per device drawn: share of the iteration it is idle (the bubble as that device sees it)."""
+    gap: tuple[float, float] | None
+    """(start, end) of the steady-state stretch left out to stay under the event cap, or None."""
+    note: str
+    """What was left out, in words, for the figure's subtitle ('' when everything is drawn)."""
+
+
+def timeline_view(events, pp: int, max_devices: int = MAX_TIMELINE_DEVICES, max_events: int = MAX_TIMELINE_EVENTS) -> TimelineView:
+    """Cut a simulator timeline down to what a browser draws quickly: at most max_devices rows (evenly
+    spaced, first and last kept) and about max_events bars. When there are more, keep the warm-up and
+    the cool-down, where the bubbles are, and leave out the middle of the steady state."""
+    df = pd.DataFrame.from_records([(e.device, e.stage, e.microbatch, e.op, e.start_s, e.end_s) for e in events],
+                                   columns=["device", "stage", "microbatch", "op", "start_s", "end_s"])
+    notes = []
+    if pp > max_devices:
+        keep = sorted({round(i * (pp - 1) / (max_devices - 1)) for i in range(max_devices)})
+        df = df[df["device"].isin(keep)]
+        notes.append(f"{len(keep)} of {pp} pipeline devices shown")
+    compute = df[df["op"].isin(COMPUTE_OPS)]
+    iteration_s = float(compute["end_s"].max()) if len(compute) else 0.0
+    busy = (compute["end_s"] - compute["start_s"]).groupby(compute["device"]).sum()
+    idle_pct = {int(d): 100 * (1 - b / iteration_s) if iteration_s else 0.0 for d, b in busy.items()}
+    gap = None
+    if len(df) > max_events:
+        half = max_events // 2
+        t_a = float(np.sort(df["start_s"].to_numpy())[half])
+        t_b = float(np.sort(df["end_s"].to_numpy())[-half - 1])
+        if t_a < t_b:
+            total = len(df)
+            df = df[(df["start_s"] < t_a) | (df["end_s"] > t_b)]
+            gap = (t_a, t_b)
+            notes.append(f"warm-up and cool-down shown, {t_b - t_a:.3g} s of steady state between them left out "
+                         f"({len(df):,} of {total:,} events)")
+    return TimelineView(df.reset_index(drop=True), iteration_s, idle_pct, gap, "; ".join(notes))
+
+
+def predicted_timeline(plan: Plan, device: DeviceProfile) -> TimelineView:
+    """The simulator's pipeline for one iteration of the plan (its own layer split)."""
+    _, sim = predict(plan.model, plan.cluster, device, plan.knobs, plan.global_batch, plan.stages, with_timeline=True)
+    return timeline_view(sim.timeline, plan.pp)
+
+
+def measured_timeline(plan: Plan, stage_timings: dict | None) -> TimelineView | None:
+    """The plan's schedule replayed with a run's measured per-stage forward/backward times (send/recv
+    waits are not measured, so none are drawn). None when the run has no timing for every stage."""
+    n = plan.pp * plan.virtual_stages
+    try:
+        fwd = [float(stage_timings[f"stage{k}"]["forward_s"]) for k in range(n)]
+        bwd = [float(stage_timings[f"stage{k}"]["backward_s"]) for k in range(n)]
+    except (KeyError, TypeError, ValueError):
+        return None
+    sim = simulate(plan.schedule, plan.pp, plan.num_microbatches, plan.virtual_stages, fwd, bwd, with_timeline=True)
+    return timeline_view(sim.timeline, plan.pp)
+
+
+# ---------------------------------------------------------------- measured runs
+
+def results_dir() -> Path:
+    return Path(os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR)
+
+
+def results_files(directory: Path) -> list[str]:
+    return sorted(str(p) for p in directory.glob("*.jsonl"))
+
+
+def load_validation(paths: list[str]) -> tuple[pd.DataFrame, dict, dict[str, Plan]]:
+    """planner validate's report as a table (one row per plan run), the report, and each plan by id."""
+    report = validate(paths)
+    runs, _ = load_runs(paths)
+    plans = {r["plan"].id or r["result"].plan_id: r["plan"] for r in runs}
+    rows = []
+    for r in report["runs"]:
+        k = r["knobs"]
+        rows.append({"run": r["run"], "plan_id": r["plan_id"], "model": r["model"], "device": r["device"],
+                     "tp": k["tp"], "pp": k["pp"], "dp": k["dp"], "micro_batch": k["micro_batch"],
+                     "schedule": k["schedule"], "repeats": r["repeats"], "predicted_step_s": r["predicted_step_s"],
+                     "measured_step_s": r["measured_step_s"], "error_pct": r["error_pct"], "spread_pct": r["spread_pct"],
+                     "predicted_tokens_per_s": r["predicted_tokens_per_s"], "measured_tokens_per_s": r["measured_tokens_per_s"],
+                     "has_stage_timings": bool(r["stage_timings"]), "stage_timings": r["stage_timings"]})
+    return pd.DataFrame(rows), report, plans
+
+
+def device_for(plan: Plan) -> DeviceProfile:
+    return load_device(plan.cluster.device)
