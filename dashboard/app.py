@@ -1,0 +1,241 @@
+"""meshplan dashboard: `streamlit run dashboard/app.py`.
+
+Sidebar pickers (model, cluster, global batch, pins), then one cached search, then three tabs: the ranked
+plans with every evaluated configuration; the selected plan's timeline, time, memory, stages and export;
+predicted against measured from results/*.jsonl (MESHPLAN_RESULTS_DIR overrides the folder). Only the
+open tab is built, and the inputs and the tab live in the URL, so a view can be shared or bookmarked.
+
+Default inputs: gpt3-13b on 8 DGX A100 nodes, global batch 512. Its search takes about half a second
+here and its best plans are pipelined (pp 4, interleaved), so every chart has something to show;
+gpt3-1.3b on the same nodes picks pure data parallelism and an empty pipeline chart."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
+
+from dashboard import charts, data  # noqa: E402
+from planner.errors import MeshplanError  # noqa: E402
+from planner.plan import Plan, plan_to_dict  # noqa: E402
+from planner.report import schedule_label, torchrun_command  # noqa: E402
+from planner.search import search  # noqa: E402
+from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, load_device  # noqa: E402
+
+DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_NODES, DEFAULT_BATCH = "gpt-39.1b", "dgx-a100-80gb", 8, 512
+TABS = ["Plans", "Selected plan", "Predicted vs measured"]
+QP = "query-params"
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def cached_search(model: ModelSpec, cluster: ClusterSpec, global_batch: int, pins: tuple):
+    """The search and its tables, once per input set (the objects are frozen; nobody mutates the frames)."""
+    device = load_device(cluster.device)
+    result = search(model, cluster, device, global_batch, dict(pins))
+    return result, data.plans_frame(result.plans), data.candidates_frame(result.candidates, device.memory_gib)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def cached_timeline(plan: Plan, device: DeviceProfile) -> data.TimelineView:
+    return data.predicted_timeline(plan, device)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def cached_validation(files: tuple, mtimes: tuple):
+    return data.load_validation(list(files))
+
+
+def reset_cluster_fields() -> None:
+    """A new cluster preset brings its own nodes, GPUs per node and device."""
+    text = data.preset_text("clusters", st.session_state["cluster"])
+    st.session_state["nodes"] = DEFAULT_NODES if st.session_state["cluster"] == DEFAULT_CLUSTER else data.parse_yaml(text, "preset")["nodes"]
+    st.session_state["gpus_per_node"] = data.default_gpus_per_node(text)
+    st.session_state["device"] = data.parse_yaml(text, "preset")["device"]
+
+
+def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict]:
+    """The pickers. Raises MeshplanError (or UnicodeDecodeError for an upload) on bad input."""
+    sb = st.sidebar
+    sb.header("Inputs")
+    models = data.presets("models")
+    model_name = sb.selectbox("Model preset", models, index=models.index(DEFAULT_MODEL), key="model", bind=QP)
+    with sb.expander("Edit or upload the model YAML"):
+        upload = st.file_uploader("Model YAML file (replaces the text below)", type=["yaml", "yml"], key="model_file")
+        text = st.text_area("Model YAML", data.preset_text("models", model_name), height=190, key=f"model_yaml_{model_name}")
+    clusters = data.presets("clusters")
+    cluster_name = sb.selectbox("Cluster preset", clusters, index=clusters.index(DEFAULT_CLUSTER), key="cluster",
+                                bind=QP, on_change=reset_cluster_fields)
+    cluster_text = data.preset_text("clusters", cluster_name)
+    c1, c2 = sb.columns(2)
+    nodes = c1.number_input("Nodes", 1, 100_000, DEFAULT_NODES, key="nodes", bind=QP)
+    gpus = c2.number_input("GPUs per node", 1, 1024, data.default_gpus_per_node(cluster_text), key="gpus_per_node", bind=QP)
+    devices = data.device_names()
+    device = sb.selectbox("Device", devices, index=devices.index(data.parse_yaml(cluster_text, cluster_name)["device"]),
+                          key="device", bind=QP)
+    with sb.expander("Edit the cluster YAML (links)"):
+        st.caption("Nodes, GPUs per node and device come from the pickers above.")
+        cluster_text = st.text_area("Cluster YAML", cluster_text, height=190, key=f"cluster_yaml_{cluster_name}")
+    batch = sb.number_input("Global batch (sequences)", 1, 10_000_000, DEFAULT_BATCH, key="global_batch", bind=QP)
+
+    n = int(nodes) * int(gpus)
+    divisors = [str(d) for d in range(1, n + 1) if n % d == 0]
+    options = {"tp": divisors, "pp": divisors, "dp": divisors,
+               "micro_batch": [str(d) for d in range(1, min(int(batch), 256) + 1) if batch % d == 0],
+               "schedule": ["1f1b", "gpipe", "interleaved"], "virtual_stages": ["2", "3", "4", "6", "8"],
+               "recompute": ["none", "selective", "full"], "sequence_parallel": ["on", "off"], "distributed_optimizer": ["on", "off"]}
+    choices = {}
+    pinned = any(st.session_state.get(knob, "auto") != "auto" for knob in options)
+    with sb.expander("Pin knobs (the search chooses the rest)", expanded=pinned):
+        for knob, opts in options.items():
+            choices[knob] = st.selectbox(knob.replace("_", " "), ["auto"] + opts, key=knob, bind=QP)
+
+    model_text = upload.getvalue().decode("utf-8") if upload is not None else text
+    model = data.model_from_yaml(model_text, upload.name if upload is not None else "model YAML")
+    cluster = data.cluster_from_yaml(cluster_text, int(nodes), int(gpus), device)
+    return model, cluster, int(batch), data.pins_from_choices(choices)
+
+
+def plans_tab(result, plans_df, cands_df, device: DeviceProfile) -> None:
+    st.subheader("Ranked plans")
+    st.caption("Fastest first. Click a column header to sort.")
+    first = ["rank", "tokens_per_s", "tflops_per_gpu", "mfu_pct", "peak_memory_gib", "fits", "iteration_s"]
+    cols = first + [c for c in plans_df.columns if c not in first and (c != "reason" or not plans_df["fits"].all())]
+    shown = plans_df[cols].assign(tokens_per_s=plans_df["tokens_per_s"].round().astype(int))
+    st.dataframe(shown, hide_index=True, column_config={
+        "rank": "#", "plan_id": "plan id", "micro_batch": "micro-batch", "num_microbatches": "microbatches",
+        "sequence_parallel": "SP", "distributed_optimizer": "dist-opt", "layers_per_stage": "layers/stage",
+        "iteration_s": st.column_config.NumberColumn("iteration (s)", format="%.3g"),
+        "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="localized"),
+        "tflops_per_gpu": st.column_config.NumberColumn("TFLOP/s per GPU", format="%.1f"),
+        "mfu_pct": st.column_config.NumberColumn("MFU %", format="%.1f"),
+        "peak_memory_gib": st.column_config.NumberColumn("peak memory (GiB)", format="%.1f"),
+        "fits": "fits", "reason": "why it does not fit"})
+    color_by = st.segmented_control("Colour the configurations by", ["schedule", "tp", "pp", "micro_batch", "recompute"],
+                                    default="schedule", key="color_by") or "schedule"
+    st.plotly_chart(charts.plans_scatter(cands_df, plans_df, device.memory_gib, color_by), key="scatter")
+
+
+def plan_tab(plan: Plan, device: DeviceProfile) -> None:
+    view = cached_timeline(plan, device)
+    st.plotly_chart(charts.timeline_figure(view, f"Pipeline timeline of one iteration ({schedule_label(plan)}, "
+                                                 f"{plan.num_microbatches} microbatches, predicted)"), key="timeline")
+    left, right = st.columns(2)
+    left.plotly_chart(charts.breakdown_figure(data.breakdown_frame(plan), plan.prediction.iteration_s), key="breakdown")
+    right.plotly_chart(charts.memory_figure(data.memory_frame(plan, device), device.memory_gib), key="memory")
+    st.subheader("Layers of each stage")
+    st.dataframe(data.stages_frame(plan).drop(columns=["first_layer", "end_layer"]), hide_index=True, column_config={
+        "layers": "layers (inclusive)", "recomputed_blocks": "recomputed blocks",
+        "memory_gib": st.column_config.NumberColumn("device memory (GiB)", format="%.1f")})
+    st.subheader("Run it")
+    st.download_button("Download plan.json", json.dumps(plan_to_dict(plan), indent=1) + "\n", file_name="plan.json",
+                       mime="application/json", key="download_plan")
+    st.code(torchrun_command(plan, "plan.json"), language="bash", wrap_lines=True)
+    if plan.cluster.nodes > 1:
+        st.caption("Run it on every node; HOST is the first node's address. Add --results results/NAME.jsonl to measure it.")
+
+
+def validation_tab() -> None:
+    folder = data.results_dir()
+    files = data.results_files(folder)
+    if not files:
+        st.info(f"No results files in {folder}. Run a plan with `torchrun ... -m runtime.launch plan.json --results "
+                f"{folder}/NAME.jsonl`, or point {data.RESULTS_DIR_ENV} at a folder of them.")
+        return
+    df, report, plans = cached_validation(tuple(files), tuple(Path(f).stat().st_mtime for f in files))
+    for message in report["skipped"]:
+        st.warning(f"Skipped: {message}")
+    if df.empty:
+        st.info(f"No valid runs in {len(files)} results file(s) in {folder}.")
+        return
+    rho = report["spearman"]
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Plans measured", len(df), help=f"from {len(files)} file(s) in {folder}")
+    c2.metric("Mean absolute error of step time", f"{report['mape_pct']:.1f}%")
+    c3.metric("Rank correlation (Spearman)", "n/a" if rho is None else f"{rho:.2f}",
+              help="Does the planner rank the measured plans in the right order? Needs 3 plans or more.")
+    left, right = st.columns(2)
+    left.plotly_chart(charts.validation_figure(df), key="validation")
+    right.plotly_chart(charts.error_figure(df), key="errors")
+    st.dataframe(df.drop(columns=["stage_timings"]), hide_index=True, column_config={
+        "predicted_step_s": st.column_config.NumberColumn("predicted step (s)", format="%.3g"),
+        "measured_step_s": st.column_config.NumberColumn("measured step (s)", format="%.3g"),
+        "error_pct": st.column_config.NumberColumn("error %", format="%+.1f"),
+        "spread_pct": st.column_config.NumberColumn("spread ±%", format="%.0f"),
+        "predicted_tokens_per_s": st.column_config.NumberColumn("predicted tokens/s", format="localized"),
+        "measured_tokens_per_s": st.column_config.NumberColumn("measured tokens/s", format="localized")})
+    timed = df[df["has_stage_timings"]]
+    if timed.empty:
+        st.caption("No run recorded per-stage timings, so there is no measured timeline to draw.")
+        return
+    pick = st.selectbox("Run to compare timelines", timed.index, key="timeline_run",
+                        format_func=lambda i: f"{timed.at[i, 'plan_id']} · {timed.at[i, 'run']}")
+    plan = plans[timed.at[pick, "plan_id"]]
+    measured = data.measured_timeline(plan, timed.at[pick, "stage_timings"])
+    predicted = cached_timeline(plan, data.device_for(plan))
+    x_max = max(predicted.iteration_s, measured.iteration_s if measured else 0.0)
+    left, right = st.columns(2)
+    left.plotly_chart(charts.timeline_figure(predicted, "Predicted timeline", x_max), key="pred_timeline")
+    if measured is None:
+        right.info("This run's per-stage timings do not cover every stage.")
+    else:
+        right.plotly_chart(charts.timeline_figure(measured, "Measured per-stage times, replayed through the schedule", x_max),
+                           key="meas_timeline")
+
+
+def main() -> None:
+    st.set_page_config(page_title="meshplan", page_icon="🧮", layout="wide")
+    st.title("meshplan: parallel plans for training a GPT")
+    found = None
+    try:
+        model, cluster, batch, pins = sidebar()
+        device = load_device(cluster.device)
+        with st.spinner(f"Searching plans for {model.name} on {cluster.gpus:,} × {cluster.device}..."):
+            found = cached_search(model, cluster, batch, tuple(sorted(pins.items())))
+    except MeshplanError as e:
+        st.error(f"Cannot plan with these inputs: {e}")
+    except UnicodeDecodeError:
+        st.error("The uploaded model file is not UTF-8 text; upload a YAML file.")
+
+    if found is not None:
+        result, plans_df, cands_df = found
+        best = result.plans[0]
+        st.caption(f"{model.name} on {cluster.gpus:,} × {device.label} ({cluster.nodes} nodes × {cluster.gpus_per_node}), "
+                   f"global batch {batch}: searched {result.searched:,} configurations in {result.search_s:.2f} s"
+                   + (f"; pinned {', '.join(f'{k}={v}' for k, v in pins.items())}" if pins else ""))
+        if not best.prediction.fits:
+            st.warning(f"No configuration fits in the {device.memory_gib:g} GiB of one {device.name}. Below are the closest ones. "
+                       f"Best: {best.prediction.reason}. Try more nodes, a smaller micro-batch, recomputation or a "
+                       f"distributed optimizer.")
+        pick = st.selectbox("Plan to inspect", range(len(result.plans)), key="plan_rank", format_func=lambda i: (
+            f"#{i + 1} · tp {result.plans[i].tp} × pp {result.plans[i].pp} × dp {result.plans[i].dp} · micro-batch "
+            f"{result.plans[i].micro_batch} · {schedule_label(result.plans[i])} · "
+            f"{result.plans[i].prediction.tokens_per_s:,.0f} tokens/s" + ("" if result.plans[i].prediction.fits else " · does not fit")))
+        plan = result.plans[pick]
+        pr = plan.prediction
+        cols = st.columns(5)
+        cols[0].metric("Throughput (tokens/s)", f"{pr.tokens_per_s:,.0f}")
+        cols[1].metric("Iteration (s)", f"{pr.iteration_s:.3g}")
+        cols[2].metric("TFLOP/s per GPU", f"{pr.tflops_per_gpu:.1f}")
+        cols[3].metric("MFU", f"{100 * pr.mfu:.1f}%")
+        cols[4].metric(f"Peak memory (GiB of {device.memory_gib:g})", f"{pr.peak_memory_gib:.1f}")
+
+    tabs = st.tabs(TABS, key="view", bind=QP)
+    for tab, name in zip(tabs, TABS):
+        if tab.open is False:
+            continue  # only the open tab is built
+        with tab:
+            if name == "Predicted vs measured":
+                validation_tab()
+            elif found is None:
+                st.info("Fix the inputs (see the message above) to see plans.")
+            elif name == "Plans":
+                plans_tab(result, plans_df, cands_df, device)
+            else:
+                plan_tab(plan, device)
+
+
+main()
