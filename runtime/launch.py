@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from planner import __version__
 from planner.errors import MeshplanError, PlanError, SpecError
-from planner.plan import Plan, load_plan, plan_to_dict
+from planner.plan import Plan, load_plan, plan_id, plan_to_dict
 from runtime import checkpoint, data
 from runtime.mesh import build_mesh
 from runtime.model import GPT, GPTConfig
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Gather every rank's losses, memory and stage timings on rank 0; it prints and writes the results line.
     mine = {"pp": pp_rank, "dp": dp_rank, "tp": tp_rank, "losses": losses, "peak_memory_gib": peak_memory_gib(device),
-            "timings": {f"stage{i}": {k: sum(v) / len(v) for k, v in t.items() if v} for i, t in timings.items()}}
+            "timings": {f"stage{i}": {k: sum(v) / len(v) for k, v in t.items()} for i, t in timings.items() if all(t.values())}}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if dist.get_rank() == 0 and step_s:
@@ -250,7 +250,7 @@ def make_result(plan: Plan, everyone: list[dict], step_s: list[float], warmup: i
         if r["dp"] == 0 and r["tp"] == 0:
             stage_timings.update(r["timings"])
     return RunResult(
-        plan_id=plan.id, plan=plan_to_dict(plan),
+        plan_id=plan.id or plan_id(plan), plan=plan_to_dict(plan),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (gloo)",
         world_size=len(everyone), steps=len(step_s), step_s=step_s,
         tokens_per_s=median_tokens_per_s(step_s, warmup, plan.global_batch * plan.model.seq_len),
@@ -263,7 +263,7 @@ def print_summary(result: RunResult, first_step: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"plan {result.plan_id or '(no id)'}: {result.world_size} ranks on {result.device}")
+    table = Table(title=f"plan {result.plan_id}, {result.world_size} ranks")
     table.add_column("step", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("step_s", justify="right")
@@ -271,8 +271,8 @@ def print_summary(result: RunResult, first_step: int) -> None:
         table.add_row(str(first_step + i + 1), f"{loss:.4f}", f"{s:.3f}")
     console = Console()
     console.print(table)
-    console.print(f"tokens/s (median step after warm-up): {result.tokens_per_s:,.0f}   "
-                  f"peak memory per rank: {', '.join(f'{m:.2f}' for m in result.peak_memory_gib)} GiB")
+    console.print(f"{result.device}: {result.tokens_per_s:,.0f} tokens/s (median step after warm-up); "
+                  f"peak memory per rank {', '.join(f'{m:.2f}' for m in result.peak_memory_gib)} GiB")
     if result.predicted:
         console.print(f"predicted tokens/s: {result.predicted['tokens_per_s']:,.0f}")
 
