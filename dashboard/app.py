@@ -11,7 +11,6 @@ gpt3-1.3b on the same nodes picks pure data parallelism and an empty pipeline ch
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit ru
 
 from dashboard import charts, data  # noqa: E402
 from planner.errors import MeshplanError  # noqa: E402
-from planner.plan import Plan, plan_to_dict  # noqa: E402
+from planner.plan import Plan  # noqa: E402
 from planner.report import schedule_label, torchrun_command  # noqa: E402
 from planner.search import search  # noqa: E402
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, load_device  # noqa: E402
@@ -88,7 +87,8 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict]:
                "schedule": ["1f1b", "gpipe", "interleaved"], "virtual_stages": ["2", "3", "4", "6", "8"],
                "recompute": ["none", "selective", "full"], "sequence_parallel": ["on", "off"], "distributed_optimizer": ["on", "off"]}
     choices = {}
-    pinned = any(st.session_state.get(knob, "auto") != "auto" for knob in options)
+    # Before its widget exists on a first load, a pin lives only in the URL.
+    pinned = any(st.session_state.get(knob, st.query_params.get(knob, "auto")) != "auto" for knob in options)
     with sb.expander("Pin knobs (the search chooses the rest)", expanded=pinned):
         for knob, opts in options.items():
             choices[knob] = st.selectbox(knob.replace("_", " "), ["auto"] + opts, key=knob, bind=QP)
@@ -131,7 +131,7 @@ def plan_tab(plan: Plan, device: DeviceProfile) -> None:
         "layers": "layers (inclusive)", "recomputed_blocks": "recomputed blocks",
         "memory_gib": st.column_config.NumberColumn("device memory (GiB)", format="%.1f")})
     st.subheader("Run it")
-    st.download_button("Download plan.json", json.dumps(plan_to_dict(plan), indent=1) + "\n", file_name="plan.json",
+    st.download_button("Download plan.json", data.plan_json(plan), file_name="plan.json",
                        mime="application/json", key="download_plan")
     st.code(torchrun_command(plan, "plan.json"), language="bash", wrap_lines=True)
     if plan.cluster.nodes > 1:
@@ -203,7 +203,7 @@ def main() -> None:
     if found is not None:
         result, plans_df, cands_df = found
         best = result.plans[0]
-        st.caption(f"{model.name} on {cluster.gpus:,} × {device.label} ({cluster.nodes} nodes × {cluster.gpus_per_node}), "
+        st.caption(f"{model.name} on {cluster.gpus:,} × {device.label} ({cluster.nodes} node{'s' if cluster.nodes > 1 else ''} × {cluster.gpus_per_node}), "
                    f"global batch {batch}: searched {result.searched:,} configurations in {result.search_s:.2f} s"
                    + (f"; pinned {', '.join(f'{k}={v}' for k, v in pins.items())}" if pins else ""))
         if not best.prediction.fits:

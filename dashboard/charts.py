@@ -105,7 +105,7 @@ def breakdown_figure(df: pd.DataFrame, iteration_s: float) -> go.Figure:
         hovertemplate="%{y}: %{x:.4g} s<extra></extra>"))
     fig.update_layout(**LAYOUT, height=330, showlegend=False,
                       title=_title(f"Where the {iteration_s:.3g} s of an iteration go", "slowest pipeline device"))
-    fig.update_xaxes(title_text="seconds per iteration")
+    fig.update_xaxes(title_text="time per iteration (s)")
     fig.update_yaxes(autorange="reversed")
     return fig
 

@@ -5,6 +5,7 @@ No streamlit import here: every function is plain and unit-tested (tests/dashboa
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 
 from planner.cost import memory_by_device, predict
 from planner.errors import SpecError
-from planner.plan import Plan
+from planner.plan import Plan, plan_to_dict
 from planner.report import schedule_label, stage_summary
 from planner.schedule import simulate
 from planner.specs import PROFILES_DIR, ClusterSpec, DeviceProfile, ModelSpec, cluster_from_dict, load_device, model_from_dict
@@ -50,9 +51,9 @@ def parse_yaml(text: str, source: str) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(source, "(YAML)", f"malformed YAML{where}; fix the syntax") from None
+        raise SpecError(source, "(YAML)", f"malformed YAML{where}{f' ({problem})' if problem else ''}; fix the syntax") from None
     if not isinstance(data, dict):
         raise SpecError(source, "(top level)", "expected a mapping of field: value, e.g. 'layers: 24'")
     return data
@@ -168,6 +169,11 @@ def stages_frame(plan: Plan) -> pd.DataFrame:
                      "first_layer": s.layers[0], "end_layer": s.layers[1], "blocks": n, "embedding": s.embedding,
                      "head": s.head, "recompute": s.recompute, "recomputed_blocks": recomputed, "memory_gib": s.memory_gib})
     return pd.DataFrame(rows)
+
+
+def plan_json(plan: Plan) -> str:
+    """plan.json as `planner plan --out` writes it (the file runtime.launch runs)."""
+    return json.dumps(plan_to_dict(plan), indent=1) + "\n"
 
 
 @dataclass(frozen=True)

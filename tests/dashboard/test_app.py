@@ -1,0 +1,116 @@
+"""dashboard/app.py driven by streamlit's AppTest: every view renders for good and bad inputs, with the
+message a user needs in the page and never a traceback. Small models keep this quick."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard import data
+
+APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+TINY = dict(model="gpt-tiny", cluster="local-cpu", nodes="1", gpus_per_node="2", device="cpu", global_batch="16")
+
+
+def open_app(monkeypatch, results: Path, **query) -> AppTest:
+    """Run the app once as if its URL carried these query parameters (the sidebar inputs and the tab)."""
+    monkeypatch.setenv(data.RESULTS_DIR_ENV, str(results))
+    at = AppTest.from_file(APP, default_timeout=60)
+    for key, value in query.items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def charts(at: AppTest) -> int:
+    return len(at.get("plotly_chart"))
+
+
+def test_default_inputs_render_plans_table_and_scatter(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path)
+    assert not at.exception and not at.error
+    assert at.caption[0].value.startswith("gpt-39.1b on 64 × a100-sxm4-80gb")
+    assert [t.label for t in at.tabs] == ["Plans", "Selected plan", "Predicted vs measured"]
+    assert len(at.dataframe) == 1 and charts(at) == 1  # only the open tab is built
+    assert at.metric[0].label == "Throughput (tokens/s)"
+
+
+def test_selected_plan_shows_timeline_breakdown_memory_stages_and_the_torchrun_command(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY, view="Selected plan")
+    assert not at.exception and not at.error
+    assert charts(at) == 3
+    assert any(s.value == "Layers of each stage" for s in at.subheader)
+    assert at.get("download_button")[0].label == "Download plan.json"
+    assert at.code[0].value == "torchrun --nproc-per-node 2 -m runtime.launch plan.json"
+
+
+def test_pinned_knobs_constrain_every_ranked_plan(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY, pp="2", schedule="gpipe", micro_batch="2")
+    assert not at.exception and not at.error
+    assert "pinned pp=2, micro_batch=2, schedule=gpipe" in at.caption[0].value
+    table = at.dataframe[0].value
+    assert set(table["pp"]) == {2} and set(table["micro_batch"]) == {2} and set(table["schedule"]) == {"gpipe"}
+    assert at.expander[2].proto.expanded  # the pins stay in view once one is set
+
+
+def test_a_plan_that_does_not_fit_is_a_warning_and_still_drawn(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, model="gpt3-1.3b", cluster="local-cpu", nodes="1", gpus_per_node="2",
+                  device="cpu", global_batch="8", view="Selected plan")
+    assert not at.exception and not at.error
+    assert len(at.warning) == 1 and "No configuration fits in the 8 GiB of one cpu" in at.warning[0].value
+    assert "GiB over" in at.warning[0].value
+    assert charts(at) == 3
+
+
+def test_malformed_model_yaml_shows_an_error_naming_the_line(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY)
+    at.text_area(key="model_yaml_gpt-tiny").set_value("layers: 8\nhidden: 256\n  heads: 8\n").run()
+    assert not at.exception
+    assert len(at.error) == 1 and "malformed YAML at line 3" in at.error[0].value
+    assert "Fix the inputs" in at.info[0].value
+
+
+def test_model_yaml_with_a_bad_value_names_the_field(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY)
+    at.text_area(key="model_yaml_gpt-tiny").set_value(data.preset_text("models", "gpt-tiny").replace("heads: 8", "heads: 3")).run()
+    assert not at.exception and "heads: hidden 256 is not divisible by heads 3" in at.error[0].value
+
+
+def test_uploaded_model_yaml_replaces_the_preset(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY)
+    text = data.preset_text("models", "gpt-tiny").replace("name: gpt-tiny", "name: my-gpt").replace("layers: 8", "layers: 4")
+    at.file_uploader(key="model_file").set_value(("my-gpt.yaml", text.encode(), "application/x-yaml")).run()
+    assert not at.exception and not at.error
+    assert at.caption[0].value.startswith("my-gpt on 2 × cpu")
+    at.file_uploader(key="model_file").set_value(("bad.yaml", b"\xff\xfe\x00", "application/x-yaml")).run()
+    assert not at.exception and "not UTF-8" in at.error[0].value
+
+
+def test_pins_that_no_configuration_satisfies_show_the_planner_message(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY, tp="2", pp="2")
+    assert not at.exception
+    assert len(at.error) == 1 and "tp 2 x pp 2" in at.error[0].value and "2 devices" in at.error[0].value
+
+
+def test_without_results_files_the_page_says_how_to_make_them(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY, view="Predicted vs measured")
+    assert not at.exception and not at.error
+    assert f"No results files in {tmp_path}" in at.info[0].value and "--results" in at.info[0].value
+
+
+def test_with_results_files_shows_the_error_per_run_and_both_timelines(monkeypatch, results_dir):
+    at = open_app(monkeypatch, results_dir, **TINY, view="Predicted vs measured")
+    assert not at.exception and not at.error
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Plans measured"] == "2" and metrics["Mean absolute error of step time"].endswith("%")
+    assert len(at.warning) == 1 and "torn" in at.warning[0].value  # the bad line is reported, the rest still shown
+    assert charts(at) == 4  # predicted vs measured, error per run, predicted and measured timelines
+    assert len(at.dataframe[0].value) == 2
+
+
+@pytest.mark.parametrize("view", ["Plans", "Selected plan", "Predicted vs measured"])
+def test_every_tab_renders_for_a_pipelined_plan(monkeypatch, results_dir, view):
+    at = open_app(monkeypatch, results_dir, **TINY, pp="2", view=view)
+    assert not at.exception and not at.error
+    assert charts(at) >= 1
