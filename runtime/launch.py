@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint.init_weights(chunk, cfg, args.seed, device)
         chunks[idx] = apply_data_parallel(chunk, mesh["dp"], shard_optimizer=plan.distributed_optimizer, tp=plan.tp,
                                           pipelined=plan.pp > 1)
-    manual_dp = needs_manual_all_reduce(dp=plan.dp, tp=plan.tp, shard_optimizer=plan.distributed_optimizer)
+    manual_dp = needs_manual_all_reduce(dp=plan.dp, tp=plan.tp, pipelined=plan.pp > 1,
+                                        shard_optimizer=plan.distributed_optimizer)
     optimizers = {idx: build_optimizer(chunk, args.lr) for idx, chunk in chunks.items()}
     start = 0
     if args.checkpoint_dir and (last := checkpoint.latest_step(args.checkpoint_dir)) is not None:

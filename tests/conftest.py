@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -30,7 +31,9 @@ def _rank_main(rank: int, world_size: int, port: int, out, fn, args) -> None:
 
     torch.set_num_threads(1)
     try:
-        out.put((rank, True, fn(*args)))
+        # Pickled here, with plain pickle: a tensor then travels by value, not as a shared-memory handle that
+        # dies with this process.
+        out.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:
         out.put((rank, False, traceback.format_exc()))
     finally:
@@ -77,7 +80,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 180.0) -> list:
                 raise RuntimeError(f"ranks {missing} of {world_size} gave no result within {timeout_s:.0f} s") from None
             if not ok:
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10 if len(results) == world_size else 0.1)

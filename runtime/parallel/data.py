@@ -1,13 +1,18 @@
 """Data parallelism on the dp submesh: DDP, or FSDP2 `fully_shard` when the plan shards the optimizer
 (plan.distributed_optimizer). Applied last, after the pipeline split, TP and recomputation.
 
-Written by hand: the gradient all-reduce for tensor parallelism combined with unsharded data parallelism.
-DDP does not hold DTensor parameters; its 2-D workaround (torch.distributed.tensor.parallel.ddp, which DDP
-applies itself when given a sliced mesh) swaps the module's parameter objects around every forward, after
-which torch.distributed.checkpoint's get_state_dict cannot map the optimizer's parameters to FQNs (KeyError,
-checked on torch 2.13 gloo), and torchtitan refuses DDP with TP for the same reason. So with tp > 1 and no
-sharded optimizer, the chunk stays as it is and all_reduce_gradients averages the gradients over dp once
-all microbatches are done: the same arithmetic as DDP, without DDP's overlap with backward."""
+Written by hand: the gradient all-reduce of unsharded data parallelism combined with tensor or pipeline
+parallelism (all_reduce_gradients: bucketed, once all microbatches are done; the same arithmetic as DDP).
+DDP falls short in both on torch 2.13 (gloo, checked):
+- with TP: DDP does not hold DTensor parameters; its 2-D workaround (torch.distributed.tensor.parallel.ddp,
+  applied by DDP itself given a sliced mesh) swaps the module's parameter objects around every forward, after
+  which torch.distributed.checkpoint's get_state_dict cannot map the optimizer's parameters to FQNs
+  (KeyError); torchtitan refuses DDP with TP for the same reason.
+- with pipelining: PipelineStage's runtime shape inference runs an extra forward/backward through the DDP
+  module in the first step, so DDP marks every parameter ready twice and its bucket rebuild fails an internal
+  assert ("rebuilt parameter indices size is not same as original model parameters size") in step two.
+The cost is DDP's overlap of the reduction with backward; under pipelining DDP reduces only during the last
+microbatch's backward anyway, and Megatron-LM reduces after the pipeline flush by default too."""
 
 from __future__ import annotations
 
@@ -27,11 +32,9 @@ BUCKET_BYTES = 25 * 2**20
 
 
 def apply_ddp(chunk: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
-    """Gradient all-reduce over dp with DDP's buckets, overlapped with backward.
-
-    Given a dp mesh sliced from the (pp, dp, tp) mesh, DDP itself turns TP's DTensor parameters into local
-    tensors for its buckets and back into DTensors around each forward (torch.distributed.tensor.parallel.ddp)."""
-    return DistributedDataParallel(chunk, device_mesh=dp_mesh)
+    """Gradient all-reduce over dp with DDP's buckets, overlapped with backward (pure data parallelism only;
+    see the module docstring)."""
+    return DistributedDataParallel(chunk, process_group=dp_mesh.get_group())
 
 
 def apply_fsdp(chunk: nn.Module, dp_mesh: DeviceMesh, *, pipelined: bool) -> nn.Module:
@@ -49,20 +52,21 @@ def apply_fsdp(chunk: nn.Module, dp_mesh: DeviceMesh, *, pipelined: bool) -> nn.
     return chunk
 
 
-def needs_manual_all_reduce(*, dp: int, tp: int, shard_optimizer: bool) -> bool:
-    """True where neither DDP nor FSDP2 reduces the gradients: tp > 1 with dp > 1 and no sharded optimizer."""
-    return dp > 1 and tp > 1 and not shard_optimizer
+def needs_manual_all_reduce(*, dp: int, tp: int, pipelined: bool, shard_optimizer: bool) -> bool:
+    """True where neither DDP nor FSDP2 reduces the gradients: dp > 1 without a sharded optimizer, together
+    with tp > 1 or pipelining."""
+    return dp > 1 and not shard_optimizer and (tp > 1 or pipelined)
 
 
 def apply_data_parallel(chunk: nn.Module, dp_mesh: DeviceMesh, *, shard_optimizer: bool, tp: int,
                         pipelined: bool) -> nn.Module:
-    """FSDP2 when the plan shards the optimizer, DDP otherwise; nothing when dp is 1, nor with TP without a
-    sharded optimizer (call all_reduce_gradients after backward instead)."""
+    """FSDP2 when the plan shards the optimizer, else DDP; nothing when dp is 1, nor where DDP falls short
+    (TP or pipelining: call all_reduce_gradients after the step's backward instead)."""
     if dp_mesh.size() == 1:
         return chunk
     if shard_optimizer:
         return apply_fsdp(chunk, dp_mesh, pipelined=pipelined)
-    if needs_manual_all_reduce(dp=dp_mesh.size(), tp=tp, shard_optimizer=shard_optimizer):
+    if needs_manual_all_reduce(dp=dp_mesh.size(), tp=tp, pipelined=pipelined, shard_optimizer=shard_optimizer):
         return chunk
     return apply_ddp(chunk, dp_mesh)
 

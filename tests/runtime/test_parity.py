@@ -43,6 +43,11 @@ def test_tp2_dp2_loss_matches_single_process(tmp_path):
     assert_matches_single_process(run_layout(tmp_path, tp=2, dp=2, micro_batch=4, num_microbatches=1))
 
 
+def test_pp2_dp2_loss_matches_single_process(tmp_path):
+    # DP gradients averaged by hand under pipelining too.
+    assert_matches_single_process(run_layout(tmp_path, pp=2, dp=2, num_microbatches=2))
+
+
 def test_fsdp2_distributed_optimizer_loss_matches_single_process(tmp_path):
     assert_matches_single_process(run_layout(tmp_path, dp=2, num_microbatches=2, distributed_optimizer=True))
 
