@@ -72,3 +72,12 @@ def test_bad_token_file_is_refused_naming_data(tmp_path, content, match):
     with pytest.raises(SpecError, match=match) as e:
         token_file(str(path), VOCAB, T)
     assert e.value.field == "data"
+
+
+def test_launch_trains_on_a_token_file(tmp_path):
+    from planfiles import run_layout
+
+    path = tmp_path / "tokens.bin"
+    (np.arange(50_000) % 97).astype(np.uint16).tofile(path)  # a cycle: the next token is fully predictable
+    losses = run_layout(tmp_path, steps=4, extra=("--data", str(path)))["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]

@@ -15,7 +15,7 @@ from planfiles import plan_dict, write_plan
 from planner.errors import SpecError
 from planner.plan import plan_from_dict
 from runtime.launch import cli
-from runtime.results import result_from_dict
+from runtime.results import median_tokens_per_s, result_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_KEYS = {"plan_id", "plan", "device", "world_size", "steps", "step_s", "tokens_per_s", "losses", "peak_memory_gib",
@@ -108,3 +108,9 @@ def test_results_line_with_unknown_key_or_wrong_list_is_refused_naming_the_field
     with pytest.raises(SpecError) as e:
         result_from_dict({**good, "peak_memory_gib": [0.3, 0.3]}, "r.jsonl")
     assert e.value.field == "peak_memory_gib"
+
+
+def test_tokens_per_s_is_taken_from_the_median_step_after_warm_up():
+    # The slow first step (pipelining's shape inference) and an outlier do not move it.
+    assert median_tokens_per_s([9.0, 1.0, 2.0, 50.0], warmup=1, tokens_per_step=100) == 50.0
+    assert median_tokens_per_s([4.0], warmup=1, tokens_per_step=100) == 25.0  # nothing after warm-up: all steps

@@ -43,6 +43,12 @@ def test_model_file_imports_no_torch_distributed():
     assert out.stdout == "", out.stdout
 
 
+def test_process_groups_are_made_only_in_runtime_mesh():
+    out = subprocess.run(["grep", "-rlE", "init_device_mesh|new_group", str(REPO / "runtime"), "--include=*.py"],
+                         capture_output=True, text=True)
+    assert out.stdout.split() == [str(REPO / "runtime" / "mesh.py")]
+
+
 def test_model_file_is_at_most_250_lines():
     assert len((REPO / "runtime" / "model.py").read_text().splitlines()) <= 250
 
