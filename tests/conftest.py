@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import runpy
 import socket
 import sys
 import traceback
@@ -24,6 +25,9 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, out, fn, args) -> None:
+    """A rank's body. It reaches the child as this file run by path (see run_on_ranks), not by module name:
+    several directories under tests/ hold a conftest.py, and which one `import conftest` finds depends on
+    sys.path order."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     import torch
@@ -61,12 +65,14 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 180.0) -> list:
 
     Each process has RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and a free MASTER_PORT set, and one torch
     thread, so `dist.init_process_group("gloo")` (or runtime.launch.main) joins the group with no arguments.
-    fn must be importable (a module-level function) and its return value picklable. If a rank raises,
+    fn must be importable (a module-level function of a uniquely named module: from a test helper, import
+    it as tests.<dir>.<module>) and its return value picklable. If a rank raises,
     the others are stopped and this raises with that rank's traceback; the same after timeout_s."""
     ctx = _context()
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, out, fn, args), daemon=True)
+    procs = [ctx.Process(target=runpy.run_path, daemon=True,
+                         args=(__file__, {"RANK_ARGS": (r, world_size, port, out, fn, args)}, "__meshplan_rank__"))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -88,6 +94,10 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 180.0) -> list:
                 p.terminate()
                 p.join(5)
     return [results[r] for r in range(world_size)]
+
+
+if __name__ == "__meshplan_rank__":  # a rank started by run_on_ranks
+    _rank_main(*RANK_ARGS)  # noqa: F821 (given by run_on_ranks through runpy's init_globals)
 
 
 @pytest.fixture

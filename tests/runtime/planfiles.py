@@ -62,7 +62,7 @@ def last_result(path: Path) -> dict:
 
 def run_layout(tmp: Path, steps: int = PARITY_STEPS, extra: tuple = (), **knobs) -> dict:
     """Write a plan with these knobs, run it on tp*pp*dp spawned ranks, return its results line."""
-    from conftest import run_on_ranks
+    from tests.conftest import run_on_ranks
 
     tmp = Path(tmp)
     plan = write_plan(tmp / "plan.json", **knobs)

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_on_ranks
-from planfiles import last_result, launch, write_plan
+from tests.conftest import run_on_ranks
+from tests.runtime.planfiles import last_result, launch, write_plan
 from runtime.checkpoint import latest_step
 
 REPO = Path(__file__).resolve().parents[2]

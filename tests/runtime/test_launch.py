@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from planfiles import plan_dict, write_plan
+from tests.runtime.planfiles import plan_dict, write_plan
 from planner.errors import SpecError
 from planner.plan import plan_from_dict
 from runtime.launch import cli

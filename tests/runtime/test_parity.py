@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from planfiles import PARITY_STEPS, max_relative_difference, reference_losses, run_layout
+from tests.runtime.planfiles import PARITY_STEPS, max_relative_difference, reference_losses, run_layout
 
 TOLERANCE = 1e-4
 

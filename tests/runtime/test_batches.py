@@ -1,4 +1,4 @@
-"""Token batches: indexed by step, split by dp replica, from the synthetic chain or a uint16 token file."""
+"""runtime/data.py: token batches indexed by step, split by dp replica, from the synthetic chain or a uint16 token file."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_bad_token_file_is_refused_naming_data(tmp_path, content, match):
 
 
 def test_launch_trains_on_a_token_file(tmp_path):
-    from planfiles import run_layout
+    from tests.runtime.planfiles import run_layout
 
     path = tmp_path / "tokens.bin"
     (np.arange(50_000) % 97).astype(np.uint16).tofile(path)  # a cycle: the next token is fully predictable
