@@ -97,7 +97,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 180.0) -> list:
 
 
 if __name__ == "__meshplan_rank__":  # a rank started by run_on_ranks
-    _rank_main(*RANK_ARGS)  # noqa: F821 (given by run_on_ranks through runpy's init_globals)
+    _rank_main(*globals()["RANK_ARGS"])  # given by run_on_ranks through runpy's init_globals
 
 
 @pytest.fixture
