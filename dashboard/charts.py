@@ -30,21 +30,20 @@ def plans_scatter(cands: pd.DataFrame, plans: pd.DataFrame, memory_limit_gib: fl
     shaped by whether it fits (data.candidates_frame's memory_status); stars are the ranked plans and the
     dashed line is the device's memory."""
     fig = go.Figure()
-    hover = ("tp %{customdata[0]} · pp %{customdata[1]} · dp %{customdata[2]} · micro-batch %{customdata[3]}<br>"
-             "%{customdata[4]} v=%{customdata[5]} · recompute %{customdata[6]} · SP %{customdata[7]} · dist-opt %{customdata[8]}<br>"
-             "%{y:,.0f} tokens/s · %{x:.1f} GiB · %{customdata[9]} · %{customdata[10]}<extra></extra>")
-    cols = ["tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel",
-            "distributed_optimizer", "memory_status"]
+    # One trace per (colour, memory status, exact) so the hover text is one short string per point: an
+    # 11k-point scatter stays well under a megabyte for the browser.
     for i, (value, group) in enumerate(cands.groupby(color_by, sort=True)):
         color = CATEGORY_COLORS[i % len(CATEGORY_COLORS)]
         statuses = [st for st in SCATTER_SYMBOLS if (group["memory_status"] == st).any()]  # filled marker first in the legend
         for j, status in enumerate(statuses):
-            sub = group[group["memory_status"] == status]
-            custom = sub[cols].assign(how=np.where(sub["exact"], "priced exactly (ILP + simulator)", "closed-form estimate"))
-            fig.add_trace(go.Scattergl(
-                x=sub["peak_memory_gib"], y=sub["tokens_per_s"], mode="markers", customdata=custom.to_numpy(),
-                hovertemplate=hover, name=f"{color_by} {value}", legendgroup=str(value), showlegend=j == 0,
-                marker=dict(color=color, size=6, symbol=SCATTER_SYMBOLS[status], opacity=0.75)))
+            for exact, sub in group[group["memory_status"] == status].groupby("exact"):
+                how = "priced exactly (ILP + simulator)" if exact else "closed-form estimate"
+                fig.add_trace(go.Scattergl(
+                    x=sub["peak_memory_gib"].round(2), y=sub["tokens_per_s"].round(0), mode="markers", text=sub["knobs"],
+                    hovertemplate=f"tp×pp×dp %{{text}}<br>%{{y:,.0f}} tokens/s · %{{x:.1f}} GiB<br>{status} · {how}<extra></extra>",
+                    name=f"{color_by} {value}", legendgroup=str(value), showlegend=j == 0 and not exact,
+                    marker=dict(color=color, size=8 if exact else 6, symbol=SCATTER_SYMBOLS[status], opacity=0.8 if status == "fits" else 0.35,
+                                line=dict(color="black" if exact else color, width=1.5 if exact else 1))))  # open symbols are all stroke
     if len(plans):
         fig.add_trace(go.Scatter(
             x=plans["peak_memory_gib"], y=plans["tokens_per_s"], mode="markers+text", name="ranked plans",
@@ -58,7 +57,7 @@ def plans_scatter(cands: pd.DataFrame, plans: pd.DataFrame, memory_limit_gib: fl
     fig.update_layout(**LAYOUT, height=540, title=_title(
         f"All {len(cands):,} evaluated configurations: throughput against memory",
         "● fits · ✕ fits once the planner recomputes some blocks (memory shown before that) · ○ does not fit<br>"
-        "finalists are priced exactly (ILP + simulator), the rest are closed-form estimates; hover for the knobs"))
+        "outlined: finalists priced exactly (ILP + simulator); the rest are closed-form estimates; hover for the knobs"))
     fig.update_layout(margin=dict(t=100))
     fig.update_xaxes(title_text="peak memory per GPU (GiB, log scale)", type="log")
     fig.update_yaxes(title_text="predicted throughput (tokens/s)", rangemode="tozero")
@@ -73,19 +72,22 @@ def timeline_figure(view: TimelineView, title: str, x_max_s: float | None = None
     end = max(view.iteration_s, x_max_s or 0.0)
     windows = [(0.0, end)] if view.gap is None else [(0.0, view.gap[0]), (view.gap[1], end)]
     fig = make_subplots(rows=1, cols=len(windows), shared_yaxes=True, horizontal_spacing=0.02)
-    for col, _ in enumerate(windows, 1):
+    # About 6 significant digits of the iteration is finer than a pixel and halves what the browser receives.
+    decimals = max(0, 6 - int(np.ceil(np.log10(max(end, 1e-9)))))
+    for col, (lo, hi) in enumerate(windows, 1):
+        in_window = ev[(ev["end_s"] > lo) & (ev["start_s"] < hi)]
         for op, color in OP_COLORS.items():
-            sub = ev[ev["op"] == op]
+            sub = in_window[in_window["op"] == op]
             if sub.empty:
                 continue
             send = op == "send"
             fig.add_trace(go.Bar(
-                orientation="h", base=sub["start_s"], x=sub["end_s"] - sub["start_s"],
+                orientation="h", base=sub["start_s"].round(decimals), x=(sub["end_s"] - sub["start_s"]).round(decimals),
                 y=sub["device"] + (0.36 if send else 0.0), width=0.16 if send else 0.62,
                 marker=dict(color=color, line=dict(width=0)), name=op, legendgroup=op, showlegend=col == 1,
-                customdata=sub[["stage", "microbatch", "start_s", "end_s"]].to_numpy(),
+                customdata=sub[["stage", "microbatch"]].to_numpy(),
                 hovertemplate=(f"{op} · stage %{{customdata[0]}} · microbatch %{{customdata[1]}}<br>"
-                               "%{customdata[2]:.4g} s → %{customdata[3]:.4g} s<extra></extra>")), row=1, col=col)
+                               "starts at %{base:.4g} s, takes %{x:.3g} s<extra></extra>")), row=1, col=col)
     for col, (lo, hi) in enumerate(windows, 1):
         fig.update_xaxes(range=[lo, hi], title_text="time within one iteration (s)", row=1, col=col)
     devices = sorted(view.idle_pct)

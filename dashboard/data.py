@@ -26,7 +26,7 @@ RESULTS_DIR_ENV = "MESHPLAN_RESULTS_DIR"
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 # A Gantt chart stays legible (and quick in a browser) up to about this many rows and bars.
 MAX_TIMELINE_DEVICES = 16
-MAX_TIMELINE_EVENTS = 6000
+MAX_TIMELINE_EVENTS = 3000
 COMPUTE_OPS = ("forward", "backward", "recompute")
 
 
@@ -117,14 +117,18 @@ def recompute_label(plan: Plan) -> str:
 def candidates_frame(candidates, memory_gib: float) -> pd.DataFrame:
     """Every configuration the search evaluated (closed-form estimate, or exact for the finalists).
 
-    memory_status: 'fits', 'does not fit', or 'fits with recomputation' for an estimate that fits only once
-    the ILP recomputes some blocks: its peak_memory_gib is the peak before that recomputation."""
+    knobs: one line for hover text. memory_status: 'fits', 'does not fit', or 'fits with recomputation' for an
+    estimate that fits only once the ILP recomputes some blocks: its peak_memory_gib is the peak before that."""
     rows = [(c.knobs.tp, c.knobs.pp, c.knobs.dp, c.knobs.micro_batch, c.knobs.schedule, c.knobs.virtual_stages,
              c.knobs.recompute, c.knobs.sequence_parallel, c.knobs.distributed_optimizer, c.iteration_s, c.tokens_per_s,
              c.tflops_per_gpu, c.peak_memory_gib, c.fits, c.exact) for c in candidates]
     df = pd.DataFrame(rows, columns=["tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute",
                                      "sequence_parallel", "distributed_optimizer", "iteration_s", "tokens_per_s",
                                      "tflops_per_gpu", "peak_memory_gib", "fits", "exact"])
+    interleaved = pd.Series(np.where(df["schedule"] == "interleaved", " v=" + df["virtual_stages"].astype(str), ""), index=df.index)
+    df["knobs"] = (df["tp"].astype(str) + "×" + df["pp"].astype(str) + "×" + df["dp"].astype(str) + " · micro-batch "
+                   + df["micro_batch"].astype(str) + " · " + df["schedule"] + interleaved + " · recompute " + df["recompute"]
+                   + np.where(df["sequence_parallel"], " · SP", "") + np.where(df["distributed_optimizer"], " · dist-opt", ""))
     df["memory_status"] = np.where(~df["fits"], "does not fit",
                                    np.where(df["peak_memory_gib"] > memory_gib, "fits with recomputation", "fits"))
     return df
