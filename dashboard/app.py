@@ -151,6 +151,8 @@ def validation_tab() -> None:
     if df.empty:
         st.info(f"No valid runs in {len(files)} results file(s) in {folder}.")
         return
+    st.caption(f"{len(files)} results file(s) in {folder}. Each run's plan is priced again with today's device profile; "
+               "repeated runs of a plan are pooled (median step time).")
     rho = report["spearman"]
     c1, c2, c3 = st.columns(3)
     c1.metric("Plans measured", len(df), help=f"from {len(files)} file(s) in {folder}")
@@ -160,7 +162,10 @@ def validation_tab() -> None:
     left, right = st.columns(2)
     left.plotly_chart(charts.validation_figure(df), key="validation")
     right.plotly_chart(charts.error_figure(df), key="errors")
-    st.dataframe(df.drop(columns=["stage_timings"]), hide_index=True, column_config={
+    order = ["plan_id", "tp", "pp", "dp", "micro_batch", "schedule", "measured_step_s", "predicted_step_s", "error_pct",
+             "spread_pct", "measured_tokens_per_s", "predicted_tokens_per_s", "repeats", "model", "device", "run"]
+    st.dataframe(df[order], hide_index=True, column_config={
+        "plan_id": "plan id", "micro_batch": "micro-batch", "run": "results line(s)",
         "predicted_step_s": st.column_config.NumberColumn("predicted step (s)", format="%.3g"),
         "measured_step_s": st.column_config.NumberColumn("measured step (s)", format="%.3g"),
         "error_pct": st.column_config.NumberColumn("error %", format="%+.1f"),

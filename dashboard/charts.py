@@ -44,14 +44,15 @@ def plans_scatter(cands: pd.DataFrame, plans: pd.DataFrame, memory_limit_gib: fl
                     name=f"{color_by} {value}", legendgroup=str(value), showlegend=j == 0 and not exact,
                     marker=dict(color=color, size=8 if exact else 6, symbol=SCATTER_SYMBOLS[status], opacity=0.8 if status == "fits" else 0.35,
                                 line=dict(color="black" if exact else color, width=1.5 if exact else 1))))  # open symbols are all stroke
+    # WebGL traces draw above SVG ones, so the stars and the limit are WebGL too, added last.
     if len(plans):
-        fig.add_trace(go.Scatter(
+        fig.add_trace(go.Scattergl(
             x=plans["peak_memory_gib"], y=plans["tokens_per_s"], mode="markers+text", name="ranked plans",
             text=["best" if r == 1 else "" for r in plans["rank"]], textposition="top center", customdata=plans["rank"],
             marker=dict(symbol="star", size=15, color="#FFD700", line=dict(color="black", width=1)),
             hovertemplate="plan #%{customdata}: %{y:,.0f} tokens/s, %{x:.1f} GiB<extra></extra>"))
     # A trace, not add_vline: on a log axis a shape's x is log10 of the value.
-    fig.add_trace(go.Scatter(x=[memory_limit_gib] * 2, y=[0, 1.05 * cands["tokens_per_s"].max()], mode="lines",
+    fig.add_trace(go.Scattergl(x=[memory_limit_gib] * 2, y=[0, 1.05 * cands["tokens_per_s"].max()], mode="lines",
                              name=f"device memory {memory_limit_gib:g} GiB", line=dict(color="#E45756", dash="dash", width=2),
                              hoverinfo="skip"))
     fig.update_layout(**LAYOUT, height=540, title=_title(
@@ -91,12 +92,20 @@ def timeline_figure(view: TimelineView, title: str, x_max_s: float | None = None
     for col, (lo, hi) in enumerate(windows, 1):
         fig.update_xaxes(range=[lo, hi], title_text="time within one iteration (s)", row=1, col=col)
     devices = sorted(view.idle_pct)
-    fig.update_yaxes(tickvals=devices, ticktext=[f"device {d} · idle {max(0.0, view.idle_pct[d]):.0f}%" for d in devices],
-                     autorange="reversed", title_text="pipeline device", row=1, col=1)
+    fig.update_yaxes(tickvals=devices, ticktext=[f"{_device_label(d, view.stages[d])} · idle {max(0.0, view.idle_pct[d]):.0f}%"
+                                                 for d in devices],
+                     autorange="reversed", title_text="pipeline stage on each device", row=1, col=1)
     note = "white space is idle time (the pipeline bubble); sends run under each row"
     fig.update_layout(**LAYOUT, barmode="overlay", bargap=0, height=140 + 34 * max(3, len(devices)),
                       title=_title(title, "; ".join(x for x in (view.note, note) if x)))
     return fig
+
+
+def _device_label(device: int, stages: list[int]) -> str:
+    """'stage 3' when a device runs one stage; 'device 3: stages 3, 11, …' when interleaved."""
+    if stages == [device]:
+        return f"stage {device}"
+    return f"device {device}: stages {', '.join(map(str, stages[:2]))}{', …' if len(stages) > 2 else ''}"
 
 
 def breakdown_figure(df: pd.DataFrame, iteration_s: float) -> go.Figure:

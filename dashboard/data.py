@@ -190,6 +190,8 @@ class TimelineView:
     """End of the last compute op (the pipeline flush)."""
     idle_pct: dict
     """Per device drawn: share of the iteration it is idle (the bubble as that device sees it)."""
+    stages: dict
+    """Per device drawn: the (virtual) stages it runs, in order."""
     gap: tuple[float, float] | None
     """(start, end) of the steady-state stretch left out to stay under the event cap, or None."""
     note: str
@@ -211,6 +213,7 @@ def timeline_view(events, pp: int, max_devices: int = MAX_TIMELINE_DEVICES, max_
     iteration_s = float(compute["end_s"].max()) if len(compute) else 0.0
     busy = (compute["end_s"] - compute["start_s"]).groupby(compute["device"]).sum()
     idle_pct = {int(d): 100 * (1 - b / iteration_s) if iteration_s else 0.0 for d, b in busy.items()}
+    stages = {int(d): sorted(int(k) for k in g.unique()) for d, g in compute.groupby("device")["stage"]}
     gap = None
     if len(df) > max_events:
         half = max_events // 2
@@ -222,7 +225,7 @@ def timeline_view(events, pp: int, max_devices: int = MAX_TIMELINE_DEVICES, max_
             gap = (t_a, t_b)
             notes.append(f"warm-up and cool-down shown, {t_b - t_a:.3g} s of steady state between them left out "
                          f"({len(df):,} of {total:,} events)")
-    return TimelineView(df.reset_index(drop=True), iteration_s, idle_pct, gap, "; ".join(notes))
+    return TimelineView(df.reset_index(drop=True), iteration_s, idle_pct, stages, gap, "; ".join(notes))
 
 
 def predicted_timeline(plan: Plan, device: DeviceProfile) -> TimelineView:

@@ -70,7 +70,14 @@ def test_timeline_colours_each_op_and_labels_each_device_with_its_idle_share(fig
     fig = figures["timeline"]
     assert {t.name for t in fig.data} >= {"forward", "backward", "send"}
     assert {t.marker.color for t in fig.data} <= set(charts.OP_COLORS.values())
-    assert [t.startswith(f"device {d} · idle") for d, t in enumerate(fig.layout.yaxis.ticktext)] == [True, True]
+    assert list(fig.layout.yaxis.ticktext)[0].startswith("stage 0 · idle ")
+    assert list(fig.layout.yaxis.ticktext)[1].startswith("stage 1 · idle ")
+
+
+def test_interleaved_timeline_rows_name_the_device_and_its_stages():
+    sim = simulate("interleaved", 2, 4, 3, [1.0] * 6, [2.0] * 6)
+    fig = charts.timeline_figure(data.timeline_view(sim.timeline, 2), "interleaved")
+    assert list(fig.layout.yaxis.ticktext)[1].startswith("device 1: stages 1, 3, … · idle ")
 
 
 def test_timeline_with_a_left_out_steady_state_draws_two_windows_and_says_so():

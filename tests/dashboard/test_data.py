@@ -99,6 +99,7 @@ def test_idle_share_of_equal_1f1b_stages_is_the_bubble_fraction():
     view = data.timeline_view(sim.timeline, p)
     assert view.gap is None and view.note == ""
     assert len(view.events) == len(sim.timeline)
+    assert view.stages == {d: [d] for d in range(p)}
     # Narayanan et al. 2021, section 2.2.1: (p-1)/(m+p-1) of the iteration is bubble on every device.
     for d in range(p):
         assert view.idle_pct[d] == pytest.approx(100 * (p - 1) / (m + p - 1))
