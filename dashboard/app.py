@@ -73,7 +73,8 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict]:
     nodes = c1.number_input("Nodes", 1, 100_000, DEFAULT_NODES, key="nodes", bind=QP)
     gpus = c2.number_input("GPUs per node", 1, 1024, data.default_gpus_per_node(cluster_text), key="gpus_per_node", bind=QP)
     devices = data.device_names()
-    device = sb.selectbox("Device", devices, index=devices.index(data.parse_yaml(cluster_text, cluster_name)["device"]),
+    preset_device = data.parse_yaml(cluster_text, cluster_name)["device"]
+    device = sb.selectbox("Device", devices, index=devices.index(preset_device) if preset_device in devices else 0,
                           key="device", bind=QP)
     with sb.expander("Edit the cluster YAML (links)"):
         st.caption("Nodes, GPUs per node and device come from the pickers above.")
@@ -81,9 +82,9 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict]:
     batch = sb.number_input("Global batch (sequences)", 1, 10_000_000, DEFAULT_BATCH, key="global_batch", bind=QP)
 
     n = int(nodes) * int(gpus)
-    divisors = [str(d) for d in range(1, n + 1) if n % d == 0]
+    divisors = [str(d) for d in data.divisors(n)]
     options = {"tp": divisors, "pp": divisors, "dp": divisors,
-               "micro_batch": [str(d) for d in range(1, min(int(batch), 256) + 1) if batch % d == 0],
+               "micro_batch": [str(d) for d in data.divisors(int(batch)) if d <= 256],
                "schedule": ["1f1b", "gpipe", "interleaved"], "virtual_stages": ["2", "3", "4", "6", "8"],
                "recompute": ["none", "selective", "full"], "sequence_parallel": ["on", "off"], "distributed_optimizer": ["on", "off"]}
     choices = {}
@@ -99,7 +100,7 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict]:
     return model, cluster, int(batch), data.pins_from_choices(choices)
 
 
-def plans_tab(result, plans_df, cands_df, device: DeviceProfile) -> None:
+def plans_tab(plans_df, cands_df, device: DeviceProfile) -> None:
     st.subheader("Ranked plans")
     st.caption("Fastest first. Click a column header to sort.")
     first = ["rank", "tokens_per_s", "tflops_per_gpu", "mfu_pct", "peak_memory_gib", "fits", "iteration_s"]
@@ -234,11 +235,14 @@ def main() -> None:
             continue  # only the open tab is built
         with tab:
             if name == "Predicted vs measured":
-                validation_tab()
+                try:
+                    validation_tab()
+                except MeshplanError as e:  # e.g. a run on a device with no profile here
+                    st.error(f"Cannot compare these results with the planner: {e}")
             elif found is None:
                 st.info("Fix the inputs (see the message above) to see plans.")
             elif name == "Plans":
-                plans_tab(result, plans_df, cands_df, device)
+                plans_tab(plans_df, cands_df, device)
             else:
                 plan_tab(plan, device)
 

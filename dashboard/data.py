@@ -79,6 +79,12 @@ def default_gpus_per_node(cluster_text: str) -> int:
     return (os.cpu_count() or 1) if value == "auto" else int(value)
 
 
+def divisors(n: int) -> list[int]:
+    """Divisors of n in increasing order (the degrees and micro-batches a pin can take)."""
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
 def pins_from_choices(choices: dict[str, str]) -> dict:
     """Sidebar choices ('auto', '8', 'on', ...) to search pins; 'auto' leaves the knob to the search."""
     pins = {}

@@ -3,12 +3,14 @@ message a user needs in the page and never a traceback. Small models keep this q
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import data
+from tests.dashboard.runs import run_line, tiny_plan
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 TINY = dict(model="gpt-tiny", cluster="local-cpu", nodes="1", gpus_per_node="2", device="cpu", global_batch="16")
@@ -107,6 +109,15 @@ def test_with_results_files_shows_the_error_per_run_and_both_timelines(monkeypat
     assert len(at.warning) == 1 and "torn" in at.warning[0].value  # the bad line is reported, the rest still shown
     assert charts(at) == 4  # predicted vs measured, error per run, predicted and measured timelines
     assert len(at.dataframe[0].value) == 2
+
+
+def test_a_run_on_a_device_without_a_profile_is_an_error_in_the_page(monkeypatch, tmp_path):
+    line = run_line(tiny_plan(pp=1, dp=2, micro_batch=8), [1.0, 1.0], None)
+    line["plan"]["cluster"]["device"] = "tpu-v9"
+    (tmp_path / "tpu.jsonl").write_text(json.dumps(line) + "\n")
+    at = open_app(monkeypatch, tmp_path, **TINY, view="Predicted vs measured")
+    assert not at.exception
+    assert len(at.error) == 1 and "unknown device 'tpu-v9'" in at.error[0].value
 
 
 @pytest.mark.parametrize("view", ["Plans", "Selected plan", "Predicted vs measured"])

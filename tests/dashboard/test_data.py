@@ -42,6 +42,12 @@ def test_presets_and_devices_list_the_profiles():
     assert {"cpu", "a100-sxm4-80gb"} <= set(data.device_names())
 
 
+def test_divisors_are_every_divisor_in_order_even_for_a_huge_cluster():
+    assert data.divisors(1) == [1]
+    assert data.divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36]
+    assert data.divisors(100_000 * 1024)[-3:] == [25_600_000, 51_200_000, 102_400_000]
+
+
 def test_pins_from_choices_drops_auto_and_types_the_values():
     pins = data.pins_from_choices({"tp": "2", "pp": "auto", "schedule": "gpipe", "sequence_parallel": "on",
                                    "distributed_optimizer": "off", "virtual_stages": "4"})
