@@ -27,6 +27,14 @@ class Framework:
     """Bytes per gradient element in the data-parallel reduction."""
     dp_overlap: bool
     """Gradient reduction overlaps the last microbatch's backward (DDP/FSDP2 buckets)."""
+
+    def overlaps_dp(self, knobs: Knobs) -> bool:
+        """meshplan's runtime overlaps only where DDP (pure data parallelism) or FSDP2 reduce; with
+        TP or pipelining and no sharded optimizer it all-reduces by hand after the last backward
+        (runtime/parallel/data.py says why)."""
+        if self.name == "meshplan":
+            return knobs.distributed_optimizer or (knobs.tp == 1 and knobs.pp == 1)
+        return self.dp_overlap
     p2p_scatter_gather: bool
     """Narayanan et al. 2021, section 4.1: cross-node pipeline sends split over the t NICs of a node."""
     p2p_blocking: bool
@@ -222,7 +230,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
         mem.append(device_memory(model, device, t, knobs.dp, knobs.micro_batch, knobs.sequence_parallel,
                                  knobs.distributed_optimizer, params, peak_act, has_head, full))
         dp_s = dp_seconds(cluster, knobs, params, framework, device.dtype_bytes)
-        window = min(costs[k].backward_s for k in mine) if framework.dp_overlap else 0.0
+        window = min(costs[k].backward_s for k in mine) if framework.overlaps_dp(knobs) else 0.0
         dp_exposed.append(max(0.0, dp_s - window))
         opt.append(optimizer_step_s(device, params / (knobs.dp if knobs.distributed_optimizer else 1)))
         ends.append(finish[i] + dp_exposed[-1] + opt[-1])

@@ -172,7 +172,7 @@ class _Bounds:
         pipe = (m + (p - 1) / v) * dev_s + 2 * (p - 1) * p2p
         params = (model.layers * layer_param_count(model, t) + end_param_count(model, t, True, True)) / p
         dp_s = dp_seconds(self.cluster, k, params, self.fw, dev.dtype_bytes)
-        window = bw * model.layers / (p * v) if self.fw.dp_overlap else 0.0
+        window = bw * model.layers / (p * v) if self.fw.overlaps_dp(k) else 0.0
         opt = optimizer_step_s(dev, params / (d if k.distributed_optimizer else 1))
         iteration = pipe + max(0.0, dp_s - window) + opt
         reason = "" if fits else f"first pipeline device needs about {peak:.1f} GiB with an even split, {peak - dev.memory_gib:.1f} GiB over the {dev.memory_gib:g} GiB of a {dev.name}"
