@@ -94,7 +94,7 @@ def timeline_figure(view: TimelineView, title: str, x_max_s: float | None = None
     devices = sorted(view.idle_pct)
     fig.update_yaxes(tickvals=devices, ticktext=[f"{_device_label(d, view.stages[d])} · idle {max(0.0, view.idle_pct[d]):.0f}%"
                                                  for d in devices],
-                     autorange="reversed", title_text="pipeline stage on each device", row=1, col=1)
+                     autorange="reversed", row=1, col=1)
     note = "white space is idle time (the pipeline bubble); sends run under each row"
     fig.update_layout(**LAYOUT, barmode="overlay", bargap=0, height=140 + 34 * max(3, len(devices)),
                       title=_title(title, "; ".join(x for x in (view.note, note) if x)))

@@ -27,6 +27,8 @@ DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 # A Gantt chart stays legible (and quick in a browser) up to about this many rows and bars.
 MAX_TIMELINE_DEVICES = 16
 MAX_TIMELINE_EVENTS = 3000
+# Past about this many bars per row a bar is narrower than a pixel and whichever op is drawn last hides the rest.
+MAX_EVENTS_PER_DEVICE = 250
 COMPUTE_OPS = ("forward", "backward", "recompute")
 
 
@@ -204,10 +206,12 @@ class TimelineView:
     """What was left out, in words, for the figure's subtitle ('' when everything is drawn)."""
 
 
-def timeline_view(events, pp: int, max_devices: int = MAX_TIMELINE_DEVICES, max_events: int = MAX_TIMELINE_EVENTS) -> TimelineView:
-    """Cut a simulator timeline down to what a browser draws quickly: at most max_devices rows (evenly
-    spaced, first and last kept) and about max_events bars. When there are more, keep the warm-up and
-    the cool-down, where the bubbles are, and leave out the middle of the steady state."""
+def timeline_view(events, pp: int, max_devices: int = MAX_TIMELINE_DEVICES, max_events: int = MAX_TIMELINE_EVENTS,
+                  max_per_device: int = MAX_EVENTS_PER_DEVICE) -> TimelineView:
+    """Cut a simulator timeline down to what a browser draws quickly and legibly: at most max_devices rows
+    (evenly spaced, first and last kept) and about min(max_events, max_per_device x rows) bars. When there
+    are more, keep the warm-up and the cool-down, where the bubbles are, and leave out the middle of the
+    steady state."""
     df = pd.DataFrame.from_records([(e.device, e.stage, e.microbatch, e.op, e.start_s, e.end_s) for e in events],
                                    columns=["device", "stage", "microbatch", "op", "start_s", "end_s"])
     notes = []
@@ -221,8 +225,9 @@ def timeline_view(events, pp: int, max_devices: int = MAX_TIMELINE_DEVICES, max_
     idle_pct = {int(d): 100 * (1 - b / iteration_s) if iteration_s else 0.0 for d, b in busy.items()}
     stages = {int(d): sorted(int(k) for k in g.unique()) for d, g in compute.groupby("device")["stage"]}
     gap = None
-    if len(df) > max_events:
-        half = max_events // 2
+    cap = min(max_events, max_per_device * max(1, len(stages)))
+    if len(df) > cap:
+        half = cap // 2
         t_a = float(np.sort(df["start_s"].to_numpy())[half])
         t_b = float(np.sort(df["end_s"].to_numpy())[-half - 1])
         if t_a < t_b:

@@ -126,6 +126,13 @@ def test_a_huge_timeline_is_cut_to_16_devices_and_its_warmup_and_cooldown():
     assert "16 of 64 pipeline devices" in view.note and "steady state" in view.note
 
 
+def test_a_long_single_device_timeline_keeps_bars_wider_than_a_pixel():
+    sim = simulate("1f1b", 1, 512, 1, [1.0], [2.0], recompute_s=[1.0])
+    view = data.timeline_view(sim.timeline, 1)
+    assert len(view.events) <= data.MAX_EVENTS_PER_DEVICE and view.gap is not None
+    assert set(view.events["op"]) == {"forward", "recompute", "backward"}
+
+
 def test_measured_timeline_replays_the_measured_stage_times():
     plan = tiny_plan(pp=2, dp=1, micro_batch=1)
     timings = {"stage0": {"forward_s": 0.05, "backward_s": 0.1}, "stage1": {"forward_s": 0.05, "backward_s": 0.1}}
