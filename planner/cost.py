@@ -251,7 +251,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     peak = mem[peak_dev].total_gib
     fits = peak <= device.memory_gib
     reason = "" if fits else (f"pipeline device {peak_dev} (stages {', '.join(str(k) for k in range(p * v) if k % p == peak_dev)}) needs "
-                              f"{peak:.1f} GiB, {peak - device.memory_gib:.1f} GiB over the {device.memory_gib:g} GiB of a {device.name}")
+                              f"{peak:.1f} GiB, {peak - device.memory_gib:.1f} GiB over the {device.memory_gib:g} GiB of one {device.name}")
     recomputed = sum((s.layers[1] - s.layers[0]) if s.recompute == "full" and s.recompute_layers is None
                      else (s.recompute_layers or 0) if s.recompute == "full" else 0 for s in stages) / model.layers
     flops = model_flops(model, global_batch, recomputed)

@@ -165,6 +165,7 @@ class _Bounds:
             peak_full = (fixed + inflight_chunks * per_chunk_layers * a_full) / GIB
             if peak_full <= dev.memory_gib:
                 extra_rc, fits = (peak - dev.memory_gib) / (peak - peak_full) * f, True
+                peak = dev.memory_gib  # after recomputing just enough blocks, the device is full
         layer = f + bw + rc + extra_rc
         total = model.layers * layer + emb + head
         dev_s = max(total / p, layer + (head if p > 1 else emb + head))
@@ -175,7 +176,7 @@ class _Bounds:
         window = bw * model.layers / (p * v) if self.fw.overlaps_dp(k) else 0.0
         opt = optimizer_step_s(dev, params / (d if k.distributed_optimizer else 1))
         iteration = pipe + max(0.0, dp_s - window) + opt
-        reason = "" if fits else f"first pipeline device needs about {peak:.1f} GiB with an even split, {peak - dev.memory_gib:.1f} GiB over the {dev.memory_gib:g} GiB of a {dev.name}"
+        reason = "" if fits else f"first pipeline device needs about {peak:.1f} GiB with an even split, {peak - dev.memory_gib:.1f} GiB over the {dev.memory_gib:g} GiB of one {dev.name}"
         # No split can do better than the average device: its blocks' state, the mean in-flight
         # microbatches, with full recomputation where the ILP may add it.
         a_min = activation_bytes_per_layer(model, t, b, k.sequence_parallel, "full" if k.recompute == "none" else k.recompute, dev.fused_attention) * scale

@@ -91,8 +91,14 @@ def validate(paths: list[str]) -> dict:
         plan = group[0]["plan"]
         name = plan.cluster.device
         if name not in devices:
-            devices[name] = load_device(name)
+            try:
+                devices[name] = load_device(name)
+            except MeshplanError as e:
+                devices[name] = e
         device = devices[name]
+        if isinstance(device, MeshplanError):
+            skipped.extend(f"{g['where']}: its device {name!r} has no profile here ({device}); profile it or copy its profile" for g in group)
+            continue
         priced, _ = predict(plan.model, plan.cluster, device, plan.knobs, plan.global_batch, plan.stages)
         measured = [_measured_step_s(g["line"]) for g in group]
         med = statistics.median(measured)

@@ -143,3 +143,29 @@ def test_plan_file_of_unknown_version_is_refused(tmp_path):
 def test_validate_with_a_missing_results_file_says_so(tmp_path, capsys):
     code, _, err = run(capsys, "validate", str(tmp_path / "nope.jsonl"))
     assert code == 1
+
+
+def test_validate_skips_a_torn_line_and_a_plan_that_no_longer_parses_and_reports_the_rest(tmp_path, capsys):
+    import dataclasses
+
+    from planner.cost import predict
+    from planner.plan import Knobs, plan_to_dict
+    from planner.specs import load_cluster, load_device, load_model
+
+    cluster = load_cluster("local-cpu", gpus_per_node=2)
+    plan, _ = predict(load_model("gpt-tiny"), cluster, load_device("cpu"), Knobs(1, 1, 2, 4), 16)
+    good = {"plan_id": plan.id, "plan": plan_to_dict(plan), "device": "cpu (gloo)", "world_size": 2, "steps": 3,
+            "step_s": [2.0, 1.0, 1.1], "tokens_per_s": 16 * 128 / 1.05, "losses": [5.0, 4.9, 4.8],
+            "peak_memory_gib": [0.5, 0.5], "predicted": None, "started_at": "2026-11-24T00:00:00+00:00", "meshplan_version": "0.1.0"}
+    stale = json.loads(json.dumps(good))
+    stale["plan"]["version"] = 0
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(stale) + "\n" + json.dumps(good)[:40])
+    code, stdout, _ = run(capsys, "validate", str(path), "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert len(report["runs"]) == 1 and report["runs"][0]["repeats"] == 1
+    assert report["runs"][0]["measured_step_s"] == pytest.approx(1.05)
+    skipped = " | ".join(report["skipped"])
+    assert "r.jsonl:2 plan: version" in skipped and "no longer parses" in skipped
+    assert "line 3 is not valid JSON (torn last line" in skipped
