@@ -48,12 +48,13 @@ class ModelSpec:
         return 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
 
     def embedding_params(self, tp: int = 1) -> int:
-        """Token embedding (padded vocab, tied with the head as in GPT-2) and learned positions."""
+        """Token embedding (padded vocab) and learned positions."""
         return self.padded_vocab(tp) * self.hidden + self.seq_len * self.hidden
 
     def params(self) -> int:
-        """All parameters (tied embedding/head, final LayerNorm)."""
-        return self.layers * self.layer_params() + self.embedding_params() + 2 * self.hidden
+        """All parameters as meshplan's runtime holds them: an untied head (pipeline stages put the
+        embedding and the head on different devices) and the final LayerNorm."""
+        return self.layers * self.layer_params() + self.embedding_params() + self.padded_vocab(1) * self.hidden + 2 * self.hidden
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,13 @@ def load_cluster(arg: str, nodes: int | None = None, gpus_per_node: int | None =
             if v <= 0:
                 raise SpecError(f"--{key.replace('_', '-')}", key, f"must be positive, got {v}")
             data[key] = v
-    return cluster_from_dict(data, source)
+    cluster = cluster_from_dict(data, source)
+    # A measured profile of the cluster's device carries the links measured between its ranks (planner
+    # profile fits them to its collectives): they replace the spec's intra-node figures.
+    from planner.measured import intra_node_link
+
+    link = intra_node_link(cluster.device)
+    return dataclasses.replace(cluster, intra_node=link) if link else cluster
 
 
 def device_from_dict(data: dict, source: str) -> DeviceProfile:
