@@ -125,6 +125,8 @@ def _parsed(device: DeviceProfile) -> _Parsed:
     hit = _CACHE.get(id(device.measured))
     if hit is None or hit[0] is not device.measured:
         hit = (device.measured, check_measured(device.measured, f"device profile {device.name!r} (measured)"))
+        if len(_CACHE) >= 16:  # a long-lived process (the dashboard) loads profiles again and again
+            _CACHE.pop(next(iter(_CACHE)))
         _CACHE[id(device.measured)] = hit
     return hit[1]
 

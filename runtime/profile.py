@@ -23,10 +23,12 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import pickle
 import platform
 import resource
 import socket
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -65,7 +67,10 @@ class Shapes:
     pipelines: tuple[tuple[str, int, int], ...]
     """(schedule, micro_batch, num_microbatches) of the two-stage pipeline runs."""
     repeats: int
+    """Timed passes over the embedding/head and the collectives (more for the blocks, fewer for the rest)."""
     warmup: int
+    layer_repeats: int = 0
+    """Timed passes over the blocks (their DTensor timings are the noisiest and weigh the most); 0: repeats."""
 
 
 def _tps(shapes: Shapes, model: ModelSpec) -> tuple[int, ...]:
@@ -73,15 +78,15 @@ def _tps(shapes: Shapes, model: ModelSpec) -> tuple[int, ...]:
 
 
 def choose_shapes(device_type: str, world: int, quick: bool, models: tuple[str, ...] | None = None) -> Shapes:
-    specs = tuple(load_model(m) for m in (models or (CPU_MODELS if device_type == "cpu" else CUDA_MODELS)))
+    chosen = tuple(load_model(m) for m in (models or (CPU_MODELS if device_type == "cpu" else CUDA_MODELS)))
     cuda = device_type == "cuda"
     tps = tuple(t for t in (1, 2, 4, 8) if t <= world and world % t == 0)
     if quick:
-        return Shapes(specs, tps[:2], (1, 2), (1 << 12, 1 << 18, 1 << 22), (256, 512), (("1f1b", 1, 2),), repeats=2, warmup=1)
-    return Shapes(specs, tps, (1, 2, 4, 8) if cuda else (1, 2, 4, 8, 16, 32),
+        return Shapes(chosen, tps[:2], (1, 2), (1 << 12, 1 << 18, 1 << 22), (256, 512), (("1f1b", 1, 2),), repeats=2, warmup=1)
+    return Shapes(chosen, tps, (1, 2, 4, 8) if cuda else (1, 2, 4, 8, 16, 32),
                   tuple(1 << k for k in range(12, 27 if cuda else 25, 2)),
                   (1024, 2048, 4096, 8192) if cuda else (128, 256, 512, 1024),
-                  (("1f1b", 1, 8), ("1f1b", 4, 4), ("gpipe", 2, 4)), repeats=7 if cuda else 5, warmup=2)
+                  (("1f1b", 2, 8), ("gpipe", 4, 4)), repeats=5, warmup=2, layer_repeats=9)
 
 
 def device_name(device_type: str) -> str:
@@ -123,21 +128,23 @@ def main(device: str | None = None, out: str | None = None, quick: bool = False,
 # ---------------------------------------------------------------- ranks
 
 def _spawn(world: int, device_type: str, shapes: Shapes) -> tuple[dict, dict]:
+    """Run _rank_main on `world` fresh processes; rank 0 pickles the pooled samples into a file here."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1" if device_type == "cpu" else (old or "1")
     try:
-        mp.start_processes(_rank_main, args=(world, port, device_type, shapes, queue), nprocs=world, start_method="spawn")
+        with tempfile.TemporaryDirectory(prefix="meshplan-profile-") as tmp:
+            out = os.path.join(tmp, "samples.pkl")
+            mp.start_processes(_rank_main, args=(world, port, device_type, shapes, out), nprocs=world, start_method="spawn")
+            with open(out, "rb") as f:
+                return pickle.load(f)
     finally:
         if old is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = old
-    return queue.get()
 
 
 class _Bar:
@@ -170,7 +177,7 @@ Case = Callable[[], dict]
 """One measurement: runs once and returns {sample key: seconds}."""
 
 
-def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shapes, queue) -> None:
+def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shapes, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     cuda = device_type == "cuda"
@@ -183,14 +190,15 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
     facts = _facts(dev, world)
     facts["suite_s"] = {}
     clock = _Clock(dev)
+    few = max(2, shapes.repeats // 2)  # whole steps: long, and averaged over many microbatches already
     suites = [("GEMMs and memory", _gemm_cases(shapes, dev, clock), shapes.repeats, 1),
-              ("layers", _layer_cases(shapes, dev, clock, world), shapes.repeats, shapes.warmup),
+              ("layers", _layer_cases(shapes, dev, clock, world), shapes.layer_repeats or shapes.repeats, shapes.warmup),
               ("embedding and head", _end_cases(shapes, dev, clock, world), shapes.repeats, shapes.warmup),
               ("optimizer step", _optimizer_cases(shapes, dev, clock), shapes.repeats, 1)]
     if world > 1:
         suites.append(("collectives", _collective_cases(shapes, dev, clock, world), max(shapes.repeats, 5), 1))
-        suites.append(("pipeline", _pipeline_cases(shapes, dev, clock, world), shapes.repeats, 1))
-        suites.append(("FSDP2", _fsdp_cases(shapes, dev, clock, world), shapes.repeats, 1))
+        suites.append(("pipeline", _pipeline_cases(shapes, dev, clock, world), few, 1))
+        suites.append(("FSDP2", _fsdp_cases(shapes, dev, clock, world), few, 1))
     bar = _Bar(rank == 0, sum(len(c) * (r + w) for _, c, r, w in suites))
     samples: dict[tuple, list[float]] = defaultdict(list)
     try:
@@ -218,7 +226,8 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
         for part in everyone:
             for k, v in part.items():
                 merged[k].extend(v)
-        queue.put((dict(merged), facts))
+        with open(out, "wb") as f:
+            pickle.dump((dict(merged), facts), f)
     dist.destroy_process_group()
 
 
@@ -611,7 +620,7 @@ def build_profile(samples: dict[tuple, list[float]], facts: dict, shapes: Shapes
         "cpu_count": facts["cpu_count"], "world_size": facts["world_size"], "backend": facts["backend"],
         "threads_per_rank": facts["threads_per_rank"], "dtype": facts["dtype"], "python": facts["python"],
         "profile_s": facts["profile_s"], "suite_s": facts.get("suite_s", {}), "quick": facts["quick"],
-        "repeats": shapes.repeats, "warmup": shapes.warmup,
+        "repeats": shapes.repeats, "layer_repeats": shapes.layer_repeats or shapes.repeats, "warmup": shapes.warmup,
         "layers": layers, "ends": ends,
         "optimizer_s_per_param": r(statistics.median(opt_values) / opt_key[1]),
         "optimizer": {"params": opt_key[1], "step_s": r(statistics.median(opt_values)), "spread_pct": _spread_pct(opt_values)},
