@@ -60,6 +60,11 @@ def run_plan(path: Path, world: int, steps: int, results: Path, root: Path) -> f
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if r.returncode != 0:
+        # gloo on a loaded machine has aborted a rank at start-up now and then (SIGABRT before the
+        # first step); one retry, said out loud, keeps make run going. A run that fails twice stops it.
+        console.print(f"(torchrun exited {r.returncode}; retrying once)", end=" ")
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
         raise MeshplanError(f"torchrun failed for {path} (exit {r.returncode}):\n{tail}")
     return time.perf_counter() - t0

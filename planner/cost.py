@@ -125,6 +125,12 @@ def stage_costs(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, k
     # Korthikanti et al. 2022, section 4.2.2).
     ar = comm.all_reduce_s(act, t, link)
     layer_f, layer_b = lt.forward_s + 2 * ar, lt.backward_s + 2 * ar
+    # torch.distributed.pipelining's own work per microbatch and stage (measured by planner profile).
+    so_f, so_b = (0.0, 0.0)
+    if device.measured and knobs.pp > 1:
+        from planner.measured import stage_overhead_s
+
+        so_f, so_b = stage_overhead_s(device)
     out = []
     for s in stages:
         n = s.layers[1] - s.layers[0]
@@ -146,7 +152,7 @@ def stage_costs(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, k
             bw += et.head_backward_s + ar
             tpc += ar
         params = n * layer_param_count(model, t) + end_param_count(model, t, s.embedding, s.head)
-        out.append(StageCost(f, bw, rc, tpc, params, acts))
+        out.append(StageCost(f + so_f, bw + so_b, rc, tpc, params, acts))
     return out
 
 

@@ -169,6 +169,10 @@ class _Bounds:
         layer = f + bw + rc + extra_rc
         total = model.layers * layer + emb + head
         dev_s = max(total / p, layer + (head if p > 1 else emb + head))
+        if p > 1 and dev.measured:
+            from planner.measured import stage_overhead_s
+
+            dev_s += v * sum(stage_overhead_s(dev))  # pipelining's own work per microbatch and stage
         p2p = max(p2p_seconds(model, self.cluster, dev, dataclasses.replace(k, virtual_stages=1), self.fw)) if p > 1 else 0.0
         pipe = (m + (p - 1) / v) * dev_s + 2 * (p - 1) * p2p
         params = (model.layers * layer_param_count(model, t) + end_param_count(model, t, True, True)) / p
