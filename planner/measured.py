@@ -12,7 +12,11 @@ the repeats, with the spread beside it):
                head_forward_s, head_backward_s}]       # vocab: padded; tp > 1: with their collectives
     optimizer_s_per_param, collectives: [{op, ranks, bytes, median_s, min_s, max_s}],
     links: {collective, all_gather, reduce_scatter, send_recv: {bandwidth_GBps, latency_us}},
-    stage_overhead_s: {forward_s, backward_s}, gemm: [...], host facts (torch_version, date, ...).
+    stage_overhead_s: {forward_s, backward_s}    # torch.distributed.pipelining, per microbatch and stage
+    fsdp: {params, per_step_s_per_param, per_microbatch_s_per_param, ...}   # what FSDP2 adds to a step
+    pipeline: [...], optimizer: {...}, gemm: [...], copy_GBps, cpu_share, and host facts (device_name,
+    torch_version, date, cpu_count, world_size, backend, threads_per_rank, dtype, profile_s, suite_s).
+Only layers, ends, optimizer_s_per_param and links are required; the rest is optional.
 
 A shape is looked up by its tensor-parallel shard, (hidden, heads/tp, head dim, ffn/tp), and the tp
 degree; times are linear in the tokens of a microbatch between measured micro-batch sizes.

@@ -53,6 +53,10 @@ from planner.specs import ModelSpec, device_from_dict, load_model
 CPU_MODELS = ("gpt-tiny",)
 CUDA_MODELS = ("gpt3-125m", "gpt3-350m", "gpt3-1.3b")
 MAX_CPU_RANKS = 8
+BUSY_SHARE = 0.85
+"""Below this share of a core per CPU rank while it times a block, the profile is flagged as measured on a busy machine."""
+BUSY_OTHERS = 0.25
+"""Above this many cores used on average by processes other than the ranks, likewise."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ def choose_shapes(device_type: str, world: int, quick: bool, models: tuple[str, 
     return Shapes(chosen, tps, (1, 2, 4, 8) if cuda else (1, 2, 4, 8, 16, 32),
                   tuple(1 << k for k in range(12, 27 if cuda else 25, 2)),
                   (1024, 2048, 4096, 8192) if cuda else (128, 256, 512, 1024),
-                  (("1f1b", 2, 8), ("gpipe", 4, 4)), repeats=5, warmup=2, layer_repeats=9)
+                  (("1f1b", 1, 8), ("1f1b", 4, 4), ("gpipe", 2, 4)), repeats=5, warmup=2, layer_repeats=9)
 
 
 def device_name(device_type: str) -> str:
@@ -122,6 +126,11 @@ def main(device: str | None = None, out: str | None = None, quick: bool = False,
     check_measured(profile["measured"], str(path))
     atomic_write_json(path, profile)
     print(f"Wrote {path} ({facts['profile_s']:.0f} s). The planner uses it for device {name!r}.")
+    share, others = profile["measured"]["cpu_share"], profile["measured"]["background_cores"]
+    if share < BUSY_SHARE or (device_type == "cpu" and others > BUSY_OTHERS):
+        print(f"warning: other processes used {others:.1f} of this machine's {facts['cpu_count']} cores while it was profiled "
+              f"(the ranks got {100 * share:.0f}% of a core when computing alone), so these timings are likely too slow. "
+              f"Run `planner profile` again on an idle machine.")
     return 0
 
 
@@ -190,7 +199,7 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
     facts = _facts(dev, world)
     facts["suite_s"] = {}
     clock = _Clock(dev)
-    few = max(2, shapes.repeats // 2)  # whole steps: long, and averaged over many microbatches already
+    few = max(2, shapes.repeats - 2)  # whole steps: long, and averaged over many microbatches already
     suites = [("GEMMs and memory", _gemm_cases(shapes, dev, clock), shapes.repeats, 1),
               ("layers", _layer_cases(shapes, dev, clock, world), shapes.layer_repeats or shapes.repeats, shapes.warmup),
               ("embedding and head", _end_cases(shapes, dev, clock, world), shapes.repeats, shapes.warmup),
@@ -201,6 +210,7 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
         suites.append(("FSDP2", _fsdp_cases(shapes, dev, clock, world), few, 1))
     bar = _Bar(rank == 0, sum(len(c) * (r + w) for _, c, r, w in suites))
     samples: dict[tuple, list[float]] = defaultdict(list)
+    loop_s, cpu_s, busy_s = time.perf_counter(), time.process_time(), _machine_busy_s()
     try:
         for i, (label, cases, repeats, warmup) in enumerate(suites):
             suites[i] = None  # a finished suite's modules are freed (GPU memory for the big shapes)
@@ -219,6 +229,9 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
             del cases
     finally:
         bar.stop()
+    # What every process of this machine ran meanwhile, less what the ranks ran: other people's load.
+    samples[("rank_cpu_s",)].append(time.process_time() - cpu_s)
+    facts.update(loop_s=time.perf_counter() - loop_s, machine_busy_s=_machine_busy_s() - busy_s)
     everyone = [None] * world if rank == 0 else None
     dist.gather_object(dict(samples), everyone, dst=0)
     if rank == 0:
@@ -245,6 +258,17 @@ def _facts(dev: torch.device, world: int) -> dict:
             "cpu_count": os.cpu_count() or 1, "world_size": world, "backend": "nccl" if cuda else "gloo",
             "threads_per_rank": 1 if not cuda else torch.get_num_threads(), "dtype": "bf16" if cuda else "fp32",
             "memory_gib": round(memory, 2), "framework_overhead_gib": round(overhead, 3), "python": platform.python_version()}
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all processes of this machine have used since boot (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_model() -> str:
@@ -339,6 +363,7 @@ def _block_case(gpt: nn.Module, model: ModelSpec, tp: int, b: int, dev: torch.de
     def run() -> dict:
         if dtensor:
             dist.barrier()  # the collectives inside would otherwise time the other rank's lateness
+        cpu0 = time.process_time()
         t0 = clock()
         with clock.autocast:
             y = gpt(x)
@@ -348,12 +373,15 @@ def _block_case(gpt: nn.Module, model: ModelSpec, tp: int, b: int, dev: torch.de
         x.grad = None
         if dtensor:
             return {(*key, sp, "with_comm_forward_s"): t1 - t0, (*key, sp, "with_comm_backward_s"): t2 - t1}
+        # The share of a core this rank got while computing alone: about 1 on an idle machine, less when
+        # other processes took the cores (then every timing of this profile is too slow).
+        share = {} if dev.type == "cuda" else {("cpu_s",): time.process_time() - cpu0, ("wall_s",): t2 - t0}
         with clock.autocast:
             t3 = clock()
             F.scaled_dot_product_attention(q, q, q, is_causal=True)
             t4 = clock()
         return {(*key, False, "forward_s"): t1 - t0, (*key, False, "backward_s"): t2 - t1,
-                (*key, False, "selective_recompute_s"): t4 - t3}
+                (*key, False, "selective_recompute_s"): t4 - t3, **share}
     return run
 
 
@@ -621,6 +649,9 @@ def build_profile(samples: dict[tuple, list[float]], facts: dict, shapes: Shapes
         "threads_per_rank": facts["threads_per_rank"], "dtype": facts["dtype"], "python": facts["python"],
         "profile_s": facts["profile_s"], "suite_s": facts.get("suite_s", {}), "quick": facts["quick"],
         "repeats": shapes.repeats, "layer_repeats": shapes.layer_repeats or shapes.repeats, "warmup": shapes.warmup,
+        "cpu_share": round(sum(samples[("cpu_s",)]) / sum(samples[("wall_s",)]), 3) if ("cpu_s",) in samples else 1.0,
+        "background_cores": round(max(0.0, facts.get("machine_busy_s", 0.0) - sum(samples.get(("rank_cpu_s",), [])))
+                                  / facts["loop_s"], 2) if facts.get("loop_s") else 0.0,
         "layers": layers, "ends": ends,
         "optimizer_s_per_param": r(statistics.median(opt_values) / opt_key[1]),
         "optimizer": {"params": opt_key[1], "step_s": r(statistics.median(opt_values)), "spread_pct": _spread_pct(opt_values)},
