@@ -235,9 +235,16 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
         full = any(stages[k].recompute == "full" for k in mine)
         mem.append(device_memory(model, device, t, knobs.dp, knobs.micro_batch, knobs.sequence_parallel,
                                  knobs.distributed_optimizer, params, peak_act, has_head, full))
-        dp_s = dp_seconds(cluster, knobs, params, framework, device.dtype_bytes)
-        window = min(costs[k].backward_s for k in mine) if framework.overlaps_dp(knobs) else 0.0
-        dp_exposed.append(max(0.0, dp_s - window))
+        fsdp = (device.measured or {}).get("fsdp") if framework is MESHPLAN and knobs.distributed_optimizer and knobs.dp > 1 else None
+        if fsdp:
+            # Measured FSDP2 cost on this machine: per step, plus a re-gather per microbatch where the
+            # runtime reshards after forward (pp == 1); exposed, not overlapped.
+            per_mb = m if p == 1 else 1
+            dp_exposed.append(params * (fsdp["per_step_s_per_param"] + per_mb * fsdp["per_microbatch_s_per_param"]))
+        else:
+            dp_s = dp_seconds(cluster, knobs, params, framework, device.dtype_bytes)
+            window = min(costs[k].backward_s for k in mine) if framework.overlaps_dp(knobs) else 0.0
+            dp_exposed.append(max(0.0, dp_s - window))
         opt.append(optimizer_step_s(device, params / (knobs.dp if knobs.distributed_optimizer else 1)))
         ends.append(finish[i] + dp_exposed[-1] + opt[-1])
     crit = max(range(p), key=lambda i: ends[i])
