@@ -3,8 +3,6 @@ message a user needs in the page and never a traceback. Small models keep this q
 
 from __future__ import annotations
 
-import re
-
 import json
 from pathlib import Path
 
@@ -62,8 +60,7 @@ def test_a_plan_that_does_not_fit_is_a_warning_and_still_drawn(monkeypatch, tmp_
     at = open_app(monkeypatch, tmp_path, model="gpt3-1.3b", cluster="local-cpu", nodes="1", gpus_per_node="2",
                   device="cpu", global_batch="8", view="Selected plan")
     assert not at.exception and not at.error
-    # 8 GiB for the cpu datasheet, this machine's memory once `planner profile` has measured it.
-    assert len(at.warning) == 1 and re.search(r"No configuration fits in the [\d.]+ GiB of one cpu", at.warning[0].value)
+    assert len(at.warning) == 1 and "No configuration fits in the 8 GiB of one cpu" in at.warning[0].value
     assert "GiB over" in at.warning[0].value
     assert charts(at) == 3
 

@@ -9,7 +9,7 @@ import pytest
 from dashboard import charts, data
 from planner.schedule import simulate
 from planner.search import search
-from planner.specs import load_cluster, load_device, load_model
+from planner.specs import PROFILES_DIR, load_cluster, load_device, load_model
 from tests.dashboard.runs import tiny_plan
 
 UNIT = re.compile(r"\((s|GiB|tokens/s|%)[,)]|\(s, |\(GiB, ")
@@ -22,7 +22,7 @@ def _axis_titles(fig) -> list[str]:
 
 @pytest.fixture(scope="module")
 def figures():
-    model, cluster, device = load_model("gpt-tiny"), load_cluster("local-cpu", gpus_per_node=2), load_device("cpu")
+    model, cluster, device = load_model("gpt-tiny"), load_cluster("local-cpu", gpus_per_node=2), load_device(str(PROFILES_DIR / "devices" / "cpu.json"))
     result = search(model, cluster, device, 16, {})
     plan = tiny_plan(pp=2, dp=1, micro_batch=1)
     return {
@@ -60,7 +60,7 @@ def test_scatter_draws_the_memory_limit_at_the_device_memory(figures):
 
 
 def test_scatter_draws_every_candidate_once(figures):
-    model, cluster, device = load_model("gpt-tiny"), load_cluster("local-cpu", gpus_per_node=2), load_device("cpu")
+    model, cluster, device = load_model("gpt-tiny"), load_cluster("local-cpu", gpus_per_node=2), load_device(str(PROFILES_DIR / "devices" / "cpu.json"))
     n = len(search(model, cluster, device, 16, {}).candidates)
     points = sum(len(t.x) for t in figures["scatter"].data if t.legendgroup and t.name.startswith("tp "))
     assert points == n
