@@ -224,17 +224,11 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     sim0 = schedule.simulate(knobs.schedule, p, m, v, fwd, bwd, p2p_s=0.0, recompute_s=rc, with_timeline=False) if any(p2p) and exact_pp_comm else sim
     finish = list(sim.finish_s)
 
-    order = schedule.stage_order(knobs.schedule, p, m, v)
-    mem: list[MemoryBreakdown] = []
+    mem = _device_memories(model, device, knobs, stages, costs, m)
     ends, dp_exposed, opt = [], [], []
     for i in range(p):
         mine = [k for k in range(p * v) if _device_of_stage(k, p) == i]
         params = sum(costs[k].params for k in mine)
-        peak_act = _peak_inflight_bytes(order[i], {k: costs[k].activation_bytes for k in mine})
-        has_head = any(stages[k].head for k in mine)
-        full = any(stages[k].recompute == "full" for k in mine)
-        mem.append(device_memory(model, device, t, knobs.dp, knobs.micro_batch, knobs.sequence_parallel,
-                                 knobs.distributed_optimizer, params, peak_act, has_head, full))
         fsdp = (device.measured or {}).get("fsdp") if framework is MESHPLAN and knobs.distributed_optimizer and knobs.dp > 1 else None
         if fsdp:
             # Measured FSDP2 cost on this machine: per step, plus a re-gather per microbatch where the
@@ -282,16 +276,22 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
 
 def memory_by_device(plan: Plan, device: DeviceProfile) -> list[MemoryBreakdown]:
     """Memory breakdown of each pipeline device of a priced plan (for the dashboard)."""
-    knobs = plan.knobs
-    costs = stage_costs(plan.model, plan.cluster, device, knobs, plan.stages)
-    order = schedule.stage_order(plan.schedule, plan.pp, plan.num_microbatches, plan.virtual_stages)
+    costs = stage_costs(plan.model, plan.cluster, device, plan.knobs, plan.stages)
+    return _device_memories(plan.model, device, plan.knobs, plan.stages, costs, plan.num_microbatches)
+
+
+def _device_memories(model: ModelSpec, device: DeviceProfile, knobs: Knobs, stages: tuple[Stage, ...],
+                     costs: list[StageCost], m: int) -> list[MemoryBreakdown]:
+    """Each pipeline device's memory: its stages' state, and their activations at the peak of its op order."""
+    p = knobs.pp
+    order = schedule.stage_order(knobs.schedule, p, m, knobs.virtual_stages)
     out = []
-    for i in range(plan.pp):
-        mine = [k for k in range(len(plan.stages)) if k % plan.pp == i]
-        out.append(device_memory(plan.model, device, plan.tp, plan.dp, plan.micro_batch, plan.sequence_parallel,
-                                 plan.distributed_optimizer, sum(costs[k].params for k in mine),
+    for i in range(p):
+        mine = [k for k in range(len(stages)) if _device_of_stage(k, p) == i]
+        out.append(device_memory(model, device, knobs.tp, knobs.dp, knobs.micro_batch, knobs.sequence_parallel,
+                                 knobs.distributed_optimizer, sum(costs[k].params for k in mine),
                                  _peak_inflight_bytes(order[i], {k: costs[k].activation_bytes for k in mine}),
-                                 any(plan.stages[k].head for k in mine), any(plan.stages[k].recompute == "full" for k in mine)))
+                                 any(stages[k].head for k in mine), any(stages[k].recompute == "full" for k in mine)))
     return out
 
 
