@@ -24,6 +24,7 @@ from planner.plan import Plan  # noqa: E402
 from planner.report import schedule_label, torchrun_command  # noqa: E402
 from planner.search import search  # noqa: E402
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, load_device  # noqa: E402
+from planner.terms import DEFAULT_MEMORY_HEADROOM_GIB  # noqa: E402
 
 DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_NODES, DEFAULT_BATCH = "gpt-39.1b", "dgx-a100-80gb", 8, 512
 TABS = ["Plans", "Selected plan", "Predicted vs measured"]
@@ -31,11 +32,11 @@ QP = "query-params"
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def cached_search(model: ModelSpec, cluster: ClusterSpec, global_batch: int, pins: tuple):
+def cached_search(model: ModelSpec, cluster: ClusterSpec, global_batch: int, pins: tuple, headroom_gib: float):
     """The search and its tables, once per input set (the objects are frozen; nobody mutates the frames)."""
     device = load_device(cluster.device)
-    result = search(model, cluster, device, global_batch, dict(pins))
-    return result, data.plans_frame(result.plans), data.candidates_frame(result.candidates, device.memory_gib)
+    result = search(model, cluster, device, global_batch, dict(pins), memory_headroom_gib=headroom_gib)
+    return result, data.plans_frame(result.plans), data.candidates_frame(result.candidates)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
@@ -56,7 +57,7 @@ def reset_cluster_fields() -> None:
     st.session_state["device"] = data.parse_yaml(text, "preset")["device"]
 
 
-def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict]:
+def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float]:
     """The pickers. Raises MeshplanError (or UnicodeDecodeError for an upload) on bad input."""
     sb = st.sidebar
     sb.header("Inputs")
@@ -80,6 +81,10 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict]:
         st.caption("Nodes, GPUs per node and device come from the pickers above.")
         cluster_text = st.text_area("Cluster YAML", cluster_text, height=190, key=f"cluster_yaml_{cluster_name}")
     batch = sb.number_input("Global batch (sequences)", 1, 10_000_000, DEFAULT_BATCH, key="global_batch", bind=QP)
+    headroom = sb.number_input("Memory headroom per device (GiB)", 0.0, 1024.0, DEFAULT_MEMORY_HEADROOM_GIB, step=0.5,
+                               key="memory_headroom", bind=QP,
+                               help="Kept free beyond the predicted peak (allocator fragmentation, communication buffers); "
+                                    f"default {DEFAULT_MEMORY_HEADROOM_GIB:g} GiB, as `planner plan --memory-headroom`.")
 
     n = int(nodes) * int(gpus)
     divisors = [str(d) for d in data.divisors(n)]
@@ -97,10 +102,10 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict]:
     model_text = upload.getvalue().decode("utf-8") if upload is not None else text
     model = data.model_from_yaml(model_text, upload.name if upload is not None else "model YAML")
     cluster = data.cluster_from_yaml(cluster_text, int(nodes), int(gpus), device)
-    return model, cluster, int(batch), data.pins_from_choices(choices)
+    return model, cluster, int(batch), data.pins_from_choices(choices), float(headroom)
 
 
-def plans_tab(plans_df, cands_df, device: DeviceProfile) -> None:
+def plans_tab(plans_df, cands_df, usable_gib: float) -> None:
     st.subheader("Ranked plans")
     st.caption("Fastest first. Click a column header to sort.")
     first = ["rank", "tokens_per_s", "tflops_per_gpu", "mfu_pct", "peak_memory_gib", "fits", "iteration_s"]
@@ -117,16 +122,16 @@ def plans_tab(plans_df, cands_df, device: DeviceProfile) -> None:
         "fits": "fits", "reason": "why it does not fit"})
     color_by = st.segmented_control("Colour the configurations by", ["schedule", "tp", "pp", "micro_batch", "recompute"],
                                     default="schedule", key="color_by") or "schedule"
-    st.plotly_chart(charts.plans_scatter(cands_df, plans_df, device.memory_gib, color_by), key="scatter")
+    st.plotly_chart(charts.plans_scatter(cands_df, plans_df, usable_gib, color_by), key="scatter")
 
 
-def plan_tab(plan: Plan, device: DeviceProfile) -> None:
+def plan_tab(plan: Plan, device: DeviceProfile, usable_gib: float) -> None:
     view = cached_timeline(plan, device)
     st.plotly_chart(charts.timeline_figure(view, f"Pipeline timeline of one iteration ({schedule_label(plan)}, "
                                                  f"{plan.num_microbatches} microbatches, predicted)"), key="timeline")
     left, right = st.columns(2)
     left.plotly_chart(charts.breakdown_figure(data.breakdown_frame(plan), plan.prediction.iteration_s), key="breakdown")
-    right.plotly_chart(charts.memory_figure(data.memory_frame(plan, device), device.memory_gib), key="memory")
+    right.plotly_chart(charts.memory_figure(data.memory_frame(plan, device), usable_gib), key="memory")
     st.subheader("Layers of each stage")
     st.dataframe(data.stages_frame(plan).drop(columns=["first_layer", "end_layer"]), hide_index=True, column_config={
         "layers": "layers (inclusive)", "recomputed_blocks": "recomputed blocks",
@@ -197,10 +202,11 @@ def main() -> None:
     st.title("meshplan: parallel plans for training a GPT")
     found = None
     try:
-        model, cluster, batch, pins = sidebar()
+        model, cluster, batch, pins, headroom = sidebar()
         device = load_device(cluster.device)
+        usable = device.memory_gib - headroom
         with st.spinner(f"Searching plans for {model.name} on {cluster.gpus:,} × {cluster.device}..."):
-            found = cached_search(model, cluster, batch, tuple(sorted(pins.items())))
+            found = cached_search(model, cluster, batch, tuple(sorted(pins.items())), headroom)
     except MeshplanError as e:
         st.error(f"Cannot plan with these inputs: {e}")
     except UnicodeDecodeError:
@@ -210,10 +216,13 @@ def main() -> None:
         result, plans_df, cands_df = found
         best = result.plans[0]
         st.caption(f"{model.name} on {cluster.gpus:,} × {device.label} ({cluster.nodes} node{'s' if cluster.nodes > 1 else ''} × {cluster.gpus_per_node}), "
-                   f"global batch {batch}: searched {result.searched:,} configurations in {result.search_s:.2f} s"
+                   f"global batch {batch}: searched {result.searched:,} configurations in {result.search_s:.2f} s "
+                   f"(every one bounded, {result.split:,} layer splits solved, {result.priced:,} priced: the ranking is exact "
+                   f"under the model); {headroom:g} GiB of headroom per device"
                    + (f"; pinned {', '.join(f'{k}={v}' for k, v in pins.items())}" if pins else ""))
         if not best.prediction.fits:
-            st.warning(f"No configuration fits in the {device.memory_gib:g} GiB of one {device.name}. Below are the closest ones. "
+            st.warning(f"No configuration fits in the {usable:g} GiB usable on one {device.name} ({device.memory_gib:g} GiB less "
+                       f"{headroom:g} GiB headroom). Below are the closest ones. "
                        f"Best: {best.prediction.reason}. Try more nodes, a smaller micro-batch, recomputation or a "
                        f"distributed optimizer.")
         pick = st.selectbox("Plan to inspect", range(len(result.plans)), key="plan_rank", format_func=lambda i: (
@@ -227,7 +236,7 @@ def main() -> None:
         cols[1].metric("Iteration (s)", f"{pr.iteration_s:.3g}")
         cols[2].metric("TFLOP/s per GPU", f"{pr.tflops_per_gpu:.1f}")
         cols[3].metric("MFU", f"{100 * pr.mfu:.1f}%")
-        cols[4].metric(f"Peak memory (GiB of {device.memory_gib:g})", f"{pr.peak_memory_gib:.1f}")
+        cols[4].metric(f"Peak memory (GiB of {usable:g} usable)", f"{pr.peak_memory_gib:.1f}")
 
     tabs = st.tabs(TABS, key="view", bind=QP)
     for tab, name in zip(tabs, TABS):
@@ -242,9 +251,9 @@ def main() -> None:
             elif found is None:
                 st.info("Fix the inputs (see the message above) to see plans.")
             elif name == "Plans":
-                plans_tab(plans_df, cands_df, device)
+                plans_tab(plans_df, cands_df, usable)
             else:
-                plan_tab(plan, device)
+                plan_tab(plan, device, usable)
 
 
 main()

@@ -16,7 +16,9 @@ PART_COLORS = {"compute": "#4C78A8", "TP communication": "#72B7B2", "PP send/rec
                "DP gradient reduction": "#EECA3B", "pipeline bubble": "#BAB0AC", "optimizer step": "#F58518",
                "weights": "#4C78A8", "gradients": "#72B7B2", "optimizer state": "#F58518",
                "activations": "#E45756", "framework overhead": "#BAB0AC"}
-SCATTER_SYMBOLS = {"fits": "circle", "fits with recomputation": "x-thin-open", "does not fit": "circle-open"}
+SCATTER_SYMBOLS = {"fits": "circle", "bound only": "diamond-open", "does not fit": "x-thin-open"}
+LEVEL_HOVER = {"priced": "priced by the simulator", "split": "layer split solved: at most this fast",
+               "bound": "bound only: at most this fast, at least this much memory"}
 CATEGORY_COLORS = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#EECA3B", "#FF9DA6", "#9D755D"]
 LAYOUT = dict(template="plotly_white", font=dict(size=13), margin=dict(l=10, r=10, t=80, b=10))
 
@@ -28,7 +30,7 @@ def _title(text: str, note: str = "") -> dict:
 def plans_scatter(cands: pd.DataFrame, plans: pd.DataFrame, memory_limit_gib: float, color_by: str = "schedule") -> go.Figure:
     """Every evaluated configuration: predicted tokens/s against peak memory per GPU, coloured by a knob,
     shaped by whether it fits (data.candidates_frame's memory_status); stars are the ranked plans and the
-    dashed line is the device's memory."""
+    dashed line is the memory a plan may use (the device's less the headroom)."""
     fig = go.Figure()
     # One trace per (colour, memory status, exact) so the hover text is one short string per point: an
     # 11k-point scatter stays well under a megabyte for the browser.
@@ -36,8 +38,8 @@ def plans_scatter(cands: pd.DataFrame, plans: pd.DataFrame, memory_limit_gib: fl
         color = CATEGORY_COLORS[i % len(CATEGORY_COLORS)]
         statuses = [st for st in SCATTER_SYMBOLS if (group["memory_status"] == st).any()]  # filled marker first in the legend
         for j, status in enumerate(statuses):
-            for exact, sub in group[group["memory_status"] == status].groupby("exact"):
-                how = "priced exactly (ILP + simulator)" if exact else "closed-form estimate"
+            for (exact, level), sub in group[group["memory_status"] == status].groupby(["exact", "level"]):
+                how = LEVEL_HOVER[level]
                 fig.add_trace(go.Scattergl(
                     x=sub["peak_memory_gib"].round(2), y=sub["tokens_per_s"].round(0), mode="markers", text=sub["knobs"],
                     hovertemplate=f"tp×pp×dp %{{text}}<br>%{{y:,.0f}} tokens/s · %{{x:.1f}} GiB<br>{status} · {how}<extra></extra>",
@@ -53,12 +55,13 @@ def plans_scatter(cands: pd.DataFrame, plans: pd.DataFrame, memory_limit_gib: fl
             hovertemplate="plan #%{customdata}: %{y:,.0f} tokens/s, %{x:.1f} GiB<extra></extra>"))
     # A trace, not add_vline: on a log axis a shape's x is log10 of the value.
     fig.add_trace(go.Scattergl(x=[memory_limit_gib] * 2, y=[0, 1.05 * cands["tokens_per_s"].max()], mode="lines",
-                             name=f"device memory {memory_limit_gib:g} GiB", line=dict(color="#E45756", dash="dash", width=2),
+                             name=f"usable memory {memory_limit_gib:g} GiB", line=dict(color="#E45756", dash="dash", width=2),
                              hoverinfo="skip"))
     fig.update_layout(**LAYOUT, height=540, title=_title(
         f"All {len(cands):,} evaluated configurations: throughput against memory",
-        "● fits · ✕ fits once the planner recomputes some blocks (memory shown before that) · ○ does not fit<br>"
-        "outlined: finalists priced exactly (ILP + simulator); the rest are closed-form estimates; hover for the knobs"))
+        "● fits (layer split solved) · ◇ bound only: it cannot beat the ranked plans, so the search went no further "
+        "(at most this fast, at least this much memory) · ✕ does not fit<br>"
+        "outlined: priced by the simulator; hover for the knobs"))
     fig.update_layout(margin=dict(t=100))
     fig.update_xaxes(title_text="peak memory per GPU (GiB, log scale)", type="log")
     fig.update_yaxes(title_text="predicted throughput (tokens/s)", rangemode="tozero")
@@ -122,7 +125,7 @@ def breakdown_figure(df: pd.DataFrame, iteration_s: float) -> go.Figure:
 
 
 def memory_figure(df: pd.DataFrame, capacity_gib: float) -> go.Figure:
-    """Stacked memory per pipeline device against the device's capacity."""
+    """Stacked memory per pipeline device against the memory a plan may use (the device's less the headroom)."""
     fig = go.Figure()
     labels = [f"dev {d}" for d in df["device"].unique()]
     for part in df["part"].unique():
@@ -131,7 +134,7 @@ def memory_figure(df: pd.DataFrame, capacity_gib: float) -> go.Figure:
                              customdata=sub[["stages"]].to_numpy(),
                              hovertemplate=f"{part}: %{{y:.2f}} GiB<br>stages %{{customdata[0]}}<extra></extra>"))
     fig.add_hline(y=capacity_gib, line=dict(color="#E45756", dash="dash", width=2),
-                  annotation_text=f"device memory {capacity_gib:g} GiB", annotation_position="top left",
+                  annotation_text=f"usable memory {capacity_gib:g} GiB", annotation_position="top left",
                   annotation_font_color="#E45756")
     totals = df.groupby("device")["gib"].sum()
     fig.update_layout(**LAYOUT, barmode="stack", height=380, title=_title(

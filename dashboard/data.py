@@ -122,23 +122,23 @@ def recompute_label(plan: Plan) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed: " + "/".join(sorted(kinds))
 
 
-def candidates_frame(candidates, memory_gib: float) -> pd.DataFrame:
-    """Every configuration the search evaluated (closed-form estimate, or exact for the finalists).
+def candidates_frame(candidates) -> pd.DataFrame:
+    """Every configuration the search enumerated, with how far it got (level: 'bound', 'split', 'priced').
 
-    knobs: one line for hover text. memory_status: 'fits', 'does not fit', or 'fits with recomputation' for an
-    estimate that fits only once the ILP recomputes some blocks: its peak_memory_gib is the peak before that."""
+    knobs: one line for hover text. memory_status: 'fits', 'does not fit', or 'bound only' for a configuration
+    whose lower bound already lost to the ranked plans: its tokens/s is an upper bound and its memory the least
+    any layer split needs, and the search never solved its split."""
     rows = [(c.knobs.tp, c.knobs.pp, c.knobs.dp, c.knobs.micro_batch, c.knobs.schedule, c.knobs.virtual_stages,
              c.knobs.recompute, c.knobs.sequence_parallel, c.knobs.distributed_optimizer, c.iteration_s, c.tokens_per_s,
-             c.tflops_per_gpu, c.peak_memory_gib, c.fits, c.exact) for c in candidates]
+             c.tflops_per_gpu, c.peak_memory_gib, c.fits, c.level, c.exact) for c in candidates]
     df = pd.DataFrame(rows, columns=["tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute",
                                      "sequence_parallel", "distributed_optimizer", "iteration_s", "tokens_per_s",
-                                     "tflops_per_gpu", "peak_memory_gib", "fits", "exact"])
+                                     "tflops_per_gpu", "peak_memory_gib", "fits", "level", "exact"])
     interleaved = pd.Series(np.where(df["schedule"] == "interleaved", " v=" + df["virtual_stages"].astype(str), ""), index=df.index)
     df["knobs"] = (df["tp"].astype(str) + "×" + df["pp"].astype(str) + "×" + df["dp"].astype(str) + " · micro-batch "
                    + df["micro_batch"].astype(str) + " · " + df["schedule"] + interleaved + " · recompute " + df["recompute"]
                    + np.where(df["sequence_parallel"], " · SP", "") + np.where(df["distributed_optimizer"], " · dist-opt", ""))
-    df["memory_status"] = np.where(~df["fits"], "does not fit",
-                                   np.where(df["peak_memory_gib"] > memory_gib, "fits with recomputation", "fits"))
+    df["memory_status"] = np.where(~df["fits"], "does not fit", np.where(df["level"] == "bound", "bound only", "fits"))
     return df
 
 

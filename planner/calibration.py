@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.cost import FRAMEWORKS, MEGATRON, predict
+from planner.cost import FRAMEWORKS, MEGATRON, CostModel, predict
 from planner.plan import Knobs, Plan
 from planner.search import search
 from planner.specs import PROFILES_DIR, load_cluster, load_device, model_from_dict
@@ -119,7 +119,7 @@ def plan_quality(rows: list[CalibrationRow]) -> list[QualityRow]:
                 continue
             trial = dataclasses.replace(bk, **{f: getattr(pk, f) for f in fields})
             try:
-                alt = price(pub.model, pub.cluster, device, trial, pub.global_batch, framework)
+                alt = price(CostModel(pub.model, pub.cluster, device, framework), trial, pub.global_batch)
             except (MeshplanError, ValueError):
                 gains[name] = "invalid with the other knobs"
                 continue

@@ -9,6 +9,7 @@ import json
 import sys
 
 from planner.errors import MeshplanError
+from planner.terms import DEFAULT_MEMORY_HEADROOM_GIB
 
 KNOB_FLAGS = ("tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel", "distributed_optimizer")
 
@@ -33,7 +34,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--framework", choices=("meshplan", "megatron", "deepspeed"), default="meshplan",
                    help="software that runs the plan: meshplan's runtime (default), Megatron-LM as in Narayanan et al. 2021, "
                         "or DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022 (for comparing with published runs)")
+    p.add_argument("--memory-headroom", type=_non_negative_float, default=None, metavar="GIB",
+                   help=f"memory every device keeps free beyond the predicted peak (default {DEFAULT_MEMORY_HEADROOM_GIB:g} GiB: "
+                        "allocator fragmentation and communication buffers the model does not count)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return v
+
+
+def _headroom(args) -> float:
+    from planner.terms import DEFAULT_MEMORY_HEADROOM_GIB
+
+    return DEFAULT_MEMORY_HEADROOM_GIB if args.memory_headroom is None else args.memory_headroom
 
 
 def _add_knobs(p: argparse.ArgumentParser, required: bool) -> None:
@@ -54,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_knobs(p, required=False)
     p.add_argument("--top", type=_positive_int, default=5, help="plans to show (default 5)")
+    p.add_argument("--time-limit", type=_non_negative_float, default=None, metavar="SECONDS",
+                   help="stop the search after this long and say how far from proven the answer is "
+                        "(default: none; the search runs until its best plans are proven the fastest under the model)")
     p.add_argument("--out", default=None, help="write the best plan here (plan.json format)")
     p = sub.add_parser("predict", help="price one configuration")
     _add_common(p)
@@ -89,14 +112,17 @@ def cmd_plan(args) -> int:
     from planner.search import search
 
     model, cluster, device = _specs(args)
-    result = search(model, cluster, device, args.global_batch, _pins(args), top=args.top, framework=FRAMEWORKS[args.framework])
+    result = search(model, cluster, device, args.global_batch, _pins(args), top=args.top, framework=FRAMEWORKS[args.framework],
+                    memory_headroom_gib=_headroom(args), time_limit_s=args.time_limit)
     best = result.plans[0] if result.plans else None
     fits = best is not None and best.prediction.fits
     if args.out and fits:
         write_plan(args.out, best)
     if args.json:
         print(json.dumps({"plans": [plan_to_dict(p) for p in result.plans], "searched": result.searched,
-                          "search_s": round(result.search_s, 3)}, indent=1))
+                          "bounded": result.bounded, "split": result.split, "priced": result.priced,
+                          "complete": result.complete, "gap_pct": round(result.gap_pct, 3),
+                          "memory_headroom_gib": _headroom(args), "search_s": round(result.search_s, 3)}, indent=1))
     else:
         print_plans(result, out=args.out if fits else None)
     if not fits:
@@ -113,7 +139,8 @@ def cmd_predict(args) -> int:
     model, cluster, device = _specs(args)
     knobs = Knobs(args.tp, args.pp, args.dp, args.micro_batch, args.schedule or ("interleaved" if (args.virtual_stages or 1) > 1 else "1f1b"),
                   args.virtual_stages or 1, args.recompute or "none", bool(args.sequence_parallel), bool(args.distributed_optimizer))
-    plan, _ = predict(model, cluster, device, knobs, args.global_batch, framework=FRAMEWORKS[args.framework])
+    plan, _ = predict(model, cluster, device, knobs, args.global_batch, framework=FRAMEWORKS[args.framework],
+                      memory_headroom_gib=_headroom(args))
     if args.out:
         write_plan(args.out, plan)
     if args.json:

@@ -1,44 +1,71 @@
-"""The layer-to-device integer program (PuLP, CBC).
+"""The layer split: how many blocks each pipeline device holds, and how many of them recompute fully.
 
-Transformer blocks are identical, so the unknowns are counts, not assignments: n_i blocks on
-pipeline device i and r_i of them fully recomputed. Minimise the slowest device's time per
-microbatch subject to every device's memory. One binary per (layer, stage) did not finish in 30 s
-for 96 layers on 8 stages; counts solve in milliseconds (design.md). With interleaving, a device's
-blocks are then dealt evenly over its v virtual stages (split_chunks)."""
+Transformer blocks are identical, so the unknowns are counts, not assignments: n_i blocks on pipeline device i
+and r_i of them fully recomputed. The integer program: minimise T, the slowest device's seconds per microbatch,
+subject to sum(n_i) = L, n_i >= min_layers, 0 <= r_i <= n_i and every device's memory within its capacity. One
+binary per (layer, stage) did not finish in 30 s for 96 layers on 8 stages; counts solve in milliseconds
+(design.md). With interleaving a device's blocks are then dealt evenly over its v virtual stages (split_chunks).
+
+Two solvers of the same program:
+- `solve_split`, used by the planner: exact and direct. The program is separable: device i can hold n blocks
+  within T exactly when t_i(n) <= T, where t_i(n) is its time for n blocks with the fewest recomputed blocks that
+  fit, nondecreasing in n. So the optimum is T* = max(max_i t_i(min_layers), the L-th smallest of all t_i(n)),
+  and any n_i <= cap_i(T*) summing to L is optimal. Written by hand because the search solves it hundreds of
+  times per plan: CBC through PuLP costs 10-70 ms a call (a process start and a model file), this 0.1 ms.
+- `assign_layers_cbc`, the PuLP/CBC formulation of the same program; tests/planner/test_ilp.py holds the direct
+  solver to CBC's optimum on randomised instances.
+"""
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 
-import pulp
+import numpy as np
+
+from planner import schedule
+
+TIME_TOLERANCE = 1e-9
+"""Relative slack when comparing a device's time with T* (sums in another order differ in the last bits)."""
 
 
 @dataclass(frozen=True)
 class DeviceTerms:
-    """Linear coefficients of one pipeline device, per microbatch."""
+    """Linear coefficients of one pipeline device, per microbatch (from planner.terms.Terms)."""
 
     fixed_s: float
-    """Time that does not depend on the block count (embedding, head)."""
+    """Time that does not depend on the block count (embedding, head, pipelining's per-stage work,
+    blocking sends)."""
     layer_s: float
     """Forward + backward of one block (with the knob's recomputation policy)."""
     recompute_s: float
-    """Extra time of one block switched to full recomputation."""
+    """Extra time of one block switched to full recomputation (0 where the knob allows none)."""
     inflight: float
-    """Microbatches whose activations the device holds at its peak, per block (averaged over its
-    virtual stages when it has several)."""
+    """Microbatches whose activations the device holds at its peak, per block (the mean over its virtual stages
+    of each stage's peak when it has several)."""
     layer_act_bytes: float
     """Activations of one block per in-flight microbatch under the knob's policy."""
     full_act_bytes: float
     """The same for a fully recomputed block."""
     fixed_bytes: float
-    """Bytes independent of the block count (embedding/head state and activations, working sets)."""
+    """Bytes independent of the block count (embedding/head state and activations, framework overhead)."""
     layer_state_bytes: float
     """Weights + grads + optimizer state of one block."""
+    transient_bytes: float = 0.0
+    """The head's logits while the loss runs (last device), or, under full recomputation, the re-run block's
+    working set: whichever is larger, held at one moment."""
+    working_bytes: float = 0.0
+    """What a fully recomputed block holds while it re-runs, where recomputing is the split's choice (r_i > 0);
+    the device then holds max(transient_bytes, working_bytes)."""
 
     def memory_bytes(self, n: float, r: float) -> float:
-        return (self.fixed_bytes + self.layer_state_bytes * n
+        transient = max(self.transient_bytes, self.working_bytes) if r > 0 else self.transient_bytes
+        return (self.fixed_bytes + transient + self.layer_state_bytes * n
                 + self.inflight * (self.layer_act_bytes * n - (self.layer_act_bytes - self.full_act_bytes) * r))
+
+    def time_s(self, n: float, r: float) -> float:
+        return self.fixed_s + self.layer_s * n + self.recompute_s * r
 
 
 @dataclass(frozen=True)
@@ -51,88 +78,135 @@ class Assignment:
     """The slowest device's time per microbatch."""
 
 
-def assign_layers(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float, allow_recompute: bool,
-                  min_layers: int = 1, time_limit_s: float = 5.0) -> Assignment | None:
-    """Optimal blocks (and recomputed blocks) per device; None when nothing fits."""
+@lru_cache(maxsize=256)
+def inflight_by_stage(sched: str, p: int, m: int, v: int) -> tuple[float, ...]:
+    """Most microbatches of each (global) stage alive at once on its device (forward done, backward not)."""
+    out = [0.0] * (p * v)
+    for i, vecs in enumerate(schedule.inflight_vectors(sched, p, m, v)):
+        for c in range(v):
+            out[c * p + i] = float(vecs[:, c].max())
+    return tuple(out)
+
+
+def device_terms(tm, knobs, m: int, model, stage_fixed_s: list[float]) -> list[DeviceTerms]:
+    """The program's coefficients for each pipeline device, read from the cost terms `tm` (planner.terms.Terms)
+    of `knobs`; stage_fixed_s[k] is stage k's block-independent seconds per microbatch (forward + backward)."""
+    p, v = knobs.pp, knobs.virtual_stages
+    inflight = inflight_by_stage(knobs.schedule, p, m, v)
+    allow = knobs.recompute == "none"
+    sb = tm.state_bytes_per_param
+    out = []
+    for i in range(p):
+        first, last = i == 0, i == p - 1
+        fixed_b = tm.overhead_bytes + tm.end_params(model, knobs.tp, first, last) * sb
+        if first:
+            fixed_b += inflight[0] * tm.embedding_activation_bytes
+        transient = tm.head_transient_bytes if last else 0.0
+        if knobs.recompute == "full":
+            transient = max(transient, tm.recompute_working_bytes)
+        out.append(DeviceTerms(
+            fixed_s=sum(stage_fixed_s[c * p + i] for c in range(v)),
+            layer_s=tm.layer_forward_s + tm.layer_backward_s + tm.layer_recompute_s,
+            recompute_s=tm.full_recompute_s if allow else 0.0,
+            inflight=sum(inflight[c * p + i] for c in range(v)) / v,
+            layer_act_bytes=tm.layer_activation_bytes, full_act_bytes=tm.full_activation_bytes if allow else tm.layer_activation_bytes,
+            fixed_bytes=fixed_b, layer_state_bytes=tm.layer_params * sb, transient_bytes=transient,
+            working_bytes=tm.recompute_working_bytes if allow else 0.0))
+    return out
+
+
+def _device_times(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float, allow_recompute: bool) -> tuple[np.ndarray, np.ndarray]:
+    """t[i, n-1]: device i's time holding n blocks with the fewest recomputed blocks that fit (inf: none fits);
+    r[i, n-1]: that fewest number. All devices at once: (devices, blocks) arrays."""
+    n = np.arange(1, n_layers + 1, dtype=float)[None, :]
+    col = lambda name: np.array([getattr(t, name) for t in terms], dtype=float)[:, None]  # noqa: E731
+    fixed_b, transient, state = col("fixed_bytes"), col("transient_bytes"), col("layer_state_bytes")
+    inflight, act, full = col("inflight"), col("layer_act_bytes"), col("full_act_bytes")
+    cap = capacity_bytes * (1 + 1e-9)
+    base = fixed_b + transient + (state + inflight * act) * n
+    ok0 = base <= cap
+    feasible, r = ok0, np.zeros_like(base)
+    saving = inflight * (act - full)
+    if allow_recompute:
+        # With r > 0 the re-run block's working set joins: r >= (memory(n, 0) + extra - capacity) / saving.
+        extra = np.maximum(transient, col("working_bytes")) - transient
+        with np.errstate(divide="ignore", invalid="ignore"):
+            need = np.maximum(1.0, np.ceil((base + extra - cap) / saving - 1e-9))
+        ok_r = ~ok0 & (saving > 0) & (need <= n)
+        r = np.where(ok_r, need, 0.0)
+        feasible = ok0 | ok_r
+    # Nondecreasing in n: more blocks need more memory, so never fewer recomputed blocks; and once even
+    # recomputing every block does not fit, more blocks do not fit either (each adds at least as many
+    # bytes as recomputing one saves). So cap_i(T) = #{n: t_i(n) <= T} is a prefix.
+    T = np.where(feasible, col("fixed_s") + col("layer_s") * n + col("recompute_s") * r, np.inf)
+    return T, r
+
+
+def solve_split(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float, allow_recompute: bool,
+                min_layers: int = 1) -> Assignment | None:
+    """The program's optimum (see the module docstring); None when no split fits. Of the optimal splits it
+    takes the one that gives each device its full capacity at T* from the first device on and trims the
+    excess from the last devices: the later a device, the less its blocks delay the others in a pipeline."""
     P = len(terms)
-    lower = lower_bound_s(n_layers, terms, capacity_bytes, allow_recompute, min_layers)
-    if lower is None:
+    if P * min_layers > n_layers:
         return None
+    T, R = _device_times(n_layers, terms, capacity_bytes, allow_recompute)
+    finite = T[np.isfinite(T)]
+    if finite.size < n_layers:
+        return None
+    t_star = max(float(np.max(T[:, min_layers - 1])), float(np.partition(finite, n_layers - 1)[n_layers - 1]))
+    if not np.isfinite(t_star):
+        return None
+    caps = (T <= t_star * (1 + TIME_TOLERANCE)).sum(axis=1)
+    layers = [int(c) for c in caps]
+    excess = sum(layers) - n_layers
+    for i in range(P - 1, -1, -1):
+        take = min(excess, layers[i] - min_layers)
+        layers[i] -= take
+        excess -= take
+    recomputed = tuple(int(R[i, n - 1]) for i, n in enumerate(layers))
+    slowest = max(t.time_s(n, r) for t, n, r in zip(terms, layers, recomputed))
+    return Assignment(tuple(layers), recomputed, slowest)
+
+
+def optimum_s(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float, allow_recompute: bool,
+              min_layers: int = 1) -> float | None:
+    """T*, the smallest per-microbatch time of the slowest device over every split that fits; None if none fits."""
+    a = solve_split(n_layers, terms, capacity_bytes, allow_recompute, min_layers)
+    return None if a is None else a.slowest_s
+
+
+def assign_layers_cbc(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float, allow_recompute: bool,
+                      min_layers: int = 1, time_limit_s: float = 30.0) -> Assignment | None:
+    """The same program as an integer program for CBC (through PuLP): the reference solve_split is held to.
+    A binary z_i per device says whether it recomputes (r_i > 0), which adds the re-run block's working set."""
+    import pulp
+
+    P = len(terms)
     prob = pulp.LpProblem("layer_split", pulp.LpMinimize)
     n = [prob.add_variable(f"n{i}", lowBound=min_layers, upBound=n_layers, cat="Integer") for i in range(P)]
     r = [prob.add_variable(f"r{i}", lowBound=0, upBound=n_layers if allow_recompute else 0, cat="Integer") for i in range(P)]
+    z = [prob.add_variable(f"z{i}", lowBound=0, upBound=1, cat="Integer") for i in range(P)]
     T = prob.add_variable("T", lowBound=0)
     prob += T
     prob += pulp.lpSum(n) == n_layers
-    # lower_bound_s is this program's optimum: stating it spares CBC the proof by branching that
-    # costs seconds on 64 near-identical devices (it stops at the first solution that meets it).
-    prob += T >= lower * (1 - 1e-6)
     g = capacity_bytes  # memory rows as fractions of capacity: byte-sized coefficients upset CBC
     for i, t in enumerate(terms):
         prob += r[i] <= n[i]
+        prob += r[i] <= n_layers * z[i]
         prob += t.fixed_s + t.layer_s * n[i] + t.recompute_s * r[i] <= T
-        prob += (t.fixed_bytes / g + t.layer_state_bytes / g * n[i]
-                 + t.inflight / g * (t.layer_act_bytes * n[i] - (t.layer_act_bytes - t.full_act_bytes) * r[i])) <= capacity_bytes / g
+        extra = max(t.transient_bytes, t.working_bytes) - t.transient_bytes
+        prob += ((t.fixed_bytes + t.transient_bytes) / g + extra / g * z[i] + t.layer_state_bytes / g * n[i]
+                 + t.inflight / g * (t.layer_act_bytes * n[i] - (t.layer_act_bytes - t.full_act_bytes) * r[i])) <= 1
     with warnings.catch_warnings():
         # PuLP 3 warns that its bundled CBC goes away in PuLP 4; pyproject pins pulp<4.
         warnings.simplefilter("ignore", DeprecationWarning)
-        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=1e-3)
-    status = prob.solve(solver)
+        status = prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0))
     if pulp.LpStatus[status] != "Optimal" or T.value() is None:
         return None
     layers = tuple(int(round(x.value())) for x in n)
-    # Recompute no more than memory forces: the fewest recomputed blocks that fit, per device
-    # (fewer never costs time, so T stays optimal). Cheaper than a tie-break term in the objective.
-    recomputed = tuple(next((k for k in range(int(round(x.value())) + 1) if t.memory_bytes(nl, k) <= capacity_bytes * (1 + 1e-6)),
-                            int(round(x.value()))) for x, t, nl in zip(r, terms, layers))
-    return Assignment(layers, recomputed, float(T.value()))
-
-
-def _max_layers(t: DeviceTerms, budget_s: float, capacity_bytes: float, n_layers: int, allow_recompute: bool) -> int:
-    """Most blocks device t can hold within budget_s per microbatch and capacity_bytes, recomputing as
-    many as the time allows (recomputation only ever lowers memory). Holding n blocks is feasible for
-    a prefix of n (more blocks: more time, less room to recompute, more memory): bisect it."""
-
-    def ok(n: int) -> bool:
-        spare = budget_s - t.fixed_s - t.layer_s * n
-        if spare < -1e-12 * budget_s:
-            return False
-        if not allow_recompute:
-            r = 0
-        elif t.recompute_s > 0:
-            r = min(n, int(max(spare, 0.0) / t.recompute_s + 1e-9))
-        else:
-            r = n
-        return t.memory_bytes(n, r) <= capacity_bytes
-
-    lo, hi = 0, n_layers  # ok(lo) holds (or lo == 0); find the largest ok n
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def lower_bound_s(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float, allow_recompute: bool,
-                  min_layers: int = 1) -> float | None:
-    """Smallest per-microbatch time at which the devices can hold all blocks (bisection). Devices are
-    independent but for the block total, so this is the program's optimum (to 1e-7). None when no
-    time is enough: the model does not fit."""
-    hi = max(t.fixed_s for t in terms) + max(t.layer_s + t.recompute_s for t in terms) * n_layers
-
-    def feasible(T: float) -> bool:
-        caps = [_max_layers(t, T, capacity_bytes, n_layers, allow_recompute) for t in terms]
-        return min(caps) >= min_layers and sum(caps) >= n_layers
-
-    if not feasible(hi):
-        return None
-    lo = 0.0
-    while hi - lo > 1e-7 * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if feasible(mid) else (mid, hi)
-    return hi
+    recomputed = tuple(int(round(x.value())) for x in r)
+    return Assignment(layers, recomputed, max(t.time_s(a, b) for t, a, b in zip(terms, layers, recomputed)))
 
 
 def split_chunks(n: int, r: int, v: int) -> list[tuple[int, int]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.specs import DeviceProfile, ModelSpec
+from planner.specs import ModelSpec
 
 GIB = 1024**3
 
@@ -91,20 +91,17 @@ def head_transient_bytes(model: ModelSpec, tp: int, b: int) -> float:
     return 2 * 4 * model.seq_len * b * model.padded_vocab(tp) / tp
 
 
-def device_memory(model: ModelSpec, device: DeviceProfile, tp: int, dp: int, b: int, sequence_parallel: bool,
-                  distributed_optimizer: bool, params: float, activation_bytes: float, has_head: bool,
-                  full_recompute: bool) -> MemoryBreakdown:
-    """One pipeline device: `params` on it, `activation_bytes` its peak in-flight activations (2-byte
-    basis, from the schedule), plus the transient working set of the head and of a recomputed block."""
-    w, g, o = state_bytes_per_param(device.dtype_bytes, distributed_optimizer, dp)
-    scale = device.dtype_bytes / 2
-    transient = head_transient_bytes(model, tp, b) if has_head else 0.0
+def device_memory(terms, params: float, activation_bytes: float, has_head: bool, full_recompute: bool) -> MemoryBreakdown:
+    """One pipeline device from its cost terms (planner.terms.Terms): `params` on it, `activation_bytes` its
+    peak in-flight activations (from the schedule's op order), plus the transient working set of the head and,
+    where any of its blocks recomputes fully, of the block being re-run (whichever is larger)."""
+    transient = terms.head_transient_bytes if has_head else 0.0
     if full_recompute:
-        transient = max(transient, full_layer_activation_bytes(model, tp, b, sequence_parallel, device.fused_attention) * scale)
+        transient = max(transient, terms.recompute_working_bytes)
     return MemoryBreakdown(
-        weights_gib=params * w / GIB,
-        grads_gib=params * g / GIB,
-        optimizer_gib=params * o / GIB,
-        activations_gib=(activation_bytes * scale + transient) / GIB,
-        overhead_gib=device.framework_overhead_gib,
+        weights_gib=params * terms.weight_bytes / GIB,
+        grads_gib=params * terms.grad_bytes / GIB,
+        optimizer_gib=params * terms.optimizer_bytes / GIB,
+        activations_gib=(activation_bytes + transient) / GIB,
+        overhead_gib=terms.overhead_bytes / GIB,
     )

@@ -83,8 +83,12 @@ def print_plans(result, out: str | None) -> None:
     c = best.cluster
     ph = result.phases_s
     console.print(f"{best.model.name} on {c.gpus} x {c.device} ({c.nodes} nodes x {c.gpus_per_node}), global batch {best.global_batch}: "
-                  f"searched {result.searched:,} configurations in {result.search_s:.2f} s "
-                  f"(bounds {ph['enumerate_and_bound']:.2f} s, ILP {ph['ilp']:.2f} s, simulation {ph['simulate']:.2f} s); profile: {best.profile}")
+                  f"searched {result.searched:,} configurations in {result.search_s:.2f} s: every one bounded, "
+                  f"{result.split:,} layer splits solved, {result.priced:,} priced by simulation "
+                  f"(bounds {ph['bound']:.2f} s, splits {ph['split']:.2f} s, simulation {ph['simulate']:.2f} s); profile: {best.profile}")
+    if not result.complete:
+        console.print(f"[yellow]The time limit stopped the search before its ranking was proven: the best plan may be up to "
+                      f"{result.gap_pct:.1f}% faster than the one shown.[/yellow]")
     fitting = [p for p in plans if p.prediction.fits]
     console.print(plans_table(plans, "Ranked plans (fastest first)" if fitting else "No plan fits; the closest configurations"))
     if not fitting:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+
+import numpy as np
 from collections.abc import Sequence
 
 # Same spelling and members as planner.plan.SCHEDULES (kept local so plan.py may import this module).
@@ -59,13 +61,13 @@ def schedule_constraint(schedule: str, pp: int, num_microbatches: int, virtual_s
     return None
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=256)
 def stage_order(schedule: str, pp: int, num_microbatches: int, virtual_stages: int = 1) -> list[list[Op]]:
     """The compute ops of each pipeline device (rank 0..pp-1), in the order that device runs them."""
     return [[Op(*op) for op in ops] for ops in _order(schedule, pp, num_microbatches, virtual_stages)]
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=256)
 def _order(schedule: str, pp: int, m: int, v: int) -> list[list[tuple[str, int, int]]]:
     # Cached: the search prices many candidates with the same (schedule, pp, m, v); callers only read it.
     # (kind, microbatch, stage) tuples: the simulator reads these without building 65k Op objects.
@@ -125,6 +127,61 @@ def _interleaved_ops(rank: int, pp: int, m: int, v: int) -> list[tuple[str, int,
         else:
             backward(step)
     return ops
+
+
+@lru_cache(maxsize=256)
+def inflight_vectors(schedule: str, pp: int, num_microbatches: int, virtual_stages: int = 1) -> tuple[np.ndarray, ...]:
+    """Per device: the microbatches alive on each of its chunks (forward done, backward not), as counts per
+    local chunk (one row each), at the moments right after a forward (the only moments a peak can occur),
+    dominated rows dropped. A device's activation peak for any bytes per chunk is the largest dot product with
+    one of these rows: exact for every layer split, at a cost independent of the number of microbatches."""
+    reason = schedule_constraint(schedule, pp, num_microbatches, virtual_stages)
+    if reason is not None:
+        raise ValueError(reason)
+    m, v = num_microbatches, virtual_stages
+    if schedule == "gpipe":
+        return tuple(np.array([[m]]) for _ in range(pp))  # every forward before any backward
+    if schedule == "1f1b":
+        return tuple(np.array([[min(m, pp - i)]]) for i in range(pp))  # the warm-up forwards, then 1B1F
+    per_round = m // max(1, m // pp)
+    out = []
+    for rank in range(pp):
+        # The counts _interleaved_ops produces, without building it: warm-up forwards, then steady steps of one
+        # forward (chunk a(s)) and one backward (chunk b(s)). a and b are periodic in s with period
+        # per_round * v, over which each chunk gains and loses per_round: the states repeat, so one period
+        # of steady steps holds every distinct state. Every steady state holds warmup + 1 in all, so none
+        # dominates another; the warm-up states are dominated by the first steady one.
+        warmup = min((v - 1) * per_round + 2 * (pp - 1 - rank), m * v)
+        steady = m * v - warmup
+        cur = [0] * v
+        for s in range(warmup):
+            cur[(s // per_round) % v] += 1
+        seen = {tuple(cur)} if steady == 0 else set()
+        for s in range(warmup, warmup + min(steady, per_round * v)):
+            cur[(s // per_round) % v] += 1
+            seen.add(tuple(cur))
+            cur[v - 1 - ((s - warmup) // per_round) % v] -= 1
+        out.append(np.array(sorted(seen)))
+    return tuple(out)
+
+
+def peak_inflight(vectors: np.ndarray, bytes_by_chunk) -> float:
+    """The largest sum of alive activations over a device's op order (see inflight_vectors)."""
+    return float((vectors @ np.asarray(bytes_by_chunk, dtype=float)).max())
+
+
+def alive_at_peak(schedule: str, pp: int, num_microbatches: int, virtual_stages: int, rank: int) -> int:
+    """Most chunk-microbatches alive at once on device `rank`, in closed form from the orders above: GPipe all
+    m; 1F1B its min(m, pp - rank) warm-up forwards; interleaved its warm-up forwards plus the first steady
+    forward (tests/planner/test_schedule.py checks this against the op orders)."""
+    m, v = num_microbatches, virtual_stages
+    if schedule == "gpipe":
+        return m
+    if schedule == "1f1b":
+        return min(m, pp - rank)
+    per_round = m // max(1, m // pp)
+    warmup = min((v - 1) * per_round + 2 * (pp - 1 - rank), m * v)
+    return warmup + 1 if warmup < m * v else warmup
 
 
 def bubble_fraction(schedule: str, pp: int, num_microbatches: int, virtual_stages: int = 1) -> float:

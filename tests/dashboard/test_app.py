@@ -60,7 +60,7 @@ def test_a_plan_that_does_not_fit_is_a_warning_and_still_drawn(monkeypatch, tmp_
     at = open_app(monkeypatch, tmp_path, model="gpt3-1.3b", cluster="local-cpu", nodes="1", gpus_per_node="2",
                   device="cpu", global_batch="8", view="Selected plan")
     assert not at.exception and not at.error
-    assert len(at.warning) == 1 and "No configuration fits in the 8 GiB of one cpu" in at.warning[0].value
+    assert len(at.warning) == 1 and "No configuration fits in the 6 GiB usable on one cpu (8 GiB less 2 GiB headroom)" in at.warning[0].value
     assert "GiB over" in at.warning[0].value
     assert charts(at) == 3
 
@@ -125,3 +125,10 @@ def test_every_tab_renders_for_a_pipelined_plan(monkeypatch, results_dir, view):
     at = open_app(monkeypatch, results_dir, **TINY, pp="2", view=view)
     assert not at.exception and not at.error
     assert charts(at) >= 1
+
+
+def test_the_memory_headroom_is_an_input_and_decides_what_fits(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, model="gpt3-1.3b", cluster="local-cpu", nodes="1", gpus_per_node="2",
+                  device="cpu", global_batch="8", memory_headroom="0")
+    assert not at.exception and "0 GiB of headroom" in at.caption[0].value
+    assert "No configuration fits in the 8 GiB usable" in at.warning[0].value

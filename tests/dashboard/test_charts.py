@@ -26,7 +26,7 @@ def figures():
     result = search(model, cluster, device, 16, {})
     plan = tiny_plan(pp=2, dp=1, micro_batch=1)
     return {
-        "scatter": charts.plans_scatter(data.candidates_frame(result.candidates, device.memory_gib),
+        "scatter": charts.plans_scatter(data.candidates_frame(result.candidates),
                                         data.plans_frame(result.plans), device.memory_gib, "tp"),
         "timeline": charts.timeline_figure(data.predicted_timeline(plan, device), "Pipeline timeline"),
         "breakdown": charts.breakdown_figure(data.breakdown_frame(plan), plan.prediction.iteration_s),
@@ -53,9 +53,9 @@ def test_validation_figures_have_units_and_the_y_equals_x_line(results_dir):
     assert "%" in err.layout.yaxis.title.text
 
 
-def test_scatter_draws_the_memory_limit_at_the_device_memory(figures):
-    limit = next(t for t in figures["scatter"].data if t.name.startswith("device memory"))
-    assert list(limit.x) == [8.0, 8.0]  # the cpu profile's memory_gib
+def test_scatter_draws_the_memory_limit_at_the_usable_memory(figures):
+    limit = next(t for t in figures["scatter"].data if t.name.startswith("usable memory"))
+    assert list(limit.x) == [8.0, 8.0]  # the memory the fixture passes
     assert figures["scatter"].layout.xaxis.type == "log"
 
 

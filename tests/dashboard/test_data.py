@@ -64,12 +64,13 @@ def test_plans_frame_lists_the_ranked_plans_best_first():
     assert (df["tp"] * df["pp"] * df["dp"] == 2).all()
 
 
-def test_candidates_marked_fitting_beyond_the_memory_limit_are_the_ones_that_need_recomputation():
+def test_candidates_say_how_far_the_search_took_them():
     k = Knobs(1, 2, 1, 1)
-    cands = [Candidate(k, 1.0, 10.0, 1.0, 70.0, True, "", True), Candidate(k, 1.0, 10.0, 1.0, 95.0, True, "", False),
-             Candidate(k, 1.0, 10.0, 1.0, 95.0, False, "over", False)]
-    df = data.candidates_frame(cands, memory_gib=80.0)
-    assert list(df["memory_status"]) == ["fits", "fits with recomputation", "does not fit"]
+    cands = [Candidate(k, 1.0, 10.0, 1.0, 70.0, True, "", "priced"), Candidate(k, 1.0, 10.0, 1.0, 60.0, True, "", "split"),
+             Candidate(k, 2.0, 5.0, 0.5, 30.0, True, "", "bound"), Candidate(k, 1.0, 10.0, 1.0, 95.0, False, "over", "split")]
+    df = data.candidates_frame(cands)
+    assert list(df["memory_status"]) == ["fits", "fits", "bound only", "does not fit"]
+    assert list(df["exact"]) == [True, False, False, False]
 
 
 def test_breakdown_parts_add_up_to_the_iteration():

@@ -39,6 +39,7 @@ def test_plan_json_lists_ranked_plans_and_out_writes_a_loadable_plan(tmp_path, c
     assert code == 0
     d = json.loads(stdout)
     assert d["searched"] > 10 and d["search_s"] > 0
+    assert d["bounded"] == d["searched"] >= d["split"] >= d["priced"] >= 1 and d["complete"] and d["gap_pct"] == 0
     times = [p["prediction"]["iteration_s"] for p in d["plans"]]
     assert times == sorted(times)
     plan = load_plan(out)
@@ -169,3 +170,30 @@ def test_validate_skips_a_torn_line_and_a_plan_that_no_longer_parses_and_reports
     skipped = " | ".join(report["skipped"])
     assert "r.jsonl:2 plan: version" in skipped and "no longer parses" in skipped
     assert "line 3 is not valid JSON (torn last line" in skipped
+
+
+def test_memory_headroom_decides_what_fits_and_its_default_is_in_the_help(capsys):
+    args = ("predict", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb", "--nodes", "64", "--global-batch", "1536",
+            "--tp", "8", "--pp", "8", "--dp", "8", "--micro-batch", "1", "--recompute", "selective", "--sequence-parallel", "--json")
+    peak = json.loads(run(capsys, *args)[1])["peak_memory_gib"]
+    below, above = 80 - peak - 0.5, 80 - peak + 0.5
+    assert json.loads(run(capsys, *args, "--memory-headroom", f"{below:.2f}")[1])["fits"]
+    tight = json.loads(run(capsys, *args, "--memory-headroom", f"{above:.2f}")[1])
+    assert not tight["fits"] and "headroom" in tight["reason"]
+    code, err = run_argparse(capsys, "plan", *TINY, "--memory-headroom", "-1")
+    assert code == 2 and "--memory-headroom" in err
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    assert "default 2 GiB" in capsys.readouterr().out
+
+
+def test_a_search_cut_short_says_how_much_faster_the_best_plan_may_be(capsys):
+    from planner.report import print_plans
+    from planner.search import search
+    from planner.specs import load_cluster, load_device, load_model
+
+    r = search(load_model("gpt-tiny"), load_cluster("local-cpu", gpus_per_node=2), load_device("cpu"), 16, top=3)
+    import dataclasses
+
+    print_plans(dataclasses.replace(r, complete=False, gap_pct=12.34), out=None)
+    assert "may be up to 12.3% faster" in capsys.readouterr().out

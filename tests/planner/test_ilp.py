@@ -1,58 +1,92 @@
-"""The layer-split ILP: optimal against brute force, uneven where that pays, recomputing only what memory forces."""
+"""The layer split: the direct solver reaches the integer program's optimum (brute force, and CBC on random
+instances), splits unevenly where that pays, and recomputes only what memory forces."""
 
 import itertools
+import random
 
 import pytest
 
-from planner.ilp import DeviceTerms, assign_layers, lower_bound_s, split_chunks
+from planner.ilp import DeviceTerms, assign_layers_cbc, optimum_s, solve_split, split_chunks
 
 
-def terms(p, fixed_first=0.0, fixed_last=0.0, layer_s=1.0, recompute_s=0.3, act=1.0, full_act=0.1, state=1.0):
-    return [DeviceTerms(fixed_first * (i == 0) + fixed_last * (i == p - 1), layer_s, recompute_s, p - i, act, full_act, 0.0, state)
-            for i in range(p)]
+def terms(p, fixed_first=0.0, fixed_last=0.0, layer_s=1.0, recompute_s=0.3, act=1.0, full_act=0.1, state=1.0, working=0.0):
+    return [DeviceTerms(fixed_first * (i == 0) + fixed_last * (i == p - 1), layer_s, recompute_s, p - i, act, full_act, 0.0, state,
+                        working_bytes=working) for i in range(p)]
 
 
-def brute_force(n_layers, ts, cap, allow):
+def brute_force(n_layers, ts, cap, allow, min_layers=1):
     best = None
-    for ns in itertools.product(range(1, n_layers + 1), repeat=len(ts)):
+    for ns in itertools.product(range(min_layers, n_layers + 1), repeat=len(ts)):
         if sum(ns) != n_layers:
             continue
         for rs in itertools.product(*[range(0, (n if allow else 0) + 1) for n in ns]):
             if any(t.memory_bytes(n, r) > cap for t, n, r in zip(ts, ns, rs)):
                 continue
-            T = max(t.fixed_s + t.layer_s * n + t.recompute_s * r for t, n, r in zip(ts, ns, rs))
+            T = max(t.time_s(n, r) for t, n, r in zip(ts, ns, rs))
             best = T if best is None else min(best, T)
     return best
 
 
 @pytest.mark.parametrize("cap", [40.0, 20.0, 12.0])
-def test_ilp_matches_brute_force_on_small_instances(cap):
-    ts = terms(3, fixed_first=0.5, fixed_last=1.5)
-    a = assign_layers(9, ts, cap, allow_recompute=True)
-    assert a is not None
-    assert a.slowest_s == pytest.approx(brute_force(9, ts, cap, True), abs=1e-6)
+@pytest.mark.parametrize("working", [0.0, 3.0])
+def test_direct_solver_matches_brute_force_on_small_instances(cap, working):
+    ts = terms(3, fixed_first=0.5, fixed_last=1.5, working=working)
+    a = solve_split(9, ts, cap, allow_recompute=True)
+    want = brute_force(9, ts, cap, True)
+    assert (a is None) == (want is None)
+    if a is not None:
+        assert a.slowest_s == pytest.approx(want, abs=1e-9)
+        assert sum(a.layers) == 9 and all(t.memory_bytes(n, r) <= cap for t, n, r in zip(ts, a.layers, a.recomputed))
+
+
+def test_direct_solver_reaches_cbcs_optimum_on_random_instances():
+    rng = random.Random(7)
+    for _ in range(40):
+        p = rng.randint(1, 6)
+        L = rng.randint(p, 24)
+        ts = [DeviceTerms(rng.uniform(0, 3) * (i in (0, p - 1)), rng.uniform(0.5, 2), rng.uniform(0.1, 1), rng.randint(1, p + 2),
+                          rng.uniform(0.5, 2), rng.uniform(0.01, 0.4), rng.uniform(0, 5), rng.uniform(0.1, 1),
+                          transient_bytes=rng.uniform(0, 3) * (i == p - 1), working_bytes=rng.uniform(0, 4)) for i in range(p)]
+        cap = rng.uniform(5, 40)
+        allow = rng.random() < 0.7
+        lo = rng.choice([1, 1, 2]) if L >= 2 * p else 1
+        mine, cbc = solve_split(L, ts, cap, allow, lo), assign_layers_cbc(L, ts, cap, allow, lo)
+        assert (mine is None) == (cbc is None)
+        if mine is not None:
+            assert mine.slowest_s == pytest.approx(cbc.slowest_s, rel=1e-7)
+            assert min(mine.layers) >= lo and sum(mine.layers) == L
 
 
 def test_a_heavy_head_gets_fewer_blocks_on_the_last_stage():
-    a = assign_layers(24, terms(4, fixed_last=3.0), 1e9, allow_recompute=False)
+    a = solve_split(24, terms(4, fixed_last=3.0), 1e9, allow_recompute=False)
     assert a.layers[-1] < a.layers[1]
     assert sum(a.layers) == 24
 
 
 def test_no_recomputation_when_memory_does_not_force_it():
-    a = assign_layers(16, terms(4), 1e9, allow_recompute=True)
+    a = solve_split(16, terms(4), 1e9, allow_recompute=True)
     assert sum(a.recomputed) == 0 and a.layers == (4, 4, 4, 4)
 
 
 def test_memory_pressure_recomputes_on_the_first_devices_that_hold_the_most_microbatches():
     # Device 0 holds 4 microbatches: 4 blocks x (1 state + 4 x 1.0 act) = 20 > 12 without recomputation.
-    a = assign_layers(16, terms(4), 12.0, allow_recompute=True)
+    a = solve_split(16, terms(4), 12.0, allow_recompute=True)
     assert a is not None and a.recomputed[0] > 0 and a.recomputed[-1] == 0
 
 
+def test_recomputing_brings_the_rerun_blocks_working_set():
+    # One device, 4 blocks: 4 x (1 state + 1 act) = 8 bytes. Recomputing one saves 0.9 but adds the re-run
+    # block's working set: without one, 7.9 bytes fit with a block recomputed; with a working set of 5, nothing does.
+    light = [DeviceTerms(0, 1, 0.3, 1, 1.0, 0.1, 0, 1)]
+    heavy = [DeviceTerms(0, 1, 0.3, 1, 1.0, 0.1, 0, 1, working_bytes=5.0)]
+    assert solve_split(4, heavy, 8.0, True).recomputed == (0,)
+    assert solve_split(4, light, 7.9, True).recomputed == (1,)
+    assert solve_split(4, heavy, 7.9, True) is None
+
+
 def test_nothing_fits_returns_none():
-    assert assign_layers(16, terms(4), 0.5, allow_recompute=True) is None
-    assert lower_bound_s(16, terms(4), 0.5, True) is None
+    assert solve_split(16, terms(4), 0.5, allow_recompute=True) is None
+    assert optimum_s(16, terms(4), 0.5, True) is None
 
 
 def test_split_chunks_deals_blocks_evenly_and_recompute_to_early_chunks():

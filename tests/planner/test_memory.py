@@ -3,7 +3,6 @@
 import pytest
 
 from planner import schedule
-from planner.cost import _peak_inflight_bytes
 from planner.memory import activation_bytes_per_layer, state_bytes_per_param
 from planner.specs import load_model
 
@@ -49,11 +48,11 @@ def test_mixed_precision_adam_is_18_bytes_or_6_plus_12_over_d():
 
 @pytest.mark.parametrize("p,m", [(4, 8), (8, 8), (3, 10)])
 def test_1f1b_stage_i_holds_p_minus_i_microbatches(p, m):
-    order = schedule.stage_order("1f1b", p, m)
+    vectors = schedule.inflight_vectors("1f1b", p, m)
     for i in range(p):
-        assert _peak_inflight_bytes(order[i], {i: 1.0}) == p - i
+        assert schedule.peak_inflight(vectors[i], [1.0]) == p - i
 
 
 def test_gpipe_holds_every_microbatch():
-    order = schedule.stage_order("gpipe", 4, 6)
-    assert all(_peak_inflight_bytes(order[i], {i: 1.0}) == 6 for i in range(4))
+    vectors = schedule.inflight_vectors("gpipe", 4, 6)
+    assert all(schedule.peak_inflight(vectors[i], [1.0]) == 6 for i in range(4))

@@ -297,3 +297,47 @@ def test_torch_rejects_what_schedule_constraint_rejects():
         assert schedule_constraint(schedule_name, pp, m, v) is not None
         with pytest.raises(ValueError):
             _torch_order(schedule_name, pp, m, v)
+
+
+def _alive_walk(sched, p, m, v):
+    """Per device, every per-chunk alive vector right after a forward, by walking stage_order."""
+    out = []
+    for ops in schedule.stage_order(sched, p, m, v):
+        cur, seen = [0] * v, set()
+        for op in ops:
+            cur[op.stage // p] += 1 if op.kind == "F" else -1
+            if op.kind == "F":
+                seen.add(tuple(cur))
+        out.append(seen)
+    return out
+
+
+@pytest.mark.parametrize("sched", ["1f1b", "gpipe", "interleaved"])
+def test_inflight_vectors_give_the_same_peak_as_walking_the_op_order(sched):
+    import random
+
+    rng = random.Random(3)
+    for p in (1, 2, 3, 4, 8):
+        for m in (1, 2, 3, 4, 6, 8, 12, 16, 24):
+            for v in ((1,) if sched != "interleaved" else (1, 2, 3, 4)):
+                if schedule.schedule_constraint(sched, p, m, v):
+                    continue
+                fast = schedule.inflight_vectors(sched, p, m, v)
+                for i, seen in enumerate(_alive_walk(sched, p, m, v)):
+                    for _ in range(5):
+                        x = [rng.uniform(0, 3) for _ in range(v)]
+                        assert schedule.peak_inflight(fast[i], x) == pytest.approx(max(sum(a * b for a, b in zip(vec, x)) for vec in seen))
+                    assert schedule.alive_at_peak(sched, p, m, v, i) == max(sum(vec) for vec in seen)
+
+
+@pytest.mark.parametrize("sched", ["1f1b", "gpipe", "interleaved"])
+def test_each_device_starts_with_a_forward_and_ends_with_a_backward_of_its_first_chunk(sched):
+    # planner/bounds.py's chain bound rests on this.
+    for p in (1, 2, 3, 4, 8):
+        for m in (1, 2, 4, 8, 16):
+            for v in ((1,) if sched != "interleaved" else (1, 2, 3, 4)):
+                if schedule.schedule_constraint(sched, p, m, v):
+                    continue
+                for i, ops in enumerate(schedule.stage_order(sched, p, m, v)):
+                    assert (ops[0].kind, ops[0].stage) == ("F", i)
+                    assert (ops[-1].kind, ops[-1].stage) == ("B", i)
