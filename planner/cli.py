@@ -8,6 +8,7 @@ import dataclasses
 import json
 import sys
 
+from planner import __version__
 from planner.errors import MeshplanError
 
 KNOB_FLAGS = ("tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel", "distributed_optimizer")
@@ -49,6 +50,7 @@ def _add_knobs(p: argparse.ArgumentParser, required: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="planner", description="Plan, predict, profile and validate parallel GPT training.")
+    ap.add_argument("--version", action="version", version=f"meshplan {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="search every tp/pp/dp split and knob; rank the plans; write the best")
     _add_common(p)

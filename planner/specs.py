@@ -16,7 +16,9 @@ import yaml
 
 from planner.errors import SpecError
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# An installed wheel carries profiles/ as planner/profiles (pyproject's package-dir); a source checkout keeps it beside planner/.
+_PACKAGED_PROFILES = Path(__file__).resolve().parent / "profiles"
+PROFILES_DIR = _PACKAGED_PROFILES if _PACKAGED_PROFILES.is_dir() else _PACKAGED_PROFILES.parent.parent / "profiles"
 DEVICE_SCHEMA_VERSION = 1
 
 
@@ -291,14 +293,25 @@ def device_from_dict(data: dict, source: str) -> DeviceProfile:
     return d
 
 
+def measured_profile_path(name: str) -> Path:
+    """Where `planner profile` writes device NAME's measured profile and where load_device looks first.
+
+    In a source checkout that is profiles/devices/ (beside the datasheets); an installed package's files are
+    not this machine's to change, so there it is $XDG_DATA_HOME/meshplan/devices (~/.local/share/...)."""
+    if PROFILES_DIR != _PACKAGED_PROFILES:
+        return PROFILES_DIR / "devices" / f"{name}.measured.json"
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data_home / "meshplan" / "devices" / f"{name}.measured.json"
+
+
 def load_device(arg: str) -> DeviceProfile:
-    """A device name (a measured profiles/devices/NAME.measured.json wins over NAME.json) or a JSON file."""
+    """A device name (a measured profile, see measured_profile_path, wins over profiles/devices/NAME.json) or a JSON file."""
     if _is_file_arg(arg):
         path = Path(arg)
         if not path.is_file():
             raise SpecError(arg, "(file)", "no such device profile file")
         return device_from_dict(_read_mapping(path), str(path))
-    for path in (PROFILES_DIR / "devices" / f"{arg}.measured.json", PROFILES_DIR / "devices" / f"{arg}.json"):
+    for path in (measured_profile_path(arg), PROFILES_DIR / "devices" / f"{arg}.json"):
         if path.is_file():
             return device_from_dict(_read_mapping(path), str(path))
     raise SpecError("cluster", "device", f"unknown device {arg!r}; expected one of {', '.join(_presets('devices'))} (files in profiles/devices/)")
