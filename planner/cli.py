@@ -80,6 +80,16 @@ def _specs(args):
     return model, cluster, device
 
 
+def _check_inputs(args) -> None:
+    """What can be refused before a search: a --global-batch too large to price, an --out that cannot be written."""
+    from planner.io import check_target
+    from planner.plan import check_global_batch
+
+    check_global_batch(args.global_batch, "--global-batch")
+    if args.out is not None:
+        check_target(args.out, "--out")
+
+
 def _pins(args) -> dict:
     return {k: getattr(args, k) for k in KNOB_FLAGS if getattr(args, k, None) is not None}
 
@@ -87,15 +97,14 @@ def _pins(args) -> dict:
 def cmd_plan(args) -> int:
     from planner.cost import FRAMEWORKS
     from planner.plan import plan_to_dict, write_plan
-    from planner.report import print_plans
+    from planner.report import print_plans, print_written
     from planner.search import search
 
+    _check_inputs(args)
     model, cluster, device = _specs(args)
     result = search(model, cluster, device, args.global_batch, _pins(args), top=args.top, framework=FRAMEWORKS[args.framework])
     best = result.plans[0] if result.plans else None
     fits = best is not None and best.prediction.fits
-    if args.out and fits:
-        write_plan(args.out, best)
     if args.json:
         print(json.dumps({"plans": [plan_to_dict(p) for p in result.plans], "searched": result.searched,
                           "search_s": round(result.search_s, 3)}, indent=1))
@@ -104,6 +113,10 @@ def cmd_plan(args) -> int:
     if not fits:
         print(f"error: no plan fits: {best.prediction.reason if best else 'no candidate'}", file=sys.stderr)
         return 1
+    if args.out is not None:  # after printing, so a failed write loses no results
+        write_plan(args.out, best)
+        if not args.json:
+            print_written(best, args.out)
     return 0
 
 
@@ -112,16 +125,17 @@ def cmd_predict(args) -> int:
     from planner.plan import Knobs, write_plan
     from planner.report import print_prediction
 
+    _check_inputs(args)
     model, cluster, device = _specs(args)
     knobs = Knobs(args.tp, args.pp, args.dp, args.micro_batch, args.schedule or ("interleaved" if (args.virtual_stages or 1) > 1 else "1f1b"),
                   args.virtual_stages or 1, args.recompute or "none", bool(args.sequence_parallel), bool(args.distributed_optimizer))
     plan, _ = predict(model, cluster, device, knobs, args.global_batch, framework=FRAMEWORKS[args.framework])
-    if args.out:
-        write_plan(args.out, plan)
     if args.json:
         print(json.dumps(dataclasses.asdict(plan.prediction), indent=1))
     else:
         print_prediction(plan)
+    if args.out is not None:  # after printing, so a failed write loses no results
+        write_plan(args.out, plan)
     return 0
 
 

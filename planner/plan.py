@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner import __version__
 from planner.errors import PlanError, SpecError
 from planner.io import atomic_write_json
-from planner.specs import ClusterSpec, ModelSpec, cluster_from_dict, from_dict, model_from_dict
+from planner.specs import ClusterSpec, ModelSpec, cluster_from_dict, from_dict, model_from_dict, parse_mapping_text, read_text
 
 PLAN_VERSION = 1
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
@@ -32,6 +33,18 @@ MEGATRON_NAMES = {
     "sequence_parallel": "sequence_parallel",
     "use_distributed_optimizer": "distributed_optimizer",
 }
+
+
+# The schedule simulator walks every microbatch of every stage, so pricing a pipeline plan takes time in
+# proportion to num_microbatches = global_batch / (micro_batch * dp): up to global_batch of them. At this bound
+# a gpt3-175b search on 512 GPUs takes ~13 s on a 2-core machine (a billion would take hours, with no output).
+MAX_GLOBAL_BATCH = 65_536
+
+
+def check_global_batch(global_batch: int, source: str = "global_batch") -> None:
+    if global_batch > MAX_GLOBAL_BATCH:
+        raise SpecError(source, "global_batch", f"{global_batch:,} sequences is above {MAX_GLOBAL_BATCH:,}, the most meshplan "
+                        "prices (the pipeline simulator walks every microbatch, up to one per sequence); plan a smaller batch")
 
 
 @dataclass(frozen=True)
@@ -190,6 +203,9 @@ def check_plan(plan: Plan, source: str) -> Plan:
             raise SpecError(source, f"stages[{i}].layers", "a stage with no layers (and no embedding or head); give every stage at least one layer")
         if s.recompute not in RECOMPUTE:
             raise SpecError(source, f"stages[{i}].recompute", f"expected one of {', '.join(RECOMPUTE)}, got {s.recompute!r}")
+        if s.recompute_layers is not None and (s.recompute != "full" or not 0 <= s.recompute_layers <= b - a):
+            raise SpecError(source, f"stages[{i}].recompute_layers", f"expected 0 to {b - a} (the stage's blocks) with recompute "
+                                                                    f"'full', got {s.recompute_layers} with {s.recompute!r}")
         if s.embedding != (i == 0) or s.head != (i == n - 1):
             raise SpecError(source, f"stages[{i}]", "the embedding belongs on the first stage and the head on the last")
         nxt = b
@@ -225,7 +241,8 @@ def plan_from_dict(d: dict, source: str) -> Plan:
     prediction = from_dict(Prediction, pred, source, prefix="prediction.") if pred is not None else None
     plan = from_dict(_PlanScalars, rest, source)
     out = Plan(model=model, cluster=cluster, stages=tuple(stage_objs), prediction=prediction, **dataclasses.asdict(plan))
-    return check_plan(out, source)
+    # The id is what results are pooled by: recompute it from the contents, never trust the one written down.
+    return with_id(check_plan(out, source))
 
 
 @dataclass(frozen=True)
@@ -248,15 +265,23 @@ class _PlanScalars:
     created_by: str = ""
 
 
-def load_plan(path: str | Path) -> Plan:
+def load_plan(path: str | Path, warn=lambda message: print(f"warning: {message}", file=sys.stderr)) -> Plan:
+    """Read and check plan.json. Its id is recomputed from its contents; a file whose written id differs (a plan
+    edited by hand) is still loaded, with the new id, and `warn` says so: its prediction is for the old plan.
+    (Refusing would stop a legitimate hand edit; keeping the old id would pool its results with another plan's.)"""
     path = Path(path)
     if not path.is_file():
         raise SpecError(str(path), "(file)", "no such plan file; write one with `planner plan --out plan.json`")
     try:
-        d = json.loads(path.read_text())
+        d = parse_mapping_text(read_text(path), str(path), is_json=True)
     except json.JSONDecodeError as e:
         raise SpecError(str(path), "(file)", f"not valid JSON at line {e.lineno}: {e.msg}") from None
-    return plan_from_dict(d, str(path))
+    plan = plan_from_dict(d, str(path))
+    written = d.get("id")
+    if written and written != plan.id:  # a plan written by hand without an id just gets one
+        warn(f"{path}: id: the file says {written!r} but its contents hash to {plan.id!r} (edited by hand?); "
+             f"using {plan.id!r}, and its prediction may be for the plan before the edit (re-price it with planner predict)")
+    return plan
 
 
 def write_plan(path: str | Path, plan: Plan) -> None:

@@ -94,10 +94,12 @@ def print_plans(result, out: str | None) -> None:
     console.print(breakdown_table(best))
     console.print(f"Best plan {best.id}: stages (blocks) {stage_summary(best)}; memory per pipeline device "
                   f"{', '.join(f'{s.memory_gib:.1f}' for s in best.stages[:best.pp])} GiB")
-    if out:
-        console.print(f"Wrote {out}. Run it with:\n  {torchrun_command(best, out)}")
-    else:
+    if not out:
         console.print("Write the best plan with --out plan.json to run it.")
+
+
+def print_written(plan, out: str) -> None:
+    console.print(f"Wrote {out}. Run it with:\n  {torchrun_command(plan, out)}")
 
 
 def print_prediction(plan) -> None:

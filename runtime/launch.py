@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def torchrun_command() -> str:
+    """torchrun of this interpreter's environment (a venv's bin/ is not always on PATH)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return exe if os.access(exe, os.X_OK) else f"{sys.executable} -m torch.distributed.run"
+
+
 def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> None:
     """What the runtime needs beyond load_plan's checks; raises before any process group exists."""
     if world_size != plan.world_size:
@@ -78,6 +84,9 @@ def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> Non
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = load_plan(args.plan)
+    if "WORLD_SIZE" not in os.environ:  # python -m runtime.launch, without torchrun (which sets it, and RANK)
+        raise PlanError(f"not started by torchrun (WORLD_SIZE is not set); run it as {torchrun_command()} "
+                        f"--nproc-per-node {plan.world_size} -m runtime.launch {args.plan}")
     check_runnable(plan, args, int(os.environ.get("WORLD_SIZE", "1")))
     source = data.token_file(args.data, plan.model.vocab, plan.model.seq_len) if args.data else data.synthetic(plan.model.vocab, args.seed)
 

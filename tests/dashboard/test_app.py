@@ -125,3 +125,18 @@ def test_every_tab_renders_for_a_pipelined_plan(monkeypatch, results_dir, view):
     at = open_app(monkeypatch, results_dir, **TINY, pp="2", view=view)
     assert not at.exception and not at.error
     assert charts(at) >= 1
+
+
+@pytest.mark.parametrize("query, message", [
+    (dict(model="no-such-model"), "model='no-such-model' is not one of"),
+    (dict(nodes="-3"), "nodes='-3' is not a whole number from 1 to 100,000"),
+    (dict(nodes="eight"), "nodes='eight' is not a whole number"),
+    (dict(global_batch="1e9"), "global_batch='1e9' is not a whole number from 1 to 65,536"),
+    (dict(**TINY, tp="3"), "tp='3' cannot be pinned here; expected auto or one of 1, 2"),
+    (dict(view="Nope"), "view='Nope' is not one of Plans, Selected plan, Predicted vs measured"),
+])
+def test_a_link_with_a_bad_query_parameter_shows_the_error_instead_of_plans_for_the_defaults(monkeypatch, tmp_path, query, message):
+    at = open_app(monkeypatch, tmp_path, **query)
+    assert not at.exception
+    assert len(at.error) == 1 and at.error[0].value.startswith("Link parameter ") and message in at.error[0].value
+    assert "Nothing was planned" in at.error[0].value and not at.metric  # no plan of inputs the link did not ask for
