@@ -9,7 +9,7 @@ import json
 import sys
 
 from planner import __version__
-from planner.errors import MeshplanError
+from planner.errors import MeshplanError, SpecError
 
 KNOB_FLAGS = ("tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel", "distributed_optimizer")
 
@@ -65,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default=None, help="default: profiles/devices/<name>.measured.json")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (for tests)")
+    p = sub.add_parser("export", help="print a plan as Megatron-LM arguments or a torchtitan TOML job config")
+    p.add_argument("plan", help="plan.json, as planner plan --out writes it")
+    p.add_argument("--to", required=True, choices=("megatron", "torchtitan"),
+                   help="Megatron-LM core_v0.16.1 arguments, or a torchtitan (@e347b1e) TOML job config")
+    p = sub.add_parser("launch", help="start a plan on its nodes: a Slurm batch script, or the torchrun command per node",
+                       usage="planner launch plan.json [options] [-- runtime.launch arguments, e.g. --steps 100 --results r.jsonl]")
+    p.add_argument("plan", help="plan.json, as planner plan --out writes it")
+    p.add_argument("--nodes", type=_positive_int, help="nodes to run on (default: the plan's cluster's)")
+    p.add_argument("--gpus-per-node", type=_positive_int, help="devices per node (default: the plan's cluster's)")
+    p.add_argument("--slurm", action="store_true", help="write an sbatch script (to --out) that runs torchrun on every node")
+    p.add_argument("--out", default=None, help="with --slurm: the script to write (default: the plan's path with .sbatch)")
+    p.add_argument("--print", dest="print_commands", action="store_true",
+                   help="print the torchrun command to run on each node (the default without --slurm)")
+    p.add_argument("--python", default=None, help="the Python with meshplan and torch on the nodes (default: this planner's)")
+    p.add_argument("--port", type=_positive_int, default=29500, help="rendezvous port on the first node (default 29500)")
     p = sub.add_parser("validate", help="predicted vs measured for results files")
     p.add_argument("results", nargs="+", help="results/*.jsonl files written by runtime.launch --results")
     p.add_argument("--json", action="store_true")
@@ -157,11 +172,51 @@ def cmd_validate(args) -> int:
     return 0 if report["runs"] else 1
 
 
-COMMANDS = {"plan": cmd_plan, "predict": cmd_predict, "profile": cmd_profile, "validate": cmd_validate}
+def cmd_export(args) -> int:
+    from planner.export import EXPORTERS
+    from planner.plan import load_plan
+
+    print(EXPORTERS[args.to](load_plan(args.plan)), end="")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from pathlib import Path
+
+    from planner.io import atomic_write_text, check_target
+    from planner.plan import load_plan
+    from planner.slurm import node_commands, sbatch_script
+
+    if args.out is not None and not args.slurm:
+        raise SpecError("--out", "out", "names the sbatch script, so it needs --slurm")
+    plan = load_plan(args.plan)
+    nodes, gpus = args.nodes or plan.cluster.nodes, args.gpus_per_node or plan.cluster.gpus_per_node
+    common = dict(python=args.python, port=args.port, extra=tuple(args.runtime_args))
+    if args.slurm:
+        out = check_target(args.out if args.out is not None else Path(args.plan).with_suffix(".sbatch"), "--out")
+        script = sbatch_script(plan, args.plan, nodes, gpus, **common)
+    if args.print_commands or not args.slurm:
+        print(node_commands(plan, args.plan, nodes, gpus, **common), end="")
+    if args.slurm:
+        atomic_write_text(out, script)
+        print(f"Wrote {out}: {nodes} node(s) x {gpus} GPUs, one torchrun per node. Submit it with: sbatch {out}")
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan, "predict": cmd_predict, "profile": cmd_profile, "validate": cmd_validate,
+            "export": cmd_export, "launch": cmd_launch}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `planner launch plan.json ... -- --steps 100`: what follows -- is for runtime.launch, not for us.
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = build_parser().parse_args(argv[:cut])
+    args.runtime_args = argv[cut + 1:]
+    if args.runtime_args and args.command != "launch":
+        print(f"error: --: only planner launch passes arguments on (to runtime.launch), got {' '.join(args.runtime_args)}",
+              file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command](args)
     except MeshplanError as e:

@@ -21,17 +21,38 @@ PLAN_VERSION = 1
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
 
-# Megatron-LM argument -> meshplan name (for reading published configs and Megatron launch scripts).
+# Megatron-LM argument (its argparse dest; the flag is --dest-with-dashes) -> meshplan name, at planner.export's
+# pinned release. data_parallel_size is no flag: Megatron-LM derives it from the world size.
 MEGATRON_NAMES = {
     "tensor_model_parallel_size": "tp",
     "pipeline_model_parallel_size": "pp",
     "data_parallel_size": "dp",
     "micro_batch_size": "micro_batch",
     "global_batch_size": "global_batch",
-    "num_layers_per_virtual_pipeline_stage": "virtual_stages",  # converted: layers/pp/this
+    "num_virtual_stages_per_pipeline_rank": "virtual_stages",
     "recompute_granularity": "recompute",
     "sequence_parallel": "sequence_parallel",
     "use_distributed_optimizer": "distributed_optimizer",
+    "num_layers": "layers",
+    "hidden_size": "hidden",
+    "num_attention_heads": "heads",
+    "ffn_hidden_size": "ffn_hidden",
+    "seq_length": "seq_len",
+    "num_query_groups": "kv_heads",
+}
+
+# torchtitan TOML key (section.key, at planner.export's pinned commit) -> meshplan name. dp maps to the replicate
+# degree (DDP) or the shard degree (FSDP2, with distributed_optimizer), the other one being 1.
+TORCHTITAN_NAMES = {
+    "parallelism.tensor_parallel_degree": "tp",
+    "parallelism.pipeline_parallel_degree": "pp",
+    "parallelism.data_parallel_replicate_degree": "dp",
+    "parallelism.data_parallel_shard_degree": "dp",
+    "parallelism.pipeline_parallel_schedule": "schedule",
+    "parallelism.pipeline_parallel_microbatch_size": "micro_batch",
+    "training.global_batch_size": "global_batch",
+    "training.seq_len": "seq_len",
+    "activation_checkpoint.mode": "recompute",
 }
 
 

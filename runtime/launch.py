@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from planner import __version__
 from planner.errors import MeshplanError, PlanError, SpecError
 from planner.plan import Plan, load_plan, plan_id, plan_to_dict
+from planner.slurm import torchrun_prefix
 from runtime import checkpoint, data
 from runtime.mesh import build_mesh
 from runtime.model import GPT, GPTConfig
@@ -50,12 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3, constant)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per CPU rank (default 1)")
     return p.parse_args(argv)
-
-
-def torchrun_command() -> str:
-    """torchrun of this interpreter's environment (a venv's bin/ is not always on PATH)."""
-    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return exe if os.access(exe, os.X_OK) else f"{sys.executable} -m torch.distributed.run"
 
 
 def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> None:
@@ -85,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = load_plan(args.plan)
     if "WORLD_SIZE" not in os.environ:  # python -m runtime.launch, without torchrun (which sets it, and RANK)
-        raise PlanError(f"not started by torchrun (WORLD_SIZE is not set); run it as {torchrun_command()} "
+        raise PlanError(f"not started by torchrun (WORLD_SIZE is not set); run it as {torchrun_prefix()} "
                         f"--nproc-per-node {plan.world_size} -m runtime.launch {args.plan}")
     check_runnable(plan, args, int(os.environ.get("WORLD_SIZE", "1")))
     source = data.token_file(args.data, plan.model.vocab, plan.model.seq_len) if args.data else data.synthetic(plan.model.vocab, args.seed)
