@@ -27,25 +27,36 @@ def _positive_int(text: str) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset name (e.g. gpt3-175b) or a model YAML file")
     p.add_argument("--cluster", required=True, help="preset name (dgx-a100-80gb, dgx-h100-80gb, local-cpu) or a cluster YAML file")
-    p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per iteration")
-    p.add_argument("--nodes", type=_positive_int, help="override the cluster's node count")
-    p.add_argument("--gpus-per-node", type=_positive_int, help="override the cluster's devices per node")
-    p.add_argument("--device", help="override the cluster's device profile (a name in profiles/devices/ or a JSON file)")
+    p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per iteration (at most 65,536)")
+    p.add_argument("--nodes", type=_positive_int, help="override the cluster's node count (default: the cluster file's)")
+    p.add_argument("--gpus-per-node", type=_positive_int, help="override the cluster's devices per node (default: the cluster file's)")
+    p.add_argument("--device", help="override the cluster's device profile, a name in profiles/devices/ or a JSON file "
+                                    "(default: the cluster file's device)")
     p.add_argument("--framework", choices=("meshplan", "megatron", "deepspeed"), default="meshplan",
                    help="software that runs the plan: meshplan's runtime (default), Megatron-LM as in Narayanan et al. 2021, "
                         "or DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022 (for comparing with published runs)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
 
 
 def _add_knobs(p: argparse.ArgumentParser, required: bool) -> None:
+    # plan searches every knob not given; predict prices exactly the given ones, with these defaults.
+    def default(value: str) -> str:
+        return "default: searched" if not required else f"default: {value}"
+
     for name in ("tp", "pp", "dp"):
-        p.add_argument(f"--{name}", type=_positive_int, required=required, help=f"{name} degree")
-    p.add_argument("--micro-batch", type=_positive_int, required=required, help="sequences per microbatch")
-    p.add_argument("--schedule", choices=("1f1b", "gpipe", "interleaved"))
-    p.add_argument("--virtual-stages", type=_positive_int, help="model chunks per pipeline device (interleaved)")
-    p.add_argument("--recompute", choices=("none", "selective", "full"))
-    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None)
+        p.add_argument(f"--{name}", type=_positive_int, required=required,
+                       help=f"{name} degree" + ("" if required else " (default: searched)"))
+    p.add_argument("--micro-batch", type=_positive_int, required=required,
+                   help="sequences per microbatch" + ("" if required else " (default: searched)"))
+    p.add_argument("--schedule", choices=("1f1b", "gpipe", "interleaved"),
+                   help=f"pipeline schedule ({default('1f1b, or interleaved with --virtual-stages above 1')})")
+    p.add_argument("--virtual-stages", type=_positive_int, help=f"model chunks per pipeline device, interleaved only ({default('1')})")
+    p.add_argument("--recompute", choices=("none", "selective", "full"),
+                   help=f"activation recomputation: selective = attention core, full = whole blocks ({default('none')})")
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"Megatron sequence parallelism over tp ({default('off')})")
+    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"shard optimizer state over dp; FSDP2 in meshplan's runtime ({default('off')})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,15 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_knobs(p, required=False)
     p.add_argument("--top", type=_positive_int, default=5, help="plans to show (default 5)")
-    p.add_argument("--out", default=None, help="write the best plan here (plan.json format)")
+    p.add_argument("--out", default=None, help="write the best plan here, plan.json format (default: write nothing)")
     p = sub.add_parser("predict", help="price one configuration")
     _add_common(p)
     _add_knobs(p, required=True)
-    p.add_argument("--out", default=None, help="also write the priced plan here (plan.json format)")
+    p.add_argument("--out", default=None, help="also write the priced plan here, plan.json format (default: write nothing)")
     p = sub.add_parser("profile", help="measure this machine's layers and collectives into a device profile")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--out", default=None, help="default: profiles/devices/<name>.measured.json")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (for tests)")
+    p.add_argument("--out", default=None, help="default: profiles/devices/<name>.measured.json in a checkout, "
+                                               "~/.local/share/meshplan/devices/ for an installed meshplan")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats, for tests (default: off)")
     p = sub.add_parser("export", help="print a plan as Megatron-LM arguments or a torchtitan TOML job config")
     p.add_argument("plan", help="plan.json, as planner plan --out writes it")
     p.add_argument("--to", required=True, choices=("megatron", "torchtitan"),
@@ -74,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan", help="plan.json, as planner plan --out writes it")
     p.add_argument("--nodes", type=_positive_int, help="nodes to run on (default: the plan's cluster's)")
     p.add_argument("--gpus-per-node", type=_positive_int, help="devices per node (default: the plan's cluster's)")
-    p.add_argument("--slurm", action="store_true", help="write an sbatch script (to --out) that runs torchrun on every node")
+    p.add_argument("--slurm", action="store_true", help="write an sbatch script (to --out) that runs torchrun on every node (default: off)")
     p.add_argument("--out", default=None, help="with --slurm: the script to write (default: the plan's path with .sbatch)")
     p.add_argument("--print", dest="print_commands", action="store_true",
                    help="print the torchrun command to run on each node (the default without --slurm)")
@@ -82,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_positive_int, default=29500, help="rendezvous port on the first node (default 29500)")
     p = sub.add_parser("validate", help="predicted vs measured for results files")
     p.add_argument("results", nargs="+", help="results/*.jsonl files written by runtime.launch --results")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
     return ap
 
 

@@ -131,7 +131,7 @@ class Prediction:
     tflops_per_gpu: float
     """Model FLOPs (Narayanan et al. 2021, counting recomputation as the run does) per second per GPU."""
     mfu: float
-    """tflops_per_gpu / device peak."""
+    """Model FLOPs utilisation: model FLOPs without recomputation per second per GPU / device peak."""
     peak_memory_gib: float
     """The largest stage's memory."""
     fits: bool
