@@ -138,7 +138,14 @@ def print_plans(result, out: str | None) -> None:
 
 
 def print_written(plan, out: str) -> None:
-    console.print(f"Wrote {out}. Run it with:\n  {torchrun_command(plan, out)}")
+    from planner.slurm import torchrun_prefix
+
+    if plan.cluster.nodes > 1:
+        console.print(f"Wrote {out}. Start it on its {plan.cluster.nodes} nodes with: planner launch {out} --slurm "
+                      "(an sbatch script), or --print (the torchrun command for each node)")
+    else:
+        console.print(f"Wrote {out}. Run it with:\n  {torchrun_prefix()} --nproc-per-node {plan.world_size} -m runtime.launch {out}",
+                      soft_wrap=True)
 
 
 def print_prediction(plan) -> None:
