@@ -24,7 +24,7 @@ from planner.plan import Plan  # noqa: E402
 from planner.report import schedule_label, torchrun_command  # noqa: E402
 from planner.search import search  # noqa: E402
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, load_device  # noqa: E402
-from planner.terms import DEFAULT_MEMORY_HEADROOM_GIB  # noqa: E402
+from planner.memory import DEFAULT_MEMORY_HEADROOM_GIB  # noqa: E402
 
 DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_NODES, DEFAULT_BATCH = "gpt-39.1b", "dgx-a100-80gb", 8, 512
 TABS = ["Plans", "Selected plan", "Predicted vs measured"]
@@ -71,8 +71,8 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float]:
                                 bind=QP, on_change=reset_cluster_fields)
     cluster_text = data.preset_text("clusters", cluster_name)
     c1, c2 = sb.columns(2)
-    nodes = c1.number_input("Nodes", 1, 100_000, DEFAULT_NODES, key="nodes", bind=QP)
-    gpus = c2.number_input("GPUs per node", 1, 1024, data.default_gpus_per_node(cluster_text), key="gpus_per_node", bind=QP)
+    nodes = c1.number_input("Nodes", *data.NODES_RANGE, DEFAULT_NODES, key="nodes", bind=QP)
+    gpus = c2.number_input("GPUs per node", *data.GPUS_PER_NODE_RANGE, data.default_gpus_per_node(cluster_text), key="gpus_per_node", bind=QP)
     devices = data.device_names()
     preset_device = data.parse_yaml(cluster_text, cluster_name)["device"]
     device = sb.selectbox("Device", devices, index=devices.index(preset_device) if preset_device in devices else 0,
@@ -80,18 +80,13 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float]:
     with sb.expander("Edit the cluster YAML (links)"):
         st.caption("Nodes, GPUs per node and device come from the pickers above.")
         cluster_text = st.text_area("Cluster YAML", cluster_text, height=190, key=f"cluster_yaml_{cluster_name}")
-    batch = sb.number_input("Global batch (sequences)", 1, 10_000_000, DEFAULT_BATCH, key="global_batch", bind=QP)
-    headroom = sb.number_input("Memory headroom per device (GiB)", 0.0, 1024.0, DEFAULT_MEMORY_HEADROOM_GIB, step=0.5,
+    batch = sb.number_input("Global batch (sequences)", *data.GLOBAL_BATCH_RANGE, DEFAULT_BATCH, key="global_batch", bind=QP)
+    headroom = sb.number_input("Memory headroom per device (GiB)", *data.HEADROOM_RANGE_GIB, DEFAULT_MEMORY_HEADROOM_GIB, step=0.5,
                                key="memory_headroom", bind=QP,
                                help="Kept free beyond the predicted peak (allocator fragmentation, communication buffers); "
                                     f"default {DEFAULT_MEMORY_HEADROOM_GIB:g} GiB, as `planner plan --memory-headroom`.")
 
-    n = int(nodes) * int(gpus)
-    divisors = [str(d) for d in data.divisors(n)]
-    options = {"tp": divisors, "pp": divisors, "dp": divisors,
-               "micro_batch": [str(d) for d in data.divisors(int(batch)) if d <= 256],
-               "schedule": ["1f1b", "gpipe", "interleaved"], "virtual_stages": ["2", "3", "4", "6", "8"],
-               "recompute": ["none", "selective", "full"], "sequence_parallel": ["on", "off"], "distributed_optimizer": ["on", "off"]}
+    options = data.pin_options(int(nodes) * int(gpus), int(batch))
     choices = {}
     # Before its widget exists on a first load, a pin lives only in the URL.
     pinned = any(st.session_state.get(knob, st.query_params.get(knob, "auto")) != "auto" for knob in options)
@@ -197,20 +192,35 @@ def validation_tab() -> None:
                            key="meas_timeline")
 
 
+class _NoSearch(Exception):
+    """The inputs were not the ones asked for (a bad link): show the pickers, search nothing."""
+
+
 def main() -> None:
     st.set_page_config(page_title="meshplan", page_icon="🧮", layout="wide")
     st.title("meshplan: parallel plans for training a GPT")
     found = None
+    # Read the link before the widgets do: a widget drops a value it cannot take and shows its default instead.
+    params = st.query_params.to_dict()
+    cluster_name = params.get("cluster") if params.get("cluster") in data.presets("clusters") else DEFAULT_CLUSTER
+    bad_link = data.link_errors(params, TABS, {"nodes": DEFAULT_NODES, "global_batch": DEFAULT_BATCH, "gpus_per_node":
+                                               data.default_gpus_per_node(data.preset_text("clusters", cluster_name))})
+    for message in bad_link:
+        st.error(f"Link parameter {message}. Nothing was planned; pick the value in the sidebar.")
     try:
         model, cluster, batch, pins, headroom = sidebar()
         device = load_device(cluster.device)
         usable = device.memory_gib - headroom
+        if bad_link:
+            raise _NoSearch
         with st.spinner(f"Searching plans for {model.name} on {cluster.gpus:,} × {cluster.device}..."):
             found = cached_search(model, cluster, batch, tuple(sorted(pins.items())), headroom)
     except MeshplanError as e:
         st.error(f"Cannot plan with these inputs: {e}")
     except UnicodeDecodeError:
         st.error("The uploaded model file is not UTF-8 text; upload a YAML file.")
+    except _NoSearch:
+        pass  # the link's errors are shown above; plans for inputs it did not ask for would mislead
 
     if found is not None:
         result, plans_df, cands_df = found

@@ -19,7 +19,9 @@ from planner.errors import SpecError
 from planner.plan import Plan, plan_to_dict
 from planner.report import schedule_label, stage_summary
 from planner.schedule import simulate
-from planner.specs import PROFILES_DIR, ClusterSpec, DeviceProfile, ModelSpec, cluster_from_dict, load_device, model_from_dict
+from planner.plan import MAX_GLOBAL_BATCH
+from planner.specs import (PROFILES_DIR, ClusterSpec, DeviceProfile, ModelSpec, cluster_from_dict, load_device, model_from_dict,
+                           parse_mapping_text)
 from planner.validate import load_runs, validate
 
 RESULTS_DIR_ENV = "MESHPLAN_RESULTS_DIR"
@@ -51,7 +53,7 @@ def preset_text(kind: str, name: str) -> str:
 def parse_yaml(text: str, source: str) -> dict:
     """A YAML mapping, or a SpecError that names the line (the page shows it instead of a traceback)."""
     try:
-        data = yaml.safe_load(text)
+        data = parse_mapping_text(text, source, is_json=False)  # a key given twice is an error, as in the CLI
     except yaml.YAMLError as e:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -85,6 +87,51 @@ def divisors(n: int) -> list[int]:
     """Divisors of n in increasing order (the degrees and micro-batches a pin can take)."""
     small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
     return small + [n // d for d in reversed(small) if d * d != n]
+
+
+NODES_RANGE, GPUS_PER_NODE_RANGE, GLOBAL_BATCH_RANGE = (1, 100_000), (1, 1024), (1, MAX_GLOBAL_BATCH)
+HEADROOM_RANGE_GIB = (0.0, 1024.0)
+"""The memory headroom a link or the sidebar may set, GiB."""
+
+
+def pin_options(devices: int, global_batch: int) -> dict[str, list[str]]:
+    """The values each knob can be pinned to (besides 'auto'), for this many devices and this batch."""
+    degrees = [str(d) for d in divisors(devices)]
+    return {"tp": degrees, "pp": degrees, "dp": degrees,
+            "micro_batch": [str(d) for d in divisors(global_batch) if d <= 256],
+            "schedule": ["1f1b", "gpipe", "interleaved"], "virtual_stages": ["2", "3", "4", "6", "8"],
+            "recompute": ["none", "selective", "full"], "sequence_parallel": ["on", "off"], "distributed_optimizer": ["on", "off"]}
+
+
+def link_errors(params: dict[str, str], views: list[str], defaults: dict[str, int]) -> list[str]:
+    """What a link's query parameters ask for that the pickers cannot show, one line per parameter. (Streamlit
+    would silently drop such a value and show the default.) `defaults` fills nodes, gpus_per_node and
+    global_batch that the link does not give, to check its pins against."""
+    errors, sizes = [], dict(defaults)
+    choices = {"model": presets("models"), "cluster": presets("clusters"), "device": device_names(), "view": views}
+    for key, allowed in choices.items():
+        if key in params and params[key] not in allowed:
+            errors.append(f"{key}={params[key]!r} is not one of {', '.join(allowed)}")
+    for key, (low, high) in (("nodes", NODES_RANGE), ("gpus_per_node", GPUS_PER_NODE_RANGE), ("global_batch", GLOBAL_BATCH_RANGE)):
+        if key not in params:
+            continue
+        text = params[key]
+        if not text.strip().lstrip("+-").isdigit() or not low <= int(text) <= high:
+            errors.append(f"{key}={text!r} is not a whole number from {low:,} to {high:,}")
+        else:
+            sizes[key] = int(text)
+    if "memory_headroom" in params:
+        try:
+            value = float(params["memory_headroom"])
+        except ValueError:
+            value = float("nan")
+        low, high = HEADROOM_RANGE_GIB
+        if not low <= value <= high:
+            errors.append(f"memory_headroom={params['memory_headroom']!r} is not a number of GiB from {low:g} to {high:g}")
+    for key, allowed in pin_options(sizes["nodes"] * sizes["gpus_per_node"], sizes["global_batch"]).items():
+        if key in params and params[key] not in ["auto", *allowed]:
+            errors.append(f"{key}={params[key]!r} cannot be pinned here; expected auto or one of {', '.join(allowed)}")
+    return errors
 
 
 def pins_from_choices(choices: dict[str, str]) -> dict:

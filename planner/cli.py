@@ -8,8 +8,9 @@ import dataclasses
 import json
 import sys
 
-from planner.errors import MeshplanError
-from planner.terms import DEFAULT_MEMORY_HEADROOM_GIB
+from planner import __version__
+from planner.errors import MeshplanError, SpecError
+from planner.memory import DEFAULT_MEMORY_HEADROOM_GIB
 
 KNOB_FLAGS = ("tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel", "distributed_optimizer")
 
@@ -27,17 +28,18 @@ def _positive_int(text: str) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset name (e.g. gpt3-175b) or a model YAML file")
     p.add_argument("--cluster", required=True, help="preset name (dgx-a100-80gb, dgx-h100-80gb, local-cpu) or a cluster YAML file")
-    p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per iteration")
-    p.add_argument("--nodes", type=_positive_int, help="override the cluster's node count")
-    p.add_argument("--gpus-per-node", type=_positive_int, help="override the cluster's devices per node")
-    p.add_argument("--device", help="override the cluster's device profile (a name in profiles/devices/ or a JSON file)")
+    p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per iteration (at most 65,536)")
+    p.add_argument("--nodes", type=_positive_int, help="override the cluster's node count (default: the cluster file's)")
+    p.add_argument("--gpus-per-node", type=_positive_int, help="override the cluster's devices per node (default: the cluster file's)")
+    p.add_argument("--device", help="override the cluster's device profile, a name in profiles/devices/ or a JSON file "
+                                    "(default: the cluster file's device)")
     p.add_argument("--framework", choices=("meshplan", "megatron", "deepspeed"), default="meshplan",
                    help="software that runs the plan: meshplan's runtime (default), Megatron-LM as in Narayanan et al. 2021, "
                         "or DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022 (for comparing with published runs)")
     p.add_argument("--memory-headroom", type=_non_negative_float, default=None, metavar="GIB",
                    help=f"memory every device keeps free beyond the predicted peak (default {DEFAULT_MEMORY_HEADROOM_GIB:g} GiB: "
                         "allocator fragmentation and communication buffers the model does not count)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
 
 
 def _non_negative_float(text: str) -> float:
@@ -51,24 +53,33 @@ def _non_negative_float(text: str) -> float:
 
 
 def _headroom(args) -> float:
-    from planner.terms import DEFAULT_MEMORY_HEADROOM_GIB
-
     return DEFAULT_MEMORY_HEADROOM_GIB if args.memory_headroom is None else args.memory_headroom
 
 
 def _add_knobs(p: argparse.ArgumentParser, required: bool) -> None:
+    # plan searches every knob not given; predict prices exactly the given ones, with these defaults.
+    def default(value: str) -> str:
+        return "default: searched" if not required else f"default: {value}"
+
     for name in ("tp", "pp", "dp"):
-        p.add_argument(f"--{name}", type=_positive_int, required=required, help=f"{name} degree")
-    p.add_argument("--micro-batch", type=_positive_int, required=required, help="sequences per microbatch")
-    p.add_argument("--schedule", choices=("1f1b", "gpipe", "interleaved"))
-    p.add_argument("--virtual-stages", type=_positive_int, help="model chunks per pipeline device (interleaved)")
-    p.add_argument("--recompute", choices=("none", "selective", "full"))
-    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None)
+        p.add_argument(f"--{name}", type=_positive_int, required=required,
+                       help=f"{name} degree" + ("" if required else " (default: searched)"))
+    p.add_argument("--micro-batch", type=_positive_int, required=required,
+                   help="sequences per microbatch" + ("" if required else " (default: searched)"))
+    p.add_argument("--schedule", choices=("1f1b", "gpipe", "interleaved"),
+                   help=f"pipeline schedule ({default('1f1b, or interleaved with --virtual-stages above 1')})")
+    p.add_argument("--virtual-stages", type=_positive_int, help=f"model chunks per pipeline device, interleaved only ({default('1')})")
+    p.add_argument("--recompute", choices=("none", "selective", "full"),
+                   help=f"activation recomputation: selective = attention core, full = whole blocks ({default('none')})")
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"Megatron sequence parallelism over tp ({default('off')})")
+    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"shard optimizer state over dp; FSDP2 in meshplan's runtime ({default('off')})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="planner", description="Plan, predict, profile and validate parallel GPT training.")
+    ap.add_argument("--version", action="version", version=f"meshplan {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="search every tp/pp/dp split and knob; rank the plans; write the best")
     _add_common(p)
@@ -77,18 +88,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=_non_negative_float, default=None, metavar="SECONDS",
                    help="stop the search after this long and say how far from proven the answer is "
                         "(default: none; the search runs until its best plans are proven the fastest under the model)")
-    p.add_argument("--out", default=None, help="write the best plan here (plan.json format)")
+    p.add_argument("--out", default=None, help="write the best plan here, plan.json format (default: write nothing)")
     p = sub.add_parser("predict", help="price one configuration")
     _add_common(p)
     _add_knobs(p, required=True)
-    p.add_argument("--out", default=None, help="also write the priced plan here (plan.json format)")
+    p.add_argument("--out", default=None, help="also write the priced plan here, plan.json format (default: write nothing)")
     p = sub.add_parser("profile", help="measure this machine's layers and collectives into a device profile")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--out", default=None, help="default: profiles/devices/<name>.measured.json")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (for tests)")
+    p.add_argument("--out", default=None, help="default: profiles/devices/<name>.measured.json in a checkout, "
+                                               "~/.local/share/meshplan/devices/ for an installed meshplan")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats, for tests (default: off)")
+    p = sub.add_parser("export", help="print a plan as Megatron-LM arguments or a torchtitan TOML job config")
+    p.add_argument("plan", help="plan.json, as planner plan --out writes it")
+    p.add_argument("--to", required=True, choices=("megatron", "torchtitan"),
+                   help="Megatron-LM core_v0.16.1 arguments, or a torchtitan (@e347b1e) TOML job config")
+    p = sub.add_parser("launch", help="start a plan on its nodes: a Slurm batch script, or the torchrun command per node",
+                       usage="planner launch plan.json [options] [-- runtime.launch arguments, e.g. --steps 100 --results r.jsonl]")
+    p.add_argument("plan", help="plan.json, as planner plan --out writes it")
+    p.add_argument("--nodes", type=_positive_int, help="nodes to run on (default: the plan's cluster's)")
+    p.add_argument("--gpus-per-node", type=_positive_int, help="devices per node (default: the plan's cluster's)")
+    p.add_argument("--slurm", action="store_true", help="write an sbatch script (to --out) that runs torchrun on every node (default: off)")
+    p.add_argument("--out", default=None, help="with --slurm: the script to write (default: the plan's path with .sbatch)")
+    p.add_argument("--print", dest="print_commands", action="store_true",
+                   help="print the torchrun command to run on each node (the default without --slurm)")
+    p.add_argument("--python", default=None, help="the Python with meshplan and torch on the nodes (default: this planner's)")
+    p.add_argument("--port", type=_positive_int, default=29500, help="rendezvous port on the first node (default 29500)")
     p = sub.add_parser("validate", help="predicted vs measured for results files")
     p.add_argument("results", nargs="+", help="results/*.jsonl files written by runtime.launch --results")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
     return ap
 
 
@@ -101,6 +128,16 @@ def _specs(args):
     return model, cluster, device
 
 
+def _check_inputs(args) -> None:
+    """What can be refused before a search: a --global-batch too large to price, an --out that cannot be written."""
+    from planner.io import check_target
+    from planner.plan import check_global_batch
+
+    check_global_batch(args.global_batch, "--global-batch")
+    if args.out is not None:
+        check_target(args.out, "--out")
+
+
 def _pins(args) -> dict:
     return {k: getattr(args, k) for k in KNOB_FLAGS if getattr(args, k, None) is not None}
 
@@ -108,16 +145,15 @@ def _pins(args) -> dict:
 def cmd_plan(args) -> int:
     from planner.cost import FRAMEWORKS
     from planner.plan import plan_to_dict, write_plan
-    from planner.report import print_plans
+    from planner.report import print_plans, print_written
     from planner.search import search
 
+    _check_inputs(args)
     model, cluster, device = _specs(args)
     result = search(model, cluster, device, args.global_batch, _pins(args), top=args.top, framework=FRAMEWORKS[args.framework],
                     memory_headroom_gib=_headroom(args), time_limit_s=args.time_limit)
     best = result.plans[0] if result.plans else None
     fits = best is not None and best.prediction.fits
-    if args.out and fits:
-        write_plan(args.out, best)
     if args.json:
         print(json.dumps({"plans": [plan_to_dict(p) for p in result.plans], "searched": result.searched,
                           "bounded": result.bounded, "split": result.split, "priced": result.priced,
@@ -128,6 +164,10 @@ def cmd_plan(args) -> int:
     if not fits:
         print(f"error: no plan fits: {best.prediction.reason if best else 'no candidate'}", file=sys.stderr)
         return 1
+    if args.out is not None:  # after printing, so a failed write loses no results
+        write_plan(args.out, best)
+        if not args.json:
+            print_written(best, args.out)
     return 0
 
 
@@ -136,17 +176,18 @@ def cmd_predict(args) -> int:
     from planner.plan import Knobs, write_plan
     from planner.report import print_prediction
 
+    _check_inputs(args)
     model, cluster, device = _specs(args)
     knobs = Knobs(args.tp, args.pp, args.dp, args.micro_batch, args.schedule or ("interleaved" if (args.virtual_stages or 1) > 1 else "1f1b"),
                   args.virtual_stages or 1, args.recompute or "none", bool(args.sequence_parallel), bool(args.distributed_optimizer))
     plan, _ = predict(model, cluster, device, knobs, args.global_batch, framework=FRAMEWORKS[args.framework],
                       memory_headroom_gib=_headroom(args))
-    if args.out:
-        write_plan(args.out, plan)
     if args.json:
         print(json.dumps(dataclasses.asdict(plan.prediction), indent=1))
     else:
         print_prediction(plan)
+    if args.out is not None:  # after printing, so a failed write loses no results
+        write_plan(args.out, plan)
     return 0
 
 
@@ -168,11 +209,51 @@ def cmd_validate(args) -> int:
     return 0 if report["runs"] else 1
 
 
-COMMANDS = {"plan": cmd_plan, "predict": cmd_predict, "profile": cmd_profile, "validate": cmd_validate}
+def cmd_export(args) -> int:
+    from planner.export import EXPORTERS
+    from planner.plan import load_plan
+
+    print(EXPORTERS[args.to](load_plan(args.plan)), end="")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from pathlib import Path
+
+    from planner.io import atomic_write_text, check_target
+    from planner.plan import load_plan
+    from planner.slurm import node_commands, sbatch_script
+
+    if args.out is not None and not args.slurm:
+        raise SpecError("--out", "out", "names the sbatch script, so it needs --slurm")
+    plan = load_plan(args.plan)
+    nodes, gpus = args.nodes or plan.cluster.nodes, args.gpus_per_node or plan.cluster.gpus_per_node
+    common = dict(python=args.python, port=args.port, extra=tuple(args.runtime_args))
+    if args.slurm:
+        out = check_target(args.out if args.out is not None else Path(args.plan).with_suffix(".sbatch"), "--out")
+        script = sbatch_script(plan, args.plan, nodes, gpus, **common)
+    if args.print_commands or not args.slurm:
+        print(node_commands(plan, args.plan, nodes, gpus, **common), end="")
+    if args.slurm:
+        atomic_write_text(out, script)
+        print(f"Wrote {out}: {nodes} node(s) x {gpus} GPUs, one torchrun per node. Submit it with: sbatch {out}")
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan, "predict": cmd_predict, "profile": cmd_profile, "validate": cmd_validate,
+            "export": cmd_export, "launch": cmd_launch}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `planner launch plan.json ... -- --steps 100`: what follows -- is for runtime.launch, not for us.
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = build_parser().parse_args(argv[:cut])
+    args.runtime_args = argv[cut + 1:]
+    if args.runtime_args and args.command != "launch":
+        print(f"error: --: only planner launch passes arguments on (to runtime.launch), got {' '.join(args.runtime_args)}",
+              file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command](args)
     except MeshplanError as e:

@@ -20,7 +20,7 @@ from planner.errors import MeshplanError
 from planner.plan import write_plan
 from planner.report import console, plans_table, print_validation
 from planner.search import search
-from planner.specs import PROFILES_DIR, load_cluster, load_device, load_model
+from planner.specs import load_cluster, load_device, load_model, measured_profile_path
 from planner.validate import validate
 
 # Contrasts to the best plan: other tp/pp/dp splits, micro-batches and schedules.
@@ -29,11 +29,11 @@ CONTRASTS = ({"tp": 2}, {"dp": 2}, {"pp": 2, "schedule": "1f1b"}, {"pp": 2, "sch
 
 
 def ensure_profile(root: Path) -> None:
-    path = PROFILES_DIR / "devices" / "cpu.measured.json"
+    path = measured_profile_path("cpu")
     if path.is_file():
         console.print(f"Using the cached profile of this machine: {path} (delete it to measure again)")
         return
-    console.print("Profiling this machine once (layers and gloo collectives; cached in profiles/devices/cpu.measured.json) ...")
+    console.print(f"Profiling this machine once (layers and gloo collectives; cached in {path}) ...")
     subprocess.run([sys.executable, "-m", "planner.cli", "profile", "--device", "cpu"], cwd=root, check=True)
 
 

@@ -11,11 +11,31 @@ from typing import Any, Iterator
 from planner.errors import MeshplanError
 
 
+def check_target(path: str | os.PathLike, source: str) -> Path:
+    """The file a write may create or replace; a MeshplanError naming `source` (a flag, say) for an empty path, a
+    directory, a device or pipe (os.replace would put a regular file where /dev/null was), or a path under a file."""
+    text = os.fspath(path)
+    if not text.strip():
+        raise MeshplanError(f"{source}: an empty path; give a file to write, e.g. plan.json")
+    p = Path(text)
+    if p.exists() and not p.is_file():
+        kind = "a directory" if p.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise MeshplanError(f"{source}: {text} is {kind}; give the path of a file to write")
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise MeshplanError(f"{source}: {text}: {parent} is a file, not a folder; give the path of a file to write")
+    return p
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to path via a temp file in the same directory and os.replace: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write text to path via a temp file in the same directory and os.replace: never half-written.
+    Bad targets (see check_target) and failed writes are a MeshplanError naming the path."""
+    path = check_target(path, str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise MeshplanError(f"{path}: cannot write there: {e.strerror}") from None
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary project files
         with os.fdopen(fd, "w") as f:
@@ -23,9 +43,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise MeshplanError(f"{path}: cannot write it: {e.strerror}") from None
         raise
 
 

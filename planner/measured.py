@@ -256,12 +256,12 @@ def stage_overhead_s(device: DeviceProfile) -> tuple[float, float]:
 
 def intra_node_link(device_name: str) -> LinkSpec | None:
     """For load_cluster: the collective link measured on this machine when the cluster's device has a
-    measured profile with one. Reads only profiles/devices/NAME.measured.json (or a measured JSON file)."""
+    measured profile with one. Reads only specs.measured_profile_path(NAME) (or a measured JSON file)."""
     from pathlib import Path
 
     from planner import specs
 
-    path = Path(device_name) if specs._is_file_arg(device_name) else specs.PROFILES_DIR / "devices" / f"{device_name}.measured.json"
+    path = Path(device_name) if specs._is_file_arg(device_name) else specs.measured_profile_path(device_name)
     if not path.is_file():
         return None
     device = specs.device_from_dict(specs._read_mapping(path), str(path))

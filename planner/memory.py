@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from planner.specs import ModelSpec
 
 GIB = 1024**3
+DEFAULT_MEMORY_HEADROOM_GIB = 2.0
+"""Space every device keeps free beyond the predicted peak (allocator fragmentation, NCCL's buffers, a
+spike the model does not see): a plan at 79.7 of 80 GiB is not a fit. `--memory-headroom` sets it."""
 
 
 @dataclass(frozen=True)

@@ -8,30 +8,64 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner import __version__
 from planner.errors import PlanError, SpecError
 from planner.io import atomic_write_json
-from planner.specs import ClusterSpec, ModelSpec, cluster_from_dict, from_dict, model_from_dict
+from planner.specs import ClusterSpec, ModelSpec, cluster_from_dict, from_dict, model_from_dict, parse_mapping_text, read_text
 
 PLAN_VERSION = 1
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
 
-# Megatron-LM argument -> meshplan name (for reading published configs and Megatron launch scripts).
+# Megatron-LM argument (its argparse dest; the flag is --dest-with-dashes) -> meshplan name, at planner.export's
+# pinned release. data_parallel_size is no flag: Megatron-LM derives it from the world size.
 MEGATRON_NAMES = {
     "tensor_model_parallel_size": "tp",
     "pipeline_model_parallel_size": "pp",
     "data_parallel_size": "dp",
     "micro_batch_size": "micro_batch",
     "global_batch_size": "global_batch",
-    "num_layers_per_virtual_pipeline_stage": "virtual_stages",  # converted: layers/pp/this
+    "num_virtual_stages_per_pipeline_rank": "virtual_stages",
     "recompute_granularity": "recompute",
     "sequence_parallel": "sequence_parallel",
     "use_distributed_optimizer": "distributed_optimizer",
+    "num_layers": "layers",
+    "hidden_size": "hidden",
+    "num_attention_heads": "heads",
+    "ffn_hidden_size": "ffn_hidden",
+    "seq_length": "seq_len",
+    "num_query_groups": "kv_heads",
 }
+
+# torchtitan TOML key (section.key, at planner.export's pinned commit) -> meshplan name. dp maps to the replicate
+# degree (DDP) or the shard degree (FSDP2, with distributed_optimizer), the other one being 1.
+TORCHTITAN_NAMES = {
+    "parallelism.tensor_parallel_degree": "tp",
+    "parallelism.pipeline_parallel_degree": "pp",
+    "parallelism.data_parallel_replicate_degree": "dp",
+    "parallelism.data_parallel_shard_degree": "dp",
+    "parallelism.pipeline_parallel_schedule": "schedule",
+    "parallelism.pipeline_parallel_microbatch_size": "micro_batch",
+    "training.global_batch_size": "global_batch",
+    "training.seq_len": "seq_len",
+    "activation_checkpoint.mode": "recompute",
+}
+
+
+# The schedule simulator walks every microbatch of every stage, so pricing a pipeline plan takes time in
+# proportion to num_microbatches = global_batch / (micro_batch * dp): up to global_batch of them. At this bound
+# a gpt3-175b search on 512 GPUs takes ~13 s on a 2-core machine (a billion would take hours, with no output).
+MAX_GLOBAL_BATCH = 65_536
+
+
+def check_global_batch(global_batch: int, source: str = "global_batch") -> None:
+    if global_batch > MAX_GLOBAL_BATCH:
+        raise SpecError(source, "global_batch", f"{global_batch:,} sequences is above {MAX_GLOBAL_BATCH:,}, the most meshplan "
+                        "prices (the pipeline simulator walks every microbatch, up to one per sequence); plan a smaller batch")
 
 
 @dataclass(frozen=True)
@@ -97,7 +131,7 @@ class Prediction:
     tflops_per_gpu: float
     """Model FLOPs (Narayanan et al. 2021, counting recomputation as the run does) per second per GPU."""
     mfu: float
-    """tflops_per_gpu / device peak."""
+    """Model FLOPs utilisation: model FLOPs without recomputation per second per GPU / device peak."""
     peak_memory_gib: float
     """The largest stage's memory."""
     fits: bool
@@ -190,6 +224,9 @@ def check_plan(plan: Plan, source: str) -> Plan:
             raise SpecError(source, f"stages[{i}].layers", "a stage with no layers (and no embedding or head); give every stage at least one layer")
         if s.recompute not in RECOMPUTE:
             raise SpecError(source, f"stages[{i}].recompute", f"expected one of {', '.join(RECOMPUTE)}, got {s.recompute!r}")
+        if s.recompute_layers is not None and (s.recompute != "full" or not 0 <= s.recompute_layers <= b - a):
+            raise SpecError(source, f"stages[{i}].recompute_layers", f"expected 0 to {b - a} (the stage's blocks) with recompute "
+                                                                    f"'full', got {s.recompute_layers} with {s.recompute!r}")
         if s.embedding != (i == 0) or s.head != (i == n - 1):
             raise SpecError(source, f"stages[{i}]", "the embedding belongs on the first stage and the head on the last")
         nxt = b
@@ -225,7 +262,8 @@ def plan_from_dict(d: dict, source: str) -> Plan:
     prediction = from_dict(Prediction, pred, source, prefix="prediction.") if pred is not None else None
     plan = from_dict(_PlanScalars, rest, source)
     out = Plan(model=model, cluster=cluster, stages=tuple(stage_objs), prediction=prediction, **dataclasses.asdict(plan))
-    return check_plan(out, source)
+    # The id is what results are pooled by: recompute it from the contents, never trust the one written down.
+    return with_id(check_plan(out, source))
 
 
 @dataclass(frozen=True)
@@ -248,15 +286,23 @@ class _PlanScalars:
     created_by: str = ""
 
 
-def load_plan(path: str | Path) -> Plan:
+def load_plan(path: str | Path, warn=lambda message: print(f"warning: {message}", file=sys.stderr)) -> Plan:
+    """Read and check plan.json. Its id is recomputed from its contents; a file whose written id differs (a plan
+    edited by hand) is still loaded, with the new id, and `warn` says so: its prediction is for the old plan.
+    (Refusing would stop a legitimate hand edit; keeping the old id would pool its results with another plan's.)"""
     path = Path(path)
     if not path.is_file():
         raise SpecError(str(path), "(file)", "no such plan file; write one with `planner plan --out plan.json`")
     try:
-        d = json.loads(path.read_text())
+        d = parse_mapping_text(read_text(path), str(path), is_json=True)
     except json.JSONDecodeError as e:
         raise SpecError(str(path), "(file)", f"not valid JSON at line {e.lineno}: {e.msg}") from None
-    return plan_from_dict(d, str(path))
+    plan = plan_from_dict(d, str(path))
+    written = d.get("id")
+    if written and written != plan.id:  # a plan written by hand without an id just gets one
+        warn(f"{path}: id: the file says {written!r} but its contents hash to {plan.id!r} (edited by hand?); "
+             f"using {plan.id!r}, and its prediction may be for the plan before the edit (re-price it with planner predict)")
+    return plan
 
 
 def write_plan(path: str | Path, plan: Plan) -> None:

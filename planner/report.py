@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -13,15 +14,14 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else shutil
 
 
 def _recompute_label(plan) -> str:
-    kinds = {(s.recompute, s.recompute_layers) for s in plan.stages}
-    if len(kinds) == 1:
-        rc, n = next(iter(kinds))
-        return rc if n is None else f"full x{n}"
-    parts = []
-    for s in plan.stages:
-        n = s.layers[1] - s.layers[0]
-        parts.append(f"{s.recompute_layers}/{n}" if s.recompute == "full" and s.recompute_layers else ("all" if s.recompute == "full" else "0"))
-    return "mixed (full per stage: " + " ".join(parts[:8]) + (" ..." if len(parts) > 8 else "") + ")"
+    """'none', 'selective' or 'full' when every stage does the same; else how many of the model's blocks are
+    recomputed in full, e.g. 'full 38/96' (the other blocks recompute nothing, or only their attention: 'sel+full')."""
+    kinds = {s.recompute for s in plan.stages}
+    if len(kinds) == 1 and all(s.recompute_layers is None for s in plan.stages):
+        return kinds.pop()
+    full = sum((s.layers[1] - s.layers[0]) if s.recompute_layers is None else s.recompute_layers
+               for s in plan.stages if s.recompute == "full")
+    return f"{'sel+full' if 'selective' in kinds else 'full'} {full}/{plan.model.layers}"
 
 
 def stage_summary(plan) -> str:
@@ -37,6 +37,16 @@ def stage_summary(plan) -> str:
     return "+".join(out)
 
 
+def blocks_label(plan, width: int = 12) -> str:
+    """stage_summary when it is short; else the range over the stages, e.g. '1-3 on 128' (every one of the 128
+    stages holds 1 to 3 blocks)."""
+    text = stage_summary(plan)
+    if len(text) <= width:
+        return text
+    counts = [s.layers[1] - s.layers[0] for s in plan.stages]
+    return f"{min(counts)}-{max(counts)} on {len(counts)}"
+
+
 def schedule_label(plan) -> str:
     return f"interleaved v={plan.virtual_stages}" if plan.schedule == "interleaved" else plan.schedule
 
@@ -48,17 +58,46 @@ def torchrun_command(plan, path: str) -> str:
     return f"torchrun --nproc-per-node {plan.world_size} -m runtime.launch {path}"
 
 
+FLOPS_NOTE = ("TFLOP/s per GPU counts the FLOPs run, recomputation included (Narayanan et al. 2021); MFU counts "
+              "model FLOPs without recomputation, over the device's peak.")
+WIDE_COLUMNS = 120  # the full table needs about this many; narrower terminals get the compact one
+
+
+def _count(x: float) -> str:
+    return f"{x:,.0f}" if x < 1e4 else f"{x / 1e3:,.1f}k" if x < 1e6 else f"{x / 1e6:,.2f}M"
+
+
 def plans_table(plans, title: str) -> Table:
-    t = Table(title=title, title_justify="left")
+    if console.width < WIDE_COLUMNS:
+        return compact_plans_table(plans, title)
+    t = Table(title=title, title_justify="left", caption=FLOPS_NOTE, caption_justify="left")
     for col in ("#", "tp×pp×dp", "mbs", "schedule", "recompute", "SP", "dist-opt", "blocks/stage",
                 "iter s", "tokens/s", "TFLOP/s/GPU", "MFU", "peak GiB", "fits"):
         t.add_column(col, justify="right" if col not in ("schedule", "recompute", "blocks/stage", "fits") else "left")
     for i, p in enumerate(plans, 1):
         pr = p.prediction
         t.add_row(str(i), f"{p.tp}×{p.pp}×{p.dp}", str(p.micro_batch), schedule_label(p), _recompute_label(p),
-                  "yes" if p.sequence_parallel else "no", "yes" if p.distributed_optimizer else "no", stage_summary(p),
+                  "yes" if p.sequence_parallel else "no", "yes" if p.distributed_optimizer else "no", blocks_label(p, 24),
                   f"{pr.iteration_s:.3g}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu:.1f}" if pr.tflops_per_gpu >= 1 else f"{pr.tflops_per_gpu:.3f}",
                   f"{100 * pr.mfu:.1f}%", f"{pr.peak_memory_gib:.1f}", "yes" if pr.fits else "[red]no[/red]")
+    return t
+
+
+def compact_plans_table(plans, title: str) -> Table:
+    """The ranked plans in 80 columns: SP and the distributed optimizer in one column, short numbers, and a
+    peak memory in red (with '!') for a plan that does not fit."""
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0,
+              caption=FLOPS_NOTE + " SP/DO: sequence parallel / distributed optimizer.", caption_justify="left")
+    for col in ("tp×pp×dp", "mbs", "sched", "recompute", "SP/DO", "blocks", "iter s", "tok/s", "TF/s", "MFU", "GiB"):
+        t.add_column(col, justify="left" if col in ("sched", "recompute", "SP/DO", "blocks") else "right", no_wrap=True)
+    for p in plans:
+        pr = p.prediction
+        sched = f"int v={p.virtual_stages}" if p.schedule == "interleaved" else p.schedule
+        knobs = "/".join(k for k, on in (("SP", p.sequence_parallel), ("DO", p.distributed_optimizer)) if on) or "-"
+        gib = f"{pr.peak_memory_gib:.0f}" if pr.peak_memory_gib >= 100 else f"{pr.peak_memory_gib:.1f}"
+        t.add_row(f"{p.tp}×{p.pp}×{p.dp}", str(p.micro_batch), sched, _recompute_label(p).replace("selective", "sel"), knobs,
+                  blocks_label(p, 10), f"{pr.iteration_s:.3g}", _count(pr.tokens_per_s), f"{pr.tflops_per_gpu:.3g}",
+                  f"{100 * pr.mfu:.1f}%", gib if pr.fits else f"[red]{gib}![/red]")
     return t
 
 
@@ -98,10 +137,19 @@ def print_plans(result, out: str | None) -> None:
     console.print(breakdown_table(best))
     console.print(f"Best plan {best.id}: stages (blocks) {stage_summary(best)}; memory per pipeline device "
                   f"{', '.join(f'{s.memory_gib:.1f}' for s in best.stages[:best.pp])} GiB")
-    if out:
-        console.print(f"Wrote {out}. Run it with:\n  {torchrun_command(best, out)}")
-    else:
+    if not out:
         console.print("Write the best plan with --out plan.json to run it.")
+
+
+def print_written(plan, out: str) -> None:
+    from planner.slurm import torchrun_prefix
+
+    if plan.cluster.nodes > 1:
+        console.print(f"Wrote {out}. Start it on its {plan.cluster.nodes} nodes with: planner launch {out} --slurm "
+                      "(an sbatch script), or --print (the torchrun command for each node)")
+    else:
+        console.print(f"Wrote {out}. Run it with:\n  {torchrun_prefix()} --nproc-per-node {plan.world_size} -m runtime.launch {out}",
+                      soft_wrap=True)
 
 
 def print_prediction(plan) -> None:

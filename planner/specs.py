@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ import yaml
 
 from planner.errors import SpecError
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# An installed wheel carries profiles/ as planner/profiles (pyproject's package-dir); a source checkout keeps it beside planner/.
+_PACKAGED_PROFILES = Path(__file__).resolve().parent / "profiles"
+PROFILES_DIR = _PACKAGED_PROFILES if _PACKAGED_PROFILES.is_dir() else _PACKAGED_PROFILES.parent.parent / "profiles"
 DEVICE_SCHEMA_VERSION = 1
 
 
@@ -147,10 +150,12 @@ def _convert(source: str, path: str, value: Any, tp: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, source, prefix=path + ".")
     if origin is tuple:
-        (elem, _) = typing.get_args(tp)
+        args = typing.get_args(tp)
         if not isinstance(value, list):
             raise SpecError(source, path, f"expected a list, got {value!r}")
-        return tuple(_convert(source, f"{path}[{i}]", v, elem) for i, v in enumerate(value))
+        if args[-1] is not Ellipsis and len(value) != len(args):  # tuple[int, int] is a pair, tuple[X, ...] any length
+            raise SpecError(source, path, f"expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(source, f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
     if tp is dict:
         if not isinstance(value, dict):
             raise SpecError(source, path, f"expected a mapping, got {value!r}")
@@ -159,6 +164,8 @@ def _convert(source: str, path: str, value: Any, tp: Any) -> Any:
         return float(value)
     if tp in _SCALARS and (type(value) is not tp):
         raise SpecError(source, path, f"expected {_SCALARS[tp]}, got {value!r}")
+    if tp is float and not math.isfinite(value):  # YAML .nan/.inf and JSON NaN/Infinity parse as floats
+        raise SpecError(source, path, f"expected a finite number, got {value!r}")
     return value
 
 
@@ -188,13 +195,55 @@ def _positive(source: str, obj: Any, names: list[str]) -> None:
             raise SpecError(source, n, f"must be positive, got {v}")
 
 
-def _read_mapping(path: Path) -> dict:
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int | None):
+        self.key, self.line = key, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (YAML lets the last one win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _json_pairs(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise _DuplicateKey(k, None)
+    return dict(pairs)
+
+
+def read_text(path: Path) -> str:
+    """A file's text, as UTF-8; a SpecError naming the file when it cannot be read or is not UTF-8."""
     try:
-        text = path.read_text()
+        return path.read_bytes().decode("utf-8")
     except OSError as e:
         raise SpecError(str(path), "(file)", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(str(path), "(file)", f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
+
+
+def parse_mapping_text(text: str, source: str, is_json: bool) -> Any:
+    """JSON or YAML text to Python objects; a key given twice in one mapping is refused, naming it."""
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text, object_pairs_hook=_json_pairs) if is_json else yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as e:
+        where = f" (line {e.line})" if e.line else ""
+        raise SpecError(source, str(e.key), f"given twice{where}; keep one (the last one would silently win)") from None
+
+
+def _read_mapping(path: Path) -> dict:
+    text = read_text(path)
+    try:
+        data = parse_mapping_text(text, str(path), path.suffix == ".json")
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else (f" at line {e.lineno}" if hasattr(e, "lineno") else "")
@@ -259,7 +308,10 @@ def load_cluster(arg: str, nodes: int | None = None, gpus_per_node: int | None =
     local-cpu's gpus_per_node defaults to this machine's core count."""
     source, data = _resolve("clusters", "cluster", arg)
     data.setdefault("name", Path(arg).stem if _is_file_arg(arg) else arg)
-    if data.get("gpus_per_node") == "auto":
+    if data.get("gpus_per_node") == "auto" and gpus_per_node is None:
+        if data.get("device") != "cpu":
+            raise SpecError(source, "gpus_per_node", f"'auto' means this machine's CPU count, which only a cluster whose device is "
+                                                     f"cpu may use (device here: {data.get('device')!r}); give the devices per node")
         data["gpus_per_node"] = os.cpu_count() or 1
     for key, v in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
         if v is not None:
@@ -291,14 +343,25 @@ def device_from_dict(data: dict, source: str) -> DeviceProfile:
     return d
 
 
+def measured_profile_path(name: str) -> Path:
+    """Where `planner profile` writes device NAME's measured profile and where load_device looks first.
+
+    In a source checkout that is profiles/devices/ (beside the datasheets); an installed package's files are
+    not this machine's to change, so there it is $XDG_DATA_HOME/meshplan/devices (~/.local/share/...)."""
+    if PROFILES_DIR != _PACKAGED_PROFILES:
+        return PROFILES_DIR / "devices" / f"{name}.measured.json"
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data_home / "meshplan" / "devices" / f"{name}.measured.json"
+
+
 def load_device(arg: str) -> DeviceProfile:
-    """A device name (a measured profiles/devices/NAME.measured.json wins over NAME.json) or a JSON file."""
+    """A device name (a measured profile, see measured_profile_path, wins over profiles/devices/NAME.json) or a JSON file."""
     if _is_file_arg(arg):
         path = Path(arg)
         if not path.is_file():
             raise SpecError(arg, "(file)", "no such device profile file")
         return device_from_dict(_read_mapping(path), str(path))
-    for path in (PROFILES_DIR / "devices" / f"{arg}.measured.json", PROFILES_DIR / "devices" / f"{arg}.json"):
+    for path in (measured_profile_path(arg), PROFILES_DIR / "devices" / f"{arg}.json"):
         if path.is_file():
             return device_from_dict(_read_mapping(path), str(path))
     raise SpecError("cluster", "device", f"unknown device {arg!r}; expected one of {', '.join(_presets('devices'))} (files in profiles/devices/)")

@@ -12,16 +12,11 @@ from dataclasses import dataclass
 
 from planner import comm
 from planner.compute import end_times, layer_times, optimizer_step_s
-from planner.memory import (GIB, activation_bytes_per_layer, embedding_activation_bytes, end_param_count,
+from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB, activation_bytes_per_layer, embedding_activation_bytes, end_param_count,
                             full_layer_activation_bytes, head_transient_bytes, layer_param_count, state_bytes_per_param)
 from planner.plan import Knobs
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec
 from planner.topology import dp_link, pp_links, tp_link
-
-DEFAULT_MEMORY_HEADROOM_GIB = 2.0
-"""Space every device keeps free beyond the predicted peak (allocator fragmentation, NCCL's buffers, a
-spike the model does not see): a plan at 79.7 of 80 GiB is not a fit. `--memory-headroom` sets it."""
-
 
 @dataclass(frozen=True)
 class Framework:

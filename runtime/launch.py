@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from planner import __version__
 from planner.errors import MeshplanError, PlanError, SpecError
 from planner.plan import Plan, load_plan, plan_id, plan_to_dict
+from planner.slurm import torchrun_prefix
 from runtime import checkpoint, data
 from runtime.mesh import build_mesh
 from runtime.model import GPT, GPTConfig
@@ -78,6 +79,9 @@ def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> Non
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = load_plan(args.plan)
+    if "WORLD_SIZE" not in os.environ:  # python -m runtime.launch, without torchrun (which sets it, and RANK)
+        raise PlanError(f"not started by torchrun (WORLD_SIZE is not set); run it as {torchrun_prefix()} "
+                        f"--nproc-per-node {plan.world_size} -m runtime.launch {args.plan}")
     check_runnable(plan, args, int(os.environ.get("WORLD_SIZE", "1")))
     source = data.token_file(args.data, plan.model.vocab, plan.model.seq_len) if args.data else data.synthetic(plan.model.vocab, args.seed)
 

@@ -117,7 +117,7 @@ def main(device: str | None = None, out: str | None = None, quick: bool = False,
         world = torch.cuda.device_count()
     shapes = choose_shapes(device_type, world, quick, models)
     name = device_name(device_type)
-    path = Path(out) if out else specs.PROFILES_DIR / "devices" / f"{name}.measured.json"
+    path = Path(out) if out else specs.measured_profile_path(name)
     started = time.perf_counter()
     samples, facts = _spawn(world, device_type, shapes)
     facts.update(name=name, profile_s=round(time.perf_counter() - started, 1), quick=quick)

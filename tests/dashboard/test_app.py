@@ -132,3 +132,19 @@ def test_the_memory_headroom_is_an_input_and_decides_what_fits(monkeypatch, tmp_
                   device="cpu", global_batch="8", memory_headroom="0")
     assert not at.exception and "0 GiB of headroom" in at.caption[0].value
     assert "No configuration fits in the 8 GiB usable" in at.warning[0].value
+
+
+@pytest.mark.parametrize("query, message", [
+    (dict(model="no-such-model"), "model='no-such-model' is not one of"),
+    (dict(nodes="-3"), "nodes='-3' is not a whole number from 1 to 100,000"),
+    (dict(nodes="eight"), "nodes='eight' is not a whole number"),
+    (dict(global_batch="1e9"), "global_batch='1e9' is not a whole number from 1 to 65,536"),
+    (dict(**TINY, tp="3"), "tp='3' cannot be pinned here; expected auto or one of 1, 2"),
+    (dict(memory_headroom="lots"), "memory_headroom='lots' is not a number of GiB from 0 to 1024"),
+    (dict(view="Nope"), "view='Nope' is not one of Plans, Selected plan, Predicted vs measured"),
+])
+def test_a_link_with_a_bad_query_parameter_shows_the_error_instead_of_plans_for_the_defaults(monkeypatch, tmp_path, query, message):
+    at = open_app(monkeypatch, tmp_path, **query)
+    assert not at.exception
+    assert len(at.error) == 1 and at.error[0].value.startswith("Link parameter ") and message in at.error[0].value
+    assert "Nothing was planned" in at.error[0].value and not at.metric  # no plan of inputs the link did not ask for

@@ -27,7 +27,7 @@ def plan_dict(*, tp=1, pp=1, dp=1, micro_batch=2, num_microbatches=4, schedule="
     ranges = layers or even_stages(model["layers"], n)
     stages = [{"layers": list(r), "embedding": i == 0, "head": i == n - 1, "recompute": recompute,
                "recompute_layers": recompute_layers, "memory_gib": 0.0} for i, r in enumerate(ranges)]
-    return {"version": 1, "id": f"t{tp}p{pp}d{dp}", "created_by": "meshplan tests", "model": model,
+    return {"version": 1, "id": "", "created_by": "meshplan tests", "model": model,
             "cluster": CLUSTER, "global_batch": micro_batch * num_microbatches * dp, "micro_batch": micro_batch,
             "num_microbatches": num_microbatches, "tp": tp, "pp": pp, "dp": dp, "schedule": schedule,
             "virtual_stages": virtual_stages, "sequence_parallel": sequence_parallel,

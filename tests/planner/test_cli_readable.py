@@ -1,0 +1,65 @@
+"""The CLI reads in an 80-column terminal, every flag says what it does and its default, and TFLOP/s and MFU
+say what they count."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from planner.cli import build_parser
+
+
+def options():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [(name, a) for name, p in sub.choices.items() for a in p._actions if a.option_strings and a.dest != "help"]
+
+
+@pytest.mark.parametrize("command, action", options(), ids=lambda x: x if isinstance(x, str) else x.option_strings[0])
+def test_every_flag_has_help_that_states_its_default(command, action):
+    assert action.help, f"planner {command} {action.option_strings[0]} has no help"
+    assert action.required or "default" in action.help, f"planner {command} {action.option_strings[0]}: say its default"
+
+
+def planner_at(columns: int, *argv: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "planner.cli", *argv], capture_output=True, text=True, timeout=120,
+                       env=os.environ | {"COLUMNS": str(columns)})
+    return r.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ("plan", "--model", "megatron-1t", "--cluster", "dgx-a100-80gb", "--nodes", "384", "--global-batch", "3072"),
+    ("plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb", "--nodes", "1", "--global-batch", "8"),  # nothing fits
+    ("predict", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb", "--global-batch", "1536", "--tp", "8", "--pp", "8",
+     "--dp", "8", "--micro-batch", "1", "--recompute", "full"),
+])
+def test_the_ranked_plans_fit_80_columns_with_no_value_cut(argv):
+    out = planner_at(80, *argv)
+    assert "tp×pp×dp" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    table = out[out.index("tp×pp×dp"):out.index("TFLOP/s per GPU counts")]
+    assert "…" not in table  # rich shortens a cell it cannot fit with an ellipsis
+
+
+def test_a_wide_terminal_gets_every_column_and_both_say_what_tflops_and_mfu_count():
+    wide = planner_at(200, "plan", "--model", "gpt3-1.3b", "--cluster", "dgx-a100-80gb", "--nodes", "2", "--global-batch", "64")
+    assert "dist-opt" in wide and "TFLOP/s/GPU" in wide and "blocks/stage" in wide
+    note = "TFLOP/s per GPU counts the FLOPs run, recomputation included (Narayanan et al. 2021); MFU counts model FLOPs"
+    assert note in " ".join(wide.split())
+
+
+def test_recompute_and_blocks_are_short_for_per_stage_choices():
+    import dataclasses
+
+    from planner.plan import Stage
+    from planner.report import _recompute_label, blocks_label
+    from tests.planner.export_plans import example_plans
+
+    plan = example_plans()["pp4-uneven-first-last"]  # 5, 7, 7, 5 blocks; the first two recompute 2 and 3 in full
+    assert _recompute_label(plan) == "full 5/24"  # 5 of the 24 blocks recompute in full, the rest nothing
+    assert blocks_label(plan) == "5+7x2+5"
+    alternating = tuple(Stage((3 * i // 2, 3 * (i + 1) // 2), i == 0, i == 15) for i in range(16))  # 1, 2, 1, 2, ...
+    assert blocks_label(dataclasses.replace(plan, stages=alternating)) == "1-2 on 16"

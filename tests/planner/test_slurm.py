@@ -1,0 +1,89 @@
+"""planner launch: the sbatch script and the per-node torchrun commands start exactly the plan, with flags that
+torch's own torchrun parser accepts, through this environment's Python; written atomically; bad node counts refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from planner.cli import main
+from planner.plan import write_plan
+from tests.planner.export_plans import priced
+from planner.plan import Knobs
+from tests.planner.refusals import refused
+
+
+@pytest.fixture
+def plan_file(tmp_path):
+    """tp 2 x pp 4 x dp 2 of gpt3-1.3b: 16 GPUs, two DGX nodes."""
+    path = tmp_path / "plan.json"
+    write_plan(path, priced("gpt3-1.3b", "dgx-a100-80gb", 2, Knobs(2, 4, 2, 1), 64))
+    return path
+
+
+def torchrun_args(argv: list[str]):
+    from torch.distributed.run import get_args_parser
+
+    return get_args_parser().parse_args(argv)
+
+
+def test_sbatch_script_runs_one_torchrun_per_node_meeting_on_the_first(plan_file, tmp_path, capsys):
+    assert main(["launch", str(plan_file), "--slurm", "--", "--steps", "5"]) == 0
+    script = plan_file.with_suffix(".sbatch")
+    assert f"sbatch {script}" in capsys.readouterr().out
+    text = script.read_text()
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --gpus-per-node=8" in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # Run it with stand-ins for Slurm's srun and scontrol that record what they were given.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-node-7\\ngpu-node-8\\n'\n")
+    (fake / "srun").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'srun.args'}\n")
+    for f in ("scontrol", "srun"):
+        os.chmod(fake / f, 0o755)
+    env = os.environ | {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node-[7-8]", "SLURM_JOB_ID": "4242"}
+    subprocess.run(["bash", str(script)], env=env, check=True, cwd=tmp_path)
+    srun = (tmp_path / "srun.args").read_text().splitlines()
+    assert srun[:4] == ["--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run"]
+    args = torchrun_args(srun[4:])
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend) == ("2", "8", "c10d")
+    assert args.rdzv_endpoint == "gpu-node-7:29500" and args.rdzv_id == "4242"
+    assert args.module and args.training_script == "runtime.launch"
+    assert args.training_script_args == [str(plan_file.resolve()), "--steps", "5"]
+
+
+def test_print_gives_the_same_torchrun_command_for_every_node_and_explains_master_addr(plan_file, capsys):
+    assert main(["launch", str(plan_file), "--print"]) == 0
+    out = capsys.readouterr().out
+    assert "each of the 2 nodes" in out and "MASTER_ADDR: the host name or IP address" in out
+    command = shlex.split(out.splitlines()[-1])
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    assert os.path.abspath(command[0]) == torchrun  # this environment's torchrun, not whatever is on PATH
+    args = torchrun_args(command[1:])
+    assert args.rdzv_endpoint == "MASTER_ADDR:29500" and args.nnodes == "2" and args.nproc_per_node == "8"
+    assert not plan_file.with_suffix(".sbatch").exists()  # --print alone writes nothing
+
+
+def test_a_one_node_plan_runs_standalone(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    write_plan(path, priced("gpt3-1.3b", "dgx-a100-80gb", 1, Knobs(2, 2, 2, 1), 64))
+    assert main(["launch", str(path)]) == 0
+    args = torchrun_args(shlex.split(capsys.readouterr().out.splitlines()[-1])[1:])
+    assert args.standalone and args.nproc_per_node == "8" and args.nnodes == "1"
+
+
+def test_other_nodes_or_a_bad_out_are_refused_and_nothing_is_written(plan_file, capsys):
+    err = refused(capsys, "launch", str(plan_file), "--slurm", "--nodes", "3")
+    assert "--nodes: nodes: 3 nodes x 8 GPUs = 24, but the plan needs tp 2 x pp 4 x dp 2 = 16" in err
+    assert "--out: /dev/null is not a regular file" in refused(capsys, "launch", str(plan_file), "--slurm", "--out", "/dev/null")
+    assert "needs --slurm" in refused(capsys, "launch", str(plan_file), "--out", "x.sbatch")
+    assert not plan_file.with_suffix(".sbatch").exists()
+
+
+def test_arguments_after_the_separator_are_only_for_launch(capsys):
+    assert "only planner launch passes arguments on" in refused(capsys, "validate", "r.jsonl", "--", "--steps", "3")

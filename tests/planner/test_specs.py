@@ -1,0 +1,79 @@
+"""Model and cluster files are never misread: each of these once parsed into something else without a word."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.planner.refusals import refused
+
+MODEL = "layers: 2\nhidden: 64\nheads: 4\nffn_hidden: 256\nseq_len: 32\nvocab: 100\n"
+CLUSTER = ("name: c\nnodes: 1\ngpus_per_node: 8\ndevice: a100-sxm4-80gb\n"
+           "intra_node: {bandwidth_GBps: 300, latency_us: 5}\ninter_node: {bandwidth_GBps: 25, latency_us: 10}\n")
+
+
+def plan_with(capsys, model: str = "gpt-tiny", cluster: str = "dgx-a100-80gb", *extra: str) -> str:
+    return refused(capsys, "plan", "--model", model, "--cluster", cluster, "--global-batch", "8", *extra)
+
+
+def test_a_yaml_key_given_twice_is_refused_naming_the_key_and_line(tmp_path, capsys):
+    path = tmp_path / "m.yaml"
+    path.write_text(MODEL + "layers: 4\n")  # YAML itself lets the last 'layers' win
+    err = plan_with(capsys, str(path))
+    assert f"{path}: layers: given twice (line 7)" in err
+
+
+def test_a_key_given_twice_in_a_nested_cluster_mapping_is_refused(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(CLUSTER.replace("latency_us: 10}", "latency_us: 10, bandwidth_GBps: 1}"))
+    assert "bandwidth_GBps: given twice" in plan_with(capsys, "gpt-tiny", str(path))
+
+
+def test_a_json_key_given_twice_is_refused(tmp_path, capsys):
+    path = tmp_path / "m.json"
+    path.write_text('{"layers": 2, "hidden": 64, "heads": 4, "ffn_hidden": 256, "seq_len": 32, "vocab": 100, "heads": 8}')
+    assert "heads: given twice" in plan_with(capsys, str(path))
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_the_file(tmp_path, capsys):
+    path = tmp_path / "m.yaml"
+    path.write_bytes(MODEL.replace("layers", "l\xe4yers").encode("latin-1"))
+    err = plan_with(capsys, str(path))
+    assert f"{path}: (file): not UTF-8 text (byte 0xe4 at offset 1)" in err
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN"])
+def test_nan_or_infinite_bandwidths_are_refused_not_made_free(tmp_path, capsys, value):
+    path = tmp_path / "c.yaml"
+    path.write_text(CLUSTER.replace("bandwidth_GBps: 25", f"bandwidth_GBps: {value}"))
+    assert f"inter_node.bandwidth_GBps: expected a finite number" in plan_with(capsys, "gpt-tiny", str(path))
+
+
+def test_gpus_per_node_auto_is_refused_on_a_gpu_cluster(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(CLUSTER.replace("gpus_per_node: 8", "gpus_per_node: auto"))
+    err = plan_with(capsys, "gpt-tiny", str(path))
+    assert "gpus_per_node: 'auto' means this machine's CPU count" in err and "'a100-sxm4-80gb'" in err
+
+
+def test_gpus_per_node_auto_still_means_the_core_count_on_local_cpu():
+    import os
+
+    from planner.specs import load_cluster
+
+    assert load_cluster("local-cpu").gpus_per_node == (os.cpu_count() or 1)
+    assert load_cluster("local-cpu", gpus_per_node=2).gpus_per_node == 2
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_a_nan_peak_tflops_is_refused_before_the_solver_sees_it(tmp_path, capsys, value):
+    from planner.specs import PROFILES_DIR
+
+    text = (PROFILES_DIR / "devices" / "a100-sxm4-80gb.json").read_text()
+    d = json.loads(text)
+    path = tmp_path / "dev.json"
+    path.write_text(text.replace(f'"peak_tflops": {json.dumps(d["peak_tflops"])}', f'"peak_tflops": {value}'))
+    assert json.loads(path.read_text())["peak_tflops"] != d["peak_tflops"]  # the replacement happened
+    err = plan_with(capsys, "gpt-tiny", "dgx-a100-80gb", "--nodes", "1", "--device", str(path))
+    assert "peak_tflops: expected a finite number" in err

@@ -1,0 +1,24 @@
+"""`python -m runtime.launch plan.json` without torchrun says to use torchrun (this environment's own), instead
+of a traceback about RANK from init_process_group."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.runtime.planfiles import write_plan
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_launch_without_torchrun_says_how_to_start_it(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", pp=2, layers=[[0, 1], [1, 4]])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-m", "runtime.launch", str(plan)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    torchrun = os.path.relpath(Path(sys.executable).parent / "torchrun", REPO)  # as typed from the repo
+    assert "not started by torchrun (WORLD_SIZE is not set)" in out.stderr
+    assert f"{torchrun} --nproc-per-node 2 -m runtime.launch {plan}" in out.stderr
