@@ -119,6 +119,11 @@ class DeviceProfile:
     """Fraction of memory_bandwidth_GBps that elementwise kernels reach."""
     framework_overhead_gib: float = 2.0
     """Memory the framework takes besides tensors (context, allocator slack)."""
+    fp8_peak_tflops: float = 0.0
+    """Peak dense FP8 (e4m3) matrix throughput, TFLOP/s; 0 where the device has no FP8 tensor cores (compute
+    capability below 8.9), and `--precision fp8` is then refused."""
+    fp8_gemm_efficiency: tuple[GemmPoint, ...] = ()
+    """Efficiency curve of FP8 GEMMs by size (as gemm_efficiency, of fp8_peak_tflops); empty: gemm_efficiency's."""
     version: int = DEVICE_SCHEMA_VERSION
     """Schema version of this file."""
     measured: dict | None = None
@@ -337,9 +342,12 @@ def device_from_dict(data: dict, source: str) -> DeviceProfile:
         raise SpecError(source, "source", f"expected 'datasheet' or 'measured', got {d.source!r}")
     if not d.gemm_efficiency:
         raise SpecError(source, "gemm_efficiency", "needs at least one point")
-    for i, p in enumerate(d.gemm_efficiency):
-        if not (0 < p.efficiency <= 1) or p.gflop <= 0:
-            raise SpecError(source, f"gemm_efficiency[{i}]", f"expected gflop > 0 and 0 < efficiency <= 1, got {p}")
+    for name in ("gemm_efficiency", "fp8_gemm_efficiency"):
+        for i, p in enumerate(getattr(d, name)):
+            if not (0 < p.efficiency <= 1) or p.gflop <= 0:
+                raise SpecError(source, f"{name}[{i}]", f"expected gflop > 0 and 0 < efficiency <= 1, got {p}")
+    if d.fp8_peak_tflops < 0:
+        raise SpecError(source, "fp8_peak_tflops", f"must be 0 (no FP8) or positive, got {d.fp8_peak_tflops}")
     return d
 
 
