@@ -347,7 +347,7 @@ def _layer_cases(shapes: Shapes, dev: torch.device, clock: _Clock, world: int) -
                 continue
             mesh = _tp_mesh(t, world, dev.type)["tp"]
             for sp in (False, True):
-                tp_gpt = apply_tp(_gpt(model, 1, t, dev, embed=False, head=False), mesh, sequence_parallel=sp)
+                tp_gpt = apply_tp(_gpt(model, 1, t, dev, embed=False, head=False), mesh, sequence_parallel=sp, mlp=model.mlp)
                 for b in shapes.micro_batches:
                     cases.append(_block_case(tp_gpt, model, t, b, dev, clock, ("layer", *dims, t, b), sp=sp, dtensor=True))
     return cases
@@ -397,7 +397,7 @@ def _end_cases(shapes: Shapes, dev: torch.device, clock: _Clock, world: int) -> 
             emb = _gpt(model, 0, t, dev, embed=True, head=False)
             head = _gpt(model, 0, t, dev, embed=False, head=True)
             if mesh is not None:
-                emb, head = (apply_tp(m, mesh, sequence_parallel=False) for m in (emb, head))
+                emb, head = (apply_tp(m, mesh, sequence_parallel=False, mlp=model.mlp) for m in (emb, head))
             key = ("end", model.hidden, model.padded_vocab(t), model.seq_len, t)
 
             def run(b: int, emb=emb, head=head, mesh=mesh, key=key) -> dict:
