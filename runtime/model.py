@@ -51,16 +51,6 @@ class GPTConfig:
     rope_theta: float = 10000.0
     """RoPE base."""
 
-    def __post_init__(self):
-        if self.kv_heads is None:
-            object.__setattr__(self, "kv_heads", self.heads)
-        if self.qkv_bias is None:
-            object.__setattr__(self, "qkv_bias", self.bias)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
     @classmethod
     def from_spec(cls, spec, tp: int) -> "GPTConfig":
         """From a planner ModelSpec; the vocabulary is padded as Megatron-LM pads it (to 128*tp)."""
@@ -104,11 +94,12 @@ class CausalAttention(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.cfg, self.head_dim = cfg, cfg.head_dim
-        kv = cfg.kv_heads * cfg.head_dim
-        self.wq = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.hidden, kv, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.hidden, kv, bias=cfg.qkv_bias)
+        self.cfg, self.head_dim = cfg, cfg.hidden // cfg.heads
+        kv = (cfg.kv_heads or cfg.heads) * self.head_dim
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+        self.wq = nn.Linear(cfg.hidden, cfg.hidden, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.hidden, kv, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.hidden, kv, bias=qkv_bias)
         self.core = CausalAttention()
         self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
 
