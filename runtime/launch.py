@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="steps left out of tokens/s and stage timings (default 1)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default 1e-3)")
     p.add_argument("--lr-warmup-steps", type=int, default=None,
-                   help="steps of linear warm-up to --lr (default: a tenth of --steps, at least 2)")
+                   help="steps of linear warm-up to --lr (default: a tenth of --steps, at least 1)")
     p.add_argument("--lr-decay-steps", type=int, default=None,
                    help="cosine decay from the end of warm-up to --lr-min-ratio * --lr at this step (default: --steps; give it, "
                         "and --lr-warmup-steps, when a run is stopped early by a smaller --steps and resumed)")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     manual_dp = needs_manual_all_reduce(dp=plan.dp, tp=plan.tp, pipelined=plan.pp > 1,
                                         shard_optimizer=plan.distributed_optimizer)
     optimizers = {idx: build_optimizer(chunk, args.lr) for idx, chunk in chunks.items()}
-    warmup_steps = args.lr_warmup_steps or max(2, args.steps // 10)
+    warmup_steps = args.lr_warmup_steps or max(1, args.steps // 10)
     decay_steps = args.lr_decay_steps or args.steps
     peak_tflops = device_peak_tflops(plan)
     start = 0

@@ -142,6 +142,6 @@ def test_each_step_logs_loss_grad_norm_lr_tokens_per_s_mfu_and_memory(tmp_path):
     lines = [line for line in out.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(" | ")[0] for line in lines] == ["step 1/2", "step 2/2"]  # rank 0 alone prints them
     fields = lines[0].split(" | ")
-    assert fields[1].startswith("loss 5.5") and fields[2].startswith("grad norm ") and fields[3] == "lr 5.00e-04"
+    assert fields[1].startswith("loss 5.5") and fields[2].startswith("grad norm ") and fields[3] == "lr 1.00e-03"
     assert fields[4].endswith(" tokens/s") and fields[5].startswith("MFU ") and fields[5].endswith("%")
     assert fields[6].startswith("memory ") and fields[6].endswith(" GiB")
