@@ -145,3 +145,15 @@ def test_each_step_logs_loss_grad_norm_lr_tokens_per_s_mfu_and_memory(tmp_path):
     assert fields[1].startswith("loss 5.5") and fields[2].startswith("grad norm ") and fields[3] == "lr 1.00e-03"
     assert fields[4].endswith(" tokens/s") and fields[5].startswith("MFU ") and fields[5].endswith("%")
     assert fields[6].startswith("memory ") and fields[6].endswith(" GiB")
+
+
+@pytest.mark.parametrize("knobs,model,message", [
+    ({"pp": 2}, {"tie_embeddings": True}, ": tie_embeddings: the embedding and the head are tied but sit on different pipeline stages"),
+    ({"tp": 4}, {"ffn_hidden": 704}, ": tp: kv_heads 2 are not divisible by tp 4"),
+])
+def test_llama_plan_the_runtime_cannot_build_is_refused_in_one_line_naming_the_field(capsys, monkeypatch, tmp_path, knobs, model, message):
+    from tests.runtime.planfiles import LLAMA_TINY
+
+    world = knobs.get("pp", 1) * knobs.get("tp", 1)
+    err = refusal(capsys, monkeypatch, plan_dict(model={**LLAMA_TINY, **model}, **knobs), tmp_path, world_size=world)
+    assert message in err
