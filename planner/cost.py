@@ -144,9 +144,14 @@ def p2p_seconds(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, k
 def model_flops(model: ModelSpec, global_batch: int, recomputed_fraction: float) -> float:
     """FLOPs per iteration, Narayanan et al. 2021, section 5.1 (eq. 3), for a general MLP width:
     per block 2bs(4h^2 + 2hf + 2sh) forward, x3 with backward, +1 forward for recomputed blocks;
-    logits 2bshV x3. With f = 4h and full recomputation this is 96Bslh^2(1 + s/6h + V/16lh)."""
+    logits 2bshV x3. With f = 4h and full recomputation this is 96Bslh^2(1 + s/6h + V/16lh).
+    Grouped-query attention narrows k and v to kv_heads * head_dim columns, and SwiGLU has three h x f
+    matrices instead of two; a GPT (kv_heads = heads, gelu) gets exactly the formula above."""
     B, s, h, f, l, V = global_batch, model.seq_len, model.hidden, model.ffn_hidden, model.layers, model.vocab
-    per_block_fwd = 2 * B * s * (4 * h * h + 2 * h * f + 2 * s * h)
+    kv, mlp_matrices = model.kv_dim, 3 if model.mlp == "swiglu" else 2
+    # Narayanan et al. 2021 eq. 3's 2bs(4h^2 + 2hf + 2sh), with q and o at h^2 and k and v at h*kv each (Ainslie
+    # et al. 2023, GQA) and 3hf for SwiGLU's gate, up and down (Shazeer 2020, eq. 6).
+    per_block_fwd = 2 * B * s * (2 * h * h + 2 * h * kv + mlp_matrices * h * f + 2 * s * h)
     return (3 + recomputed_fraction) * l * per_block_fwd + 3 * 2 * B * s * h * V
 
 

@@ -23,7 +23,7 @@ TORCHTITAN_COMMIT = "e347b1e5e6b6941d789d16d340145294d82dc71e"
 # Model fields each export maps (the Llama-family ones with their defaults, as design.md names them); any other
 # field with a non-default value is refused rather than dropped.
 MODEL_DEFAULTS = {"kv_heads": None, "mlp": "gelu", "norm": "layernorm", "position": "learned", "bias": True,
-                  "tie_embeddings": False}
+                  "tie_embeddings": False, "qkv_bias": None, "rope_theta": 10000.0}
 MODEL_FIELDS = {"name", "layers", "hidden", "heads", "ffn_hidden", "seq_len", "vocab", *MODEL_DEFAULTS}
 PLAN_FIELDS = {"model", "cluster", "global_batch", "micro_batch", "num_microbatches", "tp", "pp", "dp", "schedule",
                "virtual_stages", "sequence_parallel", "distributed_optimizer", "stages", "prediction", "profile", "id",
@@ -117,6 +117,13 @@ def _megatron(plan: Plan) -> tuple[list[str], list[str]]:
     if _model(plan, "kv_heads") not in (None, m.heads):
         argv += ["--group-query-attention", _meg("kv_heads"), str(_model(plan, "kv_heads"))]
     argv += ["--swiglu"] * (_model(plan, "mlp") == "swiglu") + ["--disable-bias-linear"] * (not _model(plan, "bias"))
+    if m.qkv_bias and not m.bias:  # Qwen2: biases on q, k and v only
+        argv += ["--add-qkv-bias"]
+    elif m.bias and not m.qkv_bias:
+        raise MeshplanError("model.qkv_bias: false with bias: true (biases everywhere but q/k/v) has no Megatron-LM flag; "
+                            "export it by hand")
+    if m.position == "rope":
+        argv += ["--rotary-base", f"{m.rope_theta:g}"]
     argv += ["--normalization", {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}[_model(plan, "norm")]]
     argv += ["--position-embedding-type", {"learned": "learned_absolute", "rope": "rope"}[_model(plan, "position")]]
     argv += ["--untie-embeddings-and-output-weights"] * (not _model(plan, "tie_embeddings"))
@@ -181,7 +188,9 @@ def torchtitan_keys(plan: Plan) -> tuple[dict[str, object], list[str]]:
     comments = [f"start it on tp x pp x dp = {plan.world_size} GPUs",
                 f"[model]: torchtitan @{TORCHTITAN_COMMIT[:7]} has no model of meshplan's {m.name} (layers {m.layers}, hidden "
                 f"{m.hidden}, heads {m.heads}, ffn_hidden {m.ffn_hidden}, vocab {m.vocab}, {_model(plan, 'mlp')} MLP, "
-                f"{_model(plan, 'norm')}, {_model(plan, 'position')} positions): register one of these shapes under this name",
+                f"{_model(plan, 'norm')}, {_model(plan, 'position')} positions"
+                + (f", rope_theta {m.rope_theta:g}" if m.position == "rope" else "") + (", q/k/v biases" if m.qkv_bias else "")
+                + "): register one of these shapes under this name",
                 "float8 off (model.converters = []) and compile off: meshplan priced this plan in bf16, eager"]
     keys: dict[str, object] = {"model.name": m.name, "model.flavor": m.name, "model.converters": [],
                                # torchtitan's local batch is one dp rank's share of the global batch

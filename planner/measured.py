@@ -5,21 +5,24 @@ collectives so that planner.comm's formulas reproduce them. Pure Python: no torc
 The profile's "measured" section (written by runtime/profile.py; every time in seconds, the median of
 the repeats, with the spread beside it):
 
-    layers:  [{hidden, heads, ffn_hidden, seq_len, tp, sequence_parallel, micro_batch,
-               forward_s, backward_s, selective_recompute_s, spread_pct,
+    layers:  [{hidden, heads, ffn_hidden, seq_len, kv_heads, mlp, norm, position, bias, qkv_bias,
+               tp, sequence_parallel, micro_batch, forward_s, backward_s, selective_recompute_s, spread_pct,
                with_comm: {forward_s, backward_s}   # tp > 1 only: the DTensor layer on tp ranks}]
-    ends:    [{hidden, vocab, seq_len, tp, micro_batch, embedding_forward_s, embedding_backward_s,
-               head_forward_s, head_backward_s}]       # vocab: padded; tp > 1: with their collectives
+    ends:    [{hidden, vocab, seq_len, norm, position, tp, micro_batch, embedding_forward_s,
+               embedding_backward_s, head_forward_s, head_backward_s}]   # vocab: padded; tp > 1: with collectives
     optimizer_s_per_param, collectives: [{op, ranks, bytes, median_s, min_s, max_s}],
     links: {collective, all_gather, reduce_scatter, send_recv: {bandwidth_GBps, latency_us}},
     stage_overhead_s: {forward_s, backward_s}    # torch.distributed.pipelining, per microbatch and stage
     fsdp: {params, per_step_s_per_param, per_microbatch_s_per_param, ...}   # what FSDP2 adds to a step
     pipeline: [...], optimizer: {...}, gemm: [...], copy_GBps, cpu_share, and host facts (device_name,
     torch_version, date, cpu_count, world_size, backend, threads_per_rank, dtype, profile_s, suite_s).
-Only layers, ends, optimizer_s_per_param and links are required; the rest is optional.
+Only layers, ends, optimizer_s_per_param and links are required; the rest is optional. A layer's
+family keys (kv_heads ... qkv_bias, planner.specs.ModelSpec's fields) default to a GPT block's, and an
+end's norm and position to GPT's, so a profile written before the Llama family existed reads as GPT.
 
-A shape is looked up by its tensor-parallel shard, (hidden, heads/tp, head dim, ffn/tp), and the tp
-degree; times are linear in the tokens of a microbatch between measured micro-batch sizes.
+A shape is looked up by its family (a Llama block never stands in for a GPT block, nor the reverse), its
+tensor-parallel shard, (hidden, heads/tp, kv_heads/tp, head dim, ffn/tp), and the tp degree; times are
+linear in the tokens of a microbatch between measured micro-batch sizes.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from planner import comm
 from planner.compute import EndTimes, LayerTimes
 from planner.errors import SpecError
-from planner.specs import DeviceProfile, LinkSpec, ModelSpec
+from planner.specs import MLPS, NORMS, POSITIONS, DeviceProfile, LinkSpec, ModelSpec
 
 EXTRAPOLATE_TOKENS = 4.0
 """How far outside the measured tokens per microbatch a curve is stretched (a factor either way)."""
@@ -49,9 +52,9 @@ class _Point:
 @dataclass(frozen=True)
 class _Parsed:
     layers: dict[tuple, list[_Point]]
-    """(hidden, heads, ffn_hidden, seq_len, tp, sequence_parallel) -> points sorted by micro_batch."""
+    """(hidden, heads, ffn_hidden, seq_len, tp, sequence_parallel, family) -> points sorted by micro_batch."""
     ends: dict[tuple, list[_Point]]
-    """(hidden, vocab, seq_len, tp) -> points sorted by micro_batch."""
+    """(hidden, vocab, seq_len, tp, norm, position) -> points sorted by micro_batch."""
     links: dict[str, LinkSpec]
 
 
@@ -60,6 +63,26 @@ _LAYER_TIMES = ("forward_s", "backward_s", "selective_recompute_s")
 _END_INTS = ("hidden", "vocab", "seq_len", "tp", "micro_batch")
 _END_TIMES = ("embedding_forward_s", "embedding_backward_s", "head_forward_s", "head_backward_s")
 _REGENERATE = "re-run `planner profile` to measure this machine again"
+
+
+def layer_family(model: ModelSpec) -> dict:
+    """What besides its sizes decides a block's cost: the ModelSpec fields of the Llama family, in a fixed order."""
+    return {"kv_heads": model.kv_heads, "mlp": model.mlp, "norm": model.norm, "position": model.position,
+            "bias": model.bias, "qkv_bias": model.qkv_bias}
+
+
+def _family(source: str, where: str, e: dict, heads: int) -> tuple:
+    """A profile entry's layer_family values, GPT's where the entry predates them."""
+    bias = e.get("bias", True)
+    got = {"kv_heads": e.get("kv_heads", heads), "mlp": e.get("mlp", "gelu"), "norm": e.get("norm", "layernorm"),
+           "position": e.get("position", "learned"), "bias": bias, "qkv_bias": e.get("qkv_bias", bias)}
+    for key, allowed in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS)):
+        if got[key] not in allowed:
+            raise SpecError(source, f"{where}.{key}", f"expected one of {', '.join(allowed)}, got {got[key]!r}; {_REGENERATE}")
+    for key in ("bias", "qkv_bias"):
+        _need(source, where, got, key, "bool")
+    _need(source, where, got, "kv_heads", "int")
+    return tuple(got.values())
 
 
 def _need(source: str, where: str, obj: dict, key: str, kind: str):
@@ -94,16 +117,18 @@ def check_measured(measured, source: str) -> _Parsed:
         where = f"{top}.layers[{i}]"
         ints = [_need(source, where, e, k, "int") for k in _LAYER_INTS]
         sp = _need(source, where, e, "sequence_parallel", "bool")
+        family = _family(source, where, e, ints[1])
         vals = {k: _need(source, where, e, k, "time") for k in _LAYER_TIMES}
         if ints[4] > 1 and "with_comm" in e:
             wc = _need(source, where, e, "with_comm", "dict")
             vals.update({f"with_comm_{k}": _need(source, f"{where}.with_comm", wc, k, "time") for k in ("forward_s", "backward_s")})
-        layers.setdefault((*ints[:5], sp), []).append(_Point(ints[5], vals))
+        layers.setdefault((*ints[:5], sp, family), []).append(_Point(ints[5], vals))
     ends: dict[tuple, list[_Point]] = {}
     for i, e in enumerate(_need(source, top, measured, "ends", "list")):
         where = f"{top}.ends[{i}]"
         ints = [_need(source, where, e, k, "int") for k in _END_INTS]
-        ends.setdefault(tuple(ints[:4]), []).append(_Point(ints[4], {k: _need(source, where, e, k, "time") for k in _END_TIMES}))
+        kind = (e.get("norm", "layernorm"), e.get("position", "learned"))
+        ends.setdefault((*ints[:4], *kind), []).append(_Point(ints[4], {k: _need(source, where, e, k, "time") for k in _END_TIMES}))
     _need(source, top, measured, "optimizer_s_per_param", "time")
     links = {}
     for kind, data in _need(source, top, measured, "links", "dict").items():
@@ -155,18 +180,20 @@ def _curve(pts: list[_Point], seq_len: int, key: str) -> list[tuple[float, float
     return [(p.micro_batch * seq_len, p.values[key]) for p in pts if key in p.values]
 
 
-def _shard(hidden: int, heads: int, ffn: int, tp: int) -> tuple[int, int, int, int]:
-    """What a tp rank computes: input width, local heads, head dim, local MLP width."""
-    return hidden, heads // tp, hidden // heads, ffn // tp
+def _shard(hidden: int, heads: int, kv_heads: int, ffn: int, tp: int) -> tuple[int, int, int, int, int]:
+    """What a tp rank computes: input width, local query and K/V heads, head dim, local MLP width."""
+    return hidden, heads // tp, kv_heads // tp, hidden // heads, ffn // tp
 
 
 def _find_layer_curve(parsed: _Parsed, model: ModelSpec, tp: int, sp: bool):
     """The best measured curve for this shard: same shard, tp and sequence parallelism first; then the
     other sequence-parallel setting; then another sequence length within EXTRAPOLATE_SEQ (extrapolated)."""
-    want = _shard(model.hidden, model.heads, model.ffn_hidden, tp)
+    want = _shard(model.hidden, model.heads, model.kv_heads, model.ffn_hidden, tp)
+    # The family but kv_heads, which the shard compares as kv_heads/tp.
+    family = tuple(v for k, v in layer_family(model).items() if k != "kv_heads")
     best = None
-    for (h, a, f, s, t, csp), pts in parsed.layers.items():
-        if t != tp or _shard(h, a, f, t) != want:
+    for (h, a, f, s, t, csp, (kv, *fam)), pts in parsed.layers.items():
+        if t != tp or tuple(fam) != family or _shard(h, a, kv, f, t) != want:
             continue
         ratio = max(s, model.seq_len) / min(s, model.seq_len)
         if ratio > EXTRAPOLATE_SEQ:
@@ -218,9 +245,10 @@ def measured_end_times(device: DeviceProfile, model: ModelSpec, tp: int, b: int)
     parsed = _parsed(device)
     vocab = model.padded_vocab(tp)
     best = None
-    for (h, v, s, t), pts in parsed.ends.items():
+    for (h, v, s, t, norm, position), pts in parsed.ends.items():
         ratio = max(s, model.seq_len) / min(s, model.seq_len)
-        if h == model.hidden and v == vocab and t == tp and ratio <= EXTRAPOLATE_SEQ and (best is None or ratio < best[0]):
+        same = (h, v, t, norm, position) == (model.hidden, vocab, tp, model.norm, model.position)
+        if same and ratio <= EXTRAPOLATE_SEQ and (best is None or ratio < best[0]):
             best = (ratio, s, pts)
     if best is None:
         return None

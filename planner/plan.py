@@ -178,9 +178,18 @@ def plan_id(plan: Plan) -> str:
     d = plan_to_dict(plan)
     for k in ("id", "prediction", "profile", "created_by", "cluster"):
         d.pop(k, None)
+    d["model"] = _without_defaults(plan.model, d["model"])
     for s in d["stages"]:
         s.pop("memory_gib", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _without_defaults(model: ModelSpec, d: dict) -> dict:
+    """The model's fields less those at their defaults (kv_heads = heads, qkv_bias = bias), so that a field
+    added with a default leaves the id of every plan written before it unchanged."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec) if f.default is not dataclasses.MISSING}
+    defaults.update(kv_heads=model.heads, qkv_bias=model.bias)
+    return {k: v for k, v in d.items() if k not in defaults or v != defaults[k]}
 
 
 def with_id(plan: Plan) -> Plan:
@@ -206,10 +215,11 @@ def check_plan(plan: Plan, source: str) -> Plan:
         raise SpecError(source, "schedule", f"expected one of {', '.join(SCHEDULES)}, got {plan.schedule!r}")
     if plan.schedule != "interleaved" and plan.virtual_stages != 1:
         raise SpecError(source, "virtual_stages", f"must be 1 unless schedule is 'interleaved', got {plan.virtual_stages}")
-    if plan.model.heads % plan.tp:
-        raise SpecError(source, "tp", f"heads {plan.model.heads} are not divisible by tp {plan.tp}; pick a tp that divides the heads")
-    if plan.model.ffn_hidden % plan.tp:
-        raise SpecError(source, "tp", f"ffn_hidden {plan.model.ffn_hidden} is not divisible by tp {plan.tp}")
+    if (why := plan.model.tp_problem(plan.tp)) is not None:
+        raise SpecError(source, "tp", why)
+    if plan.model.tie_embeddings and len(plan.stages) > 1:
+        raise SpecError(source, "tie_embeddings", f"the embedding and the head are tied but sit on different pipeline stages "
+                        f"(stages[0] and stages[{len(plan.stages) - 1}]); use one stage (pp 1) or a model with tie_embeddings: false")
     if plan.global_batch != plan.micro_batch * plan.num_microbatches * plan.dp:
         raise SpecError(source, "num_microbatches", f"global_batch {plan.global_batch} != micro_batch {plan.micro_batch} x num_microbatches {plan.num_microbatches} x dp {plan.dp}")
     n = plan.pp * plan.virtual_stages

@@ -23,8 +23,17 @@ PROFILES_DIR = _PACKAGED_PROFILES if _PACKAGED_PROFILES.is_dir() else _PACKAGED_
 DEVICE_SCHEMA_VERSION = 1
 
 
+MLPS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
+    """A dense decoder-only transformer: GPT-3 style by default, Llama style with kv_heads, mlp: swiglu,
+    norm: rmsnorm, position: rope and bias: false. Every family field defaults to GPT's value, so a
+    GPT-3-style spec (and its plan ids) is exactly what it was before these fields existed."""
+
     name: str
     """Preset or file name, for tables and plan ids."""
     layers: int
@@ -32,32 +41,95 @@ class ModelSpec:
     hidden: int
     """Model width h."""
     heads: int
-    """Attention heads a; hidden must divide by it."""
+    """Attention (query) heads a; hidden must divide by it."""
     ffn_hidden: int
-    """MLP inner width (4h for GPT)."""
+    """MLP inner width f (4h for GPT; each of gate, up and down is h x f with SwiGLU)."""
     seq_len: int
     """Sequence length s in tokens."""
     vocab: int
     """Vocabulary size V before padding (padded to a multiple of 128*tp, as Megatron-LM does)."""
+    kv_heads: int | None = None
+    """Key/value heads (grouped-query attention, Ainslie et al. 2023); None (the default) means heads.
+    Must divide heads; tensor parallelism needs tp to divide it (each rank holds whole K/V heads)."""
+    mlp: str = "gelu"
+    """'gelu' (fc, proj: 2 matrices) or 'swiglu' (gate, up, down: 3 matrices, Shazeer 2020)."""
+    norm: str = "layernorm"
+    """'layernorm' (weight, and a bias when bias is true) or 'rmsnorm' (weight only, Zhang & Sennrich 2019)."""
+    position: str = "learned"
+    """'learned' (a seq_len x h table added to the token embedding) or 'rope' (rotary, no parameters, Su et al. 2021)."""
+    bias: bool = True
+    """Biases in every linear layer, and in LayerNorms (an RMSNorm has none either way)."""
+    tie_embeddings: bool = False
+    """The LM head reuses the token embedding matrix (one V x h matrix instead of two)."""
+    qkv_bias: bool | None = None
+    """Biases on the q, k and v projections only (Qwen2); None (the default) means the same as bias."""
+    rope_theta: float = 10000.0
+    """RoPE base (Llama 2: 10,000, Llama 3: 500,000); unused with learned positions."""
+
+    def __post_init__(self):
+        # Resolve the "same as" defaults once, so that code reads plain values.
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.bias)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the k (and of the v) projection: kv_heads * head_dim."""
+        return self.kv_heads * self.head_dim
 
     def padded_vocab(self, tp: int) -> int:
         # Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by (128) * tp.
         m = 128 * tp
         return -(-self.vocab // m) * m
 
-    def layer_params(self) -> int:
-        """Parameters in one block: QKV + proj (4h^2 + 4h), MLP (2*h*f + f + h), two LayerNorms (4h)."""
-        h, f = self.hidden, self.ffn_hidden
-        return 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
+    def tp_problem(self, tp: int) -> str | None:
+        """Why tensor parallelism of degree tp cannot shard this model (None when it can): every rank
+        holds whole query heads, whole K/V heads (no K/V replication) and an equal slice of the MLP."""
+        for name, n in (("heads", self.heads), ("kv_heads", self.kv_heads), ("ffn_hidden", self.ffn_hidden)):
+            if n % tp:
+                return f"{name} {n} {'are' if name.endswith('heads') else 'is'} not divisible by tp {tp}; pick a tp that divides {name}"
+        return None
 
-    def embedding_params(self, tp: int = 1) -> int:
-        """Token embedding (padded vocab) and learned positions."""
-        return self.padded_vocab(tp) * self.hidden + self.seq_len * self.hidden
+    def norm_params(self) -> int:
+        """One norm: LayerNorm weight (and bias when bias is true), or RMSNorm weight."""
+        return self.hidden * (2 if self.norm == "layernorm" and self.bias else 1)
+
+    def layer_params(self) -> int:
+        """Parameters in one block, exactly: q and o (h x h each), k and v (h x kv_dim each), the MLP
+        (2 or 3 matrices of h x f), their biases where the model has them, and two norms. For GPT:
+        4h^2 + 4h (attention), 2hf + f + h (MLP), 4h (two LayerNorms)."""
+        h, f, kv = self.hidden, self.ffn_hidden, self.kv_dim
+        attn = 2 * h * h + 2 * h * kv + (h + 2 * kv if self.qkv_bias else 0) + (h if self.bias else 0)
+        matrices = 3 if self.mlp == "swiglu" else 2
+        mlp = matrices * h * f + (((matrices - 1) * f + h) if self.bias else 0)
+        return attn + mlp + 2 * self.norm_params()
+
+    def embedding_params(self, tp: int | None = None) -> int:
+        """Token embedding and learned positions (none with RoPE). Without tp: the exact model's
+        (V x h); with tp: the table as meshplan's runtime holds it over tp ranks (vocab padded to 128*tp)."""
+        v = self.vocab if tp is None else self.padded_vocab(tp)
+        return v * self.hidden + (self.seq_len * self.hidden if self.position == "learned" else 0)
+
+    def head_params(self, tp: int | None = None) -> int:
+        """The LM head's matrix: 0 when tied to the embedding; without tp V x h, with tp the padded one."""
+        if self.tie_embeddings:
+            return 0
+        return (self.vocab if tp is None else self.padded_vocab(tp)) * self.hidden
 
     def params(self) -> int:
-        """All parameters as meshplan's runtime holds them: an untied head (pipeline stages put the
-        embedding and the head on different devices) and the final LayerNorm."""
-        return self.layers * self.layer_params() + self.embedding_params() + self.padded_vocab(1) * self.hidden + 2 * self.hidden
+        """The exact parameter count (the published one): blocks, embedding, head (unless tied) and the
+        final norm, with the unpadded vocabulary. Llama 3 8B: 8,030,261,248."""
+        return self.layers * self.layer_params() + self.embedding_params() + self.head_params() + self.norm_params()
+
+    def padded_params(self, tp: int = 1) -> int:
+        """All parameters as meshplan's runtime holds them over tp ranks: the exact model with the
+        embedding and head padded to padded_vocab(tp) rows."""
+        return self.layers * self.layer_params() + self.embedding_params(tp) + self.head_params(tp) + self.norm_params()
 
 
 @dataclass(frozen=True)
@@ -282,16 +354,31 @@ def _resolve(kind: str, what: str, arg: str) -> tuple[str, dict]:
 
 def model_from_dict(data: dict, source: str) -> ModelSpec:
     m = from_dict(ModelSpec, data, source)
-    _positive(source, m, ["layers", "hidden", "heads", "ffn_hidden", "seq_len", "vocab"])
+    _positive(source, m, ["layers", "hidden", "heads", "kv_heads", "ffn_hidden", "seq_len", "vocab", "rope_theta"])
     if m.hidden % m.heads:
         raise SpecError(source, "heads", f"hidden {m.hidden} is not divisible by heads {m.heads}")
+    if m.heads % m.kv_heads:
+        raise SpecError(source, "kv_heads", f"heads {m.heads} are not divisible by kv_heads {m.kv_heads}; each K/V head serves a whole group of query heads")
+    for name, allowed in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS)):
+        if getattr(m, name) not in allowed:
+            raise SpecError(source, name, f"expected one of {', '.join(allowed)}, got {getattr(m, name)!r}")
+    if m.position == "rope" and m.head_dim % 2:
+        raise SpecError(source, "heads", f"RoPE rotates pairs of channels, but the head dim hidden/heads = {m.head_dim} is odd")
     return m
 
 
 def load_model(arg: str) -> ModelSpec:
-    """A preset name (profiles/models/NAME.yaml) or a YAML/JSON file."""
+    """A preset name (profiles/models/NAME.yaml), a YAML/JSON file, or a Hugging Face config.json (or a
+    folder holding one: planner.hf reads it offline)."""
+    from planner import hf
+
+    path = Path(arg)
+    if path.is_dir():
+        return hf.load_hf_folder(path)
     source, data = _resolve("models", "model", arg)
-    data.setdefault("name", Path(arg).stem if _is_file_arg(arg) else arg)
+    if hf.is_hf_config(data):
+        return hf.model_from_hf(data, source, hf.model_name(path))
+    data.setdefault("name", path.stem if _is_file_arg(arg) else arg)
     return model_from_dict(data, source)
 
 

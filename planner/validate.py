@@ -13,6 +13,7 @@ from planner.cost import predict
 from planner.errors import MeshplanError
 from planner.io import read_jsonl
 from planner.plan import plan_from_dict
+from planner.results import result_from_dict
 from planner.specs import load_device
 
 
@@ -49,8 +50,6 @@ def _measured_step_s(line: dict) -> float:
 
 def load_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
     """Good results lines (with their parsed plan) and a message for each bad one."""
-    from runtime.results import result_from_dict  # torch-free module
-
     good, skipped = [], []
     for path in paths:
         try:

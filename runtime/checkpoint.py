@@ -29,6 +29,7 @@ def init_weights(chunk: nn.Module, cfg: GPTConfig, seed: int, device: torch.devi
     single-process model has. Call after TP and recompute, before DDP/FSDP2 (DDP cannot wrap meta
     tensors; FSDP2 then shards the values it is given)."""
     chunk.to_empty(device=device)
+    chunk.tie_weights()  # to_empty gives the tied head a Parameter of its own
     with torch.no_grad():
         for name, param in chunk.named_parameters():
             full = init_full_tensor(clean_fqn(name), tuple(param.shape), cfg, seed).to(device)

@@ -1,9 +1,14 @@
 """Run a plan: `torchrun --nproc-per-node N -m runtime.launch plan.json [--steps K] [--seed S] [--results FILE]
-[--checkpoint-dir D] [--checkpoint-every K] [--data tokens.bin] [--warmup W]`.
+[--checkpoint-dir D] [--checkpoint-every K] [--data tokens.bin] [--warmup W] [--lr LR] [--lr-warmup-steps W]
+[--lr-decay-steps D] [--lr-min-ratio R] [--max-grad-norm G]`.
 
 main() reads top to bottom: load the plan, init the process group, build the mesh, build the model on meta,
 split stages, apply TP, recompute, init or load weights with DP applied, train, write results. CPU ranks talk
 over gloo, GPUs over NCCL; torchrun's usual flags (--nnodes, --rdzv-endpoint, ...) span nodes.
+
+Training is what users expect of a GPT/Llama run: AdamW, a linear learning-rate warm-up then cosine decay,
+gradient-norm clipping over the whole model (runtime.parallel.clip), and one log line per step (loss, grad
+norm, lr, tokens/s, MFU, memory).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
+import math
 import os
 import resource
 import sys
@@ -25,16 +31,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 from planner import __version__
 from planner.errors import MeshplanError, PlanError, SpecError
+from planner.cost import model_flops
 from planner.plan import Plan, load_plan, plan_id, plan_to_dict
+from planner.results import RunResult, append_result, median_tokens_per_s
+from planner.specs import load_device
 from planner.slurm import torchrun_prefix
 from runtime import checkpoint, data
 from runtime.mesh import build_mesh
 from runtime.model import GPT, GPTConfig
+from runtime.parallel.clip import clip_grad_norm_
 from runtime.parallel.data import all_reduce_gradients, apply_data_parallel, needs_manual_all_reduce
 from runtime.parallel.pipeline import build_schedule, build_stages, split_model
 from runtime.parallel.recompute import apply_recompute
 from runtime.parallel.tensor import apply_tp, cross_entropy
-from runtime.results import RunResult, append_result, median_tokens_per_s
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,7 +57,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every K steps (default: only at the end)")
     p.add_argument("--data", help="flat uint16 token file (nanoGPT's train.bin); default: a seeded synthetic stream")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of tokens/s and stage timings (default 1)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3, constant)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default 1e-3)")
+    p.add_argument("--lr-warmup-steps", type=int, default=None,
+                   help="steps of linear warm-up to --lr (default: a tenth of --steps, at least 1)")
+    p.add_argument("--lr-decay-steps", type=int, default=None,
+                   help="cosine decay from the end of warm-up to --lr-min-ratio * --lr at this step (default: --steps; give it, "
+                        "and --lr-warmup-steps, when a run is stopped early by a smaller --steps and resumed)")
+    p.add_argument("--lr-min-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr (default 0.1)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the whole model's gradient to this 2-norm (default 1.0; 0 turns clipping off)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per CPU rank (default 1)")
     return p.parse_args(argv)
 
@@ -60,9 +77,13 @@ def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> Non
                         f"ranks, but {world_size} were started; run torchrun --nproc-per-node {plan.world_size} "
                         "(times --nnodes) or re-plan for this many devices")
     for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
-                             ("--checkpoint-every", args.checkpoint_every, 0), ("--threads", args.threads, 1)):
-        if value < low:
+                             ("--checkpoint-every", args.checkpoint_every, 0), ("--threads", args.threads, 1),
+                             ("--lr-warmup-steps", args.lr_warmup_steps, 1), ("--lr-decay-steps", args.lr_decay_steps, 1),
+                             ("--lr", args.lr, 0), ("--lr-min-ratio", args.lr_min_ratio, 0), ("--max-grad-norm", args.max_grad_norm, 0)):
+        if value is not None and value < low:
             raise SpecError(flag, flag.lstrip("-").replace("-", "_"), f"must be at least {low}, got {value}")
+    if args.lr_min_ratio > 1:
+        raise SpecError("--lr-min-ratio", "lr_min_ratio", f"must be at most 1 (a fraction of --lr), got {args.lr_min_ratio}")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise SpecError("--checkpoint-every", "checkpoint_every", "needs --checkpoint-dir to save into")
     m, pp = plan.num_microbatches, plan.pp
@@ -104,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     chunks = split_model(model, plan.stages, plan.pp, pp_rank)
     for idx, chunk in chunks.items():
         if tp_mesh is not None:
-            apply_tp(chunk, tp_mesh, sequence_parallel=plan.sequence_parallel)
+            apply_tp(chunk, tp_mesh, sequence_parallel=plan.sequence_parallel, mlp=cfg.mlp)
         apply_recompute(chunk.layers, plan.stages[idx].recompute, plan.stages[idx].recompute_layers)
         # Seeded weights before DP: DDP cannot wrap meta tensors (it broadcasts at construction), and FSDP2
         # then shards the values it is given. A checkpoint, if any, overwrites them below.
@@ -114,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     manual_dp = needs_manual_all_reduce(dp=plan.dp, tp=plan.tp, pipelined=plan.pp > 1,
                                         shard_optimizer=plan.distributed_optimizer)
     optimizers = {idx: build_optimizer(chunk, args.lr) for idx, chunk in chunks.items()}
+    warmup_steps = args.lr_warmup_steps or max(1, args.steps // 10)
+    decay_steps = args.lr_decay_steps or args.steps
+    peak_tflops = device_peak_tflops(plan)
     start = 0
     if args.checkpoint_dir and (last := checkpoint.latest_step(args.checkpoint_dir)) is not None:
         start = checkpoint.load(args.checkpoint_dir, last, chunks, optimizers)
@@ -132,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     # pipelining infers shapes during its first step (an extra forward/backward): always a warm-up step.
     warmup = max(args.warmup, 1 if plan.pp > 1 else 0)
-    step_s, losses, started_at = [], [], datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    step_s, losses, grad_norms = [], [], []
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for step in range(start, args.steps):
+        lr = lr_at(step, peak=args.lr, warmup_steps=warmup_steps, decay_steps=decay_steps, min_ratio=args.lr_min_ratio)
         x, y = data.get_batch(source, step=step, seed=args.seed, global_batch=plan.global_batch, seq_len=plan.model.seq_len,
                               dp_rank=dp_rank, dp=plan.dp, vocab=plan.model.vocab)
         x, y = x.to(device), y.to(device)
@@ -146,12 +172,17 @@ def main(argv: list[str] | None = None) -> int:
                 loss = plain_step(chunks[0], x, y, plan.num_microbatches, loss_fn, timings[0] if not cuda else None)
         if manual_dp:
             all_reduce_gradients(chunks.values(), mesh["dp"])
+        grad_norm = clip_grad_norm_(chunks.values(), args.max_grad_norm, mesh)
         for opt in optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
             opt.step()
             opt.zero_grad(set_to_none=True)
         synchronize(device)
         step_s.append(time.perf_counter() - t0)
         losses.append(loss)
+        grad_norms.append(grad_norm)
+        log_step(plan, step, args.steps, loss if tp_rank == 0 else None, grad_norm, lr, step_s[-1], peak_tflops, device)
         if step - start < warmup:  # warm-up steps (and pipelining's shape inference) stay out of the timings
             for t in timings.values():
                 t["forward_s"].clear(), t["backward_s"].clear()
@@ -164,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if dist.get_rank() == 0 and step_s:
-        result = make_result(plan, everyone, step_s, warmup, started_at, device)
+        result = make_result(plan, everyone, step_s, warmup, started_at, device, grad_norms)
         print_summary(result, start)
         if args.results:
             append_result(args.results, result)
@@ -172,6 +203,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to do: the checkpoint in {args.checkpoint_dir} is already at step {start} >= --steps {args.steps}")
     dist.destroy_process_group()
     return 0
+
+
+def lr_at(step: int, *, peak: float, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+    """The learning rate of step `step` (0-based): linear warm-up to peak over warmup_steps steps (the first step
+    gets peak / warmup_steps, not 0), then cosine decay to min_ratio * peak at decay_steps, flat after it
+    (Loshchilov & Hutter 2017, eq. 5, one cycle; GPT-3, Brown et al. 2020, appendix B, and Llama 2, section
+    2.2, train with warm-up plus cosine decay to 10% of the peak). A function of the step alone, so a resumed run
+    follows the schedule of the run it resumes."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step + 1 - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def device_peak_tflops(plan: Plan) -> float | None:
+    """Peak TFLOP/s of the plan's device (its profile: measured, or the datasheet), for MFU; None if unknown."""
+    try:
+        return load_device(plan.cluster.device).peak_tflops
+    except MeshplanError:
+        return None
+
+
+def log_step(plan: Plan, step: int, steps: int, loss: float | None, grad_norm: float, lr: float, seconds: float,
+             peak_tflops: float | None, device: torch.device) -> None:
+    """One line per step on rank 0: the batch's loss, the gradient norm before clipping, lr, tokens/s, MFU (model
+    FLOPs without recomputation, Chowdhery et al. 2022, appendix B) and the largest peak memory of any rank.
+    loss: this replica's loss on the one rank per dp replica that reports it (last stage, tp rank 0), else None.
+    Its two scalar all-reduces run after the step's timing."""
+    mine = torch.tensor([loss / plan.dp if loss is not None else 0.0, peak_memory_gib(device)], dtype=torch.float64, device=device)
+    total, peak = mine[:1].clone(), mine[1:].clone()
+    dist.all_reduce(total)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if dist.get_rank() != 0:
+        return
+    tokens_per_s = plan.global_batch * plan.model.seq_len / seconds
+    flops = model_flops(plan.model, plan.global_batch, 0.0) / seconds / plan.world_size
+    mfu = f"{100 * flops / (peak_tflops * 1e12):.1f}%" if peak_tflops else "n/a"
+    print(f"step {step + 1}/{steps} | loss {float(total):.4f} | grad norm {grad_norm:.3f} | lr {lr:.2e} | "
+          f"{tokens_per_s:,.0f} tokens/s | MFU {mfu} | memory {float(peak):.2f} GiB", flush=True)
 
 
 def build_optimizer(chunk: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -246,7 +316,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def make_result(plan: Plan, everyone: list[dict], step_s: list[float], warmup: int, started_at: str,
-                device: torch.device) -> RunResult:
+                device: torch.device, grad_norms: list[float]) -> RunResult:
     # A step's loss: mean over dp replicas of the loss on their last pipeline stage (identical over tp).
     holders = [r for r in everyone if r["pp"] == plan.pp - 1 and r["tp"] == 0]
     losses = [sum(r["losses"][i] for r in holders) / len(holders) for i in range(len(step_s))]
@@ -260,7 +330,7 @@ def make_result(plan: Plan, everyone: list[dict], step_s: list[float], warmup: i
         world_size=len(everyone), steps=len(step_s), step_s=step_s,
         tokens_per_s=median_tokens_per_s(step_s, warmup, plan.global_batch * plan.model.seq_len),
         losses=losses, peak_memory_gib=[r["peak_memory_gib"] for r in everyone],
-        predicted=plan_to_dict(plan)["prediction"], started_at=started_at, meshplan_version=__version__,
+        predicted=plan_to_dict(plan)["prediction"], started_at=started_at, meshplan_version=__version__, grad_norms=grad_norms,
         stage_timings={k: stage_timings[k] for k in sorted(stage_timings, key=lambda s: int(s[5:]))} or None)
 
 

@@ -1,7 +1,14 @@
 """Tensor parallelism with DTensor (Megatron-LM's layout, Shoeybi et al. 2019, section 3): column-parallel q/k/v
-and MLP fc, row-parallel attention output and MLP proj, a vocab-parallel embedding, a column-parallel head whose
-vocab-sharded logits go straight into a vocab-parallel cross-entropy (`loss_parallel`), and, when the plan asks,
-sequence parallelism (Korthikanti et al. 2022, section 4.2.2) for the LayerNorms.
+and MLP fc (SwiGLU: gate and up), row-parallel attention output and MLP proj (SwiGLU: down), a vocab-parallel
+embedding, a column-parallel head whose vocab-sharded logits go straight into a vocab-parallel cross-entropy
+(`loss_parallel`), and, when the plan asks, sequence parallelism (Korthikanti et al. 2022, section 4.2.2) for the
+norms (LayerNorm or RMSNorm).
+
+Grouped-query attention shards k and v by whole K/V heads, so tp must divide kv_heads (planner.specs.ModelSpec.
+tp_problem refuses a plan otherwise): rank r holds query heads [r*a/tp, (r+1)*a/tp) and K/V heads
+[r*g/tp, (r+1)*g/tp), exactly the K/V heads those query heads read. K/V heads are never replicated.
+Tied embeddings: the embedding (row-parallel over the vocabulary) and the head (column-parallel over it) both shard
+the V x h matrix along V, so after sharding the head takes the embedding's DTensor again (GPT.tie_weights).
 
 Every pipeline-stage boundary carries plain tensors: the residual stream (B, T, h) without sequence parallelism,
 its local sequence shard (B, T/tp, h) with it. The head returns its local logit shard (B, T, V/tp) and
@@ -28,9 +35,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 
-def tp_plan(*, sequence_parallel: bool, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
-    """FQN pattern (fnmatch, as parallelize_module reads it) -> DTensor style, for runtime.model.GPT."""
-    sp = sequence_parallel
+def tp_plan(*, sequence_parallel: bool, mlp: str, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
+    """FQN pattern (fnmatch, as parallelize_module reads it) -> DTensor style, for runtime.model.GPT with this MLP."""
+    sp, swiglu = sequence_parallel, mlp == "swiglu"
     # Layout of the residual stream between blocks: sharded along the sequence with SP, replicated without.
     stream = Shard(1) if sp else Replicate()
     plan = {
@@ -49,8 +56,12 @@ def tp_plan(*, sequence_parallel: bool, loss_parallel: bool = True) -> dict[str,
         "layers.*.attn.wo": RowwiseParallel(output_layouts=stream),
         "layers.*.ln_2": SequenceParallel() if sp else None,
         "layers.*.mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)) if sp else None,
-        "layers.*.mlp.fc": ColwiseParallel(),
-        "layers.*.mlp.proj": RowwiseParallel(output_layouts=stream),
+        "layers.*.mlp.fc": ColwiseParallel() if not swiglu else None,
+        "layers.*.mlp.proj": RowwiseParallel(output_layouts=stream) if not swiglu else None,
+        # SwiGLU: gate and up column-parallel, so silu(gate) * up is elementwise on the local f/tp columns.
+        "layers.*.mlp.gate": ColwiseParallel() if swiglu else None,
+        "layers.*.mlp.up": ColwiseParallel() if swiglu else None,
+        "layers.*.mlp.down": RowwiseParallel(output_layouts=stream) if swiglu else None,
         "norm": SequenceParallel() if sp else None,
         # With loss_parallel the logits stay sharded over the vocabulary, (B, T, V/tp) per rank, never gathered.
         "head": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate()),
@@ -63,14 +74,16 @@ def matching_modules(model: nn.Module, pattern: str) -> list[str]:
     return [name for name, _ in model.named_modules() if name and fnmatch.fnmatchcase(name, pattern)]
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool = True) -> nn.Module:
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, mlp: str, loss_parallel: bool = True) -> nn.Module:
     """Shard one model chunk (a pipeline stage, or the whole GPT) over the 1-D tp mesh, in place.
 
     Keys naming modules that this chunk does not hold (the head on the first stage, say) are left out,
     so parallelize_module sees only what exists."""
-    plan = {fqn: style for fqn, style in tp_plan(sequence_parallel=sequence_parallel, loss_parallel=loss_parallel).items()
-            if matching_modules(model, fqn)}
-    return parallelize_module(model, tp_mesh, plan)
+    styles = tp_plan(sequence_parallel=sequence_parallel, mlp=mlp, loss_parallel=loss_parallel)
+    plan = {fqn: style for fqn, style in styles.items() if matching_modules(model, fqn)}
+    parallelize_module(model, tp_mesh, plan)
+    model.tie_weights()  # sharding gave the embedding and the head a DTensor each; tied, they share one
+    return model
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tp_mesh: DeviceMesh | None) -> torch.Tensor:

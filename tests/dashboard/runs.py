@@ -9,7 +9,7 @@ from pathlib import Path
 from planner.cost import predict
 from planner.plan import Knobs, plan_to_dict
 from planner.specs import load_cluster, load_device, load_model
-from runtime.results import RunResult, result_to_dict
+from planner.results import RunResult, result_to_dict
 
 
 def tiny_plan(pp: int, dp: int, micro_batch: int, global_batch: int = 16):

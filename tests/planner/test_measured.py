@@ -5,6 +5,7 @@ fail with the field named, and load_cluster takes the fitted link only from a me
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -264,3 +265,25 @@ def test_planner_measured_does_not_import_torch():
     code = "import sys, planner.measured, planner.specs; planner.specs.load_cluster('local-cpu'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_llama_block_never_stands_in_for_a_gpt_block_of_the_same_sizes_nor_the_reverse():
+    llama = specs.ModelSpec("llama-like", 8, 256, 8, 1024, 128, 8192, kv_heads=2, mlp="swiglu", norm="rmsnorm",
+                            position="rope", bias=False)
+    gpt_profile = _device()  # its layer entries predate the family keys: they read as GPT blocks
+    assert measured_layer_times(gpt_profile, TINY, 1, 2, False) is not None
+    assert measured_layer_times(gpt_profile, llama, 1, 2, False) is None
+    family = {"kv_heads": 2, "mlp": "swiglu", "norm": "rmsnorm", "position": "rope", "bias": False, "qkv_bias": False}
+    llama_profile = _device(layers=[{**_layer(1, b, 0.01 * b, 0.02 * b), **family} for b in (1, 2, 4)],
+                            ends=[{**_end(1, b, b), "norm": "rmsnorm", "position": "rope"} for b in (1, 4)])
+    assert measured_layer_times(llama_profile, llama, 1, 2, False).forward_s == pytest.approx(0.02)
+    assert measured_layer_times(llama_profile, TINY, 1, 2, False) is None
+    assert measured_end_times(llama_profile, llama, 1, 1) is not None and measured_end_times(llama_profile, TINY, 1, 1) is None
+    # Another kv_heads is another shard: 4 K/V heads do not stand in for 2.
+    assert measured_layer_times(llama_profile, dataclasses.replace(llama, kv_heads=4), 1, 2, False) is None
+
+
+def test_a_bad_family_key_in_a_profile_is_refused_naming_it():
+    with pytest.raises(SpecError) as e:
+        check_measured(_profile(layers=[{**_layer(1, 1, 0.01, 0.02), "mlp": "geglu"}])["measured"], "p.json")
+    assert e.value.field == "measured.layers[0].mlp"

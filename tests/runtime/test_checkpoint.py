@@ -16,6 +16,8 @@ from tests.runtime.planfiles import last_result, launch, write_plan
 from runtime.checkpoint import latest_step
 
 REPO = Path(__file__).resolve().parents[2]
+SCHEDULE = ("--lr-warmup-steps", "2", "--lr-decay-steps", "100")
+"""The learning-rate schedule pinned: by default it follows --steps, which these runs vary to stop early."""
 
 
 def test_resume_from_checkpoint_continues_the_uninterrupted_losses_exactly(tmp_path):
@@ -23,11 +25,11 @@ def test_resume_from_checkpoint_continues_the_uninterrupted_losses_exactly(tmp_p
     plan = write_plan(tmp_path / "plan.json", dp=2, num_microbatches=2, distributed_optimizer=True)
     full, first, rest = (tmp_path / f"{n}.jsonl" for n in ("full", "first", "rest"))
     ckpt = tmp_path / "ckpt"
-    run_on_ranks(launch, 2, plan, "--steps", 6, "--results", full)
-    run_on_ranks(launch, 2, plan, "--steps", 3, "--checkpoint-dir", ckpt, "--checkpoint-every", 3, "--results", first)
+    run_on_ranks(launch, 2, plan, "--steps", 6, "--results", full, *SCHEDULE)
+    run_on_ranks(launch, 2, plan, "--steps", 3, "--checkpoint-dir", ckpt, "--checkpoint-every", 3, "--results", first, *SCHEDULE)
     assert latest_step(ckpt) == 3
     (ckpt / "step_000005").mkdir()  # a save cut off before its .metadata: not a checkpoint to resume from
-    run_on_ranks(launch, 2, plan, "--steps", 6, "--checkpoint-dir", ckpt, "--results", rest)
+    run_on_ranks(launch, 2, plan, "--steps", 6, "--checkpoint-dir", ckpt, "--results", rest, *SCHEDULE)
     assert last_result(rest)["steps"] == 3
     assert last_result(first)["losses"] + last_result(rest)["losses"] == last_result(full)["losses"]
     assert latest_step(ckpt) == 6
@@ -55,7 +57,7 @@ def test_killed_rank_fails_torchrun_naming_the_rank_and_a_restart_resumes(tmp_pa
     plan = write_plan(tmp_path / "plan.json", pp=2)
     ckpt = tmp_path / "ckpt"
     with open(tmp_path / "out.txt", "w") as out:
-        proc = torchrun(str(plan), "--steps", "100000", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2",
+        proc = torchrun(str(plan), "--steps", "100000", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2", *SCHEDULE,
                         stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 90
@@ -77,10 +79,10 @@ def test_killed_rank_fails_torchrun_naming_the_rank_and_a_restart_resumes(tmp_pa
     assert resumed_from >= 4
     steps = resumed_from + 2
     restarted = tmp_path / "restarted.jsonl"
-    proc = torchrun(str(plan), "--steps", str(steps), "--checkpoint-dir", str(ckpt), "--results", str(restarted),
+    proc = torchrun(str(plan), "--steps", str(steps), "--checkpoint-dir", str(ckpt), "--results", str(restarted), *SCHEDULE,
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.wait(timeout=120) == 0, proc.stdout.read()[-3000:]
     uninterrupted = tmp_path / "uninterrupted.jsonl"
-    run_on_ranks(launch, 2, plan, "--steps", steps, "--results", uninterrupted)
+    run_on_ranks(launch, 2, plan, "--steps", steps, "--results", uninterrupted, *SCHEDULE)
     assert last_result(restarted)["steps"] == 2
     assert last_result(restarted)["losses"] == last_result(uninterrupted)["losses"][resumed_from:]

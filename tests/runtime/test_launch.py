@@ -15,11 +15,11 @@ from tests.runtime.planfiles import plan_dict, write_plan
 from planner.errors import SpecError
 from planner.plan import plan_from_dict
 from runtime.launch import cli
-from runtime.results import median_tokens_per_s, result_from_dict
+from planner.results import median_tokens_per_s, result_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_KEYS = {"plan_id", "plan", "device", "world_size", "steps", "step_s", "tokens_per_s", "losses", "peak_memory_gib",
-               "stage_timings", "predicted", "started_at", "meshplan_version"}
+               "stage_timings", "predicted", "started_at", "meshplan_version", "grad_norms"}
 
 
 def refusal(capsys, monkeypatch, plan: dict, tmp_path, world_size: int = 1, flags: tuple = ()) -> str:
@@ -86,6 +86,7 @@ def test_torchrun_runs_a_hand_written_plan_and_appends_a_results_line_in_the_sch
     result = result_from_dict(line, str(results))
     assert result.world_size == 2 and result.steps == 3 and len(result.losses) == 3 and len(result.peak_memory_gib) == 2
     assert all(s > 0 for s in result.step_s) and result.tokens_per_s > 0
+    assert len(result.grad_norms) == 3 and all(g > 0 for g in result.grad_norms)
     assert all(m > 0.05 for m in result.peak_memory_gib)
     assert set(result.stage_timings) == {"stage0", "stage1"}
     assert all(t["forward_s"] > 0 and t["backward_s"] > 0 for t in result.stage_timings.values())
@@ -115,3 +116,45 @@ def test_tokens_per_s_is_taken_from_the_median_step_after_warm_up():
     # The slow first step (pipelining's shape inference) and an outlier do not move it.
     assert median_tokens_per_s([9.0, 1.0, 2.0, 50.0], warmup=1, tokens_per_step=100) == 50.0
     assert median_tokens_per_s([4.0], warmup=1, tokens_per_step=100) == 25.0  # nothing after warm-up: all steps
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    from runtime.launch import lr_at
+
+    lrs = [lr_at(k, peak=1e-3, warmup_steps=2, decay_steps=6, min_ratio=0.1) for k in range(8)]
+    assert lrs[:2] == [pytest.approx(5e-4), pytest.approx(1e-3)]
+    assert lrs[3] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half way through the decay: the mean of peak and floor
+    assert lrs[5] == lrs[6] == lrs[7] == pytest.approx(1e-4)
+    assert all(b < a for a, b in zip(lrs[1:6], lrs[2:6]))
+
+
+@pytest.mark.parametrize("flags,field", [(("--max-grad-norm", "-1"), "max_grad_norm"), (("--lr-warmup-steps", "0"), "lr_warmup_steps"),
+                                         (("--lr-min-ratio", "1.5"), "lr_min_ratio")])
+def test_bad_training_flags_are_refused_naming_the_flag(capsys, monkeypatch, tmp_path, flags, field):
+    err = refusal(capsys, monkeypatch, plan_dict(), tmp_path, flags=flags)
+    assert f": {field}: " in err
+
+
+def test_each_step_logs_loss_grad_norm_lr_tokens_per_s_mfu_and_memory(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", tp=2)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "runtime.launch", str(plan), "--steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 1/2", "step 2/2"]  # rank 0 alone prints them
+    fields = lines[0].split(" | ")
+    assert fields[1].startswith("loss 5.5") and fields[2].startswith("grad norm ") and fields[3] == "lr 1.00e-03"
+    assert fields[4].endswith(" tokens/s") and fields[5].startswith("MFU ") and fields[5].endswith("%")
+    assert fields[6].startswith("memory ") and fields[6].endswith(" GiB")
+
+
+@pytest.mark.parametrize("knobs,model,message", [
+    ({"pp": 2}, {"tie_embeddings": True}, ": tie_embeddings: the embedding and the head are tied but sit on different pipeline stages"),
+    ({"tp": 4}, {"ffn_hidden": 704}, ": tp: kv_heads 2 are not divisible by tp 4"),
+])
+def test_llama_plan_the_runtime_cannot_build_is_refused_in_one_line_naming_the_field(capsys, monkeypatch, tmp_path, knobs, model, message):
+    from tests.runtime.planfiles import LLAMA_TINY
+
+    world = knobs.get("pp", 1) * knobs.get("tp", 1)
+    err = refusal(capsys, monkeypatch, plan_dict(model={**LLAMA_TINY, **model}, **knobs), tmp_path, world_size=world)
+    assert message in err

@@ -1,6 +1,7 @@
 """RunResult: one measured run, as one line of a results/*.jsonl file (design.md's schema).
 
-No torch import here, so the planner (`planner validate`) and the dashboard can read results with it."""
+Written by runtime.launch, read by `planner validate` and the dashboard: it lives in the planner (pure Python,
+no torch), so that no planner module imports the runtime to read a results file."""
 
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ class RunResult:
     """Version of meshplan that ran it."""
     stage_timings: dict | None = None
     """Per pipeline stage, 'stage<k>': mean forward_s and backward_s per microbatch (wall time, on CPU)."""
+    grad_norms: list | None = None
+    """Per step: the 2-norm of the whole model's gradient (every stage and shard) before clipping; None in
+    results written before runtime.launch clipped gradients."""
 
 
 def median_tokens_per_s(step_s: list[float], warmup: int, tokens_per_step: int) -> float:
@@ -56,7 +60,7 @@ def result_to_dict(result: RunResult) -> dict:
 def result_from_dict(d: dict, source: str) -> RunResult:
     """Validate one results line (unknown or missing keys, types) and build the RunResult."""
     r = from_dict(RunResult, d, source)
-    for name in ("step_s", "losses", "peak_memory_gib"):
+    for name in ("step_s", "losses", "peak_memory_gib") + (("grad_norms",) if r.grad_norms is not None else ()):
         value = getattr(r, name)
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise SpecError(source, name, f"expected a list of numbers, got {value!r}")

@@ -1,0 +1,128 @@
+"""planner/hf.py: a Hugging Face config.json (or a folder holding one) read offline gives the exact model, and
+what meshplan cannot represent exactly is refused naming the config key; `--model` routes to it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planner.cli import main
+from planner.errors import SpecError
+from planner.specs import load_model
+
+# meta-llama/Meta-Llama-3-8B config.json as published (transformers 4.40).
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "llama", "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0",
+    "use_cache": True, "vocab_size": 128256,
+}
+# mistralai/Mistral-7B-v0.1 config.json (sliding_window 4096); v0.3 sets it null and vocab_size 32768.
+MISTRAL_V01 = {
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+    "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32000,
+}
+# Qwen/Qwen2.5-0.5B config.json: q/k/v biases, tied embeddings, the window unused (use_sliding_window false).
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+    "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02, "intermediate_size": 4864,
+    "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2", "num_attention_heads": 14,
+    "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+# openai-community/gpt2 config.json (GPT-2 small; tie_word_embeddings is GPT2Config's default, true).
+GPT2 = {
+    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "bos_token_id": 50256,
+    "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
+    "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1,
+    "summary_activation": None, "vocab_size": 50257,
+}
+
+
+def write(tmp_path, config: dict, folder: str = "model"):
+    d = tmp_path / folder
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_llama3_8b_config_json_gives_the_presets_params_and_shape(tmp_path):
+    folder = write(tmp_path, LLAMA3_8B, "Meta-Llama-3-8B")
+    preset = load_model("llama3-8b")
+    for arg in (str(folder), str(folder / "config.json")):
+        m = load_model(arg)
+        assert m.params() == preset.params() == 8_030_261_248
+        assert m.name == "Meta-Llama-3-8B"
+        for field in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "seq_len", "vocab", "mlp", "norm", "position",
+                      "bias", "tie_embeddings", "qkv_bias", "rope_theta"):
+            assert getattr(m, field) == getattr(preset, field), field
+
+
+def test_qwen2_config_is_read_exactly_with_q_k_v_biases_and_tied_embeddings(tmp_path):
+    m = load_model(str(write(tmp_path, QWEN25_05B) / "config.json"))
+    assert (m.bias, m.qkv_bias, m.tie_embeddings, m.kv_heads) == (False, True, True, 2)
+    # Qwen2.5-0.5B's published count (its safetensors metadata): 494,032,768.
+    assert m.params() == 494_032_768
+
+
+def test_gpt2_config_gives_gpt2_smalls_124439808_params(tmp_path):
+    m = load_model(str(write(tmp_path, GPT2)))
+    assert (m.mlp, m.norm, m.position, m.bias, m.tie_embeddings) == ("gelu", "layernorm", "learned", True, True)
+    assert m.params() == 124_439_808
+
+
+def test_mistral_v03_with_sliding_window_null_is_read(tmp_path):
+    v03 = {**MISTRAL_V01, "sliding_window": None, "vocab_size": 32768, "rope_theta": 1000000.0}
+    m = load_model(str(write(tmp_path, v03)))
+    assert m.params() == load_model("mistral-7b").params() == 7_248_023_552
+
+
+@pytest.mark.parametrize("config,field", [
+    (MISTRAL_V01, "sliding_window"),                                   # 4096 < 32768 tokens
+    ({**MISTRAL_V01, "sliding_window": 4096, "max_position_embeddings": 4096, "hidden_act": "gelu"}, "hidden_act"),
+    ({**QWEN25_05B, "use_sliding_window": True, "sliding_window": 4096}, "sliding_window"),
+    ({**LLAMA3_8B, "architectures": ["MixtralForCausalLM"]}, "architectures"),
+    ({**LLAMA3_8B, "num_local_experts": 8, "num_experts_per_tok": 2}, "num_local_experts"),
+    ({**LLAMA3_8B, "head_dim": 256}, "head_dim"),
+    ({**LLAMA3_8B, "attention_bias": True}, "attention_bias"),        # q/k/v/o biases but none in the MLP
+    ({**LLAMA3_8B, "num_key_value_heads": 5}, "num_key_value_heads"),  # 32 heads not divisible by 5
+    ({**LLAMA3_8B, "hidden_size": "4096"}, "hidden_size"),
+    ({k: v for k, v in LLAMA3_8B.items() if k != "intermediate_size"}, "intermediate_size"),
+    ({**LLAMA3_8B, "layer_types": ["full_attention", "sliding_attention"] * 16}, "layer_types"),
+])
+def test_config_that_cannot_be_represented_exactly_is_refused_naming_the_key(tmp_path, config, field):
+    with pytest.raises(SpecError) as e:
+        load_model(str(write(tmp_path, config)))
+    assert e.value.field == field
+
+
+def test_llama_with_both_attention_and_mlp_biases_is_every_linear_biased(tmp_path):
+    m = load_model(str(write(tmp_path, {**LLAMA3_8B, "attention_bias": True, "mlp_bias": True})))
+    assert m.bias and m.qkv_bias
+    assert m.params() - 8_030_261_248 == 32 * (4096 + 2 * 1024 + 4096 + 2 * 14336 + 4096)
+
+
+def test_a_meshplan_model_json_is_still_a_meshplan_model(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"layers": 2, "hidden": 64, "heads": 4, "ffn_hidden": 256, "seq_len": 32, "vocab": 256, "mlp": "swiglu"}))
+    m = load_model(str(path))
+    assert (m.name, m.mlp, m.layers) == ("mine", "swiglu", 2)
+
+
+def test_folder_without_config_json_is_refused_naming_it(tmp_path):
+    with pytest.raises(SpecError) as e:
+        load_model(str(tmp_path))
+    assert e.value.field == "config.json"
+
+
+def test_cli_refuses_a_sliding_window_config_in_one_line_exit_2(tmp_path, capsys):
+    folder = write(tmp_path, MISTRAL_V01)
+    code = main(["predict", "--model", str(folder), "--cluster", "dgx-a100-80gb", "--nodes", "1", "--global-batch", "8",
+                 "--tp", "8", "--pp", "1", "--dp", "1", "--micro-batch", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and ": sliding_window: " in err, err
