@@ -1,9 +1,9 @@
 """`make run`: the closed loop on this machine. Profile it (once; cached in profiles/devices/), plan
-gpt-tiny for local-cpu, run the best plan and contrasting ones with torchrun, and print predicted vs
-measured with the error. Each plan runs `--repeats` times, alternating, so the spread of the machine
-sits next to the model's error.
+gpt-tiny and llama-tiny for local-cpu, run each one's best plan and contrasting ones with torchrun, and print
+predicted vs measured with the error, per model and over all. Each plan runs `--repeats` times, alternating,
+so the spread of the machine sits next to the model's error.
 
-    python -m planner.closed_loop [--steps 6] [--repeats 2] [--global-batch 32] [--model gpt-tiny]
+    python -m planner.closed_loop [--steps 6] [--repeats 2] [--global-batch 32] [--model gpt-tiny --model llama-tiny]
 """
 
 from __future__ import annotations
@@ -72,22 +72,26 @@ def run_plan(path: Path, world: int, steps: int, results: Path, root: Path) -> f
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m planner.closed_loop", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="gpt-tiny")
+    ap.add_argument("--model", action="append", help="a model to plan and run; repeat for several (default: gpt-tiny and llama-tiny)")
     ap.add_argument("--global-batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=6, help="training steps per run (the first is warm-up)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per plan, alternating plans")
-    ap.add_argument("--plans", type=int, default=5, help="the best plan and this many minus one contrasting ones")
+    ap.add_argument("--plans", type=int, default=4, help="per model: the best plan and this many minus one contrasting ones")
     ap.add_argument("--results-dir", default="results")
     args = ap.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
     started = time.perf_counter()
     try:
         ensure_profile(root)
-        model, cluster = load_model(args.model), load_cluster("local-cpu")
+        cluster = load_cluster("local-cpu")
         device = load_device(cluster.device)
-        plans = choose_plans(model, cluster, device, args.global_batch, args.plans)
-        console.print(plans_table(plans, f"{model.name} on {cluster.gpus} CPU ranks of this machine (profile: {device.label}): "
-                                         f"the best plan, then contrasting ones"))
+        plans = []
+        for name in args.model or ["gpt-tiny", "llama-tiny"]:
+            model = load_model(name)
+            chosen = choose_plans(model, cluster, device, args.global_batch, args.plans)
+            console.print(plans_table(chosen, f"{model.name} on {cluster.gpus} CPU ranks of this machine (profile: {device.label}): "
+                                              f"the best plan, then contrasting ones"))
+            plans += chosen
         out_dir = root / args.results_dir
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         results = out_dir / f"make-run-{stamp}.jsonl"
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             paths.append((p, path))
         for rep in range(args.repeats):
             for i, (p, path) in enumerate(paths, 1):
-                console.print(f"run {rep + 1}/{args.repeats}, plan {i}/{len(paths)} ({p.tp}×{p.pp}×{p.dp}, micro-batch {p.micro_batch}, "
+                console.print(f"run {rep + 1}/{args.repeats}, plan {i}/{len(paths)} ({p.model.name} {p.tp}×{p.pp}×{p.dp}, micro-batch {p.micro_batch}, "
                               f"{p.schedule}{f' v={p.virtual_stages}' if p.virtual_stages > 1 else ''}) ...", end=" ")
                 console.print(f"{run_plan(path, p.world_size, args.steps, results, root):.1f} s")
         report = validate([str(results)])

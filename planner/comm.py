@@ -7,6 +7,8 @@ per device, per direction. COLLECTIVE_EFFICIENCY is the fraction of that bandwid
 
 from __future__ import annotations
 
+import math
+
 from planner.specs import LinkSpec
 
 COLLECTIVE_EFFICIENCY = 0.8
@@ -35,6 +37,15 @@ def all_gather_s(nbytes: float, n: int, link: LinkSpec) -> float:
 def reduce_scatter_s(nbytes: float, n: int, link: LinkSpec) -> float:
     """nbytes is the unreduced (full) size."""
     return all_gather_s(nbytes, n, link)
+
+
+def scalar_all_reduce_s(n: int, link: LinkSpec) -> float:
+    """A reduction of a few bytes (the global gradient norm) over n ranks: latency-bound, and NCCL (tree) and
+    gloo (recursive doubling) take about 2 log2(n) hops for it, not the ring's 2(n - 1) (Sanders, Speck and
+    Traff 2009, "Two-tree algorithms for full bandwidth broadcast, reduction and scan")."""
+    if n <= 1:
+        return 0.0
+    return 2 * math.ceil(math.log2(n)) * link.latency_us * 1e-6
 
 
 def send_recv_s(nbytes: float, link: LinkSpec) -> float:

@@ -78,17 +78,26 @@ def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: int) 
 
 
 def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: int, sequence_parallel: bool) -> LayerTimes:
-    h, f, s = model.hidden, model.ffn_hidden, model.seq_len
+    h, f, s, kv = model.hidden, model.ffn_hidden, model.seq_len, model.kv_dim
     tokens = b * s
-    # Megatron-LM's block on a tp shard (Shoeybi et al. 2019, Fig. 3): QKV and fc1 column-parallel,
-    # proj and fc2 row-parallel.
-    gemm_fwd = (gemm_s(device, tokens, 3 * h // tp, h) + gemm_s(device, tokens, h, h // tp)
-                + gemm_s(device, tokens, f // tp, h) + gemm_s(device, tokens, h, f // tp))
+    # Megatron-LM's block on a tp shard (Shoeybi et al. 2019, Fig. 3): q, k, v and the MLP's first matrices
+    # column-parallel, the output projection and the MLP's last matrix row-parallel. k and v are kv_dim wide
+    # (grouped-query attention, Ainslie et al. 2023); SwiGLU has two h x f matrices in (gate, up) and one out
+    # (Shazeer 2020, eq. 6).
+    mlp_in = 2 if model.mlp == "swiglu" else 1
+    gemm_fwd = (gemm_s(device, tokens, (h + 2 * kv) // tp, h) + gemm_s(device, tokens, h, h // tp)
+                + mlp_in * gemm_s(device, tokens, f // tp, h) + gemm_s(device, tokens, h, f // tp))
     attn_fwd, attn_bwd = _attention_core_s(device, model, tp, b)
-    # Elementwise per token: two LayerNorms (read+write h each), two bias-dropout-adds (~3.5h each),
-    # replicated over tp unless sequence parallelism shards them; bias-GeLU reads and writes f/tp.
-    norm_like = (2 * 2 + 2 * 3.5) * h / (tp if sequence_parallel else 1)
-    elem_fwd = memory_s(device, tokens * (norm_like + 2 * f / tp))
+    # Elementwise per token: two norms (read + write h each; RMSNorm moves as much as LayerNorm) and two
+    # residual adds, bias-dropout-adds where the linears have biases (GPT: ~3.5h each) or plain adds (3h), replicated over tp
+    # unless sequence parallelism shards them. In the MLP: bias-GeLU reads and writes f/tp; SwiGLU's silu
+    # (read, write) and product (two reads, a write) move 5f/tp. RoPE rotates q and k, (h + kv)/tp wide, in
+    # about 6 passes (two products, a sum, a difference, the halves swapped and joined).
+    add = 3.5 if model.bias else 3.0
+    norm_like = (2 * 2 + 2 * add) * h / (tp if sequence_parallel else 1)
+    mlp_elem = (5 if model.mlp == "swiglu" else 2) * f / tp
+    rope = 6 * (h + kv) / tp if model.position == "rope" else 0.0
+    elem_fwd = memory_s(device, tokens * (norm_like + mlp_elem + rope))
     fwd = gemm_fwd + attn_fwd + elem_fwd
     # Backward: a data-gradient and a weight-gradient GEMM per forward GEMM; elementwise ~2x.
     bwd = 2 * gemm_fwd + attn_bwd + 2 * elem_fwd
@@ -109,9 +118,11 @@ def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: int, sequen
 def datasheet_end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: int) -> EndTimes:
     h, s, v = model.hidden, model.seq_len, model.padded_vocab(tp)
     tokens = b * s
-    # Embedding: gather rows, add positions (read 2, write 1 per element); backward scatter-adds.
-    emb_f = memory_s(device, 3 * tokens * h)
-    emb_b = memory_s(device, 3 * tokens * h)
+    # Embedding: gather rows, add learned positions (read 2, write 1 per element; with RoPE only the gather,
+    # read 1 write 1); backward scatter-adds.
+    moves = 3 if model.position == "learned" else 2
+    emb_f = memory_s(device, moves * tokens * h)
+    emb_b = memory_s(device, moves * tokens * h)
     # Head: final LayerNorm, logits GEMM over the vocab shard, cross-entropy in fp32 over the logits
     # (softmax reads and writes them twice: 4 passes; fp32 = 2 elements of a 2-byte dtype).
     logits = tokens * v / tp

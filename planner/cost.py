@@ -56,10 +56,11 @@ def check_knobs(model: ModelSpec, cluster: ClusterSpec, knobs: Knobs, global_bat
     if knobs.tp * knobs.pp * knobs.dp != cluster.gpus:
         raise PlanError(f"tp {knobs.tp} x pp {knobs.pp} x dp {knobs.dp} = {knobs.tp * knobs.pp * knobs.dp}, but the cluster has "
                         f"{cluster.gpus} devices ({cluster.nodes} nodes x {cluster.gpus_per_node}); choose degrees whose product is {cluster.gpus}")
-    if model.heads % knobs.tp:
-        raise SpecError(src, "tp", f"the model's {model.heads} heads are not divisible by tp {knobs.tp}")
-    if model.ffn_hidden % knobs.tp:
-        raise SpecError(src, "tp", f"ffn_hidden {model.ffn_hidden} is not divisible by tp {knobs.tp}")
+    if model.tp_problem(knobs.tp):
+        raise SpecError(src, "tp", f"the model's {model.tp_problem(knobs.tp)}")
+    if model.tie_embeddings and knobs.pp * knobs.virtual_stages > 1:
+        raise SpecError(src, "pp", f"{model.name} ties its embedding and head, which meshplan's runtime keeps on one stage; "
+                                   f"use pp 1 (got pp {knobs.pp} x virtual_stages {knobs.virtual_stages})")
     if knobs.schedule != "interleaved" and knobs.virtual_stages != 1:
         raise SpecError(src, "virtual_stages", f"only the interleaved schedule takes virtual stages, got {knobs.virtual_stages} with {knobs.schedule}")
     if model.layers < knobs.pp * knobs.virtual_stages:
@@ -218,7 +219,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     tflops = flops / (iteration * cluster.gpus) / 1e12
     mfu = model_flops(model, global_batch, 0.0) / (iteration * cluster.gpus) / 1e12 / device.peak_tflops
     pred = Prediction(iteration_s=iteration, tokens_per_s=global_batch * model.seq_len / iteration, tflops_per_gpu=tflops,
-                      mfu=mfu, peak_memory_gib=peak, fits=fits, breakdown=breakdown, reason=reason)
+                      mfu=mfu, peak_memory_gib=peak, fits=fits, breakdown=breakdown, reason=reason, params=model.params())
     stages = tuple(dataclasses.replace(s, memory_gib=round(mem[k % p].total_gib, 3)) for k, s in enumerate(stages))
     plan = with_id(Plan(model=model, cluster=cluster, global_batch=global_batch, micro_batch=knobs.micro_batch,
                         num_microbatches=m, tp=t, pp=p, dp=knobs.dp, schedule=knobs.schedule, virtual_stages=v,

@@ -28,45 +28,82 @@ class MemoryBreakdown:
         return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib + self.overhead_gib
 
 
+@dataclass(frozen=True)
+class SavedTensors:
+    """What the software that runs a block keeps for its backward, where frameworks differ."""
+
+    dropout: bool
+    """Dropout after attention and after the MLP (and on the attention probabilities): its masks are kept."""
+    attention_output_copy: bool
+    """The attention output is copied before the output projection (a transpose then reshape), so the fused
+    attention kernel's output and the projection's input are two tensors."""
+    fused_swiglu: bool
+    """SwiGLU as one fused op keeping its two inputs (Megatron-LM's bias_swiglu_impl); otherwise silu and the
+    product each keep theirs."""
+
+
+# Korthikanti et al. 2022's accounting (Megatron-LM: GPT-3 trained with dropout 0.1, fused kernels).
+MEGATRON_SAVED = SavedTensors(dropout=True, attention_output_copy=False, fused_swiglu=True)
+# meshplan's runtime (runtime/model.py): no dropout, y.transpose(1, 2).reshape(...) copies, plain silu * up.
+RUNTIME_SAVED = SavedTensors(dropout=False, attention_output_copy=True, fused_swiglu=False)
+
+
 def activation_bytes_per_layer(model: ModelSpec, tp: int, b: int, sequence_parallel: bool, recompute: str,
-                               fused_attention: bool = False) -> float:
-    """Activations one transformer block keeps for one microbatch until its backward (2-byte dtype)."""
+                               fused_attention: bool = False, saved: SavedTensors = MEGATRON_SAVED) -> float:
+    """Activations one transformer block keeps for one microbatch until its backward (2-byte dtype, 1-byte masks).
+
+    Korthikanti et al. 2022, eq. 1: s*b*h*(34 + 5as/h) for GPT without parallelism. Per block, in units of
+    s*b*h: the two norms' inputs 4 (RMSNorm keeps its input as LayerNorm does); the q/k/v input 2; q 2 and k, v
+    2 each at kv_heads/heads of the width (grouped-query attention, Ainslie et al. 2023); the output projection's
+    input 2 (and the attention kernel's own output 2 where the software copies between them); the MLP's input 2
+    and inside it, with f = ffn_hidden: GELU's input and the second matrix's input 4f/h (16 for f = 4h), SwiGLU's
+    gate and up outputs and the product 6f/h (8f/h where silu and the product keep theirs apart); dropout masks 1
+    each after attention and after the MLP. The attention scores add 5as/h (softmax output 2, dropout mask 1,
+    dropout output 2; without dropout only the softmax output), which selective recomputation and a fused
+    FlashAttention kernel do not keep. With tensor parallelism (Korthikanti eq. 2, table 2) the norms' inputs,
+    the q/k/v and MLP inputs and the dropout masks (10 for GPT) are replicated unless sequence parallelism
+    shards them; the rest (24 for GPT) and the scores are sharded over t. For GPT as Megatron-LM keeps it this
+    is exactly eq. 1 and 2."""
     s, h, a, t = model.seq_len, model.hidden, model.heads, tp
     sbh = s * b * h
     if recompute == "full":
         # Korthikanti et al. 2022, section 4.3: full recomputation stores only the block input, 2sbh
         # (sharded over t with sequence parallelism).
         return 2 * sbh / (t if sequence_parallel else 1)
-    # Korthikanti et al. 2022, eq. 1: s*b*h*(34 + 5as/h) with no parallelism; the 5as/h term is the
-    # attention scores, softmax output and dropout mask, which selective recomputation (and a fused
-    # FlashAttention kernel) does not store.
-    scores = 0.0 if (recompute == "selective" or fused_attention) else 5 * a * s / h
-    # The 34 splits into 24 (inside the tp-sharded GEMM regions, table 2) and 10 (LayerNorms and
-    # dropouts, replicated over tp unless sequence parallelism shards them, eq. 2 vs table 2).
+    d = 1.0 if saved.dropout else 0.0
+    f = model.ffn_hidden / h
+    mlp = (6 if saved.fused_swiglu else 8) * f if model.mlp == "swiglu" else 4 * f
+    replicated = 4 + 2 + 2 + 2 * d
+    sharded = 2 + 4 * model.kv_heads / model.heads + 2 + (2 if saved.attention_output_copy and fused_attention else 0) + mlp
+    scores = 0.0 if (recompute == "selective" or fused_attention) else (2 + 3 * d) * a * s / h
     if sequence_parallel:
-        return sbh * (34 + scores) / t
-    return sbh * (10 + 24 / t + scores / t)
+        return sbh * (replicated + sharded + scores) / t
+    return sbh * (replicated + sharded / t + scores / t)
 
 
-def full_layer_activation_bytes(model: ModelSpec, tp: int, b: int, sequence_parallel: bool, fused_attention: bool) -> float:
+def full_layer_activation_bytes(model: ModelSpec, tp: int, b: int, sequence_parallel: bool, fused_attention: bool,
+                                saved: SavedTensors = MEGATRON_SAVED) -> float:
     """What one block holds while it is recomputed for its backward (full recomputation's working set)."""
-    return activation_bytes_per_layer(model, tp, b, sequence_parallel, "none", fused_attention)
+    return activation_bytes_per_layer(model, tp, b, sequence_parallel, "none", fused_attention, saved)
 
 
 def layer_param_count(model: ModelSpec, tp: int) -> float:
-    """Parameters of one block on one tp rank (GEMM weights sharded, LayerNorms replicated)."""
-    h = model.hidden
-    return (model.layer_params() - 4 * h) / tp + 4 * h
+    """Parameters of one block on one tp rank: the matrices and the column-parallel biases sharded, the norms
+    and the row-parallel layers' biases (output projection, MLP's last matrix: added after the all-reduce)
+    replicated (Shoeybi et al. 2019, section 3)."""
+    replicated = 2 * model.norm_params() + (2 * model.hidden if model.bias else 0)
+    return (model.layer_params() - replicated) / tp + replicated
 
 
 def end_param_count(model: ModelSpec, tp: int, embedding: bool, head: bool) -> float:
-    """Vocab-parallel embedding and positions on the first stage; final norm and an untied head on the last."""
-    v, h = model.padded_vocab(tp), model.hidden
+    """Vocab-parallel embedding (padded vocab sharded over tp) and learned positions (replicated) on the first
+    stage; final norm and the column-parallel head on the last (none when tied: the embedding serves)."""
     n = 0.0
     if embedding:
-        n += v * h / tp + model.seq_len * h
+        table = model.padded_vocab(tp) * model.hidden
+        n += table / tp + (model.embedding_params(tp) - table)
     if head:
-        n += v * h / tp + 2 * h
+        n += model.head_params(tp) / tp + model.norm_params()
     return n
 
 
@@ -83,8 +120,11 @@ def state_bytes_per_param(dtype_bytes: int, distributed_optimizer: bool, dp: int
     return 4.0 / d, 4.0 / d, 8.0 / d
 
 
-def embedding_activation_bytes(model: ModelSpec, tp: int, b: int, sequence_parallel: bool) -> float:
+def embedding_activation_bytes(model: ModelSpec, tp: int, b: int, sequence_parallel: bool, saved: SavedTensors = MEGATRON_SAVED) -> float:
     # Korthikanti et al. 2022, section 4.4: the embedding's dropout keeps s*b*h (with its mask), /t with sp.
+    # Without dropout the embedding keeps nothing of size s*b*h: its output is the first block's input.
+    if not saved.dropout:
+        return 0.0
     return 3 * model.seq_len * b * model.hidden / (tp if sequence_parallel else 1)
 
 

@@ -138,6 +138,8 @@ class Prediction:
     breakdown: Breakdown
     reason: str = ""
     """Why it does not fit (which stage, how many GiB over), empty when it fits."""
+    params: int = 0
+    """The model's exact parameter count (ModelSpec.params(): the published figure, unpadded vocabulary)."""
 
 
 @dataclass(frozen=True)

@@ -163,19 +163,26 @@ def print_prediction(plan) -> None:
 
 def print_validation(report: dict) -> None:
     t = Table(title="Predicted vs measured", title_justify="left")
-    for col in ("run", "plan", "tp", "pp", "dp", "mbs", "schedule", "pred step s", "meas step s", "spread", "error", "pred tok/s", "meas tok/s"):
-        t.add_column(col, justify="right" if col not in ("run", "plan", "schedule") else "left")
+    for col in ("run", "model", "plan", "tp", "pp", "dp", "mbs", "schedule", "pred step s", "meas step s", "spread", "error",
+                "pred tok/s", "meas tok/s"):
+        t.add_column(col, justify="right" if col not in ("run", "model", "plan", "schedule") else "left")
     for r in report["runs"]:
         k = r["knobs"]
-        t.add_row(r["run"], r["plan_id"], str(k["tp"]), str(k["pp"]), str(k["dp"]), str(k["micro_batch"]), k["schedule"],
+        t.add_row(r["run"], r["model"], r["plan_id"], str(k["tp"]), str(k["pp"]), str(k["dp"]), str(k["micro_batch"]), k["schedule"],
                   f"{r['predicted_step_s']:.4g}", f"{r['measured_step_s']:.4g}", f"±{r['spread_pct']:.0f}%",
                   f"{r['error_pct']:+.1f}%", f"{r['predicted_tokens_per_s']:,.0f}", f"{r['measured_tokens_per_s']:,.0f}")
     console.print(t)
     for w in report.get("skipped", []):
         console.print(f"[yellow]skipped[/yellow] {w}")
     if report["runs"]:
-        sp = report["spearman"]
-        console.print(f"Mean absolute error of step time: {report['mape_pct']:.1f}% over {len(report['runs'])} runs; "
-                      f"Spearman rank correlation predicted vs measured: {'n/a (fewer than 3 runs)' if sp is None else f'{sp:.2f}'}")
+        def line(summary: dict, n: int, what: str) -> str:
+            sp = summary["spearman"]
+            return (f"{what}: mean absolute error of step time {summary['mape_pct']:.1f}% over {n} plan(s); Spearman rank "
+                    f"correlation predicted vs measured {'n/a (fewer than 3 plans)' if sp is None else f'{sp:.2f}'}")
+        by_model = report.get("by_model", {})
+        if len(by_model) > 1:
+            for name, summary in by_model.items():
+                console.print(line(summary, sum(r["model"] == name for r in report["runs"]), name))
+        console.print(line(report, len(report["runs"]), "All"))
     else:
         console.print("[red]No valid runs to compare.[/red]")

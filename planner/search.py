@@ -87,13 +87,13 @@ def enumerate_knobs(model: ModelSpec, cluster: ClusterSpec, global_batch: int, p
     et al. 2021, takeaway 1: tensor parallelism up to the GPUs of a node, pipeline across nodes)."""
     N = cluster.gpus
     out = []
-    tps = [pins["tp"]] if "tp" in pins else [t for t in _divisors(cluster.gpus_per_node) if model.heads % t == 0 and model.ffn_hidden % t == 0]
+    tps = [pins["tp"]] if "tp" in pins else [t for t in _divisors(cluster.gpus_per_node) if model.tp_problem(t) is None]
     for t in tps:
         if N % t:
             continue
         for p in ([pins["pp"]] if "pp" in pins else _divisors(N // t)):
-            if (N // t) % p or p > model.layers:
-                continue
+            if (N // t) % p or p > model.layers or (model.tie_embeddings and p > 1 and "pp" not in pins):
+                continue  # tied embedding and head: one stage (check_knobs says so for a pinned pp)
             d = N // (t * p)
             if "dp" in pins and pins["dp"] != d:
                 continue

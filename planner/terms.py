@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner import comm
-from planner.compute import end_times, layer_times, optimizer_step_s
-from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB, activation_bytes_per_layer, embedding_activation_bytes, end_param_count,
-                            full_layer_activation_bytes, head_transient_bytes, layer_param_count, state_bytes_per_param)
+from planner.compute import end_times, layer_times, memory_s, optimizer_step_s
+from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB, MEGATRON_SAVED, RUNTIME_SAVED, SavedTensors, activation_bytes_per_layer,
+                            embedding_activation_bytes, end_param_count, full_layer_activation_bytes, head_transient_bytes,
+                            layer_param_count, state_bytes_per_param)
 from planner.plan import Knobs
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec
 from planner.topology import dp_link, pp_links, tp_link
@@ -32,6 +33,8 @@ class Framework:
     p2p_blocking: bool
     """Sends and receives wait for their peer and occupy the device (Megatron-LM 2021's
     send_forward_recv_backward, DeepSpeed's pipeline engine); otherwise they run beside compute."""
+    saved: SavedTensors = MEGATRON_SAVED
+    """What a block keeps for its backward (dropout masks, copies, fused ops)."""
 
     def overlaps_dp(self, knobs: Knobs) -> bool:
         """meshplan's runtime overlaps only where DDP (pure data parallelism) or FSDP2 reduce; with
@@ -44,7 +47,8 @@ class Framework:
 
 # meshplan's runtime: fp32 parameters (bf16 autocast on GPU), DDP/FSDP2 overlap the reduction,
 # torch.distributed.pipelining posts its sends and receives asynchronously.
-MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatter_gather=False, p2p_blocking=False)
+MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatter_gather=False, p2p_blocking=False,
+                     saved=RUNTIME_SAVED)
 # Megatron-LM as in Narayanan et al. 2021: fp16 gradients all-reduced after the flush, no overlap;
 # blocking pipeline sends split over the node's NICs.
 MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True)
@@ -180,7 +184,7 @@ class CostModel:
         # The activation formulas (memory.py) are Korthikanti et al.'s bytes for a 2-byte dtype: scaled to the
         # device's training dtype here, and only here.
         scale = dev.dtype_bytes / 2
-        fused = dev.fused_attention
+        fused, saved = dev.fused_attention, self.framework.saved
         w, g, o = state_bytes_per_param(dev.dtype_bytes, k.distributed_optimizer, k.dp)
         return Terms(
             layer_forward_s=f, layer_backward_s=bw, layer_recompute_s=rc, full_recompute_s=f, layer_tp_comm_s=4 * ar,
@@ -190,11 +194,11 @@ class CostModel:
             embedding_forward_s=et.embedding_forward_s + ar, embedding_backward_s=et.embedding_backward_s,
             head_forward_s=et.head_forward_s, head_backward_s=et.head_backward_s + ar,
             stage_forward_s=so_f, stage_backward_s=so_b,
-            layer_activation_bytes=activation_bytes_per_layer(model, t, b, sp, k.recompute, fused) * scale,
-            full_activation_bytes=activation_bytes_per_layer(model, t, b, sp, "full", fused) * scale,
-            embedding_activation_bytes=embedding_activation_bytes(model, t, b, sp) * scale,
+            layer_activation_bytes=activation_bytes_per_layer(model, t, b, sp, k.recompute, fused, saved) * scale,
+            full_activation_bytes=activation_bytes_per_layer(model, t, b, sp, "full", fused, saved) * scale,
+            embedding_activation_bytes=embedding_activation_bytes(model, t, b, sp, saved) * scale,
             head_transient_bytes=head_transient_bytes(model, t, b),
-            recompute_working_bytes=full_layer_activation_bytes(model, t, b, sp, fused) * scale,
+            recompute_working_bytes=full_layer_activation_bytes(model, t, b, sp, fused, saved) * scale,
             layer_params=layer_param_count(model, t), weight_bytes=w, grad_bytes=g, optimizer_bytes=o,
             overhead_bytes=dev.framework_overhead_gib * GIB, capacity_bytes=self.capacity_gib * GIB)
 
@@ -240,7 +244,16 @@ class CostModel:
         else:
             window = backward_window_s if self.framework.overlaps_dp(k) else 0.0
             dp = max(0.0, self.dp_s(k, params) - window)
-        return dp, optimizer_step_s(self.device, params / (k.dp if k.distributed_optimizer else 1))
+        return dp, optimizer_step_s(self.device, params / (k.dp if k.distributed_optimizer else 1)) + self.grad_norm_s(k, params)
+
+    def grad_norm_s(self, k: Knobs, params: float) -> float:
+        """Gradient-norm clipping before the step (meshplan's runtime and Megatron-LM clip at 1.0): one read of
+        the device's fp32 gradients (its shard, where the optimizer is sharded) and a scalar all-reduce over
+        every rank."""
+        grads = params / (k.dp if k.distributed_optimizer else 1)
+        world = self.cluster.gpus
+        link = self.cluster.inter_node if self.cluster.nodes > 1 else self.cluster.intra_node
+        return memory_s(self.device, grads * 4 / self.device.dtype_bytes) + comm.scalar_all_reduce_s(world, link)
 
 
 def fits_bytes(nbytes: float, capacity_bytes: float) -> bool:

@@ -122,6 +122,11 @@ def validate(paths: list[str]) -> dict:
             "stage_timings": group[0]["result"].stage_timings,
         })
     rows.sort(key=lambda r: r["measured_step_s"])
-    mape = statistics.fmean(abs(r["error_pct"]) for r in rows) if rows else None
-    rho = spearman([r["predicted_step_s"] for r in rows], [r["measured_step_s"] for r in rows])
-    return {"runs": rows, "mape_pct": mape, "spearman": rho, "skipped": skipped}
+    by_model = {name: _summary([r for r in rows if r["model"] == name]) for name in sorted({r["model"] for r in rows})}
+    return {"runs": rows, **_summary(rows), "by_model": by_model, "skipped": skipped}
+
+
+def _summary(rows: list[dict]) -> dict:
+    """Mean absolute % error and rank correlation of step time over `rows`."""
+    return {"mape_pct": statistics.fmean(abs(r["error_pct"]) for r in rows) if rows else None,
+            "spearman": spearman([r["predicted_step_s"] for r in rows], [r["measured_step_s"] for r in rows])}

@@ -96,7 +96,7 @@ def test_bad_knobs_give_one_line_naming_the_field(capsys, argv, field):
 def test_heads_not_divisible_by_tp_says_so(capsys):
     code, _, err = run(capsys, "predict", "--model", "gpt3-1.3b", "--cluster", "dgx-a100-80gb", "--nodes", "1", "--global-batch", "64",
                        "--tp", "3", "--pp", "1", "--dp", "1", "--micro-batch", "1", "--gpus-per-node", "3")
-    assert code == 2 and "heads are not divisible by tp 3" in err
+    assert code == 2 and "heads 16 are not divisible by tp 3" in err
 
 
 @pytest.mark.parametrize("text, field", [

@@ -1,9 +1,12 @@
 """Cost model invariants: the breakdown adds up, the bubble shrinks with microbatches, communication
 follows the topology, and FLOPs follow Narayanan et al. 2021."""
 
+from dataclasses import replace as dataclasses_replace
+
 import pytest
 
 from planner.cost import MEGATRON, model_flops, predict
+from planner.errors import SpecError
 from planner.plan import Knobs
 from planner.specs import load_cluster, load_device, load_model
 from planner.topology import dp_link, pp_links, tp_link
@@ -61,3 +64,42 @@ def test_interleaving_shortens_a_bubble_bound_pipeline():
 def test_megatron_blocking_sends_count_as_pipeline_communication():
     p = price(Knobs(8, 4, 1, 1, "1f1b", 1, "full"), batch=32, framework=MEGATRON)
     assert p.breakdown.pp_comm_s > 0
+
+
+def test_predict_carries_the_exact_parameter_count_of_a_llama_model():
+    from planner.specs import load_cluster
+
+    for name, params in (("llama3-8b", 8_030_261_248), ("llama3-70b", 70_553_706_496)):
+        plan, _ = predict(load_model(name), load_cluster("dgx-h100-80gb", nodes=2), load_device("h100-sxm5-80gb"),
+                          Knobs(8, 2, 1, 1, "1f1b", 1, "full", True, False), 16)
+        assert plan.prediction.params == params
+
+
+def test_grouped_query_attention_and_swiglu_change_the_datasheet_block_time():
+    import dataclasses
+
+    from planner.compute import datasheet_layer_times
+
+    h100 = load_device("h100-sxm5-80gb")
+    llama = load_model("llama3-8b")
+    mha = dataclasses.replace(llama, kv_heads=llama.heads)
+    gelu = dataclasses.replace(llama, mlp="gelu")
+    t = lambda m: datasheet_layer_times(m, h100, 1, 1, False).forward_s  # noqa: E731
+    assert t(mha) > t(llama)    # k and v are 4x narrower with 8 of 32 heads
+    assert t(llama) > t(gelu)   # a third h x f matrix
+
+
+def test_tp_must_divide_the_kv_heads_and_tied_models_stay_on_one_stage():
+    from planner.search import enumerate_knobs
+    from planner.specs import load_cluster, model_from_dict
+
+    gqa = model_from_dict({"name": "g", "layers": 4, "hidden": 512, "heads": 8, "kv_heads": 2, "ffn_hidden": 1024,
+                           "seq_len": 128, "vocab": 1000, "mlp": "swiglu", "norm": "rmsnorm", "position": "rope", "bias": False}, "t")
+    c = load_cluster("dgx-a100-80gb", nodes=1)
+    assert {k.tp for k in enumerate_knobs(gqa, c, 32, {})} == {1, 2}
+    tied = dataclasses_replace(gqa, tie_embeddings=True)
+    assert {k.pp for k in enumerate_knobs(tied, c, 32, {})} == {1}
+    with pytest.raises(SpecError, match="tie"):
+        predict(tied, c, A100, Knobs(1, 2, 4, 1), 32)
+    with pytest.raises(SpecError, match="kv_heads 2 are not divisible by tp 4"):
+        predict(gqa, c, A100, Knobs(4, 1, 2, 1), 32)

@@ -56,3 +56,44 @@ def test_1f1b_stage_i_holds_p_minus_i_microbatches(p, m):
 def test_gpipe_holds_every_microbatch():
     vectors = schedule.inflight_vectors("gpipe", 4, 6)
     assert all(schedule.peak_inflight(vectors[i], [1.0]) == 6 for i in range(4))
+
+
+# ---- Llama-family terms (GQA, SwiGLU, RMSNorm, no dropout) ----------------------------------------------
+
+from planner.memory import MEGATRON_SAVED, RUNTIME_SAVED, end_param_count, layer_param_count  # noqa: E402
+
+LLAMA8 = load_model("llama3-8b")  # s=8192, h=4096, a=32, kv_heads 8 (kv/h = 1/4), f=14336 (f/h = 3.5)
+SBH8 = 8192 * 4096
+
+
+def test_llama_block_as_meshplans_runtime_keeps_it():
+    # Replicated: two norm inputs 4, q/k/v input 2, MLP input 2 (no dropout masks) = 8. Sharded: q 2, k and v
+    # 2 x 2 x 1/4 = 1, the attention kernel's output 2 and its reshaped copy 2, SwiGLU's gate, silu, up and
+    # product 8 x 3.5 = 28: 35.
+    assert activation_bytes_per_layer(LLAMA8, 1, 1, False, "none", True, RUNTIME_SAVED) == SBH8 * 43
+    assert activation_bytes_per_layer(LLAMA8, 8, 1, False, "none", True, RUNTIME_SAVED) == SBH8 * (8 + 35 / 8)
+    assert activation_bytes_per_layer(LLAMA8, 8, 1, True, "none", True, RUNTIME_SAVED) == SBH8 * 43 / 8
+
+
+def test_llama_block_as_megatron_keeps_it_has_dropout_masks_and_a_fused_swiglu():
+    # Replicated 8 + two masks = 10; sharded q 2 + k, v 1 + projection input 2 + fused SwiGLU's two inputs and
+    # the product 6 x 3.5 = 21: 26. Non-fused attention adds the scores 5as/h = 5 x 32 x 8192 / 4096 = 320.
+    assert activation_bytes_per_layer(LLAMA8, 1, 1, False, "none", True, MEGATRON_SAVED) == SBH8 * 36
+    assert activation_bytes_per_layer(LLAMA8, 1, 1, False, "none", False, MEGATRON_SAVED) == SBH8 * (36 + 320)
+
+
+def test_gpt_block_under_meshplans_runtime_drops_the_masks_and_keeps_the_copy():
+    # 8 replicated + (q, k, v 6 + projection input 2 + copy 2 + GELU's 16) sharded.
+    assert activation_bytes_per_layer(GPT3, 8, 1, False, "none", True, RUNTIME_SAVED) == SBH * (8 + 26 / 8)
+    assert activation_bytes_per_layer(GPT3, 8, 1, False, "full", True, RUNTIME_SAVED) == 2 * SBH
+
+
+def test_llama_state_counts_its_own_norms_and_no_biases():
+    # RMSNorm weights (2h per block) replicated over tp, every matrix sharded; no positions, an untied head.
+    h = 4096
+    assert layer_param_count(LLAMA8, 1) == LLAMA8.layer_params()
+    assert layer_param_count(LLAMA8, 8) == (LLAMA8.layer_params() - 2 * h) / 8 + 2 * h
+    v = LLAMA8.padded_vocab(8)
+    assert end_param_count(LLAMA8, 8, True, False) == v * h / 8
+    assert end_param_count(LLAMA8, 8, False, True) == v * h / 8 + h
+    assert LLAMA8.layers * layer_param_count(LLAMA8, 1) + end_param_count(LLAMA8, 1, True, True) == LLAMA8.padded_params(1)

@@ -19,6 +19,7 @@ def test_launch_without_torchrun_says_how_to_start_it(tmp_path):
     out = subprocess.run([sys.executable, "-m", "runtime.launch", str(plan)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
-    torchrun = os.path.relpath(Path(sys.executable).parent / "torchrun", REPO)  # as typed from the repo
+    torchrun = Path(sys.executable).parent / "torchrun"
+    torchrun = torchrun.relative_to(REPO) if torchrun.is_relative_to(REPO) else torchrun  # as typed from the repo
     assert "not started by torchrun (WORLD_SIZE is not set)" in out.stderr
     assert f"{torchrun} --nproc-per-node 2 -m runtime.launch {plan}" in out.stderr
