@@ -12,7 +12,8 @@ from planner import __version__
 from planner.errors import MeshplanError, SpecError
 from planner.memory import DEFAULT_MEMORY_HEADROOM_GIB
 
-KNOB_FLAGS = ("tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel", "distributed_optimizer")
+KNOB_FLAGS = ("tp", "cp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel", "zero",
+              "distributed_optimizer", "precision", "compile")
 
 
 def _positive_int(text: str) -> int:
@@ -74,7 +75,17 @@ def _add_knobs(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help=f"Megatron sequence parallelism over tp ({default('off')})")
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"shard optimizer state over dp; FSDP2 in meshplan's runtime ({default('off')})")
+                   help=f"shard optimizer state over dp: the same as --zero 1 (off: --zero 0) ({default('off')})")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3),
+                   help="ZeRO stage over dp: 0 plain data parallel, 1 optimizer state sharded, 2 also gradients (FSDP2 "
+                        f"without resharding), 3 also weights (FSDP2) ({default('0')})")
+    p.add_argument("--cp", type=_positive_int,
+                   help="context-parallel degree: the sequence cut into 2 x cp chunks, keys and values all-gathered "
+                        "(default: 1)")
+    p.add_argument("--precision", choices=("bf16", "fp8"),
+                   help="bf16 mixed precision, or fp8 linears (GPUs of compute capability 8.9 and up) (default: bf16)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each block (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,12 +185,15 @@ def cmd_plan(args) -> int:
 def cmd_predict(args) -> int:
     from planner.cost import FRAMEWORKS, predict
     from planner.plan import Knobs, write_plan
+    from planner.search import zero_pins
     from planner.report import print_prediction
 
     _check_inputs(args)
     model, cluster, device = _specs(args)
+    zero = zero_pins({k: getattr(args, k) for k in ("zero", "distributed_optimizer") if getattr(args, k) is not None}).get("zero", 0)
     knobs = Knobs(args.tp, args.pp, args.dp, args.micro_batch, args.schedule or ("interleaved" if (args.virtual_stages or 1) > 1 else "1f1b"),
-                  args.virtual_stages or 1, args.recompute or "none", bool(args.sequence_parallel), bool(args.distributed_optimizer))
+                  args.virtual_stages or 1, args.recompute or "none", bool(args.sequence_parallel), zero, args.cp or 1,
+                  args.precision or "bf16", bool(args.compile))
     plan, _ = predict(model, cluster, device, knobs, args.global_batch, framework=FRAMEWORKS[args.framework],
                       memory_headroom_gib=_headroom(args))
     if args.json:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from planner import schedule
 from planner.errors import PlanError, SpecError
 from planner.memory import MemoryBreakdown, device_memory
-from planner.plan import RECOMPUTE, SCHEDULES, Breakdown, Knobs, Plan, Prediction, Stage, with_id
+from planner.plan import PRECISIONS, RECOMPUTE, SCHEDULES, Breakdown, Knobs, Plan, Prediction, Stage, with_id
+from planner.zero import ZERO_STAGES
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec
 from planner.terms import (DEEPSPEED, DEFAULT_MEMORY_HEADROOM_GIB, FRAMEWORKS, MEGATRON, MESHPLAN, CostModel,  # noqa: F401
                            Framework, fits_bytes)
@@ -53,9 +54,22 @@ def check_knobs(model: ModelSpec, cluster: ClusterSpec, knobs: Knobs, global_bat
         raise SpecError(src, "schedule", f"expected one of {', '.join(SCHEDULES)}, got {knobs.schedule!r}")
     if knobs.recompute not in RECOMPUTE:
         raise SpecError(src, "recompute", f"expected one of {', '.join(RECOMPUTE)}, got {knobs.recompute!r}")
-    if knobs.tp * knobs.pp * knobs.dp != cluster.gpus:
-        raise PlanError(f"tp {knobs.tp} x pp {knobs.pp} x dp {knobs.dp} = {knobs.tp * knobs.pp * knobs.dp}, but the cluster has "
+    if knobs.cp <= 0:
+        raise SpecError(src, "cp", f"must be positive, got {knobs.cp}")
+    if knobs.zero not in ZERO_STAGES:
+        raise SpecError(src, "zero", f"expected a ZeRO stage {', '.join(map(str, ZERO_STAGES))}, got {knobs.zero!r}")
+    if knobs.precision not in PRECISIONS:
+        raise SpecError(src, "precision", f"expected one of {', '.join(PRECISIONS)}, got {knobs.precision!r}")
+    world = knobs.tp * knobs.cp * knobs.pp * knobs.dp
+    if world != cluster.gpus:
+        cp = f" x cp {knobs.cp}" if knobs.cp > 1 else ""
+        raise PlanError(f"tp {knobs.tp}{cp} x pp {knobs.pp} x dp {knobs.dp} = {world}, but the cluster has "
                         f"{cluster.gpus} devices ({cluster.nodes} nodes x {cluster.gpus_per_node}); choose degrees whose product is {cluster.gpus}")
+    if knobs.cp > 1 or knobs.zero > 1 or knobs.precision != "bf16" or knobs.compile:
+        # The fields exist (plan.json, the CLI); their pricing lands next (issue 12).
+        raise PlanError("cp > 1, zero 2 or 3, fp8 and compile are not priced by this meshplan yet")
+    if knobs.cp > 1 and model.seq_len % (2 * knobs.cp):
+        raise SpecError(src, "cp", f"seq_len {model.seq_len} does not split into 2 x cp = {2 * knobs.cp} equal chunks; pick a cp for which it does")
     if model.tp_problem(knobs.tp):
         raise SpecError(src, "tp", f"the model's {model.tp_problem(knobs.tp)}")
     if model.tie_embeddings and knobs.pp * knobs.virtual_stages > 1:
@@ -223,7 +237,8 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     stages = tuple(dataclasses.replace(s, memory_gib=round(mem[k % p].total_gib, 3)) for k, s in enumerate(stages))
     plan = with_id(Plan(model=model, cluster=cluster, global_batch=global_batch, micro_batch=knobs.micro_batch,
                         num_microbatches=m, tp=t, pp=p, dp=knobs.dp, schedule=knobs.schedule, virtual_stages=v,
-                        sequence_parallel=knobs.sequence_parallel, distributed_optimizer=knobs.distributed_optimizer,
+                        sequence_parallel=knobs.sequence_parallel, zero=knobs.zero, cp=knobs.cp, precision=knobs.precision,
+                        compile=knobs.compile,
                         stages=stages, prediction=pred, profile=device.label))
     return plan, (sim if with_timeline else None)
 

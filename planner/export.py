@@ -26,8 +26,8 @@ MODEL_DEFAULTS = {"kv_heads": None, "mlp": "gelu", "norm": "layernorm", "positio
                   "tie_embeddings": False, "qkv_bias": None, "rope_theta": 10000.0}
 MODEL_FIELDS = {"name", "layers", "hidden", "heads", "ffn_hidden", "seq_len", "vocab", *MODEL_DEFAULTS}
 PLAN_FIELDS = {"model", "cluster", "global_batch", "micro_batch", "num_microbatches", "tp", "pp", "dp", "schedule",
-               "virtual_stages", "sequence_parallel", "distributed_optimizer", "stages", "prediction", "profile", "id",
-               "version", "created_by"}
+               "virtual_stages", "sequence_parallel", "zero", "cp", "precision", "compile", "stages", "prediction", "profile",
+               "id", "version", "created_by"}
 
 
 def _unmapped(obj, known: set[str], what: str, target: str) -> None:
@@ -98,7 +98,7 @@ def _megatron(plan: Plan) -> tuple[list[str], list[str]]:
     _unmapped(plan.model, MODEL_FIELDS, "model", "Megatron-LM")
     m = plan.model
     argv = [_meg("tp"), str(plan.tp), _meg("pp"), str(plan.pp)]
-    comments = [f"dp {plan.dp}: Megatron-LM takes it from the world size; start it on tp x pp x dp = {plan.world_size} GPUs"]
+    comments = [f"dp {plan.dp}: Megatron-LM takes it from the world size; start it on tp x cp x pp x dp = {plan.world_size} GPUs"]
     if plan.tp > 1:  # validate_args asserts it on GPUs before Blackwell
         comments.append("tp > 1: export CUDA_DEVICE_MAX_CONNECTIONS=1 before starting it (Megatron-LM requires it before Blackwell)")
     split, notes = _megatron_split(plan)
@@ -107,6 +107,16 @@ def _megatron(plan: Plan) -> tuple[list[str], list[str]]:
     if plan.schedule == "gpipe" and plan.pp > 1:
         comments.append("schedule gpipe: Megatron-LM has no GPipe schedule and runs 1F1B (same bubble, less activation memory)")
     argv += [_meg("sequence_parallel")] * plan.sequence_parallel + [_meg("distributed_optimizer")] * plan.distributed_optimizer
+    if plan.zero >= 2:  # Megatron-FSDP's strategies are ZeRO's stages: gradients too (2), and weights (3)
+        argv += ["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads" if plan.zero == 2 else "optim_grads_params"]
+    if plan.cp > 1:
+        argv += [_meg("cp"), str(plan.cp)]
+    if plan.precision == "fp8":
+        argv += ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]
+        comments.append("fp8: Megatron-LM runs FP8 through Transformer Engine (e4m3 forward, e5m2 gradients: 'hybrid'); meshplan "
+                        "runs torchao's tensorwise float8")
+    if plan.compile:
+        comments.append("compile: Megatron-LM has no torch.compile flag; its fused kernels play that part")
     rc, notes = _megatron_recompute(plan)
     argv += rc
     comments += notes
@@ -185,21 +195,28 @@ def torchtitan_keys(plan: Plan) -> tuple[dict[str, object], list[str]]:
     _unmapped(plan, PLAN_FIELDS, "plan", "torchtitan")
     _unmapped(plan.model, MODEL_FIELDS, "model", "torchtitan")
     m = plan.model
-    comments = [f"start it on tp x pp x dp = {plan.world_size} GPUs",
+    comments = [f"start it on tp x cp x pp x dp = {plan.world_size} GPUs",
                 f"[model]: torchtitan @{TORCHTITAN_COMMIT[:7]} has no model of meshplan's {m.name} (layers {m.layers}, hidden "
                 f"{m.hidden}, heads {m.heads}, ffn_hidden {m.ffn_hidden}, vocab {m.vocab}, {_model(plan, 'mlp')} MLP, "
                 f"{_model(plan, 'norm')}, {_model(plan, 'position')} positions"
                 + (f", rope_theta {m.rope_theta:g}" if m.position == "rope" else "") + (", q/k/v biases" if m.qkv_bias else "")
                 + "): register one of these shapes under this name",
-                "float8 off (model.converters = []) and compile off: meshplan priced this plan in bf16, eager"]
-    keys: dict[str, object] = {"model.name": m.name, "model.flavor": m.name, "model.converters": [],
+                f"float8 {'on' if plan.precision == 'fp8' else 'off'}, compile {'on' if plan.compile else 'off'}: as meshplan priced this plan"]
+    keys: dict[str, object] = {"model.name": m.name, "model.flavor": m.name, "model.converters": ["float8"] if plan.precision == "fp8" else [],
                                # torchtitan's local batch is one dp rank's share of the global batch
                                "training.local_batch_size": plan.global_batch // plan.dp, _tt("global_batch"): plan.global_batch,
                                _tt("seq_len"): m.seq_len, "training.mixed_precision_param": "bfloat16",
                                _tt("tp"): plan.tp, _tt("pp"): plan.pp,
                                "parallelism.data_parallel_replicate_degree": 1 if plan.distributed_optimizer else plan.dp,
                                "parallelism.data_parallel_shard_degree": plan.dp if plan.distributed_optimizer else 1,
-                               "parallelism.context_parallel_degree": 1}
+                               _tt("cp"): plan.cp}
+    if plan.zero >= 1:
+        keys["parallelism.fsdp_reshard_after_forward"] = "always" if plan.zero == 3 else "never"
+    if plan.zero == 1:
+        comments.append("zero 1: torchtitan has no sharded optimizer alone; FSDP2 without resharding (ZeRO-2) comes closest "
+                        "and also shards the gradients (less memory than planned)")
+    if plan.precision == "fp8":
+        keys["quantize.linear.float8.recipe_name"] = "tensorwise"
     if plan.tp > 1 and not plan.sequence_parallel:
         comments.append("sequence_parallel off: torchtitan's tensor parallelism always shards the norms over the sequence")
     if plan.pp > 1:
@@ -215,7 +232,9 @@ def torchtitan_keys(plan: Plan) -> tuple[dict[str, object], list[str]]:
     elif mode == "full" and (partial or len({s.recompute for s in plan.stages}) > 1):
         comments.append("recompute: the plan recomputes some blocks per stage; torchtitan has one mode for all blocks: full, "
                         "which needs the least memory (and is slower than planned)")
-    keys["compile.enable"] = False
+    keys["compile.enable"] = plan.compile
+    if plan.compile:
+        keys["compile.components"] = ["model"]
     return keys, comments
 
 

@@ -20,6 +20,9 @@ from planner.specs import ClusterSpec, ModelSpec, cluster_from_dict, from_dict, 
 PLAN_VERSION = 1
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
+PRECISIONS = ("bf16", "fp8")
+MESH_DIMS = ("pp", "dp", "cp", "tp")
+"""The device mesh's dims, outermost first: tp innermost (consecutive ranks), then cp, dp, pp."""
 
 # Megatron-LM argument (its argparse dest; the flag is --dest-with-dashes) -> meshplan name, at planner.export's
 # pinned release. data_parallel_size is no flag: Megatron-LM derives it from the world size.
@@ -33,6 +36,7 @@ MEGATRON_NAMES = {
     "recompute_granularity": "recompute",
     "sequence_parallel": "sequence_parallel",
     "use_distributed_optimizer": "distributed_optimizer",
+    "context_parallel_size": "cp",
     "num_layers": "layers",
     "hidden_size": "hidden",
     "num_attention_heads": "heads",
@@ -48,6 +52,7 @@ TORCHTITAN_NAMES = {
     "parallelism.pipeline_parallel_degree": "pp",
     "parallelism.data_parallel_replicate_degree": "dp",
     "parallelism.data_parallel_shard_degree": "dp",
+    "parallelism.context_parallel_degree": "cp",
     "parallelism.pipeline_parallel_schedule": "schedule",
     "parallelism.pipeline_parallel_microbatch_size": "micro_batch",
     "training.global_batch_size": "global_batch",
@@ -88,8 +93,22 @@ class Knobs:
     """Default recomputation: 'none', 'selective' (attention core) or 'full' (whole block)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism: norms/dropout sharded over tp, all-gather/reduce-scatter instead of all-reduce."""
-    distributed_optimizer: bool = False
-    """Optimizer state (and with FSDP2, weights and grads) sharded over dp."""
+    zero: int = 0
+    """ZeRO stage over dp (planner/zero.py): 0 none, 1 optimizer state sharded (the distributed optimizer),
+    2 also gradients, 3 also weights. True/False (the distributed_optimizer flag of old) read as 1/0."""
+    cp: int = 1
+    """Context-parallel degree: each sequence cut into 2*cp chunks, rank r of cp holding chunks r and 2cp-1-r."""
+    precision: str = "bf16"
+    """'bf16' (mixed precision) or 'fp8' (Float8 linears, bf16 elsewhere; compute capability >= 8.9)."""
+    compile: bool = False
+    """torch.compile of each block (as torchtitan applies it)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "zero", int(self.zero))
+
+    @property
+    def distributed_optimizer(self) -> bool:
+        return self.zero >= 1
 
 
 @dataclass(frozen=True)
@@ -155,7 +174,8 @@ class Plan:
     schedule: str
     virtual_stages: int
     sequence_parallel: bool
-    distributed_optimizer: bool
+    zero: int
+    """ZeRO stage (Knobs.zero)."""
     stages: tuple[Stage, ...]
     """pp * virtual_stages entries in model order (chunk c of device i is entry c*pp + i)."""
     prediction: Prediction | None = None
@@ -164,15 +184,26 @@ class Plan:
     id: str = ""
     version: int = PLAN_VERSION
     created_by: str = f"meshplan {__version__}"
+    cp: int = 1
+    """Context-parallel degree (Knobs.cp)."""
+    precision: str = "bf16"
+    """'bf16' or 'fp8' (Knobs.precision)."""
+    compile: bool = False
+    """torch.compile of each block (Knobs.compile)."""
+
+    @property
+    def distributed_optimizer(self) -> bool:
+        return self.zero >= 1
 
     @property
     def knobs(self) -> Knobs:
         return Knobs(self.tp, self.pp, self.dp, self.micro_batch, self.schedule, self.virtual_stages,
-                     self.stages[0].recompute if self.stages else "none", self.sequence_parallel, self.distributed_optimizer)
+                     self.stages[0].recompute if self.stages else "none", self.sequence_parallel, self.zero,
+                     self.cp, self.precision, self.compile)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
 
 def plan_id(plan: Plan) -> str:
@@ -181,6 +212,13 @@ def plan_id(plan: Plan) -> str:
     for k in ("id", "prediction", "profile", "created_by", "cluster"):
         d.pop(k, None)
     d["model"] = _without_defaults(plan.model, d["model"])
+    # Knobs added after version 1 was published stay out at their defaults (zero 0 or 1 is distributed_optimizer),
+    # so every plan written before them keeps its id.
+    for key, default in (("cp", 1), ("precision", "bf16"), ("compile", False)):
+        if d[key] == default:
+            del d[key]
+    if d["zero"] in (0, 1):
+        del d["zero"]
     for s in d["stages"]:
         s.pop("memory_gib", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
@@ -200,9 +238,10 @@ def with_id(plan: Plan) -> Plan:
 
 def plan_to_dict(plan: Plan) -> dict:
     d = dataclasses.asdict(plan)
+    d["distributed_optimizer"] = plan.distributed_optimizer  # zero >= 1, for readers of plan.json version 1
     order = ["version", "id", "created_by", "model", "cluster", "global_batch", "micro_batch", "num_microbatches",
-             "tp", "pp", "dp", "schedule", "virtual_stages", "sequence_parallel", "distributed_optimizer",
-             "stages", "prediction", "profile"]
+             "tp", "cp", "pp", "dp", "schedule", "virtual_stages", "sequence_parallel", "zero", "distributed_optimizer",
+             "precision", "compile", "stages", "prediction", "profile"]
     for s in d["stages"]:
         s["layers"] = list(s["layers"])
     return {k: d[k] for k in order}
@@ -210,9 +249,16 @@ def plan_to_dict(plan: Plan) -> dict:
 
 def check_plan(plan: Plan, source: str) -> Plan:
     """Consistency of a plan's knobs and stages; raises SpecError naming the field."""
-    for name in ("global_batch", "micro_batch", "num_microbatches", "tp", "pp", "dp", "virtual_stages"):
+    for name in ("global_batch", "micro_batch", "num_microbatches", "tp", "cp", "pp", "dp", "virtual_stages"):
         if getattr(plan, name) <= 0:
             raise SpecError(source, name, f"must be positive, got {getattr(plan, name)}")
+    if plan.zero not in (0, 1, 2, 3):
+        raise SpecError(source, "zero", f"expected a ZeRO stage 0, 1, 2 or 3, got {plan.zero!r}")
+    if plan.precision not in PRECISIONS:
+        raise SpecError(source, "precision", f"expected one of {', '.join(PRECISIONS)}, got {plan.precision!r}")
+    if plan.cp > 1 and plan.model.seq_len % (2 * plan.cp):
+        raise SpecError(source, "cp", f"seq_len {plan.model.seq_len} does not split into 2 x cp = {2 * plan.cp} equal chunks; "
+                                      "pick a cp for which it does")
     if plan.schedule not in SCHEDULES:
         raise SpecError(source, "schedule", f"expected one of {', '.join(SCHEDULES)}, got {plan.schedule!r}")
     if plan.schedule != "interleaved" and plan.virtual_stages != 1:
@@ -273,7 +319,15 @@ def plan_from_dict(d: dict, source: str) -> Plan:
     pred = rest.pop("prediction", None)
     prediction = from_dict(Prediction, pred, source, prefix="prediction.") if pred is not None else None
     plan = from_dict(_PlanScalars, rest, source)
-    out = Plan(model=model, cluster=cluster, stages=tuple(stage_objs), prediction=prediction, **dataclasses.asdict(plan))
+    scalars = dataclasses.asdict(plan)
+    # zero is the knob; distributed_optimizer (plan.json's field before it) is zero >= 1 and must agree with it.
+    dist_opt = scalars.pop("distributed_optimizer")
+    if scalars["zero"] is None:
+        scalars["zero"] = 1 if dist_opt else 0
+    elif dist_opt is not None and dist_opt != (scalars["zero"] >= 1):
+        raise SpecError(source, "distributed_optimizer", f"{dist_opt} contradicts zero {scalars['zero']} (it means zero >= 1); "
+                                                         "give one of them")
+    out = Plan(model=model, cluster=cluster, stages=tuple(stage_objs), prediction=prediction, **scalars)
     # The id is what results are pooled by: recompute it from the contents, never trust the one written down.
     return with_id(check_plan(out, source))
 
@@ -291,7 +345,11 @@ class _PlanScalars:
     schedule: str
     virtual_stages: int
     sequence_parallel: bool
-    distributed_optimizer: bool
+    zero: int | None = None
+    distributed_optimizer: bool | None = None
+    cp: int = 1
+    precision: str = "bf16"
+    compile: bool = False
     profile: str = ""
     id: str = ""
     version: int = PLAN_VERSION

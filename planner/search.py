@@ -21,13 +21,14 @@ from planner import schedule
 from planner.bounds import every_split_bound_s, split_bound_s
 from planner.cost import (DEFAULT_MEMORY_HEADROOM_GIB, MESHPLAN, CostModel, Framework, check_knobs, device_memories, fits_bytes,
                           model_flops, predict, stage_cost_list, stage_fixed_busy_s, uniform_stages)
-from planner.errors import PlanError
+from planner.errors import PlanError, SpecError
 from planner.ilp import Assignment, device_terms, solve_split, split_chunks
 from planner.memory import GIB
 from planner.plan import RECOMPUTE, Knobs, Plan, Stage
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec
 
-PINNABLE = ("tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel", "distributed_optimizer")
+PINNABLE = ("tp", "cp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel", "zero",
+            "distributed_optimizer", "precision", "compile")
 LEVELS = ("bound", "split", "priced")
 """How far a candidate got: a bound over every split; its layer split solved (and its bound for that split);
 priced by the simulator."""
@@ -85,7 +86,13 @@ def _divisors(n: int) -> list[int]:
 def enumerate_knobs(model: ModelSpec, cluster: ClusterSpec, global_batch: int, pins: dict) -> list[Knobs]:
     """All configurations consistent with the pins. tp stays inside a node unless pinned (Narayanan
     et al. 2021, takeaway 1: tensor parallelism up to the GPUs of a node, pipeline across nodes)."""
-    N = cluster.gpus
+    pins = zero_pins(pins)
+    cp, precision, compile_ = pins.get("cp", 1), pins.get("precision", "bf16"), pins.get("compile", False)
+    N = cluster.gpus // cp if cluster.gpus % cp == 0 else 0
+
+    def zeros(d: int) -> list[int]:
+        return [pins["zero"]] if "zero" in pins else ([0, 1] if d > 1 else [0])
+
     out = []
     tps = [pins["tp"]] if "tp" in pins else [t for t in _divisors(cluster.gpus_per_node) if model.tp_problem(t) is None]
     for t in tps:
@@ -107,9 +114,22 @@ def enumerate_knobs(model: ModelSpec, cluster: ClusterSpec, global_batch: int, p
                 for sched, v in _schedules(p, m, model.layers, pins):
                     for rc in ([pins["recompute"]] if "recompute" in pins else RECOMPUTE):
                         for sp in ([pins["sequence_parallel"]] if "sequence_parallel" in pins else ([False, True] if t > 1 else [False])):
-                            for do in ([pins["distributed_optimizer"]] if "distributed_optimizer" in pins else ([False, True] if d > 1 else [False])):
-                                out.append(Knobs(t, p, d, b, sched, v, rc, sp, do))
+                            for z in zeros(d):
+                                out.append(Knobs(t, p, d, b, sched, v, rc, sp, z, cp, precision, compile_))
     return out
+
+
+def zero_pins(pins: dict) -> dict:
+    """The pins with distributed_optimizer (the flag of old) as the ZeRO stage it means: on is 1, off is 0."""
+    if "distributed_optimizer" not in pins:
+        return pins
+    pins = dict(pins)
+    dist_opt = pins.pop("distributed_optimizer")
+    if "zero" in pins and (pins["zero"] >= 1) != dist_opt:
+        raise SpecError("--distributed-optimizer", "distributed_optimizer", f"{'on' if dist_opt else 'off'} contradicts --zero "
+                        f"{pins['zero']} (it means --zero 1, or --zero 0 when off); give one of them")
+    pins.setdefault("zero", 1 if dist_opt else 0)
+    return pins
 
 
 def _schedules(p: int, m: int, layers: int, pins: dict) -> list[tuple[str, int]]:
@@ -308,10 +328,13 @@ def exhaustive_search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProf
 
 def _explain_empty(model: ModelSpec, cluster: ClusterSpec, global_batch: int, pins: dict) -> None:
     """No configuration is consistent with the pins: say which constraint rules them out."""
-    knobs = Knobs(pins.get("tp", 1), pins.get("pp", 1), pins.get("dp", cluster.gpus // (pins.get("tp", 1) * pins.get("pp", 1)) or 1),
+    pins = zero_pins(pins)
+    tp, cp, pp = pins.get("tp", 1), pins.get("cp", 1), pins.get("pp", 1)
+    knobs = Knobs(tp, pp, pins.get("dp", cluster.gpus // (tp * cp * pp) or 1),
                   pins.get("micro_batch", 1), pins.get("schedule", "1f1b"), pins.get("virtual_stages", 1),
-                  pins.get("recompute", "none"), pins.get("sequence_parallel", False), pins.get("distributed_optimizer", False))
+                  pins.get("recompute", "none"), pins.get("sequence_parallel", False), pins.get("zero", 0), cp,
+                  pins.get("precision", "bf16"), pins.get("compile", False))
     check_knobs(model, cluster, knobs, global_batch)
     raise PlanError(f"no configuration of {model.name} on {cluster.gpus} devices with global batch {global_batch} satisfies "
                     f"{', '.join(f'{k}={v}' for k, v in pins.items()) or 'the constraints'}: the global batch must divide by "
-                    f"micro_batch x dp, and tp x pp x dp must equal the device count")
+                    f"micro_batch x dp, and tp x cp x pp x dp must equal the device count")

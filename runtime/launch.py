@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> None:
     """What the runtime needs beyond load_plan's checks; raises before any process group exists."""
+    if plan.cp > 1 or plan.zero > 1 or plan.precision != "bf16" or plan.compile:
+        raise PlanError(f"{args.plan}: cp {plan.cp}, zero {plan.zero}, precision {plan.precision}, compile {plan.compile}: "
+                        "this runtime runs cp 1, zero 0 or 1, bf16 and eager only so far")
     if world_size != plan.world_size:
         raise PlanError(f"{args.plan}: world_size: tp {plan.tp} x pp {plan.pp} x dp {plan.dp} = {plan.world_size} "
                         f"ranks, but {world_size} were started; run torchrun --nproc-per-node {plan.world_size} "
