@@ -108,7 +108,7 @@ def plans_tab(plans_df, cands_df, usable_gib: float) -> None:
     shown = plans_df[cols].assign(tokens_per_s=plans_df["tokens_per_s"].round().astype(int))
     st.dataframe(shown, hide_index=True, column_config={
         "rank": "#", "plan_id": "plan id", "micro_batch": "micro-batch", "num_microbatches": "microbatches",
-        "sequence_parallel": "SP", "distributed_optimizer": "dist-opt", "layers_per_stage": "layers/stage",
+        "sequence_parallel": "SP", "zero": "ZeRO", "cp": "cp", "layers_per_stage": "layers/stage",
         "iteration_s": st.column_config.NumberColumn("iteration (s)", format="%.3g"),
         "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="localized"),
         "tflops_per_gpu": st.column_config.NumberColumn("TFLOP/s per GPU", format="%.1f"),

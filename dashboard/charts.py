@@ -15,7 +15,7 @@ OP_COLORS = {"forward": "#4C78A8", "backward": "#F58518", "recompute": "#B279A2"
 PART_COLORS = {"compute": "#4C78A8", "TP communication": "#72B7B2", "PP send/recv": "#54A24B",
                "DP gradient reduction": "#EECA3B", "pipeline bubble": "#BAB0AC", "optimizer step": "#F58518",
                "weights": "#4C78A8", "gradients": "#72B7B2", "optimizer state": "#F58518",
-               "activations": "#E45756", "framework overhead": "#BAB0AC"}
+               "gathered weights/gradients (ZeRO 2, 3)": "#9D755D", "activations": "#E45756", "framework overhead": "#BAB0AC"}
 SCATTER_SYMBOLS = {"fits": "circle", "bound only": "diamond-open", "does not fit": "x-thin-open"}
 LEVEL_HOVER = {"priced": "priced by the simulator", "split": "layer split solved: at most this fast",
                "bound": "bound only: at most this fast, at least this much memory"}

@@ -17,7 +17,7 @@ import yaml
 from planner.cost import memory_by_device, predict
 from planner.errors import SpecError
 from planner.plan import Plan, plan_to_dict
-from planner.report import schedule_label, stage_summary
+from planner.report import precision_label, schedule_label, stage_summary
 from planner.schedule import simulate
 from planner.plan import MAX_GLOBAL_BATCH
 from planner.specs import (PROFILES_DIR, ClusterSpec, DeviceProfile, ModelSpec, cluster_from_dict, load_device, model_from_dict,
@@ -97,10 +97,11 @@ HEADROOM_RANGE_GIB = (0.0, 1024.0)
 def pin_options(devices: int, global_batch: int) -> dict[str, list[str]]:
     """The values each knob can be pinned to (besides 'auto'), for this many devices and this batch."""
     degrees = [str(d) for d in divisors(devices)]
-    return {"tp": degrees, "pp": degrees, "dp": degrees,
+    return {"tp": degrees, "cp": degrees, "pp": degrees, "dp": degrees,
             "micro_batch": [str(d) for d in divisors(global_batch) if d <= 256],
             "schedule": ["1f1b", "gpipe", "interleaved"], "virtual_stages": ["2", "3", "4", "6", "8"],
-            "recompute": ["none", "selective", "full"], "sequence_parallel": ["on", "off"], "distributed_optimizer": ["on", "off"]}
+            "recompute": ["none", "selective", "full"], "sequence_parallel": ["on", "off"], "zero": ["0", "1", "2", "3"],
+            "precision": ["bf16", "fp8"], "compile": ["on", "off"]}
 
 
 def link_errors(params: dict[str, str], views: list[str], defaults: dict[str, int]) -> list[str]:
@@ -141,7 +142,7 @@ def pins_from_choices(choices: dict[str, str]) -> dict:
         if choice == "auto":
             continue
         pins[knob] = {"on": True, "off": False}.get(choice, choice)
-        if knob in ("tp", "pp", "dp", "micro_batch", "virtual_stages"):
+        if knob in ("tp", "cp", "pp", "dp", "micro_batch", "virtual_stages", "zero"):
             pins[knob] = int(choice)
     return pins
 
@@ -155,7 +156,7 @@ def plans_frame(plans: tuple[Plan, ...]) -> pd.DataFrame:
         pr = p.prediction
         rows.append({"rank": rank, "plan_id": p.id, "tp": p.tp, "pp": p.pp, "dp": p.dp, "micro_batch": p.micro_batch,
                      "num_microbatches": p.num_microbatches, "schedule": schedule_label(p), "recompute": recompute_label(p),
-                     "sequence_parallel": p.sequence_parallel, "distributed_optimizer": p.distributed_optimizer,
+                     "sequence_parallel": p.sequence_parallel, "zero": p.zero, "cp": p.cp, "precision": precision_label(p),
                      "layers_per_stage": stage_summary(p), "iteration_s": pr.iteration_s, "tokens_per_s": pr.tokens_per_s,
                      "tflops_per_gpu": pr.tflops_per_gpu, "mfu_pct": 100 * pr.mfu, "peak_memory_gib": pr.peak_memory_gib,
                      "fits": pr.fits, "reason": pr.reason})
@@ -176,15 +177,16 @@ def candidates_frame(candidates) -> pd.DataFrame:
     whose lower bound already lost to the ranked plans: its tokens/s is an upper bound and its memory the least
     any layer split needs, and the search never solved its split."""
     rows = [(c.knobs.tp, c.knobs.pp, c.knobs.dp, c.knobs.micro_batch, c.knobs.schedule, c.knobs.virtual_stages,
-             c.knobs.recompute, c.knobs.sequence_parallel, c.knobs.distributed_optimizer, c.iteration_s, c.tokens_per_s,
+             c.knobs.recompute, c.knobs.sequence_parallel, c.knobs.zero, c.knobs.cp, c.iteration_s, c.tokens_per_s,
              c.tflops_per_gpu, c.peak_memory_gib, c.fits, c.level, c.exact) for c in candidates]
     df = pd.DataFrame(rows, columns=["tp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute",
-                                     "sequence_parallel", "distributed_optimizer", "iteration_s", "tokens_per_s",
+                                     "sequence_parallel", "zero", "cp", "iteration_s", "tokens_per_s",
                                      "tflops_per_gpu", "peak_memory_gib", "fits", "level", "exact"])
     interleaved = pd.Series(np.where(df["schedule"] == "interleaved", " v=" + df["virtual_stages"].astype(str), ""), index=df.index)
     df["knobs"] = (df["tp"].astype(str) + "×" + df["pp"].astype(str) + "×" + df["dp"].astype(str) + " · micro-batch "
                    + df["micro_batch"].astype(str) + " · " + df["schedule"] + interleaved + " · recompute " + df["recompute"]
-                   + np.where(df["sequence_parallel"], " · SP", "") + np.where(df["distributed_optimizer"], " · dist-opt", ""))
+                   + np.where(df["sequence_parallel"], " · SP", "") + np.where(df["zero"] > 0, " · ZeRO-" + df["zero"].astype(str), "")
+                   + np.where(df["cp"] > 1, " · cp " + df["cp"].astype(str), ""))
     df["memory_status"] = np.where(~df["fits"], "does not fit", np.where(df["level"] == "bound", "bound only", "fits"))
     return df
 
@@ -205,7 +207,8 @@ def breakdown_frame(plan: Plan) -> pd.DataFrame:
 
 
 MEMORY_PARTS = {"weights_gib": "weights", "grads_gib": "gradients", "optimizer_gib": "optimizer state",
-                "activations_gib": "activations", "overhead_gib": "framework overhead"}
+                "sharding_gib": "gathered weights/gradients (ZeRO 2, 3)", "activations_gib": "activations",
+                "overhead_gib": "framework overhead"}
 
 
 def memory_frame(plan: Plan, device: DeviceProfile) -> pd.DataFrame:

@@ -14,7 +14,8 @@ backward (recomputation included) and l_k the send from stage k to k+1:
 Both hold for every layer split. `split_bound_s` evaluates them for one split (the one `price` uses).
 `every_split_bound_s` takes the least they can be over all splits the planner builds (n_i >= v blocks on device
 i, dealt evenly over its chunks by ilp.split_chunks), without solving for the split:
-  (3) max_i m W_i >= m * max(total / p, max_i W_i at v blocks)     (perfect balance, the cheapest recomputation)
+  (3) max_i m W_i >= m * max(total / p, max_i W_i at v blocks)     (perfect balance, the cheapest recomputation;
+      with ZeRO 2/3 a stage's time is at least its weight and gradient traffic, whose total is split-free too)
   (4) a convex combination of the right-hand sides of (2) whose weights make every W_i count the same (kappa),
       so that it depends on the total work only: kappa * total + terms for the fixed work and the sends. For
       equal stages and many microbatches it is the bubble's closed form with half of the bubble.
@@ -70,12 +71,31 @@ def every_split_bound_s(cm, knobs: Knobs, m: int) -> tuple[float, float]:
     # Blocking sends: each link's transfer sits in both neighbours' forward and backward.
     total = S * mid + emb + head + (4 * sum(p2p) if blocking else 0.0) + L * c
     busy = m * max(total / p, v * mid + emb + (head if p == 1 else 0.0) + v * c, v * mid + head + v * c)
+    if knobs.zero >= 2 and knobs.dp * knobs.cp > 1:
+        # ZeRO 2/3: a stage takes at least its weight gathers and gradient reduce-scatters per microbatch
+        # (cost.stage_cost_list: max(compute, traffic)), which are affine in its parameters: over all stages
+        # S intercepts and the slope times every parameter, whatever the split; the busiest device at least 1/p.
+        # Forward and backward apart: sum_k max(f_k, g_k) >= max(sum f_k, sum g_k) for each.
+        zero_f, zero_b, _ = cm.sharding_s(knobs, 0.0)
+        one_f, one_b, _ = cm.sharding_s(knobs, tm.layer_params)
+        all_params = L * tm.layer_params + tm.end_params(model, knobs.tp, True, True)
+        traffic_f = S * zero_f + (one_f - zero_f) / tm.layer_params * all_params
+        traffic_b = S * zero_b + (one_b - zero_b) / tm.layer_params * all_params
+        # Each stage: max(f, gather_f) + max(b + recompute, gather_b) + its blocking sends (cost.stage_cost_list).
+        fwd = (S - 2) * tm.fixed_forward_s(False, False) + tm.fixed_forward_s(True, False) + tm.fixed_forward_s(False, True) + L * tm.layer_forward_s
+        sends = 4 * sum(p2p) if blocking else 0.0
+        bwd = total - fwd - sends
+        busy = max(busy, m * (max(fwd, traffic_f) + max(bwd, traffic_b) + sends) / p)
     # Exposed reduction and optimizer step grow with a device's parameters: at least those of v blocks (the
     # overlap window, at most the device's backward, taken as unbounded).
-    ends = {0: (True, p == 1), 1: (False, False), p - 1: (p == 1, True)}
-    tails = {i: sum(cm.device_tail_s(knobs, v * tm.layer_params + tm.end_params(model, knobs.tp, e, h), m, float("inf")))
-             for i, (e, h) in ends.items() if i < p}
-    bound = busy + min(tails.values())
+    # The device with the fewest parameters (a middle one, with no embedding or head, where there is one) has the
+    # least of it.
+    def tail(e: bool, h: bool) -> float:
+        return sum(cm.device_tail_s(knobs, v * tm.layer_params + tm.end_params(model, knobs.tp, e, h), m, float("inf")))
+
+    first = tail(True, p == 1)
+    least = first if p == 1 else tail(False, False) if p > 2 else min(first, tail(False, True))
+    bound = busy + least
     if p > 1:
         kappa, after0, after_sum, lam_i = chain_weights(p, m, v)
         # sum_k Lambda_{>k} (chunk 0's fixed - device's fixed / v - c(v-1)/v): the embedding's share on device 0,
@@ -84,7 +104,7 @@ def every_split_bound_s(cm, knobs: Knobs, m: int) -> tuple[float, float]:
         if blocking and v > 1:
             correction -= after_sum * 2 * max(p2p)
         sends = 0.0 if blocking else 2 * min(p2p) * lam_i
-        bound = max(bound, kappa * total + correction + sends + tails[0])
+        bound = max(bound, kappa * total + correction + sends + first)
     return bound * (1 - SLACK), _memory_floor_gib(cm, knobs, m, tm)
 
 
@@ -102,9 +122,10 @@ def _memory_floor_gib(cm, knobs: Knobs, m: int, tm) -> float:
         # chunk has one); the embedding's activations of at least one microbatch.
         acts = schedule.alive_at_peak(knobs.schedule, p, m, v, i) * a_min + (tm.embedding_activation_bytes if e else 0.0)
         transient = max(tm.head_transient_bytes if h else 0.0, working)
-        floors.append(tm.overhead_bytes + (v * tm.layer_params + tm.end_params(model, knobs.tp, e, h)) * sb + acts + transient)
+        floors.append(tm.overhead_bytes + tm.sharding_transient_bytes + (v * tm.layer_params + tm.end_params(model, knobs.tp, e, h)) * sb
+                      + acts + transient)
     state = (model.layers * tm.layer_params + tm.end_params(model, knobs.tp, True, True)) * sb / p
-    floors.append(tm.overhead_bytes + state)
+    floors.append(tm.overhead_bytes + tm.sharding_transient_bytes + state)
     return max(floors) / GIB
 
 

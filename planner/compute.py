@@ -38,9 +38,10 @@ class EndTimes:
     head_backward_s: float
 
 
-def gemm_efficiency(device: DeviceProfile, gflop: float) -> float:
-    """Log-linear interpolation of the device's efficiency curve, flat outside its points."""
-    pts = device.gemm_efficiency
+def gemm_efficiency(device: DeviceProfile, gflop: float, fp8: bool = False) -> float:
+    """Log-linear interpolation of the device's efficiency curve (its FP8 curve for fp8, where it has one),
+    flat outside its points."""
+    pts = device.fp8_gemm_efficiency if fp8 and device.fp8_gemm_efficiency else device.gemm_efficiency
     if gflop <= pts[0].gflop:
         return pts[0].efficiency
     for a, b in zip(pts, pts[1:]):
@@ -50,10 +51,12 @@ def gemm_efficiency(device: DeviceProfile, gflop: float) -> float:
     return pts[-1].efficiency
 
 
-def gemm_s(device: DeviceProfile, m: int, n: int, k: int, batch: int = 1) -> float:
-    """Seconds for `batch` GEMMs of (m x k) @ (k x n): 2mnk FLOPs each, at the efficiency of one."""
+def gemm_s(device: DeviceProfile, m: float, n: float, k: float, batch: float = 1, fp8: bool = False) -> float:
+    """Seconds for `batch` GEMMs of (m x k) @ (k x n): 2mnk FLOPs each, at the efficiency of one; at the FP8 peak
+    for fp8 (Float8 linears)."""
     flops = 2.0 * m * n * k
-    return batch * flops / (device.peak_tflops * 1e12 * gemm_efficiency(device, flops / 1e9))
+    peak = device.fp8_peak_tflops if fp8 else device.peak_tflops
+    return batch * flops / (peak * 1e12 * gemm_efficiency(device, flops / 1e9, fp8))
 
 
 def memory_s(device: DeviceProfile, elements: float) -> float:
@@ -77,45 +80,84 @@ def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: int) 
     return fwd, 2 * gemms + memory_s(device, 9 * scores)
 
 
-def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: int, sequence_parallel: bool) -> LayerTimes:
+def elementwise_per_token(model: ModelSpec, tp: int, sequence_parallel: bool, compiled: bool) -> float:
+    """Elements the block's memory-bound kernels read and write per token in its forward (the backward moves
+    about twice as much). Eager: two norms (read + write h each; RMSNorm moves as much as LayerNorm), two
+    residual adds as bias-dropout-adds where the linears have biases (GPT: ~3.5h each) or plain adds (3h), all
+    replicated over tp unless sequence parallelism shards them; in the MLP bias-GeLU reads and writes f/tp,
+    SwiGLU's silu (read, write) and product (two reads, a write) 5f/tp; RoPE rotates q and k, (h + kv)/tp wide,
+    in about 6 passes. Compiled (torch.compile fuses each chain into one kernel): each add with the norm after
+    it reads two inputs and writes two outputs (4h), SwiGLU reads two and writes one (3f/tp), RoPE reads and
+    writes once (2(h + kv)/tp)."""
+    h, f, kv = model.hidden, model.ffn_hidden, model.kv_dim
+    rep = tp if sequence_parallel else 1
+    rope = model.position == "rope"
+    if compiled:
+        return 2 * 4 * h / rep + (3 if model.mlp == "swiglu" else 2) * f / tp + (2 * (h + kv) / tp if rope else 0.0)
+    add = 3.5 if model.bias else 3.0
+    return (2 * 2 + 2 * add) * h / rep + (5 if model.mlp == "swiglu" else 2) * f / tp + (6 * (h + kv) / tp if rope else 0.0)
+
+
+def float8_casts_per_token(model: ModelSpec, tp: int) -> float:
+    """Elements the Float8 linears' dynamic scaling moves per token in the forward (torchao's tensorwise recipe):
+    each linear reads its input for the amax, reads it again to cast and writes one byte (half a bf16 element):
+    2.5 passes over its input width. Inputs: q, k and v are three linears over h; the output projection h/tp;
+    the MLP's first matrices h each (one, or gate and up); its last f/tp. The backward casts the gradients as
+    much again (inside its 2x)."""
+    h, f = model.hidden, model.ffn_hidden
+    inputs = 3 * h + h / tp + (2 if model.mlp == "swiglu" else 1) * h + f / tp
+    return 2.5 * inputs
+
+
+def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
+                          precision: str = "bf16", compiled: bool = False) -> LayerTimes:
+    """One block on a tp shard for b sequences (a fraction with context parallelism: each cp rank holds s/cp of
+    each sequence and attends to all s keys, which is b/cp sequences' GEMM and attention work)."""
     h, f, s, kv = model.hidden, model.ffn_hidden, model.seq_len, model.kv_dim
     tokens = b * s
+    fp8 = precision == "fp8"
     # Megatron-LM's block on a tp shard (Shoeybi et al. 2019, Fig. 3): q, k, v and the MLP's first matrices
     # column-parallel, the output projection and the MLP's last matrix row-parallel. k and v are kv_dim wide
     # (grouped-query attention, Ainslie et al. 2023); SwiGLU has two h x f matrices in (gate, up) and one out
-    # (Shazeer 2020, eq. 6).
+    # (Shazeer 2020, eq. 6). With fp8 these run as Float8 GEMMs; the attention core stays bf16.
     mlp_in = 2 if model.mlp == "swiglu" else 1
-    gemm_fwd = (gemm_s(device, tokens, (h + 2 * kv) // tp, h) + gemm_s(device, tokens, h, h // tp)
-                + mlp_in * gemm_s(device, tokens, f // tp, h) + gemm_s(device, tokens, h, f // tp))
+    gemm_fwd = (gemm_s(device, tokens, (h + 2 * kv) / tp, h, fp8=fp8) + gemm_s(device, tokens, h, h / tp, fp8=fp8)
+                + mlp_in * gemm_s(device, tokens, f / tp, h, fp8=fp8) + gemm_s(device, tokens, h, f / tp, fp8=fp8))
     attn_fwd, attn_bwd = _attention_core_s(device, model, tp, b)
-    # Elementwise per token: two norms (read + write h each; RMSNorm moves as much as LayerNorm) and two
-    # residual adds, bias-dropout-adds where the linears have biases (GPT: ~3.5h each) or plain adds (3h), replicated over tp
-    # unless sequence parallelism shards them. In the MLP: bias-GeLU reads and writes f/tp; SwiGLU's silu
-    # (read, write) and product (two reads, a write) move 5f/tp. RoPE rotates q and k, (h + kv)/tp wide, in
-    # about 6 passes (two products, a sum, a difference, the halves swapped and joined).
-    add = 3.5 if model.bias else 3.0
-    norm_like = (2 * 2 + 2 * add) * h / (tp if sequence_parallel else 1)
-    mlp_elem = (5 if model.mlp == "swiglu" else 2) * f / tp
-    rope = 6 * (h + kv) / tp if model.position == "rope" else 0.0
-    elem_fwd = memory_s(device, tokens * (norm_like + mlp_elem + rope))
+    elem = elementwise_per_token(model, tp, sequence_parallel, compiled)
+    if fp8:
+        # Dynamic scaling of activations per token, and of the weights once per microbatch (amax + cast of each
+        # matrix: 2.5 passes over h(h + 2kv) + h^2 + (2 or 3) hf, over tp). Compiled, amax and cast fuse: 1.5.
+        passes = 1.5 if compiled else 2.5
+        weights = (h * (h + 2 * kv) + h * h + (mlp_in + 1) * h * f) / tp
+        elem += float8_casts_per_token(model, tp) * passes / 2.5 + passes * weights / tokens
+    elem_fwd = memory_s(device, tokens * elem)
     fwd = gemm_fwd + attn_fwd + elem_fwd
     # Backward: a data-gradient and a weight-gradient GEMM per forward GEMM; elementwise ~2x.
     bwd = 2 * gemm_fwd + attn_bwd + 2 * elem_fwd
     return LayerTimes(forward_s=fwd, backward_s=bwd, selective_recompute_s=attn_fwd)
 
 
-def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: int, sequence_parallel: bool) -> LayerTimes:
-    """A measured profile wins where it has this layer; the datasheet model otherwise."""
-    if device.measured:
+def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
+                precision: str = "bf16", compiled: bool = False) -> LayerTimes:
+    """A measured profile wins where it has this layer; the datasheet model otherwise. A measured profile times
+    eager blocks: compiled, they save what elementwise_per_token says fusion saves, at the profile's own memory
+    bandwidth (never below half the measurement)."""
+    if device.measured and precision == "bf16":
         from planner.measured import measured_layer_times  # only when a measured profile is in use
 
         got = measured_layer_times(device, model, tp, b, sequence_parallel)
         if got is not None:
-            return got
-    return datasheet_layer_times(model, device, tp, b, sequence_parallel)
+            if not compiled:
+                return got
+            saved = memory_s(device, b * model.seq_len * (elementwise_per_token(model, tp, sequence_parallel, False)
+                                                         - elementwise_per_token(model, tp, sequence_parallel, True)))
+            return LayerTimes(max(got.forward_s / 2, got.forward_s - saved), max(got.backward_s / 2, got.backward_s - 2 * saved),
+                              got.selective_recompute_s, got.source)
+    return datasheet_layer_times(model, device, tp, b, sequence_parallel, precision, compiled)
 
 
-def datasheet_end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: int) -> EndTimes:
+def datasheet_end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float) -> EndTimes:
     h, s, v = model.hidden, model.seq_len, model.padded_vocab(tp)
     tokens = b * s
     # Embedding: gather rows, add learned positions (read 2, write 1 per element; with RoPE only the gather,
@@ -132,7 +174,7 @@ def datasheet_end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: int
     return EndTimes(emb_f, emb_b, head_f, head_b)
 
 
-def end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: int) -> EndTimes:
+def end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float) -> EndTimes:
     if device.measured:
         from planner.measured import measured_end_times
 

@@ -31,6 +31,8 @@ class StageCost:
     """Of forward_s + backward_s + recompute_s, the tensor-parallel collectives."""
     io_s: float
     """Of forward_s and of backward_s each, the blocking send/recv (0 where sends run beside compute)."""
+    dp_exposed_s: float
+    """Of forward_s + backward_s, ZeRO 2/3 weight gathers and gradient reduce-scatters not hidden under compute."""
     params: float
     activation_bytes: float
     """Kept per in-flight microbatch, bytes."""
@@ -65,9 +67,6 @@ def check_knobs(model: ModelSpec, cluster: ClusterSpec, knobs: Knobs, global_bat
         cp = f" x cp {knobs.cp}" if knobs.cp > 1 else ""
         raise PlanError(f"tp {knobs.tp}{cp} x pp {knobs.pp} x dp {knobs.dp} = {world}, but the cluster has "
                         f"{cluster.gpus} devices ({cluster.nodes} nodes x {cluster.gpus_per_node}); choose degrees whose product is {cluster.gpus}")
-    if knobs.cp > 1 or knobs.zero > 1 or knobs.precision != "bf16" or knobs.compile:
-        # The fields exist (plan.json, the CLI); their pricing lands next (issue 12).
-        raise PlanError("cp > 1, zero 2 or 3, fp8 and compile are not priced by this meshplan yet")
     if knobs.cp > 1 and model.seq_len % (2 * knobs.cp):
         raise SpecError(src, "cp", f"seq_len {model.seq_len} does not split into 2 x cp = {2 * knobs.cp} equal chunks; pick a cp for which it does")
     if model.tp_problem(knobs.tp):
@@ -105,6 +104,10 @@ def stage_cost_list(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...]) -> l
     """Each stage's per-microbatch seconds and bytes from the configuration's terms."""
     tm = cm.terms(knobs)
     p2p = cm.p2p_s(knobs)
+    blocking = cm.framework.p2p_blocking and knobs.pp > 1
+    sharded = knobs.zero >= 2 and knobs.dp * knobs.cp > 1
+    ends = {(e, h): (tm.fixed_forward_s(e, h), tm.fixed_backward_s(e, h), tm.end_params(cm.model, knobs.tp, e, h))
+            for e in (False, True) for h in (False, True)}
     out = []
     rest_of = {knobs.recompute: tm}
     for k, s in enumerate(stages):
@@ -116,16 +119,24 @@ def stage_cost_list(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...]) -> l
         rest = rest_of.get(policy)
         if rest is None:
             rest = rest_of[policy] = cm.terms(dataclasses.replace(knobs, recompute=policy))
+        fixed_f, fixed_b, end_params = ends[(s.embedding, s.head)]
         rc = full * tm.full_recompute_s + (n - full) * rest.layer_recompute_s
-        f = n * tm.layer_forward_s + tm.fixed_forward_s(s.embedding, s.head)
-        bw = n * tm.layer_backward_s + tm.fixed_backward_s(s.embedding, s.head)
+        f = n * tm.layer_forward_s + fixed_f
+        bw = n * tm.layer_backward_s + fixed_b
         tpc = n * tm.layer_tp_comm_s + full * 2 * tm.tp_all_reduce_s + tm.tp_all_reduce_s * (s.embedding + s.head)
         acts = full * tm.full_activation_bytes + (n - full) * rest.layer_activation_bytes
         if s.embedding:
             acts += tm.embedding_activation_bytes
-        io = blocking_io_s(cm, knobs, p2p, k)
-        params = n * tm.layer_params + tm.end_params(cm.model, knobs.tp, s.embedding, s.head)
-        out.append(StageCost(f + io, bw + io, rc, tpc, io, params, acts, full > 0))
+        io = blocking_io_s(cm, knobs, p2p, k) if blocking else 0.0
+        params = n * tm.layer_params + end_params
+        exposed = 0.0
+        if sharded:
+            # ZeRO 2/3: the stage's weight gathers and gradient reduce-scatters run on their own stream beside
+            # its compute (FSDP2 prefetches the next block's weights); what exceeds the compute is exposed.
+            gather_f, gather_b, _ = cm.sharding_s(knobs, params)
+            exposed = max(0.0, gather_f - f) + max(0.0, gather_b - bw - rc)
+            f, bw = max(f, gather_f), max(bw, gather_b - rc)
+        out.append(StageCost(f + io, bw + io, rc, tpc, io, exposed, params, acts, full > 0))
     return out
 
 
@@ -188,6 +199,9 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     cm = cost_model or CostModel(model, cluster, device, framework, memory_headroom_gib)
     model, cluster, device = cm.model, cm.cluster, cm.device
     check_knobs(model, cluster, knobs, global_batch)
+    if knobs.precision == "fp8" and not device.fp8_peak_tflops:
+        raise SpecError("configuration", "precision", f"fp8 needs FP8 tensor cores (compute capability 8.9 or newer): "
+                                                      f"{device.name}'s profile has no fp8_peak_tflops; use bf16")
     p, v, t = knobs.pp, knobs.virtual_stages, knobs.tp
     m = global_batch // (knobs.micro_batch * knobs.dp)
     stages = stages or uniform_stages(model, p * v, knobs.recompute)
@@ -215,9 +229,10 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     busy = m * sum(costs[k].busy_s for k in mine)
     tpc = m * sum(costs[k].tp_comm_s for k in mine)
     io = m * 2 * sum(costs[k].io_s for k in mine)
+    sharding = m * sum(costs[k].dp_exposed_s for k in mine)
     pp_comm = max(0.0, sim.iteration_s - sim0.iteration_s) + io
     bubble = max(0.0, sim.finish_s[crit] - busy - max(0.0, sim.iteration_s - sim0.iteration_s))
-    breakdown = Breakdown(compute_s=busy - tpc - io, tp_comm_s=tpc, pp_comm_s=pp_comm, dp_comm_s=dp_exposed[crit],
+    breakdown = Breakdown(compute_s=busy - tpc - io - sharding, tp_comm_s=tpc, pp_comm_s=pp_comm, dp_comm_s=dp_exposed[crit] + sharding,
                           bubble_s=bubble, optimizer_s=opt[crit])
 
     peak_dev = max(range(p), key=lambda i: mem[i].total_gib)

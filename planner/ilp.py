@@ -98,7 +98,7 @@ def device_terms(tm, knobs, m: int, model, stage_fixed_s: list[float]) -> list[D
     out = []
     for i in range(p):
         first, last = i == 0, i == p - 1
-        fixed_b = tm.overhead_bytes + tm.end_params(model, knobs.tp, first, last) * sb
+        fixed_b = tm.overhead_bytes + tm.sharding_transient_bytes + tm.end_params(model, knobs.tp, first, last) * sb
         if first:
             fixed_b += inflight[0] * tm.embedding_activation_bytes
         transient = tm.head_transient_bytes if last else 0.0

@@ -22,10 +22,12 @@ class MemoryBreakdown:
     optimizer_gib: float
     activations_gib: float
     overhead_gib: float
+    sharding_gib: float = 0.0
+    """ZeRO 2/3: the gathered weights and full gradients of the blocks in flight."""
 
     @property
     def total_gib(self) -> float:
-        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib + self.overhead_gib
+        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib + self.overhead_gib + self.sharding_gib
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,14 @@ def activation_bytes_per_layer(model: ModelSpec, tp: int, b: int, sequence_paral
     return sbh * (replicated + sharded / t + scores / t)
 
 
+def cp_gathered_kv_bytes(model: ModelSpec, tp: int, b: int, cp: int) -> float:
+    """Context parallelism: the keys and values all-gathered over cp, kept by attention for the backward, beyond
+    the rank's own s/cp of them (which activation_bytes_per_layer counts): 2 x 2 bytes x b x s(1 - 1/cp) x kv_dim/t."""
+    if cp <= 1:
+        return 0.0
+    return 2 * 2 * b * model.seq_len * (1 - 1 / cp) * model.kv_dim / tp
+
+
 def full_layer_activation_bytes(model: ModelSpec, tp: int, b: int, sequence_parallel: bool, fused_attention: bool,
                                 saved: SavedTensors = MEGATRON_SAVED) -> float:
     """What one block holds while it is recomputed for its backward (full recomputation's working set)."""
@@ -107,17 +117,36 @@ def end_param_count(model: ModelSpec, tp: int, embedding: bool, head: bool) -> f
     return n
 
 
-def state_bytes_per_param(dtype_bytes: int, distributed_optimizer: bool, dp: int) -> tuple[float, float, float]:
-    """(weights, grads, optimizer) bytes per parameter.
+def state_bytes_per_param(dtype_bytes: int, zero: int, shards: int, fp32_params: bool) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) bytes per parameter on one rank, at a ZeRO stage (planner/zero.py)
+    over `shards` ranks (dp x cp). Rajbhandari et al. 2020 (ZeRO), section 3.1 and figure 1, per software:
 
-    Mixed precision Adam (Rajbhandari et al. 2020, ZeRO, section 3.1, as Megatron-LM keeps it):
-    2-byte weights, 4-byte fp32 main gradients, 12 bytes of fp32 master weights, momentum and
-    variance: 18 bytes, or 6 + 12/d with the distributed optimizer (ZeRO-1). An fp32 run (CPU) keeps
-    4 + 4 + 8 = 16 bytes, all of it sharded over d by FSDP2."""
-    if dtype_bytes == 2:
-        return 2.0, 4.0, 12.0 / (dp if distributed_optimizer else 1)
-    d = dp if distributed_optimizer else 1
-    return 4.0 / d, 4.0 / d, 8.0 / d
+    fp32_params False, mixed precision as Megatron-LM and DeepSpeed keep it: 2-byte weights, 4-byte fp32 main
+    gradients, 12 bytes of fp32 master weights, momentum and variance: 18, then 2 + 4 + 12/n (stage 1, the
+    distributed optimizer), 2 + (4 + 12)/n (stage 2), 18/n (stage 3).
+    fp32_params True, meshplan's runtime: fp32 weights and gradients and Adam's two fp32 moments (16 bytes).
+    On a GPU (2-byte dtype) it computes in bf16: with DDP (stages 0, 1) autocast keeps a bf16 copy of every
+    weight for the step (+2); FSDP2 with MixedPrecisionPolicy keeps fp32 shards (4/n each of weights,
+    gradients, 8/n moments) and, at stage 2 (no resharding), the gathered bf16 weights for the step (+2).
+    On a CPU (fp32 throughout) stage 2 keeps the gathered fp32 weights (+4). Stage 3 gathers each block's
+    weights only while it runs: fsdp_transient_bytes."""
+    n = max(1, shards) if zero >= 1 else 1
+    if not fp32_params:
+        return (2.0 / (n if zero >= 3 else 1), 4.0 / (n if zero >= 2 else 1), 12.0 / n)
+    gathered = 2.0 if dtype_bytes == 2 else 4.0  # the compute copy of a weight: bf16 on GPUs, fp32 on CPU
+    if zero <= 1:
+        return (4.0 + (2.0 if dtype_bytes == 2 else 0.0), 4.0, 8.0 / n)
+    return (4.0 / n + (gathered if zero == 2 else 0.0), 4.0 / n, 8.0 / n)
+
+
+def fsdp_transient_bytes(dtype_bytes: int, zero: int, layer_params: float, fp32_params: bool) -> float:
+    """What FSDP-style sharding holds besides the sharded state while a block runs: at stage 3 the gathered
+    weights of the block computing and of the next one (FSDP2 prefetches it), at stages 2 and 3 the block's
+    full gradients until they are reduce-scattered. In the compute dtype (bf16 on GPUs, fp32 on CPU)."""
+    if zero < 2:
+        return 0.0
+    compute = 2.0 if (dtype_bytes == 2 or not fp32_params) else 4.0
+    return layer_params * compute * ((2 if zero == 3 else 0) + 1)
 
 
 def embedding_activation_bytes(model: ModelSpec, tp: int, b: int, sequence_parallel: bool, saved: SavedTensors = MEGATRON_SAVED) -> float:
@@ -147,4 +176,5 @@ def device_memory(terms, params: float, activation_bytes: float, has_head: bool,
         optimizer_gib=params * terms.optimizer_bytes / GIB,
         activations_gib=(activation_bytes + transient) / GIB,
         overhead_gib=terms.overhead_bytes / GIB,
+        sharding_gib=terms.sharding_transient_bytes / GIB,
     )

@@ -67,17 +67,29 @@ def _count(x: float) -> str:
     return f"{x:,.0f}" if x < 1e4 else f"{x / 1e3:,.1f}k" if x < 1e6 else f"{x / 1e6:,.2f}M"
 
 
+def degrees_label(plan, compact: bool = False) -> str:
+    """tp×pp×dp, with the context-parallel degree where it is above 1."""
+    cp = "" if plan.cp == 1 else (f"c{plan.cp}" if compact else f" cp {plan.cp}")
+    return f"{plan.tp}×{plan.pp}×{plan.dp}{cp}"
+
+
+def precision_label(plan) -> str:
+    return plan.precision + (", compiled" if plan.compile else "")
+
+
 def plans_table(plans, title: str) -> Table:
     if console.width < WIDE_COLUMNS:
         return compact_plans_table(plans, title)
-    t = Table(title=title, title_justify="left", caption=FLOPS_NOTE, caption_justify="left")
-    for col in ("#", "tp×pp×dp", "mbs", "schedule", "recompute", "SP", "dist-opt", "blocks/stage",
+    extras = any(p.precision != "bf16" or p.compile for p in plans)
+    t = Table(title=title, title_justify="left", caption=FLOPS_NOTE + (" cp N: context parallel over N ranks." if any(p.cp > 1 for p in plans) else ""),
+              caption_justify="left")
+    for col in ("#", "tp×pp×dp", "mbs", "schedule", "recompute", "SP", "ZeRO", *(("precision",) if extras else ()), "blocks/stage",
                 "iter s", "tokens/s", "TFLOP/s/GPU", "MFU", "peak GiB", "fits"):
-        t.add_column(col, justify="right" if col not in ("schedule", "recompute", "blocks/stage", "fits") else "left")
+        t.add_column(col, justify="right" if col not in ("schedule", "recompute", "blocks/stage", "fits", "precision") else "left")
     for i, p in enumerate(plans, 1):
         pr = p.prediction
-        t.add_row(str(i), f"{p.tp}×{p.pp}×{p.dp}", str(p.micro_batch), schedule_label(p), _recompute_label(p),
-                  "yes" if p.sequence_parallel else "no", "yes" if p.distributed_optimizer else "no", blocks_label(p, 24),
+        t.add_row(str(i), degrees_label(p), str(p.micro_batch), schedule_label(p), _recompute_label(p),
+                  "yes" if p.sequence_parallel else "no", str(p.zero), *((precision_label(p),) if extras else ()), blocks_label(p, 24),
                   f"{pr.iteration_s:.3g}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu:.1f}" if pr.tflops_per_gpu >= 1 else f"{pr.tflops_per_gpu:.3f}",
                   f"{100 * pr.mfu:.1f}%", f"{pr.peak_memory_gib:.1f}", "yes" if pr.fits else "[red]no[/red]")
     return t
@@ -87,15 +99,17 @@ def compact_plans_table(plans, title: str) -> Table:
     """The ranked plans in 80 columns: SP and the distributed optimizer in one column, short numbers, and a
     peak memory in red (with '!') for a plan that does not fit."""
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0,
-              caption=FLOPS_NOTE + " SP/DO: sequence parallel / distributed optimizer.", caption_justify="left")
-    for col in ("tp×pp×dp", "mbs", "sched", "recompute", "SP/DO", "blocks", "iter s", "tok/s", "TF/s", "MFU", "GiB"):
-        t.add_column(col, justify="left" if col in ("sched", "recompute", "SP/DO", "blocks") else "right", no_wrap=True)
+              caption=FLOPS_NOTE + " SP/Zn: sequence parallel / ZeRO stage n; fp8, cc: Float8 linears, compiled; "
+                                   "cN: context parallel over N ranks.", caption_justify="left")
+    for col in ("tp×pp×dp", "mbs", "sched", "recompute", "SP/Zn", "blocks", "iter s", "tok/s", "TF/s", "MFU", "GiB"):
+        t.add_column(col, justify="left" if col in ("sched", "recompute", "SP/Zn", "blocks") else "right", no_wrap=True)
     for p in plans:
         pr = p.prediction
         sched = f"int v={p.virtual_stages}" if p.schedule == "interleaved" else p.schedule
-        knobs = "/".join(k for k, on in (("SP", p.sequence_parallel), ("DO", p.distributed_optimizer)) if on) or "-"
+        knobs = "/".join(k for k, on in (("SP", p.sequence_parallel), (f"Z{p.zero}", p.zero > 0), ("fp8", p.precision == "fp8"),
+                                         ("cc", p.compile)) if on) or "-"
         gib = f"{pr.peak_memory_gib:.0f}" if pr.peak_memory_gib >= 100 else f"{pr.peak_memory_gib:.1f}"
-        t.add_row(f"{p.tp}×{p.pp}×{p.dp}", str(p.micro_batch), sched, _recompute_label(p).replace("selective", "sel"), knobs,
+        t.add_row(degrees_label(p, compact=True), str(p.micro_batch), sched, _recompute_label(p).replace("selective", "sel"), knobs,
                   blocks_label(p, 10), f"{pr.iteration_s:.3g}", _count(pr.tokens_per_s), f"{pr.tflops_per_gpu:.3g}",
                   f"{100 * pr.mfu:.1f}%", gib if pr.fits else f"[red]{gib}![/red]")
     return t

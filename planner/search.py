@@ -83,39 +83,57 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+CP_MAX = 32
+CP_MIN_TOKENS = 1024
+"""Context parallelism is searched over powers of two up to CP_MAX that leave each rank at least CP_MIN_TOKENS
+of a sequence (two load-balanced chunks of half that); a pinned --cp may be any degree the sequence splits into."""
+
+
+def cp_options(model: ModelSpec, pins: dict) -> list[int]:
+    if "cp" in pins:
+        return [pins["cp"]]
+    out, c = [1], 2
+    while c <= CP_MAX and model.seq_len % (2 * c) == 0 and model.seq_len // c >= CP_MIN_TOKENS:
+        out.append(c)
+        c *= 2
+    return out
+
+
 def enumerate_knobs(model: ModelSpec, cluster: ClusterSpec, global_batch: int, pins: dict) -> list[Knobs]:
-    """All configurations consistent with the pins. tp stays inside a node unless pinned (Narayanan
-    et al. 2021, takeaway 1: tensor parallelism up to the GPUs of a node, pipeline across nodes)."""
+    """All configurations consistent with the pins. tp stays inside a node unless pinned (Narayanan et al. 2021,
+    takeaway 1: tensor parallelism up to the GPUs of a node, pipeline across nodes); cp as cp_options says;
+    every ZeRO stage where dp x cp > 1. precision and compile change numerics or start-up, so they are the
+    user's to pin (default bf16, eager), not the search's."""
     pins = zero_pins(pins)
-    cp, precision, compile_ = pins.get("cp", 1), pins.get("precision", "bf16"), pins.get("compile", False)
-    N = cluster.gpus // cp if cluster.gpus % cp == 0 else 0
-
-    def zeros(d: int) -> list[int]:
-        return [pins["zero"]] if "zero" in pins else ([0, 1] if d > 1 else [0])
-
+    precision, compile_ = pins.get("precision", "bf16"), pins.get("compile", False)
     out = []
     tps = [pins["tp"]] if "tp" in pins else [t for t in _divisors(cluster.gpus_per_node) if model.tp_problem(t) is None]
-    for t in tps:
-        if N % t:
+    for cp in cp_options(model, pins):
+        if cluster.gpus % cp:
             continue
-        for p in ([pins["pp"]] if "pp" in pins else _divisors(N // t)):
-            if (N // t) % p or p > model.layers or (model.tie_embeddings and p > 1 and "pp" not in pins):
-                continue  # tied embedding and head: one stage (check_knobs says so for a pinned pp)
-            d = N // (t * p)
-            if "dp" in pins and pins["dp"] != d:
+        N = cluster.gpus // cp
+        for t in tps:
+            if N % t:
                 continue
-            if global_batch % d:
-                continue
-            per_replica = global_batch // d
-            for b in ([pins["micro_batch"]] if "micro_batch" in pins else [x for x in _divisors(per_replica) if x <= 64]):
-                if per_replica % b:
+            for p in ([pins["pp"]] if "pp" in pins else _divisors(N // t)):
+                if (N // t) % p or p > model.layers or (model.tie_embeddings and p > 1 and "pp" not in pins):
+                    continue  # tied embedding and head: one stage (check_knobs says so for a pinned pp)
+                d = N // (t * p)
+                if "dp" in pins and pins["dp"] != d:
                     continue
-                m = per_replica // b
-                for sched, v in _schedules(p, m, model.layers, pins):
-                    for rc in ([pins["recompute"]] if "recompute" in pins else RECOMPUTE):
-                        for sp in ([pins["sequence_parallel"]] if "sequence_parallel" in pins else ([False, True] if t > 1 else [False])):
-                            for z in zeros(d):
-                                out.append(Knobs(t, p, d, b, sched, v, rc, sp, z, cp, precision, compile_))
+                if global_batch % d:
+                    continue
+                per_replica = global_batch // d
+                zeros = [pins["zero"]] if "zero" in pins else ([0, 1, 2, 3] if d * cp > 1 else [0])
+                for b in ([pins["micro_batch"]] if "micro_batch" in pins else [x for x in _divisors(per_replica) if x <= 64]):
+                    if per_replica % b:
+                        continue
+                    m = per_replica // b
+                    for sched, v in _schedules(p, m, model.layers, pins):
+                        for rc in ([pins["recompute"]] if "recompute" in pins else RECOMPUTE):
+                            for sp in ([pins["sequence_parallel"]] if "sequence_parallel" in pins else ([False, True] if t > 1 else [False])):
+                                for z in zeros:
+                                    out.append(Knobs(t, p, d, b, sched, v, rc, sp, z, cp, precision, compile_))
     return out
 
 
@@ -164,15 +182,22 @@ def stages_from_assignment(a: Assignment, v: int, knob_recompute: str) -> tuple[
     return tuple(out)
 
 
-def layer_split(cm: CostModel, knobs: Knobs, m: int) -> tuple[tuple[Stage, ...], list, list]:
-    """The stages price() runs, their costs and their devices' memory: the split program's optimum, or an even
-    split when no split fits. With interleaving the program's memory rows average each device's chunks; where
-    the exact peak of the dealt chunks is over capacity, that device recomputes one more block until it fits."""
+def solve_layer_split(cm: CostModel, knobs: Knobs, m: int) -> Assignment | None:
+    """The split program's optimum for these knobs (planner/ilp.py), or None when no split fits its memory rows."""
+    tm = cm.terms(knobs)
+    terms = device_terms(tm, knobs, m, cm.model, stage_fixed_busy_s(cm, knobs))
+    return solve_split(cm.model.layers, terms, tm.capacity_bytes, knobs.recompute == "none", min_layers=knobs.virtual_stages)
+
+
+def layer_split(cm: CostModel, knobs: Knobs, m: int, solved: Assignment | None | bool = False) -> tuple[tuple[Stage, ...], list, list]:
+    """The stages price() runs, their costs and their devices' memory: the split program's optimum (`solved`, when
+    the caller has it), or an even split when no split fits. With interleaving the program's memory rows average
+    each device's chunks; where the exact peak of the dealt chunks is over capacity, that device recomputes one
+    more block until it fits."""
     p, v = knobs.pp, knobs.virtual_stages
     tm = cm.terms(knobs)
     allow = knobs.recompute == "none"
-    terms = device_terms(tm, knobs, m, cm.model, stage_fixed_busy_s(cm, knobs))
-    a = solve_split(cm.model.layers, terms, tm.capacity_bytes, allow, min_layers=v)
+    a = solve_layer_split(cm, knobs, m) if solved is False else solved
     if a is None:
         stages = uniform_stages(cm.model, p * v, knobs.recompute)
         costs = stage_cost_list(cm, knobs, stages)
@@ -204,10 +229,11 @@ def price(cm: CostModel, knobs: Knobs, global_batch: int, timings: dict | None =
     return plan
 
 
-def _bounded(cm: CostModel, k: Knobs, B: int, seconds: float, peak_gib: float, fits: bool, reason: str, level: str) -> Candidate:
-    tokens = B * cm.model.seq_len / seconds
-    tflops = model_flops(cm.model, B, 1.0 if k.recompute == "full" else 0.0) / (seconds * cm.cluster.gpus) / 1e12
-    return Candidate(k, seconds, tokens, tflops, peak_gib, fits, reason, level)
+def _bounded(cm: CostModel, k: Knobs, B: int, seconds: float, peak_gib: float, fits: bool, reason: str, level: str,
+             flops: dict[bool, float]) -> Candidate:
+    """A candidate known by its bound; flops: FLOPs per iteration with (True) and without full recomputation."""
+    return Candidate(k, seconds, B * cm.model.seq_len / seconds, flops[k.recompute == "full"] / (seconds * cm.cluster.gpus) / 1e12,
+                     peak_gib, fits, reason, level)
 
 
 def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global_batch: int, pins: dict | None = None,
@@ -222,6 +248,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
         _explain_empty(model, cluster, global_batch, pins)
     cm = CostModel(model, cluster, device, framework, memory_headroom_gib)
     cap = cm.capacity_gib
+    flops = {full: model_flops(model, global_batch, 1.0 if full else 0.0) for full in (False, True)}
     cands: list[Candidate] = []
     heap: list[tuple[float, int, int]] = []
     for idx, k in enumerate(knobs):
@@ -229,11 +256,12 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
         seconds, floor_gib = every_split_bound_s(cm, k, m)
         fits = fits_bytes(floor_gib, cap)
         reason = "" if fits else f"needs at least {floor_gib:.1f} GiB on some device whatever the layer split, over the {cap:g} GiB usable on one {device.name}"
-        cands.append(_bounded(cm, k, global_batch, seconds, floor_gib, fits, reason, "bound"))
+        cands.append(_bounded(cm, k, global_batch, seconds, floor_gib, fits, reason, "bound", flops))
         if fits:
             heap.append((seconds, 0, idx))
     heapq.heapify(heap)
     timings = {"bound": time.perf_counter() - start, "split": 0.0, "simulate": 0.0}
+    solved_of: dict[int, Assignment | None] = {}
     split_of: dict[int, tuple] = {}
     priced: dict[int, Plan] = {}
 
@@ -245,14 +273,28 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
         k = cands[idx].knobs
         m = global_batch // (k.micro_batch * k.dp)
         t0 = time.perf_counter()
+        if idx not in solved_of:
+            # The split program's optimum T* first (no stages built): the busiest device works m T*, then its
+            # exposed reduction and step; a lower bound for the split price() runs (the repair only adds).
+            a = solved_of[idx] = solve_layer_split(cm, k, m)
+            if a is not None:
+                i = max(range(k.pp), key=lambda j: a.layers[j])
+                tm = cm.terms(k)
+                params = a.layers[i] * tm.layer_params + tm.end_params(model, k.tp, i == 0, i == k.pp - 1)
+                seconds = max(seconds, (m * a.slowest_s + sum(cm.device_tail_s(k, params, m, float("inf")))) * (1 - 1e-9))
+                c = cands[idx]
+                cands[idx] = _bounded(cm, k, global_batch, seconds, c.peak_memory_gib, c.fits, c.reason, "bound", flops)
+            heapq.heappush(heap, (seconds, 0, idx))
+            timings["split"] += time.perf_counter() - t0
+            return None
         if idx not in split_of:
-            stages, costs, mem = layer_split(cm, k, m)
+            stages, costs, mem = layer_split(cm, k, m, solved_of[idx])
             split_of[idx] = stages
             peak = max(x.total_gib for x in mem)
             fits = fits_bytes(peak, cap)
             lb = max(seconds, split_bound_s(cm, k, m, costs))
             reason = "" if fits else f"no layer split fits: the best needs {peak:.1f} GiB, over the {cap:g} GiB usable on one {device.name}"
-            cands[idx] = _bounded(cm, k, global_batch, lb, peak, fits, reason, "split")
+            cands[idx] = _bounded(cm, k, global_batch, lb, peak, fits, reason, "split", flops)
             if fits:
                 heapq.heappush(heap, (lb, 0, idx))
             timings["split"] += time.perf_counter() - t0
@@ -302,7 +344,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
         closest = sorted(range(len(cands)), key=lambda i: (cands[i].peak_memory_gib, i))[:top]
         plans = [price(cm, cands[i].knobs, global_batch, timings) for i in closest]
     elapsed = time.perf_counter() - start
-    return SearchResult(tuple(plans), tuple(cands), len(cands), elapsed, timings, split=len(split_of), priced=len(priced),
+    return SearchResult(tuple(plans), tuple(cands), len(cands), elapsed, timings, split=len(solved_of), priced=len(priced),
                         complete=complete, gap_pct=gap)
 
 

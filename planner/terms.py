@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from planner import comm
 from planner.compute import end_times, layer_times, memory_s, optimizer_step_s
 from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB, MEGATRON_SAVED, RUNTIME_SAVED, SavedTensors, activation_bytes_per_layer,
-                            embedding_activation_bytes, end_param_count, full_layer_activation_bytes, head_transient_bytes,
-                            layer_param_count, state_bytes_per_param)
+                            cp_gathered_kv_bytes, embedding_activation_bytes, end_param_count, fsdp_transient_bytes,
+                            full_layer_activation_bytes, head_transient_bytes, layer_param_count, state_bytes_per_param)
 from planner.plan import Knobs
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec
-from planner.topology import dp_link, pp_links, tp_link
+from planner.topology import cp_link, dp_link, pp_links, tp_link
+from planner.zero import ZERO_MODES
 
 @dataclass(frozen=True)
 class Framework:
@@ -35,20 +36,25 @@ class Framework:
     send_forward_recv_backward, DeepSpeed's pipeline engine); otherwise they run beside compute."""
     saved: SavedTensors = MEGATRON_SAVED
     """What a block keeps for its backward (dropout masks, copies, fused ops)."""
+    fp32_params: bool = False
+    """Parameters and gradients in fp32 (meshplan's runtime), or bf16 weights with fp32 master copies in the
+    optimizer (Megatron-LM, DeepSpeed): memory.state_bytes_per_param."""
 
     def overlaps_dp(self, knobs: Knobs) -> bool:
-        """meshplan's runtime overlaps only where DDP (pure data parallelism) or FSDP2 reduce; with
-        TP or pipelining and no sharded optimizer it all-reduces by hand after the last backward
-        (runtime/parallel/data.py says why)."""
+        """Whether the gradient reduction runs under the backward. meshplan's runtime: as planner/zero.py's table
+        says (DDP and FSDP2 overlap; where DDP falls short, under tp, cp or pp, the runtime reduces by hand after
+        the last backward: runtime/parallel/data.py says why). The others: their dp_overlap."""
         if self.name == "meshplan":
-            return knobs.distributed_optimizer or (knobs.tp == 1 and knobs.pp == 1)
+            mode = ZERO_MODES[knobs.zero]
+            plain = knobs.tp == 1 and knobs.pp == 1 and knobs.cp == 1
+            return mode.overlaps_backward and (plain or not mode.overlap_needs_plain_dp)
         return self.dp_overlap
 
 
 # meshplan's runtime: fp32 parameters (bf16 autocast on GPU), DDP/FSDP2 overlap the reduction,
 # torch.distributed.pipelining posts its sends and receives asynchronously.
 MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatter_gather=False, p2p_blocking=False,
-                     saved=RUNTIME_SAVED)
+                     saved=RUNTIME_SAVED, fp32_params=True)
 # Megatron-LM as in Narayanan et al. 2021: fp16 gradients all-reduced after the flush, no overlap;
 # blocking pipeline sends split over the node's NICs.
 MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True)
@@ -98,7 +104,12 @@ class Terms:
     weight_bytes: float
     grad_bytes: float
     optimizer_bytes: float
-    """Bytes per parameter of weights, gradients and optimizer state (sharding over dp included)."""
+    """Bytes per parameter of weights, gradients and optimizer state (sharding over dp x cp included)."""
+    sharding_transient_bytes: float
+    """ZeRO stages 2 and 3: the gathered weights and full gradients of the blocks in flight (fsdp_transient_bytes)."""
+    cp_all_gather_s: float
+    """Context parallelism: one block's keys and values all-gathered over cp (forward), and their gradients
+    reduce-scattered back (as much again, in the backward); inside layer_forward_s and layer_backward_s."""
     overhead_bytes: float
     """The framework's memory besides tensors."""
     capacity_bytes: float
@@ -115,8 +126,11 @@ class Terms:
     def fixed_backward_s(self, embedding: bool, head: bool) -> float:
         return self.stage_backward_s + (self.embedding_backward_s if embedding else 0.0) + (self.head_backward_s if head else 0.0)
 
+    end_param_table: tuple = ()
+    """end_param_count for (embedding, head) = (F, F), (F, T), (T, F), (T, T), computed once."""
+
     def end_params(self, model: ModelSpec, tp: int, embedding: bool, head: bool) -> float:
-        return end_param_count(model, tp, embedding, head)
+        return self.end_param_table[2 * embedding + head]
 
 
 class CostModel:
@@ -132,24 +146,28 @@ class CostModel:
         self._ar: dict = {}
         self._terms: dict = {}
         self._p2p: dict = {}
+        self._links: dict = {}
+        self._tails: dict = {}
+        self._bases: dict = {}
         self._stage_overhead = None
+        self._world_link = cluster.inter_node if cluster.nodes > 1 else cluster.intra_node
 
     @property
     def capacity_gib(self) -> float:
         return self.device.memory_gib - self.memory_headroom_gib
 
-    def layer(self, t: int, b: int, sp: bool):
-        key = (t, b, sp)
+    def layer(self, t: int, b: float, sp: bool, precision: str = "bf16", compiled: bool = False):
+        key = (t, b, sp, precision, compiled)
         if key not in self._layer:
-            self._layer[key] = layer_times(self.model, self.device, t, b, sp)
+            self._layer[key] = layer_times(self.model, self.device, t, b, sp, precision, compiled)
         return self._layer[key]
 
-    def ends(self, t: int, b: int):
+    def ends(self, t: int, b: float):
         if (t, b) not in self._end:
             self._end[(t, b)] = end_times(self.model, self.device, t, b)
         return self._end[(t, b)]
 
-    def tp_all_reduce_s(self, t: int, b: int) -> float:
+    def tp_all_reduce_s(self, t: int, b: float) -> float:
         if (t, b) not in self._ar:
             act = b * self.model.seq_len * self.model.hidden * self.device.dtype_bytes
             self._ar[(t, b)] = comm.all_reduce_s(act, t, tp_link(self.cluster, t))
@@ -165,28 +183,45 @@ class CostModel:
         return self._stage_overhead
 
     def terms(self, k: Knobs) -> Terms:
-        key = (k.tp, k.micro_batch, k.sequence_parallel, k.recompute, k.pp > 1, k.distributed_optimizer, k.dp)
+        key = (k.tp, k.micro_batch, k.sequence_parallel, k.recompute, k.pp > 1, k.zero, k.dp, k.cp, k.precision, k.compile)
         got = self._terms.get(key)
         if got is None:
             got = self._terms[key] = self._build(k)
         return got
 
     def _build(self, k: Knobs) -> Terms:
+        # What does not depend on dp or the ZeRO stage is built once per block shape and shared.
+        key = (k.tp, k.micro_batch, k.sequence_parallel, k.recompute, k.pp > 1, k.cp, k.precision, k.compile)
+        base = self._bases.get(key)
+        if base is None:
+            base = self._bases[key] = self._block_terms(k)
+        dev, fp32 = self.device, self.framework.fp32_params
+        w, g, o = state_bytes_per_param(dev.dtype_bytes, k.zero, k.dp * k.cp, fp32)
+        return Terms(**base, weight_bytes=w, grad_bytes=g, optimizer_bytes=o,
+                     sharding_transient_bytes=fsdp_transient_bytes(dev.dtype_bytes, k.zero, base["layer_params"], fp32))
+
+    def _block_terms(self, k: Knobs) -> dict:
         model, dev = self.model, self.device
-        t, b, sp = k.tp, k.micro_batch, k.sequence_parallel
-        lt, et, ar = self.layer(t, b, sp), self.ends(t, b), self.tp_all_reduce_s(t, b)
+        t, sp = k.tp, k.sequence_parallel
+        # A cp rank holds s/cp tokens of each of its micro_batch sequences and attends to all s keys: the GEMM,
+        # elementwise and attention work, the activations and the messages of micro_batch / cp sequences.
+        b = k.micro_batch / k.cp
+        lt, et, ar = self.layer(t, b, sp, k.precision, k.compile), self.ends(t, b), self.tp_all_reduce_s(t, b)
+        # Dubey et al. 2024 (Llama 3), section 3.3.2: keys and values all-gathered over cp before attention,
+        # their gradients reduce-scattered in the backward.
+        kv = comm.all_gather_s(2 * k.micro_batch * model.seq_len * model.kv_dim / t * dev.dtype_bytes, k.cp, cp_link(self.cluster, t, k.cp))
         # Shoeybi et al. 2019, section 3: two all-reduces of the block's activations in the forward and two in
         # the backward (with sequence parallelism, all-gather + reduce-scatter of the same volume; Korthikanti
         # et al. 2022, section 4.2.2).
-        f, bw = lt.forward_s + 2 * ar, lt.backward_s + 2 * ar
+        f, bw = lt.forward_s + 2 * ar + kv, lt.backward_s + 2 * ar + kv
         rc = f if k.recompute == "full" else lt.selective_recompute_s if k.recompute == "selective" else 0.0
         so_f, so_b = self.stage_overhead_s() if k.pp > 1 else (0.0, 0.0)
         # The activation formulas (memory.py) are Korthikanti et al.'s bytes for a 2-byte dtype: scaled to the
         # device's training dtype here, and only here.
         scale = dev.dtype_bytes / 2
         fused, saved = dev.fused_attention, self.framework.saved
-        w, g, o = state_bytes_per_param(dev.dtype_bytes, k.distributed_optimizer, k.dp)
-        return Terms(
+        gathered = cp_gathered_kv_bytes(model, t, k.micro_batch, k.cp) * scale
+        return dict(
             layer_forward_s=f, layer_backward_s=bw, layer_recompute_s=rc, full_recompute_s=f, layer_tp_comm_s=4 * ar,
             tp_all_reduce_s=ar,
             # Vocab-parallel embedding: one all-reduce of its output; column-parallel head: its input gradient
@@ -194,21 +229,23 @@ class CostModel:
             embedding_forward_s=et.embedding_forward_s + ar, embedding_backward_s=et.embedding_backward_s,
             head_forward_s=et.head_forward_s, head_backward_s=et.head_backward_s + ar,
             stage_forward_s=so_f, stage_backward_s=so_b,
-            layer_activation_bytes=activation_bytes_per_layer(model, t, b, sp, k.recompute, fused, saved) * scale,
+            layer_activation_bytes=activation_bytes_per_layer(model, t, b, sp, k.recompute, fused, saved) * scale
+            + (gathered if k.recompute != "full" else 0.0),
             full_activation_bytes=activation_bytes_per_layer(model, t, b, sp, "full", fused, saved) * scale,
             embedding_activation_bytes=embedding_activation_bytes(model, t, b, sp, saved) * scale,
             head_transient_bytes=head_transient_bytes(model, t, b),
-            recompute_working_bytes=full_layer_activation_bytes(model, t, b, sp, fused, saved) * scale,
-            layer_params=layer_param_count(model, t), weight_bytes=w, grad_bytes=g, optimizer_bytes=o,
-            overhead_bytes=dev.framework_overhead_gib * GIB, capacity_bytes=self.capacity_gib * GIB)
+            recompute_working_bytes=full_layer_activation_bytes(model, t, b, sp, fused, saved) * scale + gathered,
+            layer_params=layer_param_count(model, t), cp_all_gather_s=kv, overhead_bytes=dev.framework_overhead_gib * GIB,
+            capacity_bytes=self.capacity_gib * GIB,
+            end_param_table=tuple(end_param_count(model, t, e, h) for e in (False, True) for h in (False, True)))
 
     def p2p_s(self, k: Knobs) -> tuple[float, ...]:
         """Send/recv time of one microbatch's activation across each of the pp*v - 1 stage boundaries."""
-        key = (k.tp, k.pp, k.dp, k.virtual_stages, k.micro_batch, k.sequence_parallel)
+        key = (k.tp, k.cp, k.pp, k.dp, k.virtual_stages, k.micro_batch, k.sequence_parallel)
         got = self._p2p.get(key)
         if got is None:
-            nbytes = k.micro_batch * self.model.seq_len * self.model.hidden * self.device.dtype_bytes
-            links = pp_links(self.cluster, k.tp, k.dp, k.pp)
+            nbytes = k.micro_batch / k.cp * self.model.seq_len * self.model.hidden * self.device.dtype_bytes
+            links = pp_links(self.cluster, k.tp, k.dp * k.cp, k.pp)
             intra = self.cluster.intra_node.bandwidth_GBps
             out = []
             for s in range(k.pp * k.virtual_stages - 1):
@@ -218,42 +255,82 @@ class CostModel:
             got = self._p2p[key] = tuple(out)
         return got
 
+    def _dp_group(self, k: Knobs):
+        """The ranks that hold the same weights (dp x cp, stride tp) and the link their rings run at."""
+        n = k.dp * k.cp
+        key = (k.tp, n)
+        link = self._links.get(key)
+        if link is None:
+            link = self._links[key] = dp_link(self.cluster, k.tp, n)
+        return n, link
+
     def dp_s(self, k: Knobs, params: float) -> float:
-        """Gradient reduction of one pipeline device's parameters over its data-parallel group."""
-        if k.dp == 1:
+        """Gradient reduction of one pipeline device's parameters over the ranks that share its weights, once per
+        step (ZeRO stages 0 and 1; stages 2 and 3 reduce-scatter per microbatch: sharding_s)."""
+        if k.dp * k.cp == 1 or k.zero >= 2:
             return 0.0
-        link = dp_link(self.cluster, k.tp, k.dp)
+        n, link = self._dp_group(k)
         g = params * self.framework.grad_reduce_bytes
-        if k.distributed_optimizer:
-            # ZeRO-1 / Megatron distributed optimizer: reduce-scatter the gradients, all-gather the updated
-            # parameters (Rajbhandari et al. 2020, section 5.1: the same volume as all-reduce).
-            return comm.reduce_scatter_s(g, k.dp, link) + comm.all_gather_s(params * self.device.dtype_bytes, k.dp, link)
-        return comm.all_reduce_s(g, k.dp, link)
+        if k.zero == 1 and not self.framework.fp32_params:
+            # Megatron's distributed optimizer: reduce-scatter the gradients, all-gather the updated bf16 weights
+            # (Rajbhandari et al. 2020, section 5.1: the same volume as all-reduce).
+            return comm.reduce_scatter_s(g, n, link) + comm.all_gather_s(params * self.device.dtype_bytes, n, link)
+        return comm.all_reduce_s(g, n, link)
+
+    def sharding_s(self, k: Knobs, params: float) -> tuple[float, float, float]:
+        """ZeRO's weight and gradient traffic for `params`, from planner/zero.py's table: (per microbatch in the
+        forward, per microbatch in the backward, per step). Stage 3 all-gathers the weights (compute dtype) before
+        each forward and backward; stages 2 and 3 reduce-scatter the gradients after each microbatch's backward;
+        stage 2 gathers once per step; stage 1 in meshplan's runtime (ZeroRedundancyOptimizer) broadcasts the
+        updated fp32 weights after the step (Megatron's distributed optimizer: inside dp_s)."""
+        if k.zero == 0 or k.dp * k.cp == 1:
+            return 0.0, 0.0, 0.0
+        n, link = self._dp_group(k)
+        mode = ZERO_MODES[k.zero]
+        compute_bytes = 2 if self.device.dtype_bytes == 2 or not self.framework.fp32_params else 4
+        gather = comm.all_gather_s(params * compute_bytes, n, link)
+        scatter = comm.reduce_scatter_s(params * self.framework.grad_reduce_bytes, n, link) if mode.reduce_per_microbatch else 0.0
+        forward = gather if mode.param_gathers_per_microbatch >= 1 else 0.0
+        backward = (gather if mode.param_gathers_per_microbatch >= 2 else 0.0) + scatter
+        if k.zero == 1:
+            step = comm.all_gather_s(params * 4, n, link) if self.framework.fp32_params else 0.0
+        else:
+            step = gather * mode.param_gathers_per_step
+        return forward, backward, step
 
     def device_tail_s(self, k: Knobs, params: float, m: int, backward_window_s: float) -> tuple[float, float]:
         """(exposed data-parallel seconds, optimizer seconds) after a pipeline device's last backward, for a
-        device holding `params` whose shortest stage backward is backward_window_s. Both grow with params."""
-        fsdp = (self.device.measured or {}).get("fsdp") if self.framework is MESHPLAN and k.distributed_optimizer and k.dp > 1 else None
+        device holding `params` whose shortest stage backward is backward_window_s. Both grow with params.
+        (ZeRO 2 and 3's per-microbatch traffic sits in the stages' times: cost.stage_cost_list.)"""
+        key = (k.tp, k.dp, k.cp, k.pp, k.zero, params, m, backward_window_s)
+        got = self._tails.get(key)
+        if got is None:
+            got = self._tails[key] = self._device_tail_s(k, params, m, backward_window_s)
+        return got
+
+    def _device_tail_s(self, k: Knobs, params: float, m: int, backward_window_s: float) -> tuple[float, float]:
+        fsdp = (self.device.measured or {}).get("fsdp") if self.framework is MESHPLAN and k.zero >= 2 and k.dp * k.cp > 1 else None
         if fsdp:
-            # Measured FSDP2 cost on this machine: per step, plus a re-gather per microbatch where the runtime
-            # reshards after forward (pp == 1); exposed, not overlapped.
-            per_mb = m if k.pp == 1 else 1
+            # Measured FSDP2 cost on this machine (profiled as stage 3 without pipelining: two gathers and a
+            # reduce-scatter per microbatch); exposed, not overlapped. Stage 2 moves a third of it per microbatch.
+            per_mb = (m if k.pp == 1 else 1) * (1.0 if k.zero == 3 else 1 / 3)
             dp = params * (fsdp["per_step_s_per_param"] + per_mb * fsdp["per_microbatch_s_per_param"])
         elif self.framework.overlaps_dp(k) and backward_window_s == float("inf"):
             dp = 0.0  # the search's bound: an overlap window as long as any backward
         else:
             window = backward_window_s if self.framework.overlaps_dp(k) else 0.0
             dp = max(0.0, self.dp_s(k, params) - window)
-        return dp, optimizer_step_s(self.device, params / (k.dp if k.distributed_optimizer else 1)) + self.grad_norm_s(k, params)
+        if not fsdp:
+            dp += self.sharding_s(k, params)[2]  # after the step (stage 1) or before the first forward (stage 2)
+        shards = k.dp * k.cp if ZERO_MODES[k.zero].shards_optimizer else 1
+        return dp, optimizer_step_s(self.device, params / shards) + self.grad_norm_s(k, params)
 
     def grad_norm_s(self, k: Knobs, params: float) -> float:
         """Gradient-norm clipping before the step (meshplan's runtime and Megatron-LM clip at 1.0): one read of
-        the device's fp32 gradients (its shard, where the optimizer is sharded) and a scalar all-reduce over
+        the gradient bytes the device holds (its shard, where they are sharded) and a scalar all-reduce over
         every rank."""
-        grads = params / (k.dp if k.distributed_optimizer else 1)
-        world = self.cluster.gpus
-        link = self.cluster.inter_node if self.cluster.nodes > 1 else self.cluster.intra_node
-        return memory_s(self.device, grads * 4 / self.device.dtype_bytes) + comm.scalar_all_reduce_s(world, link)
+        grad_bytes = self.terms(k).grad_bytes
+        return memory_s(self.device, params * grad_bytes / self.device.dtype_bytes) + comm.scalar_all_reduce_s(self.cluster.gpus, self._world_link)
 
 
 def fits_bytes(nbytes: float, capacity_bytes: float) -> bool:

@@ -34,7 +34,9 @@ def device_of(cluster: ClusterSpec, rank: int) -> tuple[str, int, int]:
 
 
 def rank_of(pp_idx: int, dp_idx: int, tp_idx: int, dp: int, tp: int) -> int:
-    """Rank layout (pp, dp, tp) with tp innermost, the same order as the runtime's DeviceMesh dims."""
+    """Rank layout (pp, dp, tp) with tp innermost, the order of the runtime's DeviceMesh dims. With context
+    parallelism the mesh is (pp, dp, cp, tp): pass dp * cp as dp and dp_i * cp + cp_i as dp_idx, so that a cp
+    group is tp-strided and consecutive, and dp x cp (the ranks that share weights) is one group."""
     return (pp_idx * dp + dp_idx) * tp + tp_idx
 
 
@@ -105,6 +107,12 @@ def tp_link(cluster: ClusterSpec, tp: int) -> LinkSpec:
 @lru_cache(maxsize=4096)
 def dp_link(cluster: ClusterSpec, tp: int, dp: int) -> LinkSpec:
     return group_link(cluster, dp_group(tp, dp))
+
+
+@lru_cache(maxsize=4096)
+def cp_link(cluster: ClusterSpec, tp: int, cp: int) -> LinkSpec:
+    """A context-parallel group: cp ranks, tp apart (rank_of's layout)."""
+    return dp_link(cluster, tp, cp)
 
 
 @lru_cache(maxsize=4096)

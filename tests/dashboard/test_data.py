@@ -50,8 +50,8 @@ def test_divisors_are_every_divisor_in_order_even_for_a_huge_cluster():
 
 def test_pins_from_choices_drops_auto_and_types_the_values():
     pins = data.pins_from_choices({"tp": "2", "pp": "auto", "schedule": "gpipe", "sequence_parallel": "on",
-                                   "distributed_optimizer": "off", "virtual_stages": "4"})
-    assert pins == {"tp": 2, "schedule": "gpipe", "sequence_parallel": True, "distributed_optimizer": False, "virtual_stages": 4}
+                                   "zero": "3", "virtual_stages": "4", "compile": "off", "cp": "2"})
+    assert pins == {"tp": 2, "schedule": "gpipe", "sequence_parallel": True, "zero": 3, "virtual_stages": 4, "compile": False, "cp": 2}
 
 
 def test_plans_frame_lists_the_ranked_plans_best_first():

@@ -41,9 +41,23 @@ def test_fused_attention_drops_the_5as_over_h_term():
     assert activation_bytes_per_layer(GPT3, 1, 1, False, "none", fused_attention=True) == SBH * 34
 
 
-def test_mixed_precision_adam_is_18_bytes_or_6_plus_12_over_d():
-    assert sum(state_bytes_per_param(2, False, 64)) == 18
-    assert sum(state_bytes_per_param(2, True, 64)) == pytest.approx(6 + 12 / 64)
+def test_mixed_precision_adam_is_18_bytes_then_6_plus_12_over_d_then_2_plus_16_over_d_then_18_over_d():
+    # Rajbhandari et al. 2020, figure 1, with fp32 main gradients as Megatron-LM keeps them.
+    assert sum(state_bytes_per_param(2, 0, 64, False)) == 18
+    assert sum(state_bytes_per_param(2, 1, 64, False)) == pytest.approx(6 + 12 / 64)
+    assert sum(state_bytes_per_param(2, 2, 64, False)) == pytest.approx(2 + 16 / 64)
+    assert sum(state_bytes_per_param(2, 3, 64, False)) == pytest.approx(18 / 64)
+
+
+def test_meshplans_runtime_keeps_fp32_weights_and_gradients_as_each_zero_stage_runs():
+    # GPU: DDP + bf16 autocast's weight copies (0, 1); FSDP2 fp32 shards + bf16 gathered weights at stage 2.
+    assert state_bytes_per_param(2, 0, 8, True) == (6.0, 4.0, 8.0)
+    assert state_bytes_per_param(2, 1, 8, True) == (6.0, 4.0, 1.0)
+    assert state_bytes_per_param(2, 2, 8, True) == (0.5 + 2.0, 0.5, 1.0)
+    assert state_bytes_per_param(2, 3, 8, True) == (0.5, 0.5, 1.0)
+    # CPU, fp32 throughout: 16 bytes; ZeRO-3 shards all of it.
+    assert sum(state_bytes_per_param(4, 0, 4, True)) == 16
+    assert sum(state_bytes_per_param(4, 3, 4, True)) == 4
 
 
 @pytest.mark.parametrize("p,m", [(4, 8), (8, 8), (3, 10)])

@@ -1,0 +1,70 @@
+"""The knobs of the parallelism issue as the planner prices and sizes them: ZeRO stages, context parallelism,
+FP8 and compile."""
+
+import dataclasses
+
+import pytest
+
+from planner.cost import MESHPLAN, CostModel, predict
+from planner.errors import SpecError
+from planner.plan import Knobs
+from planner.search import search
+from planner.specs import load_cluster, load_device, load_model
+
+H100, A100 = load_device("h100-sxm5-80gb"), load_device("a100-sxm4-80gb")
+LLAMA70, LLAMA8 = load_model("llama3-70b"), load_model("llama3-8b")
+
+
+def price(model, knobs, nodes=8, batch=64, device=H100):
+    return predict(model, load_cluster("dgx-h100-80gb", nodes=nodes), device, knobs, batch)[0].prediction
+
+
+def test_each_zero_stage_needs_less_memory_and_zero3_pays_in_gathers():
+    peaks, dp = [], []
+    for zero in (0, 1, 2, 3):
+        p = price(LLAMA70, Knobs(8, 1, 8, 1, "1f1b", 1, "full", True, zero))
+        peaks.append(p.peak_memory_gib)
+        dp.append(p.breakdown.dp_comm_s)
+    assert peaks[0] > peaks[1] > peaks[2] > peaks[3]
+    # 70.6B parameters over tp 8: 8.8B a rank; ZeRO-3 over 8 ranks keeps 16/8 bytes of each (and two gathered blocks).
+    assert peaks[3] < peaks[0] / 4
+
+
+def test_context_parallelism_divides_activations_and_adds_the_key_value_gathers():
+    long = dataclasses.replace(LLAMA8, seq_len=32768)
+    cm = CostModel(long, load_cluster("dgx-h100-80gb", nodes=2), H100)
+    one, two = cm.terms(Knobs(8, 1, 2, 1, cp=1)), cm.terms(Knobs(8, 1, 1, 1, cp=2))
+    assert one.cp_all_gather_s == 0 and two.cp_all_gather_s > 0
+    # Half the tokens per rank; the gathered keys and values (1/4 of the width with 8 of 32 heads) stay whole.
+    assert 0.5 < two.layer_activation_bytes / one.layer_activation_bytes < 0.6
+    assert two.layer_forward_s < one.layer_forward_s
+
+
+def test_fp8_runs_the_linears_at_the_fp8_peak_and_is_refused_without_fp8_tensor_cores():
+    bf16 = price(LLAMA70, Knobs(8, 1, 8, 1, "1f1b", 1, "full", True, 1))
+    fp8 = price(LLAMA70, Knobs(8, 1, 8, 1, "1f1b", 1, "full", True, 1, precision="fp8"))
+    assert fp8.iteration_s < bf16.iteration_s
+    with pytest.raises(SpecError, match="precision: fp8 needs FP8 tensor cores"):
+        predict(LLAMA70, load_cluster("dgx-a100-80gb", nodes=8), A100, Knobs(8, 1, 8, 1, precision="fp8"), 64)
+
+
+def test_compile_prices_the_elementwise_work_as_fused():
+    eager = price(LLAMA8, Knobs(1, 1, 64, 1, "1f1b", 1, "none", False, 3))
+    compiled = price(LLAMA8, Knobs(1, 1, 64, 1, "1f1b", 1, "none", False, 3, compile=True))
+    assert compiled.iteration_s < eager.iteration_s
+
+
+def test_overlap_of_the_gradient_reduction_comes_from_the_zero_table():
+    assert MESHPLAN.overlaps_dp(Knobs(1, 1, 8, 1))              # DDP reduces under the backward
+    assert not MESHPLAN.overlaps_dp(Knobs(2, 1, 4, 1))          # by hand, after it, under tp
+    assert not MESHPLAN.overlaps_dp(Knobs(1, 1, 4, 1, cp=2))    # and under cp
+    assert MESHPLAN.overlaps_dp(Knobs(2, 2, 2, 1, zero=3))      # FSDP2's hooks overlap under tp and pp too
+
+
+def test_the_search_cuts_a_long_sequence_over_context_parallel_ranks():
+    long = dataclasses.replace(LLAMA8, name="llama3-8b-128k", seq_len=131072)
+    r = search(long, load_cluster("dgx-h100-80gb", nodes=4), H100, 16, top=1)
+    best = r.plans[0]
+    assert best.prediction.fits and best.cp > 1
+    assert search(long, load_cluster("dgx-h100-80gb", nodes=4), H100, 16, {"cp": 1}, top=1).plans[0].prediction.iteration_s \
+        >= best.prediction.iteration_s
