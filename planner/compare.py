@@ -154,7 +154,7 @@ class CompareRow:
     reason: str
     """Why nothing fits ('' when a plan does)."""
     cost: TrainingCost | None
-    """Days, GPU-hours and cost at the plan's throughput; None when nothing fits."""
+    """Days, GPU-hours and cost at the plan's throughput; None when nothing fits (or no tokens were given)."""
     search_s: float
     gpu_hour_price_usd: float | None = None
     """The target's price, kept for a row that has no cost."""
@@ -164,10 +164,11 @@ class CompareRow:
         return self.plan is not None
 
 
-def compare(model: ModelSpec, global_batch: int, tokens: int, targets: Sequence[CompareTarget], pins: dict | None = None,
+def compare(model: ModelSpec, global_batch: int, tokens: int | None, targets: Sequence[CompareTarget], pins: dict | None = None,
             **search_options) -> tuple[CompareRow, ...]:
-    """Search each target for the fastest plan (search_options go to planner.search.search) and price the run.
-    A target on which no configuration fits, or none satisfies the pins, is a row with the planner's reason."""
+    """Search each target for the fastest plan (search_options go to planner.search.search) and price the run
+    (no cost without tokens). A target on which no configuration fits, or none satisfies the pins, is a row with
+    the planner's reason."""
     from planner.search import search
 
     rows = []
@@ -184,7 +185,7 @@ def compare(model: ModelSpec, global_batch: int, tokens: int, targets: Sequence[
             reason = best.prediction.reason if best is not None else "no configuration to price"
             rows.append(CompareRow(t.cluster, t.device, None, f"nothing fits: {reason}", None, elapsed, t.gpu_hour_price_usd))
             continue
-        cost = plan_training_cost(best, tokens, t.gpu_hour_price_usd)
+        cost = None if tokens is None else plan_training_cost(best, tokens, t.gpu_hour_price_usd)
         rows.append(CompareRow(t.cluster, t.device, best, "", cost, elapsed, t.gpu_hour_price_usd))
     return tuple(rows)
 

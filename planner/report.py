@@ -238,7 +238,8 @@ def plan_label(plan) -> str:
     return f"{plan.tp}×{plan.pp}×{plan.dp} mb{plan.micro_batch} {sched} {_recompute_label(plan).replace('selective', 'sel')}"
 
 
-def _cluster_label(row) -> str:
+def cluster_label(row) -> str:
+    """A compare row's cluster: its name, and the device where one was given instead of the cluster file's."""
     c = row.cluster
     return c.name if row.device.name == c.device else f"{c.name} ({row.device.name})"
 
@@ -249,9 +250,12 @@ def _compare_cells(row, exact: bool) -> list[str]:
     if not row.fits:
         return ["nothing fits", "-", "-", "-", "-", "-", price, "-"]
     pr, cost = row.plan.prediction, row.cost
+    cells = [plan_label(row.plan), f"{pr.tokens_per_s:,.0f}" if exact else _count(pr.tokens_per_s), f"{100 * pr.mfu:.1f}%",
+             f"{pr.peak_memory_gib:.1f}"]
+    if cost is None:  # no tokens given
+        return cells + ["-", "-", price, "-"]
     usd = "-" if cost.cost_usd is None else (f"${cost.cost_usd:,.0f}" if exact else _usd(cost.cost_usd))
-    return [plan_label(row.plan), f"{pr.tokens_per_s:,.0f}" if exact else _count(pr.tokens_per_s), f"{100 * pr.mfu:.1f}%",
-            f"{pr.peak_memory_gib:.1f}", _days(cost.days), f"{cost.gpu_hours:,.0f}" if exact else _count(cost.gpu_hours), price, usd]
+    return cells + [_days(cost.days), f"{cost.gpu_hours:,.0f}" if exact else _count(cost.gpu_hours), price, usd]
 
 
 def print_compare(model, global_batch: int, tokens: int, rows) -> None:
@@ -267,12 +271,12 @@ def print_compare(model, global_batch: int, tokens: int, rows) -> None:
                      overflow="fold")
     for row in rows:
         cells = _compare_cells(row, exact=False)
-        t.add_row(_cluster_label(row), f"{row.cluster.nodes}×{row.cluster.gpus_per_node}",
+        t.add_row(cluster_label(row), f"{row.cluster.nodes}×{row.cluster.gpus_per_node}",
                   *([f"[red]{cells[0]}[/red]"] + cells[1:] if not row.fits else cells))
     console.print(t)
     for row in rows:
         if not row.fits:
-            console.print(f"[red]{_cluster_label(row)}[/red] ({row.cluster.nodes}×{row.cluster.gpus_per_node}): {row.reason}")
+            console.print(f"[red]{cluster_label(row)}[/red] ({row.cluster.nodes}×{row.cluster.gpus_per_node}): {row.reason}")
 
 
 def compare_markdown(rows) -> str:
@@ -284,5 +288,5 @@ def compare_markdown(rows) -> str:
         cells = _compare_cells(row, exact=True)
         if not row.fits:
             cells[0] = f"nothing fits: {row.reason.removeprefix('nothing fits: ')}"
-        lines.append("| " + " | ".join([_cluster_label(row), f"{row.cluster.gpus:,}", row.device.label, *cells]) + " |")
+        lines.append("| " + " | ".join([cluster_label(row), f"{row.cluster.gpus:,}", row.device.label, *cells]) + " |")
     return "\n".join(lines) + "\n"
