@@ -131,14 +131,8 @@ def plans_tab(plans_df, cands_df, usable_gib: float) -> None:
         "rank": "#", "plan_id": "plan id", "micro_batch": "micro-batch", "num_microbatches": "microbatches",
         "sequence_parallel": "SP", "distributed_optimizer": "dist-opt", "layers_per_stage": "layers/stage",
         "iteration_s": st.column_config.NumberColumn("iteration (s)", format="%.3g"),
-        "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="localized"),
         "tflops_per_gpu": st.column_config.NumberColumn("TFLOP/s per GPU", format="%.1f"),
-        "mfu_pct": st.column_config.NumberColumn("MFU %", format="%.1f"),
-        "peak_memory_gib": st.column_config.NumberColumn("peak memory (GiB)", format="%.1f"),
-        "fits": "fits", "reason": "why it does not fit",
-        "days": st.column_config.NumberColumn("days to train", format="%.1f"),
-        "gpu_hours": st.column_config.NumberColumn("GPU-hours", format="localized"),
-        "cost_usd": st.column_config.NumberColumn("cost (US$)", format="localized")})
+        **compare_view.metric_columns(), "fits": "fits", "reason": "why it does not fit"})
     color_by = st.segmented_control("Colour the configurations by", ["schedule", "tp", "pp", "micro_batch", "recompute"],
                                     default="schedule", key="color_by") or "schedule"
     st.plotly_chart(charts.plans_scatter(cands_df, plans_df, usable_gib, color_by), key="scatter")

@@ -19,6 +19,14 @@ def cached_compare(model: ModelSpec, global_batch: int, tokens: int | None, targ
     return compare(model, global_batch, tokens, targets, dict(pins), memory_headroom_gib=headroom_gib)
 
 
+def metric_columns() -> dict:
+    """How the plans table and the compare table show throughput, MFU, memory, days, GPU-hours and cost."""
+    number = st.column_config.NumberColumn
+    return {"tokens_per_s": number("tokens/s", format="localized"), "mfu_pct": number("MFU %", format="%.1f"),
+            "peak_memory_gib": number("peak memory (GiB)", format="%.1f"), "days": number("days to train", format="%.1f"),
+            "gpu_hours": number("GPU-hours", format="localized"), "cost_usd": number("cost (US$)", format="localized")}
+
+
 def _targets(default_nodes: int, price: float | None) -> list[CompareTarget]:
     """The clusters picked, each with its nodes and price (blank: the sidebar's price)."""
     presets = data.presets("clusters")
@@ -60,13 +68,7 @@ def compare_tab(model: ModelSpec, global_batch: int, pins: dict, headroom_gib: f
         st.plotly_chart(charts.compare_figure(df), key="compare_chart")
     st.dataframe(df.drop(columns=["fits"]), hide_index=True, column_config={
         "gpus": "GPUs", "plan": "best plan (tp×pp×dp, micro-batch, schedule, recompute)", "plan_id": "plan id",
-        "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="localized"),
-        "mfu_pct": st.column_config.NumberColumn("MFU %", format="%.1f"),
-        "peak_memory_gib": st.column_config.NumberColumn("peak memory (GiB)", format="%.1f"),
-        "days": st.column_config.NumberColumn("days", format="%.1f"),
-        "gpu_hours": st.column_config.NumberColumn("GPU-hours", format="localized"),
-        "gpu_hour_price_usd": st.column_config.NumberColumn("US$ per GPU-hour", format="%.2f"),
-        "cost_usd": st.column_config.NumberColumn("cost (US$)", format="localized"),
+        **metric_columns(), "gpu_hour_price_usd": st.column_config.NumberColumn("US$ per GPU-hour", format="%.2f"),
         "reason": "why nothing fits"})
     st.caption("days = tokens / tokens/s / 86,400; GPU-hours = days × 24 × GPUs; cost = GPU-hours × price; no time for "
                "restarts, checkpoints or evaluation. Predictions with each device's profile (datasheet unless measured).")
