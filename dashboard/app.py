@@ -18,16 +18,17 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
 
-from dashboard import charts, data  # noqa: E402
+from dashboard import charts, compare_view, data  # noqa: E402
+from planner.compare import check_tokens, plan_training_cost  # noqa: E402
 from planner.errors import MeshplanError  # noqa: E402
 from planner.plan import Plan  # noqa: E402
-from planner.report import schedule_label, torchrun_command  # noqa: E402
+from planner.report import schedule_label, tokens_label, torchrun_command  # noqa: E402
 from planner.search import search  # noqa: E402
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, load_device  # noqa: E402
 from planner.memory import DEFAULT_MEMORY_HEADROOM_GIB  # noqa: E402
 
 DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_NODES, DEFAULT_BATCH = "gpt-39.1b", "dgx-a100-80gb", 8, 512
-TABS = ["Plans", "Selected plan", "Predicted vs measured"]
+TABS = ["Plans", "Selected plan", "Predicted vs measured", "Compare clusters"]
 QP = "query-params"
 
 
@@ -100,21 +101,38 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float]:
     return model, cluster, int(batch), data.pins_from_choices(choices), float(headroom)
 
 
+def training_sidebar() -> tuple[str, float | None]:
+    """The training tokens (text) and price per GPU-hour, as planner plan --tokens --gpu-hour-price take them."""
+    sb = st.sidebar
+    sb.header("Time and cost to train")
+    tokens = sb.text_input("Training tokens", "", key="tokens", bind=QP, placeholder="e.g. 15e12, 15T or 300B",
+                           help="The whole run's tokens: adds days, GPU-hours and (with a price) cost beside tokens/s.")
+    price = sb.number_input("Price per GPU-hour (US$)", min_value=0.01, value=None, step=0.1, key="gpu_hour_price", bind=QP,
+                            placeholder="no price", help="One GPU for one hour; the cost is GPU-hours × this.")
+    return tokens, price
+
+
+def training_inputs(model: ModelSpec, batch: int, tokens: str, price: float | None) -> tuple[int, float | None] | None:
+    """(tokens, price) checked against the model and batch; None without tokens. Raises MeshplanError."""
+    training = data.training_inputs(tokens, price)
+    if training:
+        check_tokens(training[0], model, batch, "Training tokens")
+    return training
+
+
 def plans_tab(plans_df, cands_df, usable_gib: float) -> None:
     st.subheader("Ranked plans")
     st.caption("Fastest first. Click a column header to sort.")
-    first = ["rank", "tokens_per_s", "tflops_per_gpu", "mfu_pct", "peak_memory_gib", "fits", "iteration_s"]
+    first = ["rank", "tokens_per_s", *[c for c in ("days", "gpu_hours", "cost_usd") if c in plans_df], "tflops_per_gpu", "mfu_pct",
+             "peak_memory_gib", "fits", "iteration_s"]
     cols = first + [c for c in plans_df.columns if c not in first and (c != "reason" or not plans_df["fits"].all())]
     shown = plans_df[cols].assign(tokens_per_s=plans_df["tokens_per_s"].round().astype(int))
     st.dataframe(shown, hide_index=True, column_config={
         "rank": "#", "plan_id": "plan id", "micro_batch": "micro-batch", "num_microbatches": "microbatches",
         "sequence_parallel": "SP", "zero": "ZeRO", "cp": "cp", "layers_per_stage": "layers/stage",
         "iteration_s": st.column_config.NumberColumn("iteration (s)", format="%.3g"),
-        "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="localized"),
         "tflops_per_gpu": st.column_config.NumberColumn("TFLOP/s per GPU", format="%.1f"),
-        "mfu_pct": st.column_config.NumberColumn("MFU %", format="%.1f"),
-        "peak_memory_gib": st.column_config.NumberColumn("peak memory (GiB)", format="%.1f"),
-        "fits": "fits", "reason": "why it does not fit"})
+        **compare_view.metric_columns(), "fits": "fits", "reason": "why it does not fit"})
     color_by = st.segmented_control("Colour the configurations by", ["schedule", "tp", "pp", "micro_batch", "recompute"],
                                     default="schedule", key="color_by") or "schedule"
     st.plotly_chart(charts.plans_scatter(cands_df, plans_df, usable_gib, color_by), key="scatter")
@@ -209,10 +227,12 @@ def main() -> None:
         st.error(f"Link parameter {message}. Nothing was planned; pick the value in the sidebar.")
     try:
         model, cluster, batch, pins, headroom = sidebar()
+        tokens, price = training_sidebar()
         device = load_device(cluster.device)
         usable = device.memory_gib - headroom
         if bad_link:
             raise _NoSearch
+        training = training_inputs(model, batch, tokens, price)
         with st.spinner(f"Searching plans for {model.name} on {cluster.gpus:,} × {cluster.device}..."):
             found = cached_search(model, cluster, batch, tuple(sorted(pins.items())), headroom)
     except MeshplanError as e:
@@ -224,6 +244,8 @@ def main() -> None:
 
     if found is not None:
         result, plans_df, cands_df = found
+        if training:
+            plans_df = data.with_training(plans_df, result.plans, training)
         best = result.plans[0]
         st.caption(f"{model.name} on {cluster.gpus:,} × {device.label} ({cluster.nodes} node{'s' if cluster.nodes > 1 else ''} × {cluster.gpus_per_node}), "
                    f"global batch {batch}: searched {result.searched:,} configurations in {result.search_s:.2f} s "
@@ -247,6 +269,14 @@ def main() -> None:
         cols[2].metric("TFLOP/s per GPU", f"{pr.tflops_per_gpu:.1f}")
         cols[3].metric("MFU", f"{100 * pr.mfu:.1f}%")
         cols[4].metric(f"Peak memory (GiB of {usable:g} usable)", f"{pr.peak_memory_gib:.1f}")
+        if training and pr.fits:
+            cost = plan_training_cost(plan, *training)
+            cols = st.columns(5)
+            cols[0].metric(f"Days to train {tokens_label(training[0])} tokens", f"{cost.days:,.1f}",
+                           help="tokens / tokens/s / 86,400: no time for restarts, checkpoints or evaluation")
+            cols[1].metric("GPU-hours", f"{cost.gpu_hours:,.0f}", help=f"days × 24 × {plan.cluster.gpus:,} GPUs")
+            cols[2].metric("Cost (US$)", "no price" if cost.cost_usd is None else f"{cost.cost_usd:,.0f}",
+                           help="GPU-hours × the price per GPU-hour")
 
     tabs = st.tabs(TABS, key="view", bind=QP)
     for tab, name in zip(tabs, TABS):
@@ -260,6 +290,8 @@ def main() -> None:
                     st.error(f"Cannot compare these results with the planner: {e}")
             elif found is None:
                 st.info("Fix the inputs (see the message above) to see plans.")
+            elif name == "Compare clusters":
+                compare_view.compare_tab(model, batch, pins, headroom, training, cluster.nodes)
             elif name == "Plans":
                 plans_tab(plans_df, cands_df, usable)
             else:

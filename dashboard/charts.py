@@ -183,3 +183,37 @@ def error_figure(df: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(title_text="plan (tp×pp×dp, micro-batch)")
     fig.update_yaxes(title_text="error (%)")
     return fig
+
+
+def compare_figure(df: pd.DataFrame) -> go.Figure:
+    """Days to train and (when any cluster is priced) cost per cluster, from data.compare_frame: one bar per
+    cluster with a plan, its plan in the hover; a cluster on which nothing fits is marked at zero, the reason in its hover."""
+    priced = bool(df["cost_usd"].notna().any())
+    fig = make_subplots(rows=1, cols=2 if priced else 1, horizontal_spacing=0.12,
+                        subplot_titles=["days to train"] + (["cost (US$)"] if priced else []))
+    fits, nothing = df[df["fits"]], df[~df["fits"]]
+    hover = ("<b>%{x}</b><br>plan %{customdata[0]} (%{customdata[1]})<br>%{customdata[2]:,.0f} tokens/s · MFU "
+             "%{customdata[3]:.1f}% · peak %{customdata[4]:.1f} GiB<br>%{customdata[5]:,.1f} days · %{customdata[6]:,.0f} "
+             "GPU-hours · %{customdata[7]}<extra></extra>")
+    cost_text = [f"${c:,.0f}" if c == c else "no price" for c in fits["cost_usd"]]  # c == c: not NaN
+    custom = fits.assign(cost_text=cost_text)[["plan", "plan_id", "tokens_per_s", "mfu_pct", "peak_memory_gib", "days", "gpu_hours",
+                                               "cost_text"]].to_numpy(dtype=object)
+    panels = [("days", lambda v: f"{v:,.1f} d", 1)] + ([("cost_usd", lambda v: f"${v / 1e6:,.2f}M" if v >= 1e6 else f"${v:,.0f}", 2)]
+                                                      if priced else [])
+    for column, label, col in panels:
+        fig.add_trace(go.Bar(x=fits["cluster"], y=fits[column], name=column, marker_color=CATEGORY_COLORS[col - 1],
+                             text=[label(v) if v == v else "" for v in fits[column]], textposition="outside",
+                             customdata=custom, hovertemplate=hover, showlegend=False), row=1, col=col)
+        if len(nothing):
+            fig.add_trace(go.Scatter(x=nothing["cluster"], y=[0] * len(nothing), mode="markers+text", text=["nothing fits"] * len(nothing),
+                                     textposition="top center", marker=dict(symbol="x", size=12, color="#E45756"), showlegend=False,
+                                     customdata=nothing[["reason"]].to_numpy(), hovertemplate="<b>%{x}</b><br>%{customdata[0]}<extra></extra>"),
+                          row=1, col=col)
+    order = list(df["cluster"])
+    fig.update_xaxes(title_text="cluster (nodes×GPUs per node)", categoryorder="array", categoryarray=order)
+    fig.update_yaxes(title_text="days (wall clock)", rangemode="tozero", row=1, col=1)
+    if priced:
+        fig.update_yaxes(title_text="cost (US$, GPU-hours × price)", rangemode="tozero", row=1, col=2)
+    fig.update_layout(**LAYOUT, height=440, title=_title("Time and cost to train, per cluster",
+                                                         "the fastest plan on each; hover a bar for its plan"))
+    return fig

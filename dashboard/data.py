@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from planner.compare import parse_price, parse_tokens, plan_training_cost
 from planner.cost import memory_by_device, predict
 from planner.errors import SpecError
 from planner.plan import Plan, plan_to_dict
-from planner.report import precision_label, schedule_label, stage_summary
+from planner.report import cluster_label, plan_label, precision_label, schedule_label, stage_summary
 from planner.schedule import simulate
 from planner.plan import MAX_GLOBAL_BATCH
 from planner.specs import (PROFILES_DIR, ClusterSpec, DeviceProfile, ModelSpec, cluster_from_dict, load_device, model_from_dict,
@@ -129,6 +130,13 @@ def link_errors(params: dict[str, str], views: list[str], defaults: dict[str, in
         low, high = HEADROOM_RANGE_GIB
         if not low <= value <= high:
             errors.append(f"memory_headroom={params['memory_headroom']!r} is not a number of GiB from {low:g} to {high:g}")
+    for key, parse, what in (("tokens", parse_tokens, "a number of tokens such as 15e12 or 15T"),
+                             ("gpu_hour_price", parse_price, "a price in US dollars per GPU-hour above 0")):
+        try:
+            if params.get(key, "").strip():
+                parse(params[key], key)
+        except SpecError:
+            errors.append(f"{key}={params[key]!r} is not {what}")
     for key, allowed in pin_options(sizes["nodes"] * sizes["gpus_per_node"], sizes["global_batch"]).items():
         if key in params and params[key] not in ["auto", *allowed]:
             errors.append(f"{key}={params[key]!r} cannot be pinned here; expected auto or one of {', '.join(allowed)}")
@@ -337,3 +345,38 @@ def load_validation(paths: list[str]) -> tuple[pd.DataFrame, dict, dict[str, Pla
 
 def device_for(plan: Plan) -> DeviceProfile:
     return load_device(plan.cluster.device)
+
+
+# ---------------------------------------------------------------- time and cost to train, per plan and per cluster
+
+def training_inputs(tokens_text: str | None, price: float | None) -> tuple[int, float | None] | None:
+    """The sidebar's training tokens (text: 15e12, 15T, ...) and price; None when no tokens are given. Bad text is a
+    SpecError naming the field, as the CLI's --tokens and --gpu-hour-price are."""
+    if tokens_text is None or not tokens_text.strip():
+        return None
+    return parse_tokens(tokens_text, "Training tokens"), None if price is None else parse_price(price, "Price per GPU-hour")
+
+
+def with_training(plans_df: pd.DataFrame, plans: tuple[Plan, ...], training: tuple[int, float | None]) -> pd.DataFrame:
+    """plans_frame with the days, GPU-hours and cost of each plan that fits (NaN for the others), from
+    planner.compare.plan_training_cost, as planner plan --tokens prints them."""
+    costs = [plan_training_cost(p, *training) if p.prediction.fits else None for p in plans]
+    def column(name):
+        return [np.nan if c is None or getattr(c, name) is None else getattr(c, name) for c in costs]
+    return plans_df.assign(days=column("days"), gpu_hours=column("gpu_hours"), cost_usd=column("cost_usd"))
+
+
+def compare_frame(rows) -> pd.DataFrame:
+    """planner.compare rows, one per cluster: the best plan, its throughput, memory, days, GPU-hours and cost (NaN
+    where nothing fits or nothing was given to compute them with), and the reason where nothing fits."""
+    out = []
+    for r in rows:
+        pr, cost = (r.plan.prediction if r.plan else None), r.cost
+        out.append({"cluster": f"{cluster_label(r)} ({r.cluster.nodes}×{r.cluster.gpus_per_node})", "gpus": r.cluster.gpus,
+                    "profile": r.device.label, "fits": r.fits, "plan": plan_label(r.plan) if r.plan else "",
+                    "plan_id": r.plan.id if r.plan else "", "tokens_per_s": pr.tokens_per_s if pr else np.nan,
+                    "mfu_pct": 100 * pr.mfu if pr else np.nan, "peak_memory_gib": pr.peak_memory_gib if pr else np.nan,
+                    "days": cost.days if cost else np.nan, "gpu_hours": cost.gpu_hours if cost else np.nan,
+                    "gpu_hour_price_usd": np.nan if r.gpu_hour_price_usd is None else r.gpu_hour_price_usd,
+                    "cost_usd": np.nan if cost is None or cost.cost_usd is None else cost.cost_usd, "reason": r.reason})
+    return pd.DataFrame(out)

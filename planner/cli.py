@@ -1,5 +1,5 @@
-"""`planner`: plan | predict | profile | validate. One small function per subcommand: load the
-specs, call one library function, print a table (or --json) or write a file."""
+"""`planner`: plan | predict | compare | profile | validate | export | launch. One small function per subcommand:
+load the specs, call one library function, print a table (or --json) or write a file."""
 
 from __future__ import annotations
 
@@ -28,19 +28,27 @@ def _positive_int(text: str) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset name (e.g. gpt3-175b) or a model YAML file")
-    p.add_argument("--cluster", required=True, help="preset name (dgx-a100-80gb, dgx-h100-80gb, local-cpu) or a cluster YAML file")
+    p.add_argument("--cluster", required=True, help="preset name (dgx-h100-80gb, ...: profiles/clusters/) or a cluster YAML file")
     p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per iteration (at most 65,536)")
     p.add_argument("--nodes", type=_positive_int, help="override the cluster's node count (default: the cluster file's)")
     p.add_argument("--gpus-per-node", type=_positive_int, help="override the cluster's devices per node (default: the cluster file's)")
     p.add_argument("--device", help="override the cluster's device profile, a name in profiles/devices/ or a JSON file "
                                     "(default: the cluster file's device)")
+    _add_framework(p)
+    _add_memory_headroom(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
+
+
+def _add_framework(p: argparse.ArgumentParser) -> None:
     p.add_argument("--framework", choices=("meshplan", "megatron", "deepspeed"), default="meshplan",
                    help="software that runs the plan: meshplan's runtime (default), Megatron-LM as in Narayanan et al. 2021, "
                         "or DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022 (for comparing with published runs)")
+
+
+def _add_memory_headroom(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-headroom", type=_non_negative_float, default=None, metavar="GIB",
                    help=f"memory every device keeps free beyond the predicted peak (default {DEFAULT_MEMORY_HEADROOM_GIB:g} GiB: "
                         "allocator fragmentation and communication buffers the model does not count)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
 
 
 def _non_negative_float(text: str) -> float:
@@ -55,6 +63,27 @@ def _non_negative_float(text: str) -> float:
 
 def _headroom(args) -> float:
     return DEFAULT_MEMORY_HEADROOM_GIB if args.memory_headroom is None else args.memory_headroom
+
+
+TOKENS_HELP = "total training tokens, e.g. 15e12, 15T or 300B: adds days, GPU-hours and (with a price) cost to train"
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", metavar="N", help=TOKENS_HELP + " (default: not shown)")
+    p.add_argument("--gpu-hour-price", metavar="USD", help="US dollars per GPU per hour, with --tokens (default: no cost shown)")
+
+
+def _training(args, model) -> tuple[int, float | None] | None:
+    """(tokens, price) from --tokens and --gpu-hour-price, checked against the model and batch; None without --tokens."""
+    from planner.compare import check_tokens, parse_price, parse_tokens
+
+    if args.tokens is None:
+        if args.gpu_hour_price is not None:
+            raise SpecError("--gpu-hour-price", "gpu_hour_price", "prices GPU-hours, which need --tokens (the run's length); give both")
+        return None
+    tokens = parse_tokens(args.tokens)
+    check_tokens(tokens, model, args.global_batch)
+    return tokens, None if args.gpu_hour_price is None else parse_price(args.gpu_hour_price)
 
 
 def _add_knobs(p: argparse.ArgumentParser, required: bool) -> None:
@@ -88,6 +117,39 @@ def _add_knobs(p: argparse.ArgumentParser, required: bool) -> None:
                    help="torch.compile each block (default: off)")
 
 
+class _PerCluster(argparse.Action):
+    """Keeps --cluster and the flags that follow it in command-line order, for planner.compare.targets_from_flags."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.per_cluster = (getattr(namespace, "per_cluster", None) or []) + [(option_string, values)]
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="plan one job on several clusters: best plan, days, GPU-hours and cost of each",
+                       usage="planner compare --model M --global-batch B --tokens N [--gpu-hour-price USD] "
+                             "--cluster C [--nodes K] [--gpu-hour-price USD] [--cluster C2 ...] [options]")
+    p.add_argument("--model", required=True, help="preset name (e.g. llama3-70b) or a model YAML file")
+    p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per iteration on every cluster (at most 65,536)")
+    p.add_argument("--tokens", required=True, metavar="N", help=TOKENS_HELP)
+    p.add_argument("--cluster", action=_PerCluster, required=True,
+                   help="a cluster to plan on: preset name or YAML file; repeat it for each cluster to compare (required)")
+    p.add_argument("--nodes", type=_positive_int, action=_PerCluster, help="nodes of the --cluster before it (default: its file's)")
+    p.add_argument("--gpus-per-node", type=_positive_int, action=_PerCluster,
+                   help="devices per node of the --cluster before it (default: its file's)")
+    p.add_argument("--device", action=_PerCluster, help="device profile of the --cluster before it (default: its file's)")
+    p.add_argument("--gpu-hour-price", metavar="USD", action=_PerCluster,
+                   help="US dollars per GPU-hour of the --cluster before it; before the first --cluster, of every cluster "
+                        "that names none; give every cluster one or none (default: no cost shown)")
+    _add_framework(p)
+    _add_memory_headroom(p)
+    _add_knobs(p, required=False)
+    p.add_argument("--time-limit", type=_non_negative_float, default=None, metavar="SECONDS",
+                   help="stop each cluster's search after this long (default: none)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
+    out.add_argument("--markdown", action="store_true", help="print a Markdown table, as in the README (default: a table)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="planner", description="Plan, predict, profile and validate parallel GPT training.")
     ap.add_argument("--version", action="version", version=f"meshplan {__version__}")
@@ -95,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="search every tp/pp/dp split and knob; rank the plans; write the best")
     _add_common(p)
     _add_knobs(p, required=False)
+    _add_training(p)
     p.add_argument("--top", type=_positive_int, default=5, help="plans to show (default 5)")
     p.add_argument("--time-limit", type=_non_negative_float, default=None, metavar="SECONDS",
                    help="stop the search after this long and say how far from proven the answer is "
@@ -103,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="price one configuration")
     _add_common(p)
     _add_knobs(p, required=True)
+    _add_training(p)
     p.add_argument("--out", default=None, help="also write the priced plan here, plan.json format (default: write nothing)")
+    _add_compare(sub)
     p = sub.add_parser("profile", help="measure this machine's layers and collectives into a device profile")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default=None, help="default: profiles/devices/<name>.measured.json in a checkout, "
@@ -154,6 +219,7 @@ def _pins(args) -> dict:
 
 
 def cmd_plan(args) -> int:
+    from planner.compare import cost_to_dict, plan_training_cost
     from planner.cost import FRAMEWORKS
     from planner.plan import plan_to_dict, write_plan
     from planner.report import print_plans, print_written
@@ -161,17 +227,21 @@ def cmd_plan(args) -> int:
 
     _check_inputs(args)
     model, cluster, device = _specs(args)
+    training = _training(args, model)
     result = search(model, cluster, device, args.global_batch, _pins(args), top=args.top, framework=FRAMEWORKS[args.framework],
                     memory_headroom_gib=_headroom(args), time_limit_s=args.time_limit)
     best = result.plans[0] if result.plans else None
     fits = best is not None and best.prediction.fits
     if args.json:
-        print(json.dumps({"plans": [plan_to_dict(p) for p in result.plans], "searched": result.searched,
-                          "bounded": result.bounded, "split": result.split, "priced": result.priced,
-                          "complete": result.complete, "gap_pct": round(result.gap_pct, 3),
-                          "memory_headroom_gib": _headroom(args), "search_s": round(result.search_s, 3)}, indent=1))
+        out = {"plans": [plan_to_dict(p) for p in result.plans], "searched": result.searched,
+               "bounded": result.bounded, "split": result.split, "priced": result.priced,
+               "complete": result.complete, "gap_pct": round(result.gap_pct, 3),
+               "memory_headroom_gib": _headroom(args), "search_s": round(result.search_s, 3)}
+        if training:  # per plan that fits, by id; the plan objects stay plan.json's
+            out["training"] = [{"id": p.id, **cost_to_dict(plan_training_cost(p, *training))} for p in result.plans if p.prediction.fits]
+        print(json.dumps(out, indent=1))
     else:
-        print_plans(result, out=args.out if fits else None)
+        print_plans(result, out=args.out if fits else None, training=training)
     if not fits:
         print(f"error: no plan fits: {best.prediction.reason if best else 'no candidate'}", file=sys.stderr)
         return 1
@@ -183,6 +253,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from planner.compare import cost_to_dict, plan_training_cost
     from planner.cost import FRAMEWORKS, predict
     from planner.plan import Knobs, write_plan
     from planner.search import zero_pins
@@ -190,19 +261,45 @@ def cmd_predict(args) -> int:
 
     _check_inputs(args)
     model, cluster, device = _specs(args)
+    training = _training(args, model)
     zero = zero_pins({k: getattr(args, k) for k in ("zero", "distributed_optimizer") if getattr(args, k) is not None}).get("zero", 0)
     knobs = Knobs(args.tp, args.pp, args.dp, args.micro_batch, args.schedule or ("interleaved" if (args.virtual_stages or 1) > 1 else "1f1b"),
                   args.virtual_stages or 1, args.recompute or "none", bool(args.sequence_parallel), zero, args.cp or 1,
                   args.precision or "bf16", bool(args.compile))
     plan, _ = predict(model, cluster, device, knobs, args.global_batch, framework=FRAMEWORKS[args.framework],
                       memory_headroom_gib=_headroom(args))
+    cost = plan_training_cost(plan, *training) if training else None
     if args.json:
-        print(json.dumps(dataclasses.asdict(plan.prediction), indent=1))
+        print(json.dumps(dataclasses.asdict(plan.prediction) | ({"training": cost_to_dict(cost)} if cost else {}), indent=1))
     else:
-        print_prediction(plan)
+        print_prediction(plan, cost)
     if args.out is not None:  # after printing, so a failed write loses no results
         write_plan(args.out, plan)
     return 0
+
+
+def cmd_compare(args) -> int:
+    from planner.compare import check_tokens, compare, parse_tokens, row_to_dict, targets_from_flags
+    from planner.cost import FRAMEWORKS
+    from planner.plan import check_global_batch
+    from planner.report import compare_markdown, print_compare
+    from planner.specs import load_model
+
+    check_global_batch(args.global_batch, "--global-batch")
+    model = load_model(args.model)
+    tokens = parse_tokens(args.tokens)
+    check_tokens(tokens, model, args.global_batch)
+    targets = targets_from_flags(args.per_cluster)
+    rows = compare(model, args.global_batch, tokens, targets, _pins(args), framework=FRAMEWORKS[args.framework],
+                   memory_headroom_gib=_headroom(args), time_limit_s=args.time_limit)
+    if args.json:
+        print(json.dumps({"model": model.name, "global_batch": args.global_batch, "tokens": tokens,
+                          "memory_headroom_gib": _headroom(args), "rows": [row_to_dict(r) for r in rows]}, indent=1))
+    elif args.markdown:
+        print(compare_markdown(rows), end="")
+    else:
+        print_compare(model, args.global_batch, tokens, rows)
+    return 0 if any(r.fits for r in rows) else 1
 
 
 def cmd_profile(args) -> int:
@@ -254,7 +351,7 @@ def cmd_launch(args) -> int:
     return 0
 
 
-COMMANDS = {"plan": cmd_plan, "predict": cmd_predict, "profile": cmd_profile, "validate": cmd_validate,
+COMMANDS = {"plan": cmd_plan, "predict": cmd_predict, "compare": cmd_compare, "profile": cmd_profile, "validate": cmd_validate,
             "export": cmd_export, "launch": cmd_launch}
 
 

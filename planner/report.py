@@ -130,7 +130,44 @@ def breakdown_table(plan) -> Table:
     return t
 
 
-def print_plans(result, out: str | None) -> None:
+COST_NOTE = ("days = tokens / tokens/s / 86,400; GPU-hours = days x 24 x GPUs; cost = GPU-hours x price; no time for "
+             "restarts, checkpoints or evaluation.")
+
+
+def tokens_label(tokens: float) -> str:
+    """15e12 -> '15T', 3e11 -> '300B' (decimal suffixes, as token counts are quoted)."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if tokens >= scale:
+            return f"{tokens / scale:.4g}{suffix}"
+    return f"{tokens:,.0f}"
+
+
+def _days(days: float) -> str:
+    return f"{days:,.0f}" if days >= 1000 else f"{days:.1f}" if days >= 1 else f"{days:.2g}"
+
+
+def _usd(usd: float | None) -> str:
+    return "-" if usd is None else f"${usd:,.0f}" if usd < 1e4 else f"${_count(usd)}"
+
+
+def training_title(tokens: int, price: float | None) -> str:
+    return f"Time and cost to train {tokens_label(tokens)} tokens" + (f" at ${price:g} per GPU-hour" if price is not None else "")
+
+
+def print_training(plans, costs) -> None:
+    """Days, GPU-hours and cost beside each plan's tokens/s (costs: planner.compare.training_cost of each), under a
+    title line and over the line that says how they follow from tokens/s (a table this narrow would wrap both)."""
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    for col in ("#", "tp×pp×dp", "tokens/s", "days", "GPU-hours", "cost"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for i, (p, c) in enumerate(zip(plans, costs), 1):
+        t.add_row(str(i), f"{p.tp}×{p.pp}×{p.dp}", f"{c.tokens_per_s:,.0f}", _days(c.days), _count(c.gpu_hours), _usd(c.cost_usd))
+    console.print(training_title(costs[0].tokens, costs[0].gpu_hour_price_usd))
+    console.print(t)
+    console.print(COST_NOTE)
+
+
+def print_plans(result, out: str | None, training: tuple[int, float | None] | None = None) -> None:
     plans = result.plans
     best = plans[0]
     c = best.cluster
@@ -148,6 +185,10 @@ def print_plans(result, out: str | None) -> None:
         for p in plans:
             console.print(f"  tp {p.tp} pp {p.pp} dp {p.dp} mbs {p.micro_batch}: {p.prediction.reason}")
         return
+    if training:
+        from planner.compare import plan_training_cost
+
+        print_training(fitting, [plan_training_cost(p, *training) for p in fitting])
     console.print(breakdown_table(best))
     console.print(f"Best plan {best.id}: stages (blocks) {stage_summary(best)}; memory per pipeline device "
                   f"{', '.join(f'{s.memory_gib:.1f}' for s in best.stages[:best.pp])} GiB")
@@ -166,9 +207,12 @@ def print_written(plan, out: str) -> None:
                       soft_wrap=True)
 
 
-def print_prediction(plan) -> None:
+def print_prediction(plan, cost=None) -> None:
+    """The priced plan; with cost (a planner.compare.TrainingCost), also the days, GPU-hours and cost to train."""
     pr = plan.prediction
     console.print(plans_table([plan], f"{plan.model.name}: predicted with {plan.profile}"))
+    if cost is not None:
+        print_training([plan], [cost])
     console.print(breakdown_table(plan))
     console.print(f"Memory per pipeline device (GiB): {', '.join(f'{s.memory_gib:.1f}' for s in plan.stages[:plan.pp])}")
     if not pr.fits:
@@ -200,3 +244,63 @@ def print_validation(report: dict) -> None:
         console.print(line(report, len(report["runs"]), "All"))
     else:
         console.print("[red]No valid runs to compare.[/red]")
+
+
+def plan_label(plan) -> str:
+    """A plan's knobs in a few characters: '4×4×64 mb1 1f1b full 2/80' (SP and the distributed optimizer left out)."""
+    sched = f"int v={plan.virtual_stages}" if plan.schedule == "interleaved" else plan.schedule
+    return f"{plan.tp}×{plan.pp}×{plan.dp} mb{plan.micro_batch} {sched} {_recompute_label(plan).replace('selective', 'sel')}"
+
+
+def cluster_label(row) -> str:
+    """A compare row's cluster: its name, and the device where one was given instead of the cluster file's."""
+    c = row.cluster
+    return c.name if row.device.name == c.device else f"{c.name} ({row.device.name})"
+
+
+def _compare_cells(row, exact: bool) -> list[str]:
+    """One compare row's cells after cluster and GPUs: the plan, tokens/s, MFU, GiB, days, GPU-hours, price, cost."""
+    price = "-" if row.gpu_hour_price_usd is None else f"{row.gpu_hour_price_usd:.2f}"
+    if not row.fits:
+        return ["nothing fits", "-", "-", "-", "-", "-", price, "-"]
+    pr, cost = row.plan.prediction, row.cost
+    cells = [plan_label(row.plan), f"{pr.tokens_per_s:,.0f}" if exact else _count(pr.tokens_per_s), f"{100 * pr.mfu:.1f}%",
+             f"{pr.peak_memory_gib:.1f}"]
+    if cost is None:  # no tokens given
+        return cells + ["-", "-", price, "-"]
+    usd = "-" if cost.cost_usd is None else (f"${cost.cost_usd:,.0f}" if exact else _usd(cost.cost_usd))
+    return cells + [_days(cost.days), f"{cost.gpu_hours:,.0f}" if exact else _count(cost.gpu_hours), price, usd]
+
+
+def print_compare(model, global_batch: int, tokens: int, rows) -> None:
+    """planner compare: one row per cluster (planner.compare.CompareRow), and why nothing fits where it does not."""
+    console.print(f"{model.name}, global batch {global_batch} ({global_batch * model.seq_len:,} tokens an iteration), "
+                  f"{tokens_label(tokens)} tokens: the fastest plan on each cluster")
+    t = Table(title="Time and cost to train, per cluster", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0,
+              caption=COST_NOTE + " Predictions from each device's profile. GPUs: nodes×GPUs per node; mb: micro-batch; "
+                                  "$/h: per GPU-hour.", caption_justify="left")
+    # In 80 columns the cluster and plan cells wrap (at hyphens and spaces); the numbers never do.
+    for col in ("cluster", "GPUs", "best plan", "tok/s", "MFU", "GiB", "days", "GPU-h", "$/h", "cost"):
+        t.add_column(col, justify="left" if col in ("cluster", "best plan") else "right", no_wrap=col not in ("cluster", "best plan"),
+                     overflow="fold")
+    for row in rows:
+        cells = _compare_cells(row, exact=False)
+        t.add_row(cluster_label(row), f"{row.cluster.nodes}×{row.cluster.gpus_per_node}",
+                  *([f"[red]{cells[0]}[/red]"] + cells[1:] if not row.fits else cells))
+    console.print(t)
+    for row in rows:
+        if not row.fits:
+            console.print(f"[red]{cluster_label(row)}[/red] ({row.cluster.nodes}×{row.cluster.gpus_per_node}): {row.reason}")
+
+
+def compare_markdown(rows) -> str:
+    """The compare rows as a Markdown table with whole numbers (the README's)."""
+    head = ["cluster", "GPUs", "profile", "best plan (tp×pp×dp, micro-batch, schedule, recompute)", "tokens/s", "MFU",
+            "peak GiB", "days", "GPU-hours", "$/GPU-hour", "cost"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = _compare_cells(row, exact=True)
+        if not row.fits:
+            cells[0] = f"nothing fits: {row.reason.removeprefix('nothing fits: ')}"
+        lines.append("| " + " | ".join([cluster_label(row), f"{row.cluster.gpus:,}", row.device.label, *cells]) + " |")
+    return "\n".join(lines) + "\n"

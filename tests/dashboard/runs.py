@@ -36,3 +36,12 @@ def write_results(folder: Path) -> Path:
     text = "".join(json.dumps(line) + "\n" for line in lines) + '{"plan_id": "torn'
     (folder / "runs.jsonl").write_text(text)
     return folder
+
+
+def compare_rows(price: float | None = 2.0, tokens: int | None = 10**12):
+    """gpt3-13b on one DGX A100 node (it fits) and on the 4x RTX 4090 workstation (nothing fits), by planner.compare."""
+    from planner.compare import CompareTarget, compare
+
+    targets = [CompareTarget(c, load_device(c.device), price) for c in (load_cluster("dgx-a100-80gb", nodes=1),
+                                                                        load_cluster("workstation-4x-rtx4090"))]
+    return compare(load_model("gpt3-13b"), 64, tokens, targets)

@@ -33,7 +33,7 @@ def test_default_inputs_render_plans_table_and_scatter(monkeypatch, tmp_path):
     at = open_app(monkeypatch, tmp_path)
     assert not at.exception and not at.error
     assert at.caption[0].value.startswith("gpt-39.1b on 64 × a100-sxm4-80gb")
-    assert [t.label for t in at.tabs] == ["Plans", "Selected plan", "Predicted vs measured"]
+    assert [t.label for t in at.tabs] == ["Plans", "Selected plan", "Predicted vs measured", "Compare clusters"]
     assert len(at.dataframe) == 1 and charts(at) == 1  # only the open tab is built
     assert at.metric[0].label == "Throughput (tokens/s)"
 
@@ -120,9 +120,9 @@ def test_a_run_on_a_device_without_a_profile_is_skipped_with_a_warning(monkeypat
     assert len(at.warning) == 1 and "unknown device 'tpu-v9'" in at.warning[0].value
 
 
-@pytest.mark.parametrize("view", ["Plans", "Selected plan", "Predicted vs measured"])
+@pytest.mark.parametrize("view", ["Plans", "Selected plan", "Predicted vs measured", "Compare clusters"])
 def test_every_tab_renders_for_a_pipelined_plan(monkeypatch, results_dir, view):
-    at = open_app(monkeypatch, results_dir, **TINY, pp="2", view=view)
+    at = open_app(monkeypatch, results_dir, **TINY, pp="2", view=view, tokens="1e9")  # tokens: the compare tab draws days
     assert not at.exception and not at.error
     assert charts(at) >= 1
 
@@ -141,10 +141,54 @@ def test_the_memory_headroom_is_an_input_and_decides_what_fits(monkeypatch, tmp_
     (dict(global_batch="1e9"), "global_batch='1e9' is not a whole number from 1 to 65,536"),
     (dict(**TINY, tp="3"), "tp='3' cannot be pinned here; expected auto or one of 1, 2"),
     (dict(memory_headroom="lots"), "memory_headroom='lots' is not a number of GiB from 0 to 1024"),
-    (dict(view="Nope"), "view='Nope' is not one of Plans, Selected plan, Predicted vs measured"),
+    (dict(view="Nope"), "view='Nope' is not one of Plans, Selected plan, Predicted vs measured, Compare clusters"),
+    (dict(tokens="lots"), "tokens='lots' is not a number of tokens such as 15e12 or 15T"),
 ])
 def test_a_link_with_a_bad_query_parameter_shows_the_error_instead_of_plans_for_the_defaults(monkeypatch, tmp_path, query, message):
     at = open_app(monkeypatch, tmp_path, **query)
     assert not at.exception
     assert len(at.error) == 1 and at.error[0].value.startswith("Link parameter ") and message in at.error[0].value
     assert "Nothing was planned" in at.error[0].value and not at.metric  # no plan of inputs the link did not ask for
+
+
+# gpt3-13b fits one DGX node; on the 4x RTX 4090 workstation nothing fits.
+COMPARE = dict(model="gpt3-13b", cluster="dgx-a100-80gb", nodes="1", global_batch="64", view="Compare clusters")
+
+
+def test_training_tokens_and_price_add_days_gpu_hours_and_cost_beside_tokens_per_s(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY, tokens="1e9", gpu_hour_price="0.5")
+    assert not at.exception and not at.error
+    metrics = {m.label: m.value for m in at.metric}
+    tokens_per_s = float(metrics["Throughput (tokens/s)"].replace(",", ""))
+    assert float(metrics["Days to train 1B tokens"]) == pytest.approx(1e9 / tokens_per_s / 86_400, abs=0.06)
+    table = at.dataframe[0].value
+    assert list(table.columns[:5]) == ["rank", "tokens_per_s", "days", "gpu_hours", "cost_usd"]
+    assert list(table["cost_usd"]) == pytest.approx(list(table["gpu_hours"] * 0.5))
+    assert "Days to train 1B tokens" not in {m.label for m in open_app(monkeypatch, tmp_path, **TINY).metric}  # none without tokens
+
+
+def test_compare_tab_draws_days_and_cost_per_cluster_and_says_why_one_does_not_fit(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **COMPARE, tokens="1T", gpu_hour_price="2")
+    assert not at.exception and not at.error
+    at.multiselect(key="compare_clusters").set_value(["dgx-a100-80gb", "workstation-4x-rtx4090"]).run()
+    assert not at.exception and not at.error and charts(at) == 1
+    table = at.dataframe[0].value
+    assert list(table["cluster"]) == ["dgx-a100-80gb (1×8)", "workstation-4x-rtx4090 (1×4)"]
+    assert table.at[0, "cost_usd"] == pytest.approx(table.at[0, "gpu_hours"] * 2) and table.at[0, "reason"] == ""
+    assert table.at[1, "reason"].startswith("nothing fits: ") and "rtx4090-pcie-24gb" in table.at[1, "reason"]
+    assert len(at.warning) == 1 and at.warning[0].value.startswith("workstation-4x-rtx4090 (1×4): nothing fits: ")
+    at.number_input(key="compare_price_dgx-a100-80gb").set_value(3.0).run()  # a cluster's own price wins over the sidebar's
+    assert at.dataframe[0].value.at[0, "cost_usd"] == pytest.approx(at.dataframe[0].value.at[0, "gpu_hours"] * 3)
+
+
+def test_compare_tab_without_tokens_shows_the_plans_and_asks_for_tokens(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **COMPARE)
+    assert not at.exception and not at.error and charts(at) == 0
+    assert "Give the training tokens in the sidebar" in at.info[0].value
+    assert len(at.dataframe[0].value) == 3 and at.dataframe[0].value["tokens_per_s"].gt(0).all()
+
+
+def test_fewer_training_tokens_than_one_iteration_is_an_error_naming_the_field(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY, tokens="1k")
+    assert not at.exception and len(at.error) == 1 and not at.metric
+    assert "Training tokens: tokens: 1,000 tokens are fewer than one iteration's 2,048" in at.error[0].value

@@ -87,3 +87,26 @@ def test_timeline_with_a_left_out_steady_state_draws_two_windows_and_says_so():
     assert tuple(fig.layout.xaxis.range) == (0.0, view.gap[0])
     assert tuple(fig.layout.xaxis2.range) == (view.gap[1], view.iteration_s)
     assert "left out" in fig.layout.title.text and "16 of 32 pipeline devices" in fig.layout.title.text
+
+
+def test_compare_figure_draws_days_and_cost_per_cluster_with_each_plan_in_the_hover():
+    from tests.dashboard.runs import compare_rows
+
+    rows = compare_rows()
+    df = data.compare_frame(rows)
+    fig = charts.compare_figure(df)
+    days, cost = (t for t in fig.data if t.type == "bar")
+    assert list(days.x) == ["dgx-a100-80gb (1×8)"] and list(days.y) == [rows[0].cost.days]
+    assert list(cost.y) == [rows[0].cost.cost_usd] and cost.xaxis == "x2"
+    assert days.customdata[0][0] == "2×1×4 mb1 1f1b none" == df.at[0, "plan"] and "plan %{customdata[0]}" in days.hovertemplate
+    marks = [t for t in fig.data if t.type == "scatter"]
+    assert len(marks) == 2 and all(list(t.x) == ["workstation-4x-rtx4090 (1×4)"] and list(t.y) == [0] for t in marks)
+    assert marks[0].customdata[0][0] == rows[1].reason  # hover says why nothing fits
+    assert fig.layout.title.text and all("(" in t for t in _axis_titles(fig))
+
+
+def test_compare_figure_without_prices_draws_days_only():
+    from tests.dashboard.runs import compare_rows
+
+    fig = charts.compare_figure(data.compare_frame(compare_rows(price=None)))
+    assert [t.type for t in fig.data].count("bar") == 1 and "xaxis2" not in fig.layout.to_plotly_json()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from dashboard import data
@@ -162,3 +163,43 @@ def test_results_dir_comes_from_the_environment(monkeypatch, tmp_path):
     assert data.results_dir() == tmp_path
     monkeypatch.delenv(data.RESULTS_DIR_ENV)
     assert data.results_dir() == data.DEFAULT_RESULTS_DIR
+
+
+def test_training_inputs_parse_like_the_cli_and_name_the_field():
+    assert data.training_inputs("", 2.0) is None and data.training_inputs(None, None) is None
+    assert data.training_inputs("15T", None) == (15 * 10**12, None)
+    assert data.training_inputs(" 300B ", 1.5) == (3 * 10**11, 1.5)
+    with pytest.raises(SpecError, match="Training tokens: tokens: expected a number of tokens"):
+        data.training_inputs("lots", None)
+
+
+def test_with_training_gives_each_fitting_plan_the_days_gpu_hours_and_cost_of_its_tokens_per_s():
+    model, cluster = load_model("gpt-tiny"), load_cluster("local-cpu", gpus_per_node=2)
+    result = search(model, cluster, load_device("cpu"), 16, {})
+    df = data.with_training(data.plans_frame(result.plans), result.plans, (10**9, 0.5))
+    days = 10**9 / df["tokens_per_s"] / 86_400
+    assert list(df["days"]) == list(days) and list(df["gpu_hours"]) == list(days * 24 * 2)
+    assert list(df["cost_usd"]) == list(days * 24 * 2 * 0.5)
+
+
+def test_compare_frame_is_one_row_per_cluster_with_the_reason_where_nothing_fits():
+    from tests.dashboard.runs import compare_rows
+
+    rows = compare_rows()
+    df = data.compare_frame(rows)
+    assert list(df["cluster"]) == ["dgx-a100-80gb (1×8)", "workstation-4x-rtx4090 (1×4)"] and list(df["fits"]) == [True, False]
+    fit, nothing = df.iloc[0], df.iloc[1]
+    assert fit["plan_id"] == rows[0].plan.id and fit["days"] == rows[0].cost.days and fit["cost_usd"] == rows[0].cost.cost_usd
+    assert fit["reason"] == "" and nothing["reason"].startswith("nothing fits: ") and "GiB" in nothing["reason"]
+    assert np.isnan(nothing["days"]) and np.isnan(nothing["tokens_per_s"]) and nothing["gpu_hour_price_usd"] == 2.0
+    assert np.isnan(data.compare_frame(compare_rows(tokens=None))["days"]).all()  # no tokens: no days to draw
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"tokens": "lots"}, "tokens='lots' is not a number of tokens such as 15e12 or 15T"),
+    ({"tokens": "1.5"}, "tokens='1.5' is not a number of tokens such as 15e12 or 15T"),
+    ({"gpu_hour_price": "-1"}, "gpu_hour_price='-1' is not a price in US dollars per GPU-hour above 0"),
+])
+def test_a_link_with_bad_training_inputs_is_reported(params, message):
+    assert data.link_errors(params, ["Plans"], {"nodes": 1, "gpus_per_node": 8, "global_batch": 64}) == [message]
+    assert data.link_errors({"tokens": "15T", "gpu_hour_price": "2.5"}, ["Plans"], {"nodes": 1, "gpus_per_node": 8, "global_batch": 64}) == []
