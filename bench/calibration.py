@@ -1,7 +1,9 @@
-"""Predict every published run in ../shared/calibration/ and print the error per row.
+"""Predict every published run in profiles/calibration/ and print the error per row, with the fitted constants
+behind the predictions.
 
-    .venv/bin/python bench/calibration.py [--device a100-sxm4-80gb]
-"""
+    .venv/bin/python bench/calibration.py [--quality]
+
+Leave-one-out errors (each run predicted by a fit on the others): bench/fit_calibration.py --loo."""
 
 import argparse
 import sys
@@ -10,42 +12,56 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from planner.calibration import calibrate, plan_quality
+from planner.calibration import METRICS, calibrate, plan_quality
+from planner.specs import load_device
+from planner.terms import FRAMEWORKS
+
+
+def constants(console: Console) -> None:
+    """The fitted constants the predictions rest on (bench/fit_calibration.py fits them)."""
+    for name in ("a100-sxm4-80gb", "h100-sxm5-80gb"):
+        d = load_device(name)
+        curve = ", ".join(f"{p.efficiency:.3f} at {p.gflop:g}" for p in d.gemm_efficiency)
+        fp8 = ", ".join(f"{p.efficiency:.3f} at {p.gflop:g}" for p in d.fp8_gemm_efficiency)
+        console.print(f"{name}: bf16 GEMM efficiency by GFLOP {curve}" + (f"; fp8 {fp8}" if fp8 else "")
+                      + f"; memory efficiency {d.memory_efficiency:.3f}; fused attention {d.fused_attention}")
+    mc = FRAMEWORKS["megatron-core"]
+    console.print(f"megatron-core: TP communication hidden under GEMMs {mc.tp_overlap:.3f}; FP8 casts {mc.fp8_cast_passes:g} pass "
+                  f"(weights once per step); fused elementwise kernels {mc.fused_elementwise}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="a100-sxm4-80gb")
     ap.add_argument("--quality", action="store_true", help="also search each run's own best plan (plan quality table)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    rows = calibrate(args.device)
+    rows = calibrate()
     if not rows:
-        print("error: no calibration files found (../shared/calibration/*.json or profiles/calibration/*.json)", file=sys.stderr)
+        print("error: no calibration files found (profiles/calibration/*.json)", file=sys.stderr)
         return 2
-    t = Table(title=f"Published Megatron-LM runs vs meshplan ({args.device} datasheet, framework=megatron)", title_justify="left")
-    for c in ("source", "run", "GPUs", "tp×pp×dp", "assumed (not published)", "pred iter s", "published TFLOP/s", "predicted TFLOP/s", "error"):
-        t.add_column(c, justify="left" if c in ("source", "run", "assumed (not published)") else "right")
+    console = Console(width=260)
+    t = Table(title="Published runs vs meshplan (each on its own device datasheet and framework)", title_justify="left")
+    for c in ("source", "run", "GPUs", "tp×cp×pp×dp", "assumed (not published)", "pred iter s", "metric", "published", "predicted", "error"):
+        t.add_column(c, justify="left" if c in ("source", "run", "assumed (not published)", "metric") else "right")
     for r in rows:
         p = r.plan
-        t.add_row(r.source, r.name, str(r.gpus), f"{p.tp}×{p.pp}×{p.dp}", r.assumed, f"{p.prediction.iteration_s:.2f}",
-                  f"{r.published_tflops:.0f}", f"{r.predicted_tflops:.1f}", f"{r.error_pct:+.1f}%")
-    console = Console(width=260)
+        t.add_row(r.source, r.name, str(r.gpus), f"{p.tp}×{p.cp}×{p.pp}×{p.dp}", r.assumed, f"{p.prediction.iteration_s:.2f}",
+                  METRICS[r.metric], f"{r.published:,.1f}", f"{r.predicted:,.1f}", f"{r.error_pct:+.1f}%")
     console.print(t)
-    errs = [abs(r.error_pct) for r in rows]
     by_source = {}
     for r in rows:
         by_source.setdefault(r.source, []).append(abs(r.error_pct))
     for source, e in by_source.items():
-        console.print(f"{source}: mean absolute error {sum(e) / len(e):.1f}%, max {max(e):.1f}% over {len(e)} runs")
-    console.print(f"all: mean absolute error {sum(errs) / len(errs):.1f}%, max {max(errs):.1f}% over {len(rows)} runs ({time.perf_counter() - t0:.1f} s)")
+        console.print(f"{source}: mean absolute error {sum(e) / len(e):.1f}%, max {max(e):.1f}% over {len(e)} runs (in-sample where fitted)")
+    constants(console)
+    console.print(f"({time.perf_counter() - t0:.1f} s)")
     if args.quality:
         q = Table(title="Plan quality: the planner's own best plan vs the published configuration (same model, GPUs, batch, framework; both predicted)",
                   title_justify="left")
         for c in ("run", "published config", "planner's plan", "pred. published tokens/s", "pred. planner tokens/s", "speed-up",
                   "what each changed knob buys (% lost setting it back)"):
             q.add_column(c, justify="left" if c in ("run", "published config", "planner's plan", "what each changed knob buys (% lost setting it back)") else "right")
-        for row in plan_quality(rows):
+        for row in plan_quality([r for r in rows if not r.source.startswith(("megatron_lm", "nemo"))]):
             def label(p):
                 sched = f"int. v={p.virtual_stages}" if p.schedule == "interleaved" else p.schedule
                 return (f"{p.tp}x{p.pp}x{p.dp} mbs {p.micro_batch} {sched} {p.stages[0].recompute}"

@@ -64,15 +64,21 @@ def memory_s(device: DeviceProfile, elements: float) -> float:
     return elements * device.dtype_bytes / (device.memory_bandwidth_GBps * 1e9 * device.memory_efficiency)
 
 
-def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: int) -> tuple[float, float]:
-    """(forward, backward) of softmax(QK^T)V for this shard's heads."""
+def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float, cp: int = 1) -> tuple[float, float]:
+    """(forward, backward) of softmax(QK^T)V for this shard's heads, b sequences' worth (b/cp under context
+    parallelism, where each rank's queries meet every key)."""
     s, d, heads = model.seq_len, model.hidden // model.heads, model.heads // tp
-    # QK^T and AV: b*heads batched GEMMs of (s x d)@(d x s) and (s x s)@(s x d).
-    gemms = gemm_s(device, s, s, d, batch=b * heads) + gemm_s(device, s, d, s, batch=b * heads)
+    # QK^T and AV: b*heads batched GEMMs of (s x d)@(d x s) and (s x s)@(s x d). Under context parallelism the
+    # work is done chunk against chunk (2cp chunks of s/2cp tokens, Liu et al. 2023 'Ring Attention'), at the
+    # efficiency of a chunk's GEMM, not of a whole sequence's.
+    c = s // (2 * cp) if cp > 1 else s
+    per = (s * s) / (c * c)
+    gemms = gemm_s(device, c, c, d, batch=b * heads * per) + gemm_s(device, c, d, c, batch=b * heads * per)
     if device.fused_attention:
-        # FlashAttention: the same FLOPs in one kernel; backward recomputes the scores (2.5x forward;
-        # Dao et al. 2022, FlashAttention, section 3.1).
-        return gemms, 2.5 * gemms
+        # FlashAttention: the same FLOPs in one kernel, and with a causal mask only the tiles on or below the
+        # diagonal run: half of them for s much longer than a tile (Dao 2023, FlashAttention-2, section 3.1.1);
+        # the backward recomputes the scores (2.5x forward; Dao et al. 2022, FlashAttention, section 3.1).
+        return gemms / 2, 2.5 * gemms / 2
     # Megatron-LM 2021: fused scale-mask-softmax reads and writes the b*heads*s*s scores, dropout on
     # the probabilities reads them, writes them and a mask; the backward moves about twice as much.
     scores = b * heads * s * s
@@ -110,7 +116,8 @@ def float8_casts_per_token(model: ModelSpec, tp: int) -> float:
 
 
 def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
-                          precision: str = "bf16", compiled: bool = False) -> LayerTimes:
+                          precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
+                          fp8_weight_casts: bool = True, cp: int = 1) -> LayerTimes:
     """One block on a tp shard for b sequences (a fraction with context parallelism: each cp rank holds s/cp of
     each sequence and attends to all s keys, which is b/cp sequences' GEMM and attention work)."""
     h, f, s, kv = model.hidden, model.ffn_hidden, model.seq_len, model.kv_dim
@@ -123,13 +130,17 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
     mlp_in = 2 if model.mlp == "swiglu" else 1
     gemm_fwd = (gemm_s(device, tokens, (h + 2 * kv) / tp, h, fp8=fp8) + gemm_s(device, tokens, h, h / tp, fp8=fp8)
                 + mlp_in * gemm_s(device, tokens, f / tp, h, fp8=fp8) + gemm_s(device, tokens, h, f / tp, fp8=fp8))
-    attn_fwd, attn_bwd = _attention_core_s(device, model, tp, b)
+    attn_fwd, attn_bwd = _attention_core_s(device, model, tp, b, cp)
     elem = elementwise_per_token(model, tp, sequence_parallel, compiled)
     if fp8:
-        # Dynamic scaling of activations per token, and of the weights once per microbatch (amax + cast of each
-        # matrix: 2.5 passes over h(h + 2kv) + h^2 + (2 or 3) hf, over tp). Compiled, amax and cast fuse: 1.5.
-        passes = 1.5 if compiled else 2.5
-        weights = (h * (h + 2 * kv) + h * h + (mlp_in + 1) * h * f) / tp
+        # Scaling and casting the activations per token, and the weights once per microbatch (each matrix,
+        # h(h + 2kv) + h^2 + (2 or 3) hf over tp), at fp8_cast_passes passes each (the framework's: torchao's
+        # dynamic scaling reads for the amax, reads to cast and writes a byte: 2.5; compiled, amax and cast fuse:
+        # 1.5; Transformer Engine's delayed scaling takes the amax from its history: one fused pass). Transformer
+        # Engine casts the weights on a step's first microbatch only and keeps them (is_first_microbatch):
+        # fp8_weight_casts False, a cost spread over the step's microbatches and left out.
+        passes = min(fp8_cast_passes, 1.5) if compiled else fp8_cast_passes
+        weights = (h * (h + 2 * kv) + h * h + (mlp_in + 1) * h * f) / tp if fp8_weight_casts else 0.0
         elem += float8_casts_per_token(model, tp) * passes / 2.5 + passes * weights / tokens
     elem_fwd = memory_s(device, tokens * elem)
     fwd = gemm_fwd + attn_fwd + elem_fwd
@@ -139,7 +150,8 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
 
 
 def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
-                precision: str = "bf16", compiled: bool = False) -> LayerTimes:
+                precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
+                fp8_weight_casts: bool = True, cp: int = 1) -> LayerTimes:
     """A measured profile wins where it has this layer; the datasheet model otherwise. A measured profile times
     eager blocks: compiled, they save what elementwise_per_token says fusion saves, at the profile's own memory
     bandwidth (never below half the measurement)."""
@@ -154,7 +166,7 @@ def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequ
                                                          - elementwise_per_token(model, tp, sequence_parallel, True)))
             return LayerTimes(max(got.forward_s / 2, got.forward_s - saved), max(got.backward_s / 2, got.backward_s - 2 * saved),
                               got.selective_recompute_s, got.source)
-    return datasheet_layer_times(model, device, tp, b, sequence_parallel, precision, compiled)
+    return datasheet_layer_times(model, device, tp, b, sequence_parallel, precision, compiled, fp8_cast_passes, fp8_weight_casts, cp)
 
 
 def datasheet_end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float) -> EndTimes:

@@ -117,13 +117,15 @@ def end_param_count(model: ModelSpec, tp: int, embedding: bool, head: bool) -> f
     return n
 
 
-def state_bytes_per_param(dtype_bytes: int, zero: int, shards: int, fp32_params: bool) -> tuple[float, float, float]:
+def state_bytes_per_param(dtype_bytes: int, zero: int, shards: int, fp32_params: bool, grad_bytes: int = 4) -> tuple[float, float, float]:
     """(weights, gradients, optimizer state) bytes per parameter on one rank, at a ZeRO stage (planner/zero.py)
     over `shards` ranks (dp x cp). Rajbhandari et al. 2020 (ZeRO), section 3.1 and figure 1, per software:
 
     fp32_params False, mixed precision as Megatron-LM and DeepSpeed keep it: 2-byte weights, 4-byte fp32 main
     gradients, 12 bytes of fp32 master weights, momentum and variance: 18, then 2 + 4 + 12/n (stage 1, the
-    distributed optimizer), 2 + (4 + 12)/n (stage 2), 18/n (stage 3).
+    distributed optimizer), 2 + (4 + 12)/n (stage 2), 18/n (stage 3). With grad_bytes 2 (Megatron-Core's
+    default gradient buffer in bf16, DistributedDataParallelConfig.grad_reduce_in_fp32 False) the gradients take
+    2 and the optimizer copies its shard of them to fp32: 4/n more.
     fp32_params True, meshplan's runtime: fp32 weights and gradients and Adam's two fp32 moments (16 bytes).
     On a GPU (2-byte dtype) it computes in bf16: with DDP (stages 0, 1) autocast keeps a bf16 copy of every
     weight for the step (+2); FSDP2 with MixedPrecisionPolicy keeps fp32 shards (4/n each of weights,
@@ -132,7 +134,8 @@ def state_bytes_per_param(dtype_bytes: int, zero: int, shards: int, fp32_params:
     weights only while it runs: fsdp_transient_bytes."""
     n = max(1, shards) if zero >= 1 else 1
     if not fp32_params:
-        return (2.0 / (n if zero >= 3 else 1), 4.0 / (n if zero >= 2 else 1), 12.0 / n)
+        fp32_grad_shard = 4.0 if grad_bytes < 4 else 0.0
+        return (2.0 / (n if zero >= 3 else 1), grad_bytes / (n if zero >= 2 else 1), (12.0 + fp32_grad_shard) / n)
     gathered = 2.0 if dtype_bytes == 2 else 4.0  # the compute copy of a weight: bf16 on GPUs, fp32 on CPU
     if zero <= 1:
         return (4.0 + (2.0 if dtype_bytes == 2 else 0.0), 4.0, 8.0 / n)

@@ -247,9 +247,11 @@ def print_validation(report: dict) -> None:
 
 
 def plan_label(plan) -> str:
-    """A plan's knobs in a few characters: '4×4×64 mb1 1f1b full 2/80' (SP and the distributed optimizer left out)."""
+    """A plan's knobs in a few characters: '4×4×64 mb1 1f1b full 2/80 Z1' (cN for context parallelism, Zn for the
+    ZeRO stage, fp8; sequence parallelism left out)."""
     sched = f"int v={plan.virtual_stages}" if plan.schedule == "interleaved" else plan.schedule
-    return f"{plan.tp}×{plan.pp}×{plan.dp} mb{plan.micro_batch} {sched} {_recompute_label(plan).replace('selective', 'sel')}"
+    extra = (f" Z{plan.zero}" if plan.zero else "") + (" fp8" if plan.precision == "fp8" else "") + (" cc" if plan.compile else "")
+    return f"{degrees_label(plan, compact=True)} mb{plan.micro_batch} {sched} {_recompute_label(plan).replace('selective', 'sel')}{extra}"
 
 
 def cluster_label(row) -> str:

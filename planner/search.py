@@ -73,6 +73,9 @@ class SearchResult:
     """False when a time limit stopped the search before the ranking was proven."""
     gap_pct: float = 0.0
     """With complete=False: how much faster than the best plan returned an unpriced candidate may still be."""
+    plan_knobs: tuple[Knobs, ...] = ()
+    """The knobs each of plans was searched as (Plan.knobs reads recompute off the first stage, which a split
+    that recomputes some blocks of a 'none' candidate sets to 'full')."""
 
     @property
     def bounded(self) -> int:
@@ -154,11 +157,11 @@ def _schedules(p: int, m: int, layers: int, pins: dict) -> list[tuple[str, int]]
     if p == 1:
         options = [("1f1b", 1)]  # one stage: no pipeline, the schedule does not matter
     else:
-        options = [("1f1b", 1), ("gpipe", 1)] + [("interleaved", v) for v in (2, 3, 4, 6, 8) if p * v <= layers]
+        # The searched interleavings, and a pinned one of any depth the layers allow.
+        depths = sorted({2, 3, 4, 6, 8} | ({pins["virtual_stages"]} if pins.get("virtual_stages", 1) > 1 else set()))
+        options = [("1f1b", 1), ("gpipe", 1)] + [("interleaved", v) for v in depths if p * v <= layers]
     if "schedule" in pins:
         options = [(s, v) for s, v in options if s == pins["schedule"]]
-        if pins["schedule"] == "interleaved" and p > 1 and "virtual_stages" in pins and not options:
-            options = [("interleaved", pins["virtual_stages"])]
     if "virtual_stages" in pins:
         options = [(s, v) for s, v in options if v == pins["virtual_stages"]]
     return [(s, v) for s, v in options if schedule.schedule_constraint(s, p, m, v) is None]
@@ -344,8 +347,9 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
         closest = sorted(range(len(cands)), key=lambda i: (cands[i].peak_memory_gib, i))[:top]
         plans = [price(cm, cands[i].knobs, global_batch, timings) for i in closest]
     elapsed = time.perf_counter() - start
+    knobs = tuple(cands[i].knobs for i in ranked) if ranked else tuple(cands[i].knobs for i in closest)
     return SearchResult(tuple(plans), tuple(cands), len(cands), elapsed, timings, split=len(solved_of), priced=len(priced),
-                        complete=complete, gap_pct=gap)
+                        complete=complete, gap_pct=gap, plan_knobs=knobs)
 
 
 def _priced_candidate(plan: Plan, knobs: Knobs) -> Candidate:

@@ -39,6 +39,24 @@ class Framework:
     fp32_params: bool = False
     """Parameters and gradients in fp32 (meshplan's runtime), or bf16 weights with fp32 master copies in the
     optimizer (Megatron-LM, DeepSpeed): memory.state_bytes_per_param."""
+    grad_bytes: int = 4
+    """Bytes a gradient takes in memory (without fp32_params): fp32 main gradients (Megatron-LM 2021, DeepSpeed),
+    or bf16 (Megatron-Core's default gradient buffer)."""
+    tp_overlap: float = 0.0
+    """Share of the tensor-parallel collectives hidden under the GEMMs they feed (Megatron-Core's
+    --tp-comm-overlap, userbuffers: Wang et al. 2023 'Overlap communication with dependent computation'); a
+    calibrated constant (bench/calibration.py fits and prints it)."""
+    param_gather_overlap: bool = False
+    """The distributed optimizer's all-gather of updated weights runs under the next step's forward
+    (Megatron-Core's --overlap-param-gather)."""
+    fp8_cast_passes: float = 2.5
+    """Passes over a tensor to scale and cast it to FP8 (compute.datasheet_layer_times): torchao's dynamic
+    scaling 2.5, Transformer Engine's delayed scaling 1."""
+    fp8_weight_casts: bool = True
+    """FP8 weights cast every microbatch (torchao); False: once per step and kept (Transformer Engine)."""
+    fused_elementwise: bool = False
+    """Norms, residual adds, SwiGLU and RoPE run as fused kernels (Megatron-Core's and Transformer Engine's),
+    priced as compute.elementwise_per_token(compiled=True) prices torch.compile's fusion."""
 
     def overlaps_dp(self, knobs: Knobs) -> bool:
         """Whether the gradient reduction runs under the backward. meshplan's runtime: as planner/zero.py's table
@@ -61,7 +79,17 @@ MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scat
 # DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022: blocking sends of whole
 # activations, fp32 gradients reduce-scattered after the flush.
 DEEPSPEED = Framework("deepspeed", grad_reduce_bytes=4, dp_overlap=False, p2p_scatter_gather=False, p2p_blocking=True)
-FRAMEWORKS = {f.name: f for f in (MESHPLAN, MEGATRON, DEEPSPEED)}
+# Megatron-Core (Megatron-LM r0.8, NeMo 24.07) as NVIDIA benchmarks it on H100: distributed optimizer with its bf16
+# gradient buffer (grad_reduce_in_fp32 off, the default) reduce-scattered under the backward
+# (--overlap-grad-reduce) and the weight all-gather under the next
+# forward (--overlap-param-gather), tensor-parallel communication overlapped with GEMMs (--tp-comm-overlap),
+# asynchronous pipeline sends split over tp, FlashAttention (the device's fused_attention), FP8 through
+# Transformer Engine. The TP overlap share is fitted by bench/fit_calibration.py on the H100 runs in profiles/calibration/.
+MEGATRON_CORE_TP_OVERLAP = 0.615
+MEGATRON_CORE = Framework("megatron-core", grad_reduce_bytes=2, grad_bytes=2, dp_overlap=True, p2p_scatter_gather=True, p2p_blocking=False,
+                          tp_overlap=MEGATRON_CORE_TP_OVERLAP, param_gather_overlap=True, fp8_cast_passes=1.0,
+                          fp8_weight_casts=False, fused_elementwise=True)
+FRAMEWORKS = {f.name: f for f in (MESHPLAN, MEGATRON, DEEPSPEED, MEGATRON_CORE)}
 
 
 @dataclass(frozen=True)
@@ -80,7 +108,8 @@ class Terms:
     layer_tp_comm_s: float
     """Of the block's forward + backward, its tensor-parallel collectives."""
     tp_all_reduce_s: float
-    """One all-reduce of a microbatch's activations over tp (the unit of the counts above)."""
+    """One all-reduce of a microbatch's activations over tp, the part not hidden under GEMMs (the unit of the
+    counts above)."""
     embedding_forward_s: float
     embedding_backward_s: float
     head_forward_s: float
@@ -156,10 +185,12 @@ class CostModel:
     def capacity_gib(self) -> float:
         return self.device.memory_gib - self.memory_headroom_gib
 
-    def layer(self, t: int, b: float, sp: bool, precision: str = "bf16", compiled: bool = False):
-        key = (t, b, sp, precision, compiled)
+    def layer(self, t: int, b: float, sp: bool, precision: str = "bf16", compiled: bool = False, cp: int = 1):
+        key = (t, b, sp, precision, compiled, cp)
         if key not in self._layer:
-            self._layer[key] = layer_times(self.model, self.device, t, b, sp, precision, compiled)
+            fw = self.framework
+            self._layer[key] = layer_times(self.model, self.device, t, b, sp, precision, compiled, fw.fp8_cast_passes,
+                                           fw.fp8_weight_casts, cp)
         return self._layer[key]
 
     def ends(self, t: int, b: float):
@@ -196,7 +227,7 @@ class CostModel:
         if base is None:
             base = self._bases[key] = self._block_terms(k)
         dev, fp32 = self.device, self.framework.fp32_params
-        w, g, o = state_bytes_per_param(dev.dtype_bytes, k.zero, k.dp * k.cp, fp32)
+        w, g, o = state_bytes_per_param(dev.dtype_bytes, k.zero, k.dp * k.cp, fp32, self.framework.grad_bytes)
         return Terms(**base, weight_bytes=w, grad_bytes=g, optimizer_bytes=o,
                      sharding_transient_bytes=fsdp_transient_bytes(dev.dtype_bytes, k.zero, base["layer_params"], fp32))
 
@@ -206,14 +237,17 @@ class CostModel:
         # A cp rank holds s/cp tokens of each of its micro_batch sequences and attends to all s keys: the GEMM,
         # elementwise and attention work, the activations and the messages of micro_batch / cp sequences.
         b = k.micro_batch / k.cp
-        lt, et, ar = self.layer(t, b, sp, k.precision, k.compile), self.ends(t, b), self.tp_all_reduce_s(t, b)
+        lt, et, ar = (self.layer(t, b, sp, k.precision, k.compile or self.framework.fused_elementwise, k.cp), self.ends(t, b),
+                      self.tp_all_reduce_s(t, b))
         # Dubey et al. 2024 (Llama 3), section 3.3.2: keys and values all-gathered over cp before attention,
         # their gradients reduce-scattered in the backward.
         kv = comm.all_gather_s(2 * k.micro_batch * model.seq_len * model.kv_dim / t * dev.dtype_bytes, k.cp, cp_link(self.cluster, t, k.cp))
         # Shoeybi et al. 2019, section 3: two all-reduces of the block's activations in the forward and two in
         # the backward (with sequence parallelism, all-gather + reduce-scatter of the same volume; Korthikanti
         # et al. 2022, section 4.2.2).
-        f, bw = lt.forward_s + 2 * ar + kv, lt.backward_s + 2 * ar + kv
+        # With tp_overlap, that share of them runs under the GEMMs (the exposed rest is what layer_tp_comm_s counts).
+        ar_exposed = ar * (1 - self.framework.tp_overlap)
+        f, bw = lt.forward_s + 2 * ar_exposed + kv, lt.backward_s + 2 * ar_exposed + kv
         rc = f if k.recompute == "full" else lt.selective_recompute_s if k.recompute == "selective" else 0.0
         so_f, so_b = self.stage_overhead_s() if k.pp > 1 else (0.0, 0.0)
         # The activation formulas (memory.py) are Korthikanti et al.'s bytes for a 2-byte dtype: scaled to the
@@ -222,12 +256,12 @@ class CostModel:
         fused, saved = dev.fused_attention, self.framework.saved
         gathered = cp_gathered_kv_bytes(model, t, k.micro_batch, k.cp) * scale
         return dict(
-            layer_forward_s=f, layer_backward_s=bw, layer_recompute_s=rc, full_recompute_s=f, layer_tp_comm_s=4 * ar,
-            tp_all_reduce_s=ar,
+            layer_forward_s=f, layer_backward_s=bw, layer_recompute_s=rc, full_recompute_s=f, layer_tp_comm_s=4 * ar_exposed,
+            tp_all_reduce_s=ar_exposed,
             # Vocab-parallel embedding: one all-reduce of its output; column-parallel head: its input gradient
             # is all-reduced in the backward (Shoeybi et al. 2019, section 3).
-            embedding_forward_s=et.embedding_forward_s + ar, embedding_backward_s=et.embedding_backward_s,
-            head_forward_s=et.head_forward_s, head_backward_s=et.head_backward_s + ar,
+            embedding_forward_s=et.embedding_forward_s + ar_exposed, embedding_backward_s=et.embedding_backward_s,
+            head_forward_s=et.head_forward_s, head_backward_s=et.head_backward_s + ar_exposed,
             stage_forward_s=so_f, stage_backward_s=so_b,
             layer_activation_bytes=activation_bytes_per_layer(model, t, b, sp, k.recompute, fused, saved) * scale
             + (gathered if k.recompute != "full" else 0.0),
@@ -273,8 +307,10 @@ class CostModel:
         g = params * self.framework.grad_reduce_bytes
         if k.zero == 1 and not self.framework.fp32_params:
             # Megatron's distributed optimizer: reduce-scatter the gradients, all-gather the updated bf16 weights
-            # (Rajbhandari et al. 2020, section 5.1: the same volume as all-reduce).
-            return comm.reduce_scatter_s(g, n, link) + comm.all_gather_s(params * self.device.dtype_bytes, n, link)
+            # (Rajbhandari et al. 2020, section 5.1: the same volume as all-reduce); the gather under the next
+            # forward where the framework overlaps it.
+            gather = 0.0 if self.framework.param_gather_overlap else comm.all_gather_s(params * self.device.dtype_bytes, n, link)
+            return comm.reduce_scatter_s(g, n, link) + gather
         return comm.all_reduce_s(g, n, link)
 
     def sharding_s(self, k: Knobs, params: float) -> tuple[float, float, float]:

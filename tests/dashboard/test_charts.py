@@ -98,7 +98,9 @@ def test_compare_figure_draws_days_and_cost_per_cluster_with_each_plan_in_the_ho
     days, cost = (t for t in fig.data if t.type == "bar")
     assert list(days.x) == ["dgx-a100-80gb (1×8)"] and list(days.y) == [rows[0].cost.days]
     assert list(cost.y) == [rows[0].cost.cost_usd] and cost.xaxis == "x2"
-    assert days.customdata[0][0] == "2×1×4 mb1 1f1b none" == df.at[0, "plan"] and "plan %{customdata[0]}" in days.hovertemplate
+    from planner.report import plan_label
+
+    assert days.customdata[0][0] == plan_label(rows[0].plan) == df.at[0, "plan"] and "plan %{customdata[0]}" in days.hovertemplate
     marks = [t for t in fig.data if t.type == "scatter"]
     assert len(marks) == 2 and all(list(t.x) == ["workstation-4x-rtx4090 (1×4)"] and list(t.y) == [0] for t in marks)
     assert marks[0].customdata[0][0] == rows[1].reason  # hover says why nothing fits
