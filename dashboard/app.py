@@ -181,6 +181,12 @@ def validation_tab() -> None:
     left, right = st.columns(2)
     left.plotly_chart(charts.validation_figure(df), key="validation")
     right.plotly_chart(charts.error_figure(df), key="errors")
+    memory = data.memory_validation_frame(report)
+    if not memory.empty:
+        c4, c5 = st.columns([1, 2])
+        c4.metric("Mean absolute error of peak memory", f"{report['memory_mape_pct']:.1f}%",
+                  help="every rank of every run: predicted (less the framework overhead) against the runtime's peak")
+        c5.plotly_chart(charts.memory_validation_figure(memory), key="memory_validation")
     order = ["plan_id", "tp", "pp", "dp", "micro_batch", "schedule", "measured_step_s", "predicted_step_s", "error_pct",
              "spread_pct", "measured_tokens_per_s", "predicted_tokens_per_s", "repeats", "model", "device", "run"]
     st.dataframe(df[order], hide_index=True, column_config={

@@ -167,6 +167,25 @@ def validation_figure(df: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def memory_validation_figure(df: pd.DataFrame) -> go.Figure:
+    """Each rank's predicted against measured peak memory (tensors only), with the y = x line."""
+    lo = 0.8 * min(df["measured_gib"].min(), df["predicted_gib"].min())
+    hi = 1.25 * max(df["measured_gib"].max(), df["predicted_gib"].max())
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x (exact prediction)", line=dict(color="#888888", dash="dash")))
+    fig.add_trace(go.Scatter(
+        x=df["measured_gib"], y=df["predicted_gib"], mode="markers", name="ranks",
+        marker=dict(size=9, color="#E45756", line=dict(color="black", width=1)),
+        customdata=df[["plan_id", "rank", "pipeline_device", "error_pct"]].to_numpy(),
+        hovertemplate=("plan %{customdata[0]}, rank %{customdata[1]} (pipeline device %{customdata[2]})<br>measured %{x:.3f} GiB, "
+                       "predicted %{y:.3f} GiB (%{customdata[3]:+.1f}%)<extra></extra>")))
+    fig.update_layout(**LAYOUT, height=460, title=_title("Predicted against measured peak memory, every rank",
+                                                         "tensors only: the runtime's peak (CUDA: reserved; CPU: live tensor bytes)"))
+    fig.update_xaxes(title_text="measured peak memory (GiB, log scale)", type="log", range=[np.log10(lo), np.log10(hi)])
+    fig.update_yaxes(title_text="predicted peak memory (GiB, log scale)", type="log", range=[np.log10(lo), np.log10(hi)])
+    return fig
+
+
 def error_figure(df: pd.DataFrame) -> go.Figure:
     """Each run's error (predicted − measured, % of measured), with its repeat spread as an error bar."""
     labels = [f"{p} ({tp}×{pp}×{dp}, mb {mb})" for p, tp, pp, dp, mb in

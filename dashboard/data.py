@@ -339,8 +339,15 @@ def load_validation(paths: list[str]) -> tuple[pd.DataFrame, dict, dict[str, Pla
                      "schedule": k["schedule"], "repeats": r["repeats"], "predicted_step_s": r["predicted_step_s"],
                      "measured_step_s": r["measured_step_s"], "error_pct": r["error_pct"], "spread_pct": r["spread_pct"],
                      "predicted_tokens_per_s": r["predicted_tokens_per_s"], "measured_tokens_per_s": r["measured_tokens_per_s"],
-                     "has_stage_timings": bool(r["stage_timings"]), "stage_timings": r["stage_timings"]})
+                     "has_stage_timings": bool(r["stage_timings"]), "stage_timings": r["stage_timings"],
+                     "memory_error_pct": r["memory_error_pct"]})
     return pd.DataFrame(rows), report, plans
+
+
+def memory_validation_frame(report: dict) -> pd.DataFrame:
+    """Every rank's predicted and measured peak memory (planner validate's memory rows), one row per rank."""
+    rows = [{"plan_id": r["plan_id"], "model": r["model"], **m} for r in report["runs"] for m in r["memory"]]
+    return pd.DataFrame(rows, columns=["plan_id", "model", "rank", "pipeline_device", "predicted_gib", "measured_gib", "error_pct"])
 
 
 def device_for(plan: Plan) -> DeviceProfile:

@@ -40,9 +40,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_framework(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--framework", choices=("meshplan", "megatron", "deepspeed"), default="meshplan",
+    p.add_argument("--framework", choices=("meshplan", "megatron", "deepspeed", "megatron-core"), default="meshplan",
                    help="software that runs the plan: meshplan's runtime (default), Megatron-LM as in Narayanan et al. 2021, "
-                        "or DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022 (for comparing with published runs)")
+                        "DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022, or Megatron-Core as NVIDIA "
+                        "benchmarks it on H100 (for comparing with published runs)")
 
 
 def _add_memory_headroom(p: argparse.ArgumentParser) -> None:

@@ -222,13 +222,14 @@ def print_prediction(plan, cost=None) -> None:
 def print_validation(report: dict) -> None:
     t = Table(title="Predicted vs measured", title_justify="left")
     for col in ("run", "model", "plan", "tp", "pp", "dp", "mbs", "schedule", "pred step s", "meas step s", "spread", "error",
-                "pred tok/s", "meas tok/s"):
+                "pred tok/s", "meas tok/s", "memory error"):
         t.add_column(col, justify="right" if col not in ("run", "model", "plan", "schedule") else "left")
     for r in report["runs"]:
         k = r["knobs"]
         t.add_row(r["run"], r["model"], r["plan_id"], str(k["tp"]), str(k["pp"]), str(k["dp"]), str(k["micro_batch"]), k["schedule"],
                   f"{r['predicted_step_s']:.4g}", f"{r['measured_step_s']:.4g}", f"±{r['spread_pct']:.0f}%",
-                  f"{r['error_pct']:+.1f}%", f"{r['predicted_tokens_per_s']:,.0f}", f"{r['measured_tokens_per_s']:,.0f}")
+                  f"{r['error_pct']:+.1f}%", f"{r['predicted_tokens_per_s']:,.0f}", f"{r['measured_tokens_per_s']:,.0f}",
+                  "-" if r.get("memory_error_pct") is None else f"{r['memory_error_pct']:.1f}%")
     console.print(t)
     for w in report.get("skipped", []):
         console.print(f"[yellow]skipped[/yellow] {w}")
@@ -242,6 +243,10 @@ def print_validation(report: dict) -> None:
             for name, summary in by_model.items():
                 console.print(line(summary, sum(r["model"] == name for r in report["runs"]), name))
         console.print(line(report, len(report["runs"]), "All"))
+        if report.get("memory_mape_pct") is not None:
+            worst = max((m for r in report["runs"] for m in r["memory"]), key=lambda m: abs(m["error_pct"]))
+            console.print(f"Peak memory, every rank: mean absolute error {report['memory_mape_pct']:.1f}% "
+                          f"(worst rank {worst['rank']}: predicted {worst['predicted_gib']:.3f} GiB, measured {worst['measured_gib']:.3f})")
     else:
         console.print("[red]No valid runs to compare.[/red]")
 

@@ -109,6 +109,7 @@ def validate(paths: list[str]) -> dict:
             spread = 100 * (steps[-1] - steps[0]) / 2 / statistics.median(steps) if len(steps) > 1 else 0.0
         pred = priced.prediction.iteration_s
         k = plan.knobs
+        memory = _memory_rows(priced, device, [g["result"] for g in group])
         rows.append({
             "run": ", ".join(g["where"] for g in group[:2]) + (f" (+{len(group) - 2})" if len(group) > 2 else ""),
             "plan_id": pid, "repeats": len(group),
@@ -120,6 +121,8 @@ def validate(paths: list[str]) -> dict:
             "predicted_tokens_per_s": priced.prediction.tokens_per_s,
             "measured_tokens_per_s": plan.global_batch * plan.model.seq_len / med,
             "stage_timings": group[0]["result"].stage_timings,
+            "memory": memory,
+            "memory_error_pct": statistics.fmean(abs(m["error_pct"]) for m in memory) if memory else None,
         })
     rows.sort(key=lambda r: r["measured_step_s"])
     by_model = {name: _summary([r for r in rows if r["model"] == name]) for name in sorted({r["model"] for r in rows})}
@@ -127,6 +130,30 @@ def validate(paths: list[str]) -> dict:
 
 
 def _summary(rows: list[dict]) -> dict:
-    """Mean absolute % error and rank correlation of step time over `rows`."""
+    """Mean absolute % error and rank correlation of step time over `rows`, and the mean absolute % error of
+    every rank's peak memory."""
+    ranks = [abs(m["error_pct"]) for r in rows for m in r["memory"]]
     return {"mape_pct": statistics.fmean(abs(r["error_pct"]) for r in rows) if rows else None,
-            "spearman": spearman([r["predicted_step_s"] for r in rows], [r["measured_step_s"] for r in rows])}
+            "spearman": spearman([r["predicted_step_s"] for r in rows], [r["measured_step_s"] for r in rows]),
+            "memory_mape_pct": statistics.fmean(ranks) if ranks else None}
+
+
+def _memory_rows(plan, device, results: list) -> list[dict]:
+    """Each rank's measured peak memory (the median over repeats) against the planner's for its pipeline device.
+    Both count tensors only: what the runtime records (on CUDA the allocator's reserved peak, on CPU the peak of
+    live tensor bytes) against the prediction less the framework overhead (the CUDA context, which neither
+    counts). Ranks are laid out as the mesh (pp, dp, cp, tp): rank r is on pipeline device r // (dp cp tp)."""
+    from planner.cost import memory_by_device
+
+    per_rank = [statistics.median(x) for x in zip(*(r.peak_memory_gib for r in results))]
+    if not per_rank or not all(v > 0 for v in per_rank):
+        return []
+    devices = memory_by_device(plan, device)
+    group = plan.world_size // plan.pp
+    out = []
+    for rank, measured in enumerate(per_rank):
+        m = devices[rank // group]
+        predicted = m.total_gib - m.overhead_gib
+        out.append({"rank": rank, "pipeline_device": rank // group, "predicted_gib": predicted, "measured_gib": measured,
+                    "error_pct": 100 * (predicted - measured) / measured})
+    return out

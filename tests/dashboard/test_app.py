@@ -107,7 +107,8 @@ def test_with_results_files_shows_the_error_per_run_and_both_timelines(monkeypat
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Plans measured"] == "2" and metrics["Mean absolute error of step time"].endswith("%")
     assert len(at.warning) == 1 and "torn" in at.warning[0].value  # the bad line is reported, the rest still shown
-    assert charts(at) == 4  # predicted vs measured, error per run, predicted and measured timelines
+    # Predicted vs measured step and peak memory, error per run, predicted and measured timelines.
+    assert charts(at) == 5 and metrics["Mean absolute error of peak memory"].endswith("%")
     assert len(at.dataframe[0].value) == 2
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from planner.cost import predict
 from planner.plan import Knobs
 from planner.specs import load_cluster, load_device, load_model
@@ -27,3 +29,18 @@ def test_validate_reports_each_model_beside_the_whole(tmp_path):
     for name, summary in report["by_model"].items():
         assert summary["mape_pct"] == sum(errs[name]) / len(errs[name])
     assert report["mape_pct"] == sum(sum(e) for e in errs.values()) / 4
+
+
+def test_validate_compares_every_ranks_peak_memory_with_its_pipeline_devices(tmp_path):
+    from planner.cost import memory_by_device
+
+    plan = _plan("llama-tiny", 2, 1, 1)
+    devices = [m.total_gib - m.overhead_gib for m in memory_by_device(plan, load_device("cpu"))]
+    line = run_line(plan, [plan.prediction.iteration_s] * 3, None)
+    line["peak_memory_gib"] = [devices[0] * 1.1, devices[1] * 0.9]  # rank 0 on device 0, rank 1 on device 1
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    report = validate([str(path)])
+    errs = [m["error_pct"] for m in report["runs"][0]["memory"]]
+    assert errs[0] == pytest.approx(100 * (1 / 1.1 - 1)) and errs[1] == pytest.approx(100 * (1 / 0.9 - 1))
+    assert report["memory_mape_pct"] == pytest.approx((abs(errs[0]) + abs(errs[1])) / 2)
