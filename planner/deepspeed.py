@@ -36,7 +36,7 @@ from planner import comm
 from planner.compute import memory_s
 from planner.plan import Knobs
 from planner.terms import CostModel
-from planner.topology import pp_links, tp_link
+from planner.topology import dp_link, pp_links, tp_link
 
 # PartitionedTensor.full (runtime/utils.py, v0.5.4): torch.zeros of the full message (1 write), the all-gather
 # into a list of views, which ProcessGroupNCCL flattens and copies back (1 read + 1 write), and the final
@@ -83,10 +83,12 @@ def deepspeed_extras(cm: CostModel, knobs: Knobs, costs: list) -> DeepSpeedExtra
             # from the loss).
             regather_f[k] = meta + (gather if k > 0 else 0.0)
             regather_b[k] = meta + (2 * gather if k < S - 1 else 0.0)
+    # io_s is counted once per forward and once per backward (cost.predict): it carries the mean of the two.
     out = [dataclasses.replace(c, forward_s=c.forward_s + regather_f[k], backward_s=c.backward_s + regather_b[k] + acc[k],
                                io_s=c.io_s + (regather_f[k] + regather_b[k]) / 2)
            for k, c in enumerate(costs)]
-    return DeepSpeedExtras(out, tuple(tail_s(cm, knobs, costs)), tuple(f + b for f, b in zip(regather_f, regather_b)), tuple(acc))
+    regather = tuple(f + b for f, b in zip(regather_f, regather_b))
+    return DeepSpeedExtras(out, tuple(tail_s(cm, knobs, costs)), regather, tuple(acc))
 
 
 def accumulate_s(cm: CostModel, params: float) -> float:
@@ -96,6 +98,7 @@ def accumulate_s(cm: CostModel, params: float) -> float:
     curve was fitted to Megatron-LM's fp16 runs (Narayanan et al. 2021 Table 1; examples/sc21/run_table_1.sh:
     --fp16, local DDP), whose in-place fp16 accumulate (read 2 + 2, write 2) it already contains: the framework's
     grad_accumulate_bytes is the difference, 12."""
+    # Memory-bound: the framework's bytes per parameter at the device's HBM rate (compute.memory_s).
     return memory_s(cm.device, cm.framework.grad_accumulate_bytes * params / cm.device.dtype_bytes)
 
 
@@ -106,7 +109,8 @@ def tail_s(cm: CostModel, knobs: Knobs, costs: list) -> list[float]:
     out = [0.0] * p
     if not fw.deepspeed_pipe:
         return out
-    n, link = cm._dp_group(knobs)
+    n = knobs.dp * knobs.cp
+    link = dp_link(cm.cluster, knobs.tp, n)
     for i in range(p):
         params = sum(costs[c * p + i].params for c in range(v))
         if knobs.zero == 1 and n > 1:
