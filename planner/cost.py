@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from planner import schedule
+from planner.deepspeed import deepspeed_extras
 from planner.errors import PlanError, SpecError
 from planner.memory import MemoryBreakdown, device_memory
 from planner.plan import PRECISIONS, RECOMPUTE, SCHEDULES, Breakdown, Knobs, Plan, Prediction, Stage, with_id
@@ -206,6 +207,9 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     m = global_batch // (knobs.micro_batch * knobs.dp)
     stages = stages or uniform_stages(model, p * v, knobs.recompute)
     costs = stage_cost_list(cm, knobs, stages)
+    # DeepSpeed's engine: per-microbatch and per-step terms beyond the shared ones (planner/deepspeed.py).
+    extras = deepspeed_extras(cm, knobs, costs) if cm.framework.deepspeed_pipe else None
+    costs = extras.stage_costs if extras else costs
     blocking = cm.framework.p2p_blocking and p > 1
     p2p = [0.0] * (p * v - 1) if blocking else list(cm.p2p_s(knobs))
     fwd = [c.forward_s for c in costs]
@@ -219,6 +223,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     for i in range(p):
         mine = device_stages(i, p, v)
         dp_s, opt_s = cm.device_tail_s(knobs, sum(costs[k].params for k in mine), m, min(costs[k].backward_s for k in mine))
+        dp_s += extras.tail_s[i] if extras else 0.0
         dp_exposed.append(dp_s)
         opt.append(opt_s)
         ends.append(sim.finish_s[i] + dp_s + opt_s)

@@ -57,6 +57,12 @@ class Framework:
     fused_elementwise: bool = False
     """Norms, residual adds, SwiGLU and RoPE run as fused kernels (Megatron-Core's and Transformer Engine's),
     priced as compute.elementwise_per_token(compiled=True) prices torch.compile's fusion."""
+    grad_accumulate_bytes: float = 0.0
+    """Bytes moved per parameter per microbatch to accumulate gradients beyond the 16-bit in-place accumulate
+    the device curve was fitted with (planner/deepspeed.py: accumulate_s)."""
+    deepspeed_pipe: bool = False
+    """DeepSpeed's pipeline engine and ZeRO-1: metadata per send and re-gathers of partitioned messages over tp,
+    an all-reduce where dp_s prices a reduce-scatter, the tied-embedding reduction (planner/deepspeed.py)."""
 
     def overlaps_dp(self, knobs: Knobs) -> bool:
         """Whether the gradient reduction runs under the backward. meshplan's runtime: as planner/zero.py's table
@@ -76,9 +82,13 @@ MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatt
 # Megatron-LM as in Narayanan et al. 2021: fp16 gradients all-reduced after the flush, no overlap;
 # blocking pipeline sends split over the node's NICs.
 MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True)
-# DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022: blocking sends of whole
-# activations, fp32 gradients reduce-scattered after the flush.
-DEEPSPEED = Framework("deepspeed", grad_reduce_bytes=4, dp_overlap=False, p2p_scatter_gather=False, p2p_blocking=True)
+# DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022 (bf16, section 2.3), read from DeepSpeed v0.5.4
+# and its bf16 path (planner/deepspeed.py): blocking sends, each tp rank sending its 1/tp of the message
+# (pipe/engine.py: is_pipe_partitioned = is_grad_partitioned = tp > 1); bf16 gradients accumulated into fp32
+# buffers every microbatch (18 bytes per parameter, 12 more than the fp16 accumulate the A100 curve contains) and
+# all-reduced in fp32 after the flush.
+DEEPSPEED = Framework("deepspeed", grad_reduce_bytes=4, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True,
+                      grad_accumulate_bytes=12, deepspeed_pipe=True)
 # Megatron-Core (Megatron-LM r0.8, NeMo 24.07) as NVIDIA benchmarks it on H100: distributed optimizer with its bf16
 # gradient buffer (grad_reduce_in_fp32 off, the default) reduce-scattered under the backward
 # (--overlap-grad-reduce) and the weight all-gather under the next

@@ -39,12 +39,15 @@ def test_nemo_h100_fp8_runs_within_6_percent_mean(rows):
     assert len(errs) == 12 and sum(errs) / len(errs) <= 6.0
 
 
-def test_mt_nlg_deepspeed_runs_are_predicted_too_fast_by_at_most_25_percent(rows):
-    # The known weakness: the published MT-NLG iterations imply ~6 s per iteration of fixed
-    # DeepSpeed overhead and a ~10% slower microbatch than Megatron-LM's own pipeline, which the
-    # model has no term for. This pins how far off it is, so a change that worsens it shows.
-    errs = [r.error_pct for r in rows if r.source.startswith("smith")]
-    assert all(0 < e <= 25 for e in errs)
+def test_mt_nlg_deepspeed_runs_are_within_10_percent_at_280_and_350_nodes_and_15_at_420(rows):
+    # planner/deepspeed.py prices what DeepSpeed's engine did (sends split over tp and re-gathered, bf16
+    # gradients accumulated in fp32 every microbatch, ZeRO-1's fp32 all-reduce, the tied embedding's
+    # reduction), each from DeepSpeed's code; nothing is fitted to these three runs, so these are also the
+    # leave-one-out errors. Still too fast: about 5 s per iteration at all three sizes has no term yet.
+    errs = {r.name: r.error_pct for r in rows if r.source.startswith("smith")}
+    assert all(e > 0 for e in errs.values())
+    assert errs["mt-nlg-530b-280nodes"] <= 10 and errs["mt-nlg-530b-350nodes"] <= 10 and errs["mt-nlg-530b-420nodes"] <= 15
+    assert sum(errs.values()) / len(errs) <= 11.5
 
 
 def test_every_calibration_plan_fits_in_memory(rows):
