@@ -21,8 +21,8 @@ from planner.plan import Plan, plan_to_dict
 from planner.report import cluster_label, plan_label, precision_label, schedule_label, stage_summary
 from planner.schedule import simulate
 from planner.plan import MAX_GLOBAL_BATCH
-from planner.specs import (PROFILES_DIR, ClusterSpec, DeviceProfile, ModelSpec, cluster_from_dict, load_device, model_from_dict,
-                           parse_mapping_text)
+from planner.parsing import parse_mapping_text
+from planner.specs import PROFILES_DIR, ClusterSpec, DeviceProfile, ModelSpec, cluster_from_dict, load_device, model_from_dict
 from planner.validate import load_runs, validate
 
 RESULTS_DIR_ENV = "MESHPLAN_RESULTS_DIR"

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import SpecError
-from planner.specs import ModelSpec, _read_mapping, model_from_dict
+from planner.parsing import read_mapping
+from planner.specs import ModelSpec, model_from_dict
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "GPT2LMHeadModel": "gpt2"}
@@ -54,7 +55,7 @@ def load_hf_folder(folder: Path) -> ModelSpec:
     if not config.is_file():
         raise SpecError(str(folder), "config.json", "this folder holds no config.json; give a Hugging Face model folder, "
                         "a config.json, a meshplan model YAML or a preset name")
-    data = _read_mapping(config)
+    data = read_mapping(config)
     if not is_hf_config(data):
         raise SpecError(str(config), "architectures", "not a Hugging Face model config (it has neither architectures nor model_type)")
     return model_from_hf(data, str(config), folder.resolve().name)

@@ -288,11 +288,12 @@ def intra_node_link(device_name: str) -> LinkSpec | None:
     from pathlib import Path
 
     from planner import specs
+    from planner.parsing import read_mapping
 
     path = Path(device_name) if specs._is_file_arg(device_name) else specs.measured_profile_path(device_name)
     if not path.is_file():
         return None
-    device = specs.device_from_dict(specs._read_mapping(path), str(path))
+    device = specs.device_from_dict(read_mapping(path), str(path))
     if device.source != "measured":
         return None
     return check_measured(device.measured, str(path)).links.get("collective")

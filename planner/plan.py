@@ -15,7 +15,8 @@ from pathlib import Path
 from planner import __version__
 from planner.errors import PlanError, SpecError
 from planner.io import atomic_write_json
-from planner.specs import ClusterSpec, ModelSpec, cluster_from_dict, from_dict, model_from_dict, parse_mapping_text, read_text
+from planner.parsing import from_dict, parse_mapping_text, read_text
+from planner.specs import ClusterSpec, ModelSpec, cluster_from_dict, model_from_dict
 
 PLAN_VERSION = 1
 SCHEDULES = ("1f1b", "gpipe", "interleaved")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from planner.errors import SpecError
 from planner.io import append_jsonl
-from planner.specs import from_dict
+from planner.parsing import from_dict
 
 
 @dataclass(frozen=True)
