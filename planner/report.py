@@ -221,14 +221,17 @@ def print_prediction(plan, cost=None) -> None:
 
 def print_validation(report: dict) -> None:
     t = Table(title="Predicted vs measured", title_justify="left")
+    drifted = any(r.get("machine_drift") is not None for r in report["runs"])
     for col in ("run", "model", "plan", "tp", "pp", "dp", "mbs", "schedule", "pred step s", "meas step s", "spread", "error",
-                "pred tok/s", "meas tok/s", "memory error"):
+                *(("machine", "rescaled error") if drifted else ()), "pred tok/s", "meas tok/s", "memory error"):
         t.add_column(col, justify="right" if col not in ("run", "model", "plan", "schedule") else "left")
     for r in report["runs"]:
         k = r["knobs"]
+        drift = () if not drifted else ("-", "-") if r.get("machine_drift") is None else (
+            f"×{r['machine_drift']:.2f}", f"{r['rescaled_error_pct']:+.1f}%")
         t.add_row(r["run"], r["model"], r["plan_id"], str(k["tp"]), str(k["pp"]), str(k["dp"]), str(k["micro_batch"]), k["schedule"],
                   f"{r['predicted_step_s']:.4g}", f"{r['measured_step_s']:.4g}", f"±{r['spread_pct']:.0f}%",
-                  f"{r['error_pct']:+.1f}%", f"{r['predicted_tokens_per_s']:,.0f}", f"{r['measured_tokens_per_s']:,.0f}",
+                  f"{r['error_pct']:+.1f}%", *drift, f"{r['predicted_tokens_per_s']:,.0f}", f"{r['measured_tokens_per_s']:,.0f}",
                   "-" if r.get("memory_error_pct") is None else f"{r['memory_error_pct']:.1f}%")
     console.print(t)
     for w in report.get("skipped", []):
@@ -243,12 +246,33 @@ def print_validation(report: dict) -> None:
             for name, summary in by_model.items():
                 console.print(line(summary, sum(r["model"] == name for r in report["runs"]), name))
         console.print(line(report, len(report["runs"]), "All"))
+        if drifted:
+            print_drift(report)
         if report.get("memory_mape_pct") is not None:
             worst = max((m for r in report["runs"] for m in r["memory"]), key=lambda m: abs(m["error_pct"]))
             console.print(f"Peak memory, every rank: mean absolute error {report['memory_mape_pct']:.1f}% "
                           f"(worst rank {worst['rank']}: predicted {worst['predicted_gib']:.3f} GiB, measured {worst['measured_gib']:.3f})")
     else:
         console.print("[red]No valid runs to compare.[/red]")
+
+
+def print_drift(report: dict) -> None:
+    """What the machine did between profiling and these runs (validate.machine_drift), and the error once the
+    predictions are scaled by it; what the scaling cannot correct, said."""
+    runs = report["runs"]
+    drifts = [r["machine_drift"] for r in runs if r.get("machine_drift") is not None]
+    others = [r["background_cores"] for r in runs if r.get("background_cores") is not None]
+    load = f"; other processes used {max(others):.1f} cores at most during the timed steps" if others else ""
+    console.print(f"Machine: the reference block ran ×{min(drifts):.2f} to ×{max(drifts):.2f} the time it took when "
+                  f"the profile was taken{load}.")
+    if report.get("rescaled_mape_pct") is not None:
+        console.print(f"With each prediction scaled by its run's factor: mean absolute error {report['rescaled_mape_pct']:.1f}% "
+                      f"(the scaling corrects compute slowed by other processes, not their effect on communication "
+                      f"or memory traffic).")
+    if max(drifts) > 1.15 or min(drifts) < 0.87 or (others and max(others) > 0.5):
+        console.print("[yellow]warning[/yellow]: this machine was not as it was when profiled; the unscaled error is part "
+                      "machine, not model. Profile again on an idle machine (`planner profile --device cpu`) for the "
+                      "model's own error.")
 
 
 def plan_label(plan) -> str:

@@ -45,6 +45,12 @@ class RunResult:
     grad_norms: list | None = None
     """Per step: the 2-norm of the whole model's gradient (every stage and shard) before clipping; None in
     results written before runtime.launch clipped gradients."""
+    machine: dict | None = None
+    """How busy the machine was, so that a validator can tell the model's error from the machine's drift:
+    reference_s (one block of the plan's model family at tp 1 and micro-batch 1, forward and backward: the case
+    `planner profile` times, timed on every rank at once just before training; the median over ranks),
+    cpu_share (the share of a core a rank got meanwhile), background_cores (cores other processes used during
+    the timed steps) and cpu_count. None in results written before runtime.launch recorded it."""
 
 
 def median_tokens_per_s(step_s: list[float], warmup: int, tokens_per_step: int) -> float:
@@ -66,6 +72,11 @@ def result_from_dict(d: dict, source: str) -> RunResult:
             raise SpecError(source, name, f"expected a list of numbers, got {value!r}")
     if r.steps != len(r.step_s):
         raise SpecError(source, "steps", f"{r.steps} steps but {len(r.step_s)} step_s entries")
+    if r.machine is not None:
+        for key in ("reference_s", "cpu_share", "background_cores"):
+            v = r.machine.get(key)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+                raise SpecError(source, f"machine.{key}", f"expected a non-negative number, got {v!r}")
     if len(r.peak_memory_gib) != r.world_size:
         raise SpecError(source, "peak_memory_gib", f"{len(r.peak_memory_gib)} entries for world_size {r.world_size}; expected one per rank")
     return r

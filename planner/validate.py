@@ -110,6 +110,7 @@ def validate(paths: list[str]) -> dict:
         pred = priced.prediction.iteration_s
         k = plan.knobs
         memory = _memory_rows(priced, device, [g["result"] for g in group])
+        drift, background = machine_drift(plan, device, [g["result"] for g in group])
         rows.append({
             "run": ", ".join(g["where"] for g in group[:2]) + (f" (+{len(group) - 2})" if len(group) > 2 else ""),
             "plan_id": pid, "repeats": len(group),
@@ -123,6 +124,8 @@ def validate(paths: list[str]) -> dict:
             "stage_timings": group[0]["result"].stage_timings,
             "memory": memory,
             "memory_error_pct": statistics.fmean(abs(m["error_pct"]) for m in memory) if memory else None,
+            "machine_drift": drift, "background_cores": background,
+            "rescaled_error_pct": None if drift is None else 100 * (pred * drift - med) / med,
         })
     rows.sort(key=lambda r: r["measured_step_s"])
     by_model = {name: _summary([r for r in rows if r["model"] == name]) for name in sorted({r["model"] for r in rows})}
@@ -133,9 +136,30 @@ def _summary(rows: list[dict]) -> dict:
     """Mean absolute % error and rank correlation of step time over `rows`, and the mean absolute % error of
     every rank's peak memory."""
     ranks = [abs(m["error_pct"]) for r in rows for m in r["memory"]]
+    rescaled = [abs(r["rescaled_error_pct"]) for r in rows if r["rescaled_error_pct"] is not None]
     return {"mape_pct": statistics.fmean(abs(r["error_pct"]) for r in rows) if rows else None,
+            "rescaled_mape_pct": statistics.fmean(rescaled) if rows and len(rescaled) == len(rows) else None,
             "spearman": spearman([r["predicted_step_s"] for r in rows], [r["measured_step_s"] for r in rows]),
             "memory_mape_pct": statistics.fmean(ranks) if ranks else None}
+
+
+def machine_drift(plan, device, results: list) -> tuple[float | None, float | None]:
+    """How much slower this machine ran than when it was profiled, and how many cores other processes used.
+
+    The drift is the reference block each run timed just before training (RunResult.machine) over the same
+    block in the profile (tp 1, micro-batch 1, the plan's model family): 1.0 on an unchanged machine, 1.3 when
+    it ran 30% slower. The median over repeats; None when the runs did not record it or the profile is not a
+    measurement of exactly that block. Scaling a prediction by it corrects compute that other processes slowed;
+    it cannot correct what contention does to communication or to the ranks' memory traffic."""
+    from planner.measured import measured_layer_times
+
+    machines = [r.machine for r in results if r.machine]
+    background = [m["background_cores"] for m in machines if m.get("background_cores") is not None]
+    refs = [m["reference_s"] for m in machines if m.get("reference_s")]
+    profiled = measured_layer_times(device, plan.model, 1, 1, False) if device.source == "measured" else None
+    if not refs or profiled is None or profiled.source != "measured":
+        return None, statistics.median(background) if background else None
+    return statistics.median(refs) / (profiled.forward_s + profiled.backward_s), statistics.median(background) if background else None
 
 
 def _memory_rows(plan, device, results: list) -> list[dict]:

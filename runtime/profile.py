@@ -46,6 +46,7 @@ from planner.io import atomic_write_json
 from planner.measured import check_measured
 from planner.specs import device_from_dict, load_model
 from runtime import profile_cases
+from runtime.machine import machine_busy_s
 from runtime.profile_cases import Clock
 
 CPU_MODELS = ("gpt-tiny", "llama-tiny")
@@ -182,7 +183,7 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
         suites.append(("FSDP2", profile_cases.fsdp_cases(shapes, dev, clock, world), few, 1))
     bar = _Bar(rank == 0, sum(len(c) * (r + w) for _, c, r, w in suites))
     samples: dict[tuple, list[float]] = defaultdict(list)
-    loop_s, cpu_s, busy_s = time.perf_counter(), time.process_time(), _machine_busy_s()
+    loop_s, cpu_s, busy_s = time.perf_counter(), time.process_time(), machine_busy_s()
     try:
         for i, (label, cases, repeats, warmup) in enumerate(suites):
             suites[i] = None  # a finished suite's modules are freed (GPU memory for the big shapes)
@@ -203,7 +204,7 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
         bar.stop()
     # What every process of this machine ran meanwhile, less what the ranks ran: other people's load.
     samples[("rank_cpu_s",)].append(time.process_time() - cpu_s)
-    facts.update(loop_s=time.perf_counter() - loop_s, machine_busy_s=_machine_busy_s() - busy_s)
+    facts.update(loop_s=time.perf_counter() - loop_s, machine_busy_s=machine_busy_s() - busy_s)
     everyone = [None] * world if rank == 0 else None
     dist.gather_object(dict(samples), everyone, dst=0)
     if rank == 0:
@@ -230,17 +231,6 @@ def _facts(dev: torch.device, world: int) -> dict:
             "cpu_count": os.cpu_count() or 1, "world_size": world, "backend": "nccl" if cuda else "gloo",
             "threads_per_rank": 1 if not cuda else torch.get_num_threads(), "dtype": "bf16" if cuda else "fp32",
             "memory_gib": round(memory, 2), "framework_overhead_gib": round(overhead, 3), "python": platform.python_version()}
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds all processes of this machine have used since boot (Linux /proc/stat; 0 elsewhere)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_model() -> str:

@@ -100,6 +100,17 @@ def layer_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) -> 
     return cases
 
 
+def reference_case(model: ModelSpec, dev: torch.device, clock: Clock) -> Case:
+    """The layer case at tp 1 and micro-batch 1, returning {forward_s, backward_s}: what runtime.machine re-times
+    before each run, to compare with the profile's figure for the same block."""
+    run = _block_case(_gpt(model, 1, 1, dev, embed=False, head=False), model, 1, 1, dev, clock, ("reference",), sp=False, dtensor=False)
+
+    def timed() -> dict:
+        got = run()
+        return {"forward_s": got[("reference", False, "forward_s")], "backward_s": got[("reference", False, "backward_s")]}
+    return timed
+
+
 def _block_case(gpt: nn.Module, model: ModelSpec, tp: int, b: int, dev: torch.device, clock: Clock, key: tuple,
                 *, sp: bool, dtensor: bool) -> Case:
     s, h, hd = model.seq_len, model.hidden, model.hidden // model.heads

@@ -44,3 +44,39 @@ def test_validate_compares_every_ranks_peak_memory_with_its_pipeline_devices(tmp
     errs = [m["error_pct"] for m in report["runs"][0]["memory"]]
     assert errs[0] == pytest.approx(100 * (1 / 1.1 - 1)) and errs[1] == pytest.approx(100 * (1 / 0.9 - 1))
     assert report["memory_mape_pct"] == pytest.approx((abs(errs[0]) + abs(errs[1])) / 2)
+
+
+def test_validate_scales_each_prediction_by_how_much_slower_the_reference_block_ran_than_in_the_profile(tmp_path, monkeypatch, capsys):
+    from planner.report import print_validation
+
+    from tests.planner.test_measured import _device
+
+    measured = _device()  # gpt-tiny's block at tp 1, micro-batch 1: 0.010 s forward + 0.020 s backward
+    monkeypatch.setattr("planner.validate.load_device", lambda name: measured)
+    drifted, plain = _plan("gpt-tiny", 1, 2, 8), _plan("gpt-tiny", 2, 1, 1)
+    line = run_line(drifted, [1.0] * 3, None)
+    line["machine"] = {"reference_s": 0.039, "cpu_share": 0.7, "background_cores": 1.2, "cpu_count": 2}
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    report = validate([str(path)])
+    row = report["runs"][0]
+    assert row["machine_drift"] == pytest.approx(1.3) and row["background_cores"] == 1.2
+    assert row["rescaled_error_pct"] == pytest.approx(100 * (row["predicted_step_s"] * 1.3 - 1.0))
+    assert report["rescaled_mape_pct"] == pytest.approx(abs(row["rescaled_error_pct"]))
+    print_validation(report)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "reference block ran ×1.30 to ×1.30" in out and "1.2 cores" in out and "not as it was when profiled" in out
+    assert f"mean absolute error {abs(row['rescaled_error_pct']):.1f}%" in out
+    # A run that did not record the machine has no drift, and then no rescaled figure is claimed for the whole.
+    path.write_text(json.dumps(line) + "\n" + json.dumps(run_line(plain, [1.0] * 3, None)) + "\n")
+    report = validate([str(path)])
+    assert [r["machine_drift"] is None for r in report["runs"]].count(True) == 1 and report["rescaled_mape_pct"] is None
+
+
+def test_a_results_line_with_a_garbled_machine_field_is_skipped_naming_it(tmp_path):
+    line = run_line(_plan("gpt-tiny", 1, 2, 8), [1.0] * 3, None)
+    line["machine"] = {"reference_s": "fast"}
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    report = validate([str(path)])
+    assert not report["runs"] and "machine.reference_s" in report["skipped"][0] and "non-negative number" in report["skipped"][0]

@@ -1,0 +1,59 @@
+"""How busy this machine is, measured the way the profile was: runtime.launch times a reference block on every
+rank just before training and counts what other processes ran during the timed steps, so that `planner
+validate` can tell the model's error from the machine's drift since `planner profile` (RunResult.machine).
+
+The reference is the profile's own case (runtime.profile_cases.reference_case): one block of the plan's model
+family at tp 1 and micro-batch 1, forward and backward, on all ranks at once as in the profile."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+from planner.specs import ModelSpec
+
+REFERENCE_WARMUP = 2
+REFERENCE_REPEATS = 7
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes of this machine have used since boot (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def time_reference(model: ModelSpec, dev: torch.device) -> tuple[float, float | None]:
+    """(median forward + backward seconds of the reference block, share of a core this rank got meanwhile;
+    None on GPU). Builds the block, times it, frees it: a few tenths of a second for the tiny models."""
+    from runtime.profile_cases import Clock, reference_case
+
+    case = reference_case(model, dev, Clock(dev))
+    times, cpu0, wall0 = [], time.process_time(), time.perf_counter()
+    for i in range(REFERENCE_WARMUP + REFERENCE_REPEATS):
+        if i == REFERENCE_WARMUP:
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+        got = case()
+        if i >= REFERENCE_WARMUP:
+            times.append(got["forward_s"] + got["backward_s"])
+    share = None if dev.type == "cuda" else (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    return statistics.median(times), share
+
+
+class BusyMeter:
+    """Cores that other processes used between start() and stop(): the machine's busy CPU seconds less this
+    job's own (every rank's process time, summed by the caller), over the wall time."""
+
+    def start(self) -> None:
+        self.busy, self.cpu, self.wall = machine_busy_s(), time.process_time(), time.perf_counter()
+
+    def stop(self) -> tuple[float, float, float]:
+        """(machine busy seconds, this process's CPU seconds, wall seconds) since start()."""
+        return machine_busy_s() - self.busy, time.process_time() - self.cpu, time.perf_counter() - self.wall
