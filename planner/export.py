@@ -41,6 +41,10 @@ def _model(plan: Plan, name: str) -> object:
     return getattr(plan.model, name, MODEL_DEFAULTS[name])
 
 
+def _degrees(plan: Plan) -> str:
+    return f"tp {plan.tp}" + (f" x cp {plan.cp}" if plan.cp > 1 else "") + f" x pp {plan.pp} x dp {plan.dp}"
+
+
 def _meg(ours: str) -> str:
     """meshplan name -> Megatron-LM flag."""
     return "--" + next(k for k, v in MEGATRON_NAMES.items() if v == ours).replace("_", "-")
@@ -155,7 +159,7 @@ def megatron_text(plan: Plan) -> str:
         lines.append(shlex.join(argv[i:j + 1]))  # a layout string holds | and *: quoted for the shell
         i = j + 1
     head = [f"# Megatron-LM {MEGATRON_LM_RELEASE} ({MEGATRON_LM_COMMIT[:7]}) arguments for meshplan plan {plan.id}: "
-            f"{plan.model.name}, tp {plan.tp} x pp {plan.pp} x dp {plan.dp}"] + _comment_lines(comments)
+            f"{plan.model.name}, {_degrees(plan)}"] + _comment_lines(comments)
     return "\n".join(head + [line + " \\" for line in lines[:-1]] + lines[-1:]) + "\n"
 
 
@@ -174,6 +178,21 @@ def _toml(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return str(value)
+
+
+# torchtitan's own Llama 3 flavors (torchtitan/models/llama3/__init__.py @e347b1e: llama3_args), with the SwiGLU
+# width its FeedForward derives (8/3 dim, times ffn_dim_multiplier, rounded up to multiple_of) and its defaults
+# (vocab_size 128256, rope_theta 500000, no biases, untied output, RMSNorm).
+TORCHTITAN_LLAMA3 = {"8B": (32, 4096, 32, 8, 14336), "70B": (80, 8192, 64, 8, 28672), "405B": (126, 16384, 128, 8, 53248)}
+
+
+def torchtitan_flavor(model) -> str | None:
+    """torchtitan's llama3 flavor that is exactly this model, or None."""
+    if (model.mlp, model.norm, model.position, model.bias, model.tie_embeddings, bool(model.qkv_bias), model.vocab,
+            model.rope_theta) != ("swiglu", "rmsnorm", "rope", False, False, False, 128256, 500000.0):
+        return None
+    shape = (model.layers, model.hidden, model.heads, model.kv_heads, model.ffn_hidden)
+    return next((name for name, s in TORCHTITAN_LLAMA3.items() if s == shape), None)
 
 
 def _titan_parts(plan: Plan) -> list[list[str]]:
@@ -195,14 +214,17 @@ def torchtitan_keys(plan: Plan) -> tuple[dict[str, object], list[str]]:
     _unmapped(plan, PLAN_FIELDS, "plan", "torchtitan")
     _unmapped(plan.model, MODEL_FIELDS, "model", "torchtitan")
     m = plan.model
+    flavor = torchtitan_flavor(m)
     comments = [f"start it on tp x cp x pp x dp = {plan.world_size} GPUs",
+                f"[model]: torchtitan's llama3 {flavor} is this model's shape (it also applies Llama 3.1's RoPE scaling, "
+                f"which changes no cost)" if flavor else
                 f"[model]: torchtitan @{TORCHTITAN_COMMIT[:7]} has no model of meshplan's {m.name} (layers {m.layers}, hidden "
                 f"{m.hidden}, heads {m.heads}, ffn_hidden {m.ffn_hidden}, vocab {m.vocab}, {_model(plan, 'mlp')} MLP, "
                 f"{_model(plan, 'norm')}, {_model(plan, 'position')} positions"
                 + (f", rope_theta {m.rope_theta:g}" if m.position == "rope" else "") + (", q/k/v biases" if m.qkv_bias else "")
                 + "): register one of these shapes under this name",
                 f"float8 {'on' if plan.precision == 'fp8' else 'off'}, compile {'on' if plan.compile else 'off'}: as meshplan priced this plan"]
-    keys: dict[str, object] = {"model.name": m.name, "model.flavor": m.name, "model.converters": ["float8"] if plan.precision == "fp8" else [],
+    keys: dict[str, object] = {"model.name": "llama3" if flavor else m.name, "model.flavor": flavor or m.name, "model.converters": ["float8"] if plan.precision == "fp8" else [],
                                # torchtitan's local batch is one dp rank's share of the global batch
                                "training.local_batch_size": plan.global_batch // plan.dp, _tt("global_batch"): plan.global_batch,
                                _tt("seq_len"): m.seq_len, "training.mixed_precision_param": "bfloat16",
@@ -241,7 +263,7 @@ def torchtitan_keys(plan: Plan) -> tuple[dict[str, object], list[str]]:
 def torchtitan_toml(plan: Plan) -> str:
     keys, comments = torchtitan_keys(plan)
     lines = [f"# torchtitan (@{TORCHTITAN_COMMIT[:7]}) job config for meshplan plan {plan.id}: {plan.model.name}, "
-             f"tp {plan.tp} x pp {plan.pp} x dp {plan.dp}"] + _comment_lines(comments)
+             f"{_degrees(plan)}"] + _comment_lines(comments)
     sections: dict[str, list[str]] = {}
     for key, value in keys.items():
         head, name = key.rsplit(".", 1)

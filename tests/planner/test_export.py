@@ -153,23 +153,42 @@ def test_torchtitan_gets_degrees_schedule_stage_modules_batch_and_checkpointing(
 
 
 def test_llama_family_fields_map_to_megatron_flags():
-    @dataclasses.dataclass(frozen=True)
-    class LlamaSpec(ModelSpec):  # the fields design.md names, until planner/specs.py has them
-        kv_heads: int | None = None
-        mlp: str = "gelu"
-        norm: str = "layernorm"
-        position: str = "learned"
-        bias: bool = True
-        tie_embeddings: bool = False
-
     plan = PLANS["tp2-pp2-interleaved"]
-    llama = LlamaSpec(**dataclasses.asdict(plan.model) | dict(kv_heads=4, mlp="swiglu", norm="rmsnorm", position="rope", bias=False))
+    llama = dataclasses.replace(plan.model, kv_heads=4, mlp="swiglu", norm="rmsnorm", position="rope", bias=False, qkv_bias=False)
     f = flags(dataclasses.replace(plan, model=llama))
     assert "--group-query-attention" in f and f["--num-query-groups"] == "4" and "--swiglu" in f and "--disable-bias-linear" in f
     assert f["--normalization"] == "RMSNorm" and f["--position-embedding-type"] == "rope"
     assert "--untie-embeddings-and-output-weights" not in flags(dataclasses.replace(plan, model=dataclasses.replace(llama, tie_embeddings=True)))
     for flag, value in f.items():
         assert flag in MEGATRON and (not MEGATRON[flag] or value in MEGATRON[flag])
+
+
+def _torchtitan_ffn(dim: int, multiplier: float, multiple_of: int) -> int:
+    """torchtitan's FeedForward width (torchtitan/models/llama3/model/model.py @e347b1e), from its flavor's arguments."""
+    hidden = int(multiplier * int(2 * 4 * dim / 3))
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def test_the_llama3_presets_export_as_torchtitans_own_llama3_flavors_and_other_models_say_to_register_one():
+    from planner.specs import load_model
+    from tests.planner.export_plans import priced
+    from planner.plan import Knobs
+
+    # torchtitan's llama3_args: (dim, ffn_dim_multiplier, multiple_of) per flavor
+    assert [_torchtitan_ffn(*a) for a in ((4096, 1.3, 1024), (8192, 1.3, 4096), (16384, 1.2, 4096))] == [
+        s[4] for s in export.TORCHTITAN_LLAMA3.values()]
+    assert [export.torchtitan_flavor(load_model(m)) for m in ("llama3-8b", "llama3-70b", "llama3-405b")] == ["8B", "70B", "405B"]
+    assert [export.torchtitan_flavor(load_model(m)) for m in ("llama2-70b", "mistral-7b", "llama-tiny", "gpt3-175b")] == [None] * 4
+    plan = priced("llama3-70b", "dgx-h100-80gb", 8, Knobs(2, 1, 16, 1, "1f1b", 1, "none", True, zero=3, cp=2), 512)
+    text = export.torchtitan_toml(plan)
+    c = tomllib.loads(text)
+    assert (c["model"]["name"], c["model"]["flavor"]) == ("llama3", "70B") and "register" not in text
+    assert c["parallelism"]["context_parallel_degree"] == 2 and c["parallelism"]["fsdp_reshard_after_forward"] == "always"
+    assert "tp 2 x cp 2 x pp 1 x dp 16" in text.splitlines()[0] and "tp 2 x cp 2 x pp 1 x dp 16" in export.megatron_text(plan)
+    for key, value in flat(c).items():
+        assert key in TORCHTITAN and (not TORCHTITAN[key] or str(value) in TORCHTITAN[key])
+    other = tomllib.loads(export.torchtitan_toml(PLANS["tp2-pp2-interleaved"]))
+    assert other["model"]["name"] == "gpt3-1.3b" and "register one of these shapes" in export.torchtitan_toml(PLANS["tp2-pp2-interleaved"])
 
 
 def test_a_field_neither_export_knows_is_refused_not_dropped():
