@@ -322,7 +322,7 @@ class CostModel:
         if k.zero == 1 and not self.framework.fp32_params:
             # Megatron's distributed optimizer: reduce-scatter the gradients, all-gather the updated bf16 weights
             # (Rajbhandari et al. 2020, section 5.1: the same volume as all-reduce); the gather under the next
-            # forward where the framework overlaps it.
+            # forward where the framework overlaps it (_device_tail_s prices what that overlap leaves exposed).
             gather = 0.0 if self.framework.param_gather_overlap else comm.all_gather_s(params * self.device.dtype_bytes, n, link)
             return comm.reduce_scatter_s(g, n, link) + gather
         return comm.all_reduce_s(g, n, link)
@@ -348,17 +348,20 @@ class CostModel:
             step = gather * mode.param_gathers_per_step
         return forward, backward, step
 
-    def device_tail_s(self, k: Knobs, params: float, m: int, backward_window_s: float) -> tuple[float, float]:
+    def device_tail_s(self, k: Knobs, params: float, m: int, backward_window_s: float,
+                      chunk_forward_s: tuple[float, ...] = ()) -> tuple[float, float]:
         """(exposed data-parallel seconds, optimizer seconds) after a pipeline device's last backward, for a
-        device holding `params` whose shortest stage backward is backward_window_s. Both grow with params.
-        (ZeRO 2 and 3's per-microbatch traffic sits in the stages' times: cost.stage_cost_list.)"""
-        key = (k.tp, k.dp, k.cp, k.pp, k.zero, params, m, backward_window_s)
+        device holding `params` whose shortest stage backward is backward_window_s and whose stages' forwards
+        are chunk_forward_s (the window of an overlapped weight gather; () for the search's bounds: none
+        exposed). Both grow with params. (ZeRO 2 and 3's per-microbatch traffic sits in the stages' times.)"""
+        key = (k.tp, k.dp, k.cp, k.pp, k.zero, params, m, backward_window_s, chunk_forward_s)
         got = self._tails.get(key)
         if got is None:
-            got = self._tails[key] = self._device_tail_s(k, params, m, backward_window_s)
+            got = self._tails[key] = self._device_tail_s(k, params, m, backward_window_s, chunk_forward_s)
         return got
 
-    def _device_tail_s(self, k: Knobs, params: float, m: int, backward_window_s: float) -> tuple[float, float]:
+    def _device_tail_s(self, k: Knobs, params: float, m: int, backward_window_s: float,
+                       chunk_forward_s: tuple[float, ...]) -> tuple[float, float]:
         fsdp = (self.device.measured or {}).get("fsdp") if self.framework is MESHPLAN and k.zero >= 2 and k.dp * k.cp > 1 else None
         if fsdp:
             # Measured FSDP2 cost on this machine (profiled as stage 3 without pipelining: two gathers and a
@@ -370,6 +373,10 @@ class CostModel:
         else:
             window = backward_window_s if self.framework.overlaps_dp(k) else 0.0
             dp = max(0.0, self.dp_s(k, params) - window)
+            if k.zero == 1 and self.framework.param_gather_overlap and not self.framework.fp32_params and k.dp * k.cp > 1:
+                n, link = self._dp_group(k)
+                gather = comm.all_gather_s(params * self.device.dtype_bytes, n, link)
+                dp += comm.overlapped_param_gather_exposed_s(gather, chunk_forward_s, k.pp, m)
         if not fsdp:
             dp += self.sharding_s(k, params)[2]  # after the step (stage 1) or before the first forward (stage 2)
         shards = k.dp * k.cp if ZERO_MODES[k.zero].shards_optimizer else 1
