@@ -96,7 +96,7 @@ DEEPSPEED = Framework("deepspeed", grad_reduce_bytes=4, dp_overlap=False, p2p_sc
 # forward (--overlap-param-gather), tensor-parallel communication overlapped with GEMMs (--tp-comm-overlap),
 # asynchronous pipeline sends split over tp, FlashAttention (the device's fused_attention), FP8 through
 # Transformer Engine. The TP overlap share is fitted by bench/fit_calibration.py on the H100 runs in profiles/calibration/.
-MEGATRON_CORE_TP_OVERLAP = 0.615
+MEGATRON_CORE_TP_OVERLAP = 0.633
 MEGATRON_CORE = Framework("megatron-core", grad_reduce_bytes=2, grad_bytes=2, dp_overlap=True, p2p_scatter_gather=True, p2p_blocking=False,
                           tp_overlap=MEGATRON_CORE_TP_OVERLAP, param_gather_overlap=True, fp8_cast_passes=1.0,
                           fp8_weight_casts=False, fused_elementwise=True, saved=MEGATRON_CORE_SAVED)
