@@ -122,9 +122,10 @@ def _memory_floor_gib(cm, knobs: Knobs, m: int, tm) -> float:
         # chunk has one); the embedding's activations of at least one microbatch.
         acts = schedule.alive_at_peak(knobs.schedule, p, m, v, i) * a_min + (tm.embedding_activation_bytes if e else 0.0)
         transient = max(tm.head_transient_bytes if h else 0.0, working)
-        floors.append(tm.overhead_bytes + tm.sharding_transient_bytes + (v * tm.layer_params + tm.end_params(model, knobs.tp, e, h)) * sb
-                      + acts + transient)
-    state = (model.layers * tm.layer_params + tm.end_params(model, knobs.tp, True, True)) * sb / p
+        own = v * tm.layer_params + tm.end_params(model, knobs.tp, e, h)
+        floors.append(tm.overhead_bytes + tm.sharding_transient_bytes + own * sb + max(acts + transient, own * tm.step_bytes))
+    # The average device's state, and during the optimizer step its step-only copies (no activations then).
+    state = (model.layers * tm.layer_params + tm.end_params(model, knobs.tp, True, True)) * (sb + tm.step_bytes) / p
     floors.append(tm.overhead_bytes + tm.sharding_transient_bytes + state)
     return max(floors) / GIB
 

@@ -50,3 +50,20 @@ def scalar_all_reduce_s(n: int, link: LinkSpec) -> float:
 
 def send_recv_s(nbytes: float, link: LinkSpec) -> float:
     return nbytes / (link.bandwidth_GBps * 1e9) + link.latency_us * 1e-6
+
+
+def overlapped_param_gather_exposed_s(gather_s: float, chunk_forward_s: tuple[float, ...], pp: int, m: int) -> float:
+    """Seconds of the distributed optimizer's weight all-gather (gather_s for the device's weights) that its
+    overlap with the step's first forward leaves exposed. Megatron-Core core_r0.8.0
+    megatron/core/optimizer/distrib_optimizer.py: zero_grad() dispatches the first bucket's all-gather, and each
+    bucket's forward pre-hook waits for it and only then dispatches the next one (not all at once, so as not to
+    block compute under CUDA_DEVICE_MAX_CONNECTIONS=1): the gathers run one after another under the first
+    forward that reaches each bucket. A device with v model chunks (chunk_forward_s, one microbatch each) runs
+    chunk c's first forward after c * min(pp, m) forwards of earlier chunks (the interleaved schedule's warm-up
+    takes pp microbatches through a chunk before the next); chunk c's weights, (c + 1) / v of gather_s, must
+    have arrived by the end of that forward. The exposed seconds are the worst shortfall over the chunks."""
+    v = len(chunk_forward_s)
+    if v == 0 or gather_s <= 0.0:
+        return 0.0
+    f = sum(chunk_forward_s) / v
+    return max(0.0, max((c + 1) * gather_s / v - (c * min(pp, m) + 1) * f for c in range(v)))

@@ -222,7 +222,8 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     ends, dp_exposed, opt = [], [], []
     for i in range(p):
         mine = device_stages(i, p, v)
-        dp_s, opt_s = cm.device_tail_s(knobs, sum(costs[k].params for k in mine), m, min(costs[k].backward_s for k in mine))
+        dp_s, opt_s = cm.device_tail_s(knobs, sum(costs[k].params for k in mine), m, min(costs[k].backward_s for k in mine),
+                                       tuple(costs[k].forward_s for k in mine))
         dp_s += extras.tail_s[i] if extras else 0.0
         dp_exposed.append(dp_s)
         opt.append(opt_s)

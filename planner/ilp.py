@@ -58,6 +58,14 @@ class DeviceTerms:
     working_bytes: float = 0.0
     """What a fully recomputed block holds while it re-runs, where recomputing is the split's choice (r_i > 0);
     the device then holds max(transient_bytes, working_bytes)."""
+    step_fixed_bytes: float = 0.0
+    layer_step_bytes: float = 0.0
+    """What the device holds while the optimizer steps, when no activations are: its fixed state (framework
+    overhead, embedding/head state with the step's copies) and per block its state with the step's copies
+    (planner.memory.step_grad_bytes_per_param). It must fit as well as memory_bytes."""
+
+    def step_memory_bytes(self, n: float) -> float:
+        return self.step_fixed_bytes + self.layer_step_bytes * n
 
     def memory_bytes(self, n: float, r: float) -> float:
         transient = max(self.transient_bytes, self.working_bytes) if r > 0 else self.transient_bytes
@@ -99,6 +107,7 @@ def device_terms(tm, knobs, m: int, model, stage_fixed_s: list[float]) -> list[D
     for i in range(p):
         first, last = i == 0, i == p - 1
         fixed_b = tm.overhead_bytes + tm.sharding_transient_bytes + tm.end_params(model, knobs.tp, first, last) * sb
+        step_b = tm.overhead_bytes + tm.sharding_transient_bytes + tm.end_params(model, knobs.tp, first, last) * (sb + tm.step_bytes)
         if first:
             fixed_b += inflight[0] * tm.embedding_activation_bytes
         transient = tm.head_transient_bytes if last else 0.0
@@ -111,7 +120,8 @@ def device_terms(tm, knobs, m: int, model, stage_fixed_s: list[float]) -> list[D
             inflight=sum(inflight[c * p + i] for c in range(v)) / v,
             layer_act_bytes=tm.layer_activation_bytes, full_act_bytes=tm.full_activation_bytes if allow else tm.layer_activation_bytes,
             fixed_bytes=fixed_b, layer_state_bytes=tm.layer_params * sb, transient_bytes=transient,
-            working_bytes=tm.recompute_working_bytes if allow else 0.0))
+            working_bytes=tm.recompute_working_bytes if allow else 0.0,
+            step_fixed_bytes=step_b, layer_step_bytes=tm.layer_params * (sb + tm.step_bytes)))
     return out
 
 
@@ -124,7 +134,9 @@ def _device_times(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float
     inflight, act, full = col("inflight"), col("layer_act_bytes"), col("full_act_bytes")
     cap = capacity_bytes * (1 + 1e-9)
     base = fixed_b + transient + (state + inflight * act) * n
-    ok0 = base <= cap
+    # The optimizer step's peak (no activations) does not depend on recomputation: it rules n out or not.
+    step_ok = col("step_fixed_bytes") + col("layer_step_bytes") * n <= cap
+    ok0 = (base <= cap) & step_ok
     feasible, r = ok0, np.zeros_like(base)
     saving = inflight * (act - full)
     if allow_recompute:
@@ -132,7 +144,7 @@ def _device_times(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float
         extra = np.maximum(transient, col("working_bytes")) - transient
         with np.errstate(divide="ignore", invalid="ignore"):
             need = np.maximum(1.0, np.ceil((base + extra - cap) / saving - 1e-9))
-        ok_r = ~ok0 & (saving > 0) & (need <= n)
+        ok_r = ~ok0 & step_ok & (saving > 0) & (need <= n)
         r = np.where(ok_r, need, 0.0)
         feasible = ok0 | ok_r
     # Nondecreasing in n: more blocks need more memory, so never fewer recomputed blocks; and once even
@@ -196,6 +208,7 @@ def assign_layers_cbc(n_layers: int, terms: list[DeviceTerms], capacity_bytes: f
         prob += r[i] <= n_layers * z[i]
         prob += t.fixed_s + t.layer_s * n[i] + t.recompute_s * r[i] <= T
         extra = max(t.transient_bytes, t.working_bytes) - t.transient_bytes
+        prob += t.step_fixed_bytes / g + t.layer_step_bytes / g * n[i] <= 1
         prob += ((t.fixed_bytes + t.transient_bytes) / g + extra / g * z[i] + t.layer_state_bytes / g * n[i]
                  + t.inflight / g * (t.layer_act_bytes * n[i] - (t.layer_act_bytes - t.full_act_bytes) * r[i])) <= 1
     with warnings.catch_warnings():

@@ -24,10 +24,14 @@ class MemoryBreakdown:
     overhead_gib: float
     sharding_gib: float = 0.0
     """ZeRO 2/3: the gathered weights and full gradients of the blocks in flight."""
+    step_gib: float = 0.0
+    """What exists only while the optimizer steps, when no activations are held (step_grad_bytes_per_param)."""
 
     @property
     def total_gib(self) -> float:
-        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib + self.overhead_gib + self.sharding_gib
+        """The peak: during the forward and backward (activations held), or during the step (its copies held)."""
+        return (self.weights_gib + self.grads_gib + self.optimizer_gib + max(self.activations_gib, self.step_gib) + self.overhead_gib
+                + self.sharding_gib)
 
 
 @dataclass(frozen=True)
@@ -42,16 +46,24 @@ class SavedTensors:
     fused_swiglu: bool
     """SwiGLU as one fused op keeping its two inputs (Megatron-LM's bias_swiglu_impl); otherwise silu and the
     product each keep theirs."""
+    fp8_gemm_inputs: bool = False
+    """With fp8, the linears keep their inputs for the weight-gradient GEMM as FP8 (1 byte) and not in bf16:
+    Transformer Engine v1.8, transformer_engine/pytorch/module/linear.py (_Linear.forward saves the FP8 input or
+    its FP8 transpose, not inputmat_no_fp8, when the wgrad runs in FP8, the default recipe) and
+    layernorm_linear.py (saves ln_out allocated as uint8, the local shard under sequence parallelism, and the
+    norm's bf16 input). False: the software keeps them as without fp8."""
 
 
 # Korthikanti et al. 2022's accounting (Megatron-LM: GPT-3 trained with dropout 0.1, fused kernels).
 MEGATRON_SAVED = SavedTensors(dropout=True, attention_output_copy=False, fused_swiglu=True)
+# Megatron-Core with Transformer Engine's linears (its TE layer spec; NeMo 24.07): the same, FP8 inputs with fp8.
+MEGATRON_CORE_SAVED = SavedTensors(dropout=True, attention_output_copy=False, fused_swiglu=True, fp8_gemm_inputs=True)
 # meshplan's runtime (runtime/model.py): no dropout, y.transpose(1, 2).reshape(...) copies, plain silu * up.
 RUNTIME_SAVED = SavedTensors(dropout=False, attention_output_copy=True, fused_swiglu=False)
 
 
 def activation_bytes_per_layer(model: ModelSpec, tp: int, b: int, sequence_parallel: bool, recompute: str,
-                               fused_attention: bool = False, saved: SavedTensors = MEGATRON_SAVED) -> float:
+                               fused_attention: bool = False, saved: SavedTensors = MEGATRON_SAVED, fp8: bool = False) -> float:
     """Activations one transformer block keeps for one microbatch until its backward (2-byte dtype, 1-byte masks).
 
     Korthikanti et al. 2022, eq. 1: s*b*h*(34 + 5as/h) for GPT without parallelism. Per block, in units of
@@ -65,7 +77,15 @@ def activation_bytes_per_layer(model: ModelSpec, tp: int, b: int, sequence_paral
     FlashAttention kernel do not keep. With tensor parallelism (Korthikanti eq. 2, table 2) the norms' inputs,
     the q/k/v and MLP inputs and the dropout masks (10 for GPT) are replicated unless sequence parallelism
     shards them; the rest (24 for GPT) and the scores are sharded over t. For GPT as Megatron-LM keeps it this
-    is exactly eq. 1 and 2."""
+    is exactly eq. 1 and 2.
+
+    fp8 where the software keeps FP8 GEMM inputs (SavedTensors.fp8_gemm_inputs, Transformer Engine): the q/k/v
+    input, the MLP's input and the MLP's last matrix's input take 1 byte an element instead of 2; the output
+    projection keeps an FP8 copy of the attention output (1) beside the bf16 one the attention kernel keeps for
+    its own backward (TE v1.8 attention.py, FusedAttnFunc.forward saves q, k, v and out), and only the copy when
+    selective recomputation checkpoints the attention core (Megatron-Core core_r0.8.0
+    megatron/core/transformer/attention.py, checkpoint_core_attention: its output is not kept). The norms'
+    inputs, q, k, v and the activation function's input stay bf16."""
     s, h, a, t = model.seq_len, model.hidden, model.heads, tp
     sbh = s * b * h
     if recompute == "full":
@@ -75,8 +95,15 @@ def activation_bytes_per_layer(model: ModelSpec, tp: int, b: int, sequence_paral
     d = 1.0 if saved.dropout else 0.0
     f = model.ffn_hidden / h
     mlp = (6 if saved.fused_swiglu else 8) * f if model.mlp == "swiglu" else 4 * f
-    replicated = 4 + 2 + 2 + 2 * d
-    sharded = 2 + 4 * model.kv_heads / model.heads + 2 + (2 if saved.attention_output_copy and fused_attention else 0) + mlp
+    gemm_in = 2.0
+    attn_out = 2 + (2 if saved.attention_output_copy and fused_attention else 0)
+    if fp8 and saved.fp8_gemm_inputs:
+        # Units of s*b*h at 2 bytes: an FP8 input is 1. The MLP's last matrix's input is f/h wide (2f/h -> f/h).
+        gemm_in = 1.0
+        mlp -= f
+        attn_out = 1 + (0 if recompute == "selective" else 2)
+    replicated = 4 + gemm_in + gemm_in + 2 * d
+    sharded = 2 + 4 * model.kv_heads / model.heads + attn_out + mlp
     scores = 0.0 if (recompute == "selective" or fused_attention) else (2 + 3 * d) * a * s / h
     if sequence_parallel:
         return sbh * (replicated + sharded + scores) / t
@@ -92,9 +119,9 @@ def cp_gathered_kv_bytes(model: ModelSpec, tp: int, b: int, cp: int) -> float:
 
 
 def full_layer_activation_bytes(model: ModelSpec, tp: int, b: int, sequence_parallel: bool, fused_attention: bool,
-                                saved: SavedTensors = MEGATRON_SAVED) -> float:
+                                saved: SavedTensors = MEGATRON_SAVED, fp8: bool = False) -> float:
     """What one block holds while it is recomputed for its backward (full recomputation's working set)."""
-    return activation_bytes_per_layer(model, tp, b, sequence_parallel, "none", fused_attention, saved)
+    return activation_bytes_per_layer(model, tp, b, sequence_parallel, "none", fused_attention, saved, fp8)
 
 
 def layer_param_count(model: ModelSpec, tp: int) -> float:
@@ -125,7 +152,8 @@ def state_bytes_per_param(dtype_bytes: int, zero: int, shards: int, fp32_params:
     gradients, 12 bytes of fp32 master weights, momentum and variance: 18, then 2 + 4 + 12/n (stage 1, the
     distributed optimizer), 2 + (4 + 12)/n (stage 2), 18/n (stage 3). With grad_bytes 2 (Megatron-Core's
     default gradient buffer in bf16, DistributedDataParallelConfig.grad_reduce_in_fp32 False) the gradients take
-    2 and the optimizer copies its shard of them to fp32: 4/n more.
+    2; the fp32 copy of its shard that the optimizer makes is alive only during the step
+    (step_grad_bytes_per_param).
     fp32_params True, meshplan's runtime: fp32 weights and gradients and Adam's two fp32 moments (16 bytes).
     On a GPU (2-byte dtype) it computes in bf16: with DDP (stages 0, 1) autocast keeps a bf16 copy of every
     weight for the step (+2); FSDP2 with MixedPrecisionPolicy keeps fp32 shards (4/n each of weights,
@@ -134,12 +162,23 @@ def state_bytes_per_param(dtype_bytes: int, zero: int, shards: int, fp32_params:
     weights only while it runs: fsdp_transient_bytes."""
     n = max(1, shards) if zero >= 1 else 1
     if not fp32_params:
-        fp32_grad_shard = 4.0 if grad_bytes < 4 else 0.0
-        return (2.0 / (n if zero >= 3 else 1), grad_bytes / (n if zero >= 2 else 1), (12.0 + fp32_grad_shard) / n)
+        return (2.0 / (n if zero >= 3 else 1), grad_bytes / (n if zero >= 2 else 1), 12.0 / n)
     gathered = 2.0 if dtype_bytes == 2 else 4.0  # the compute copy of a weight: bf16 on GPUs, fp32 on CPU
     if zero <= 1:
         return (4.0 + (2.0 if dtype_bytes == 2 else 0.0), 4.0, 8.0 / n)
     return (4.0 / n + (gathered if zero == 2 else 0.0), 4.0 / n, 8.0 / n)
+
+
+def step_grad_bytes_per_param(zero: int, shards: int, fp32_params: bool, grad_bytes: int = 4) -> float:
+    """Bytes per parameter that exist only while the optimizer steps: with 16-bit gradients (grad_bytes 2) and
+    fp32 master weights, the fp32 copy of the rank's gradient shard, 4/n (4 without sharding). Megatron-Core
+    core_r0.8.0 megatron/core/optimizer/distrib_optimizer.py: _copy_model_grads_to_main_grads sets
+    shard_main_param.grad = shard_model_grad.float() inside step(), and optimizer.zero_grad() (set_to_none=True)
+    frees it at the start of the next train_step (megatron/training/training.py, train_step) before any forward:
+    it never coincides with the activations (MemoryBreakdown.total_gib takes the larger)."""
+    if fp32_params or grad_bytes >= 4:
+        return 0.0
+    return 4.0 / (max(1, shards) if zero >= 1 else 1)
 
 
 def fsdp_transient_bytes(dtype_bytes: int, zero: int, layer_params: float, fp32_params: bool) -> float:
@@ -180,4 +219,5 @@ def device_memory(terms, params: float, activation_bytes: float, has_head: bool,
         activations_gib=(activation_bytes + transient) / GIB,
         overhead_gib=terms.overhead_bytes / GIB,
         sharding_gib=terms.sharding_transient_bytes / GIB,
+        step_gib=params * terms.step_bytes / GIB,
     )

@@ -157,8 +157,11 @@ def _schedules(p: int, m: int, layers: int, pins: dict) -> list[tuple[str, int]]
     if p == 1:
         options = [("1f1b", 1)]  # one stage: no pipeline, the schedule does not matter
     else:
-        # The searched interleavings, and a pinned one of any depth the layers allow.
-        depths = sorted({2, 3, 4, 6, 8} | ({pins["virtual_stages"]} if pins.get("virtual_stages", 1) > 1 else set()))
+        # The searched interleavings, every depth up to 8 that deals a device's blocks into equal chunks (Megatron-LM
+        # runs no other: arguments.py asserts num_layers_per_pipeline_stage % num_layers_per_virtual_pipeline_stage
+        # == 0; 112 layers on pp 16 interleave only 7 deep), and a pinned one of any depth the layers allow.
+        even = {v for v in range(2, 9) if layers % p == 0 and (layers // p) % v == 0}
+        depths = sorted({2, 3, 4, 6, 8} | even | ({pins["virtual_stages"]} if pins.get("virtual_stages", 1) > 1 else set()))
         options = [("1f1b", 1), ("gpipe", 1)] + [("interleaved", v) for v in depths if p * v <= layers]
     if "schedule" in pins:
         options = [(s, v) for s, v in options if s == pins["schedule"]]

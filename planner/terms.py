@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from planner import comm
 from planner.compute import end_times, layer_times, memory_s, optimizer_step_s
-from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB, MEGATRON_SAVED, RUNTIME_SAVED, SavedTensors, activation_bytes_per_layer,
-                            cp_gathered_kv_bytes, embedding_activation_bytes, end_param_count, fsdp_transient_bytes,
-                            full_layer_activation_bytes, head_transient_bytes, layer_param_count, state_bytes_per_param)
+from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB, MEGATRON_CORE_SAVED, MEGATRON_SAVED, RUNTIME_SAVED, SavedTensors,
+                            activation_bytes_per_layer, cp_gathered_kv_bytes, embedding_activation_bytes, end_param_count,
+                            fsdp_transient_bytes, full_layer_activation_bytes, head_transient_bytes, layer_param_count,
+                            state_bytes_per_param, step_grad_bytes_per_param)
 from planner.plan import Knobs
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec
 from planner.topology import cp_link, dp_link, pp_links, tp_link
@@ -95,10 +96,10 @@ DEEPSPEED = Framework("deepspeed", grad_reduce_bytes=4, dp_overlap=False, p2p_sc
 # forward (--overlap-param-gather), tensor-parallel communication overlapped with GEMMs (--tp-comm-overlap),
 # asynchronous pipeline sends split over tp, FlashAttention (the device's fused_attention), FP8 through
 # Transformer Engine. The TP overlap share is fitted by bench/fit_calibration.py on the H100 runs in profiles/calibration/.
-MEGATRON_CORE_TP_OVERLAP = 0.615
+MEGATRON_CORE_TP_OVERLAP = 0.633
 MEGATRON_CORE = Framework("megatron-core", grad_reduce_bytes=2, grad_bytes=2, dp_overlap=True, p2p_scatter_gather=True, p2p_blocking=False,
                           tp_overlap=MEGATRON_CORE_TP_OVERLAP, param_gather_overlap=True, fp8_cast_passes=1.0,
-                          fp8_weight_casts=False, fused_elementwise=True)
+                          fp8_weight_casts=False, fused_elementwise=True, saved=MEGATRON_CORE_SAVED)
 FRAMEWORKS = {f.name: f for f in (MESHPLAN, MEGATRON, DEEPSPEED, MEGATRON_CORE)}
 
 
@@ -144,6 +145,8 @@ class Terms:
     grad_bytes: float
     optimizer_bytes: float
     """Bytes per parameter of weights, gradients and optimizer state (sharding over dp x cp included)."""
+    step_bytes: float
+    """Bytes per parameter alive only during the optimizer step, never beside activations (memory.step_grad_bytes_per_param)."""
     sharding_transient_bytes: float
     """ZeRO stages 2 and 3: the gathered weights and full gradients of the blocks in flight (fsdp_transient_bytes)."""
     cp_all_gather_s: float
@@ -239,6 +242,7 @@ class CostModel:
         dev, fp32 = self.device, self.framework.fp32_params
         w, g, o = state_bytes_per_param(dev.dtype_bytes, k.zero, k.dp * k.cp, fp32, self.framework.grad_bytes)
         return Terms(**base, weight_bytes=w, grad_bytes=g, optimizer_bytes=o,
+                     step_bytes=step_grad_bytes_per_param(k.zero, k.dp * k.cp, fp32, self.framework.grad_bytes),
                      sharding_transient_bytes=fsdp_transient_bytes(dev.dtype_bytes, k.zero, base["layer_params"], fp32))
 
     def _block_terms(self, k: Knobs) -> dict:
@@ -263,7 +267,7 @@ class CostModel:
         # The activation formulas (memory.py) are Korthikanti et al.'s bytes for a 2-byte dtype: scaled to the
         # device's training dtype here, and only here.
         scale = dev.dtype_bytes / 2
-        fused, saved = dev.fused_attention, self.framework.saved
+        fused, saved, fp8 = dev.fused_attention, self.framework.saved, k.precision == "fp8"
         gathered = cp_gathered_kv_bytes(model, t, k.micro_batch, k.cp) * scale
         return dict(
             layer_forward_s=f, layer_backward_s=bw, layer_recompute_s=rc, full_recompute_s=f, layer_tp_comm_s=4 * ar_exposed,
@@ -273,12 +277,12 @@ class CostModel:
             embedding_forward_s=et.embedding_forward_s + ar_exposed, embedding_backward_s=et.embedding_backward_s,
             head_forward_s=et.head_forward_s, head_backward_s=et.head_backward_s + ar_exposed,
             stage_forward_s=so_f, stage_backward_s=so_b,
-            layer_activation_bytes=activation_bytes_per_layer(model, t, b, sp, k.recompute, fused, saved) * scale
+            layer_activation_bytes=activation_bytes_per_layer(model, t, b, sp, k.recompute, fused, saved, fp8) * scale
             + (gathered if k.recompute != "full" else 0.0),
-            full_activation_bytes=activation_bytes_per_layer(model, t, b, sp, "full", fused, saved) * scale,
+            full_activation_bytes=activation_bytes_per_layer(model, t, b, sp, "full", fused, saved, fp8) * scale,
             embedding_activation_bytes=embedding_activation_bytes(model, t, b, sp, saved) * scale,
             head_transient_bytes=head_transient_bytes(model, t, b),
-            recompute_working_bytes=full_layer_activation_bytes(model, t, b, sp, fused, saved) * scale + gathered,
+            recompute_working_bytes=full_layer_activation_bytes(model, t, b, sp, fused, saved, fp8) * scale + gathered,
             layer_params=layer_param_count(model, t), cp_all_gather_s=kv, overhead_bytes=dev.framework_overhead_gib * GIB,
             capacity_bytes=self.capacity_gib * GIB,
             end_param_table=tuple(end_param_count(model, t, e, h) for e in (False, True) for h in (False, True)))
@@ -318,7 +322,7 @@ class CostModel:
         if k.zero == 1 and not self.framework.fp32_params:
             # Megatron's distributed optimizer: reduce-scatter the gradients, all-gather the updated bf16 weights
             # (Rajbhandari et al. 2020, section 5.1: the same volume as all-reduce); the gather under the next
-            # forward where the framework overlaps it.
+            # forward where the framework overlaps it (_device_tail_s prices what that overlap leaves exposed).
             gather = 0.0 if self.framework.param_gather_overlap else comm.all_gather_s(params * self.device.dtype_bytes, n, link)
             return comm.reduce_scatter_s(g, n, link) + gather
         return comm.all_reduce_s(g, n, link)
@@ -344,17 +348,20 @@ class CostModel:
             step = gather * mode.param_gathers_per_step
         return forward, backward, step
 
-    def device_tail_s(self, k: Knobs, params: float, m: int, backward_window_s: float) -> tuple[float, float]:
+    def device_tail_s(self, k: Knobs, params: float, m: int, backward_window_s: float,
+                      chunk_forward_s: tuple[float, ...] = ()) -> tuple[float, float]:
         """(exposed data-parallel seconds, optimizer seconds) after a pipeline device's last backward, for a
-        device holding `params` whose shortest stage backward is backward_window_s. Both grow with params.
-        (ZeRO 2 and 3's per-microbatch traffic sits in the stages' times: cost.stage_cost_list.)"""
-        key = (k.tp, k.dp, k.cp, k.pp, k.zero, params, m, backward_window_s)
+        device holding `params` whose shortest stage backward is backward_window_s and whose stages' forwards
+        are chunk_forward_s (the window of an overlapped weight gather; () for the search's bounds: none
+        exposed). Both grow with params. (ZeRO 2 and 3's per-microbatch traffic sits in the stages' times.)"""
+        key = (k.tp, k.dp, k.cp, k.pp, k.zero, params, m, backward_window_s, chunk_forward_s)
         got = self._tails.get(key)
         if got is None:
-            got = self._tails[key] = self._device_tail_s(k, params, m, backward_window_s)
+            got = self._tails[key] = self._device_tail_s(k, params, m, backward_window_s, chunk_forward_s)
         return got
 
-    def _device_tail_s(self, k: Knobs, params: float, m: int, backward_window_s: float) -> tuple[float, float]:
+    def _device_tail_s(self, k: Knobs, params: float, m: int, backward_window_s: float,
+                       chunk_forward_s: tuple[float, ...]) -> tuple[float, float]:
         fsdp = (self.device.measured or {}).get("fsdp") if self.framework is MESHPLAN and k.zero >= 2 and k.dp * k.cp > 1 else None
         if fsdp:
             # Measured FSDP2 cost on this machine (profiled as stage 3 without pipelining: two gathers and a
@@ -366,6 +373,10 @@ class CostModel:
         else:
             window = backward_window_s if self.framework.overlaps_dp(k) else 0.0
             dp = max(0.0, self.dp_s(k, params) - window)
+            if k.zero == 1 and self.framework.param_gather_overlap and not self.framework.fp32_params and k.dp * k.cp > 1:
+                n, link = self._dp_group(k)
+                gather = comm.all_gather_s(params * self.device.dtype_bytes, n, link)
+                dp += comm.overlapped_param_gather_exposed_s(gather, chunk_forward_s, k.pp, m)
         if not fsdp:
             dp += self.sharding_s(k, params)[2]  # after the step (stage 1) or before the first forward (stage 2)
         shards = k.dp * k.cp if ZERO_MODES[k.zero].shards_optimizer else 1

@@ -29,14 +29,25 @@ def test_narayanan_table1_within_3_percent_mean_and_5_percent_max(rows):
     assert max(errs) <= 5.0
 
 
-def test_megatron_core_h100_bf16_runs_within_5_percent_mean_and_10_percent_max(rows):
+def test_megatron_core_h100_bf16_runs_within_3_percent_mean_and_5_percent_max(rows):
     errs = errors(rows, "megatron_lm_readme_h100")
-    assert len(errs) == 9 and sum(errs) / len(errs) <= 5.0 and max(errs) <= 10.0
+    assert len(errs) == 9 and sum(errs) / len(errs) <= 3.0 and max(errs) <= 5.0
 
 
-def test_nemo_h100_fp8_runs_within_6_percent_mean(rows):
+def test_nemo_h100_fp8_runs_within_4_percent_mean_and_11_percent_max(rows):
+    # The max is GPT3-175B/128 (+10.6%): it ran 13% slower per GPU (716 tokens/s) than the same layout at 512 GPUs
+    # with micro-batch 2 (825), which the model prices only 2% slower; what costs micro-batch 1 that much has no
+    # term yet.
     errs = errors(rows, "nemo_2407_h100_fp8")
-    assert len(errs) == 12 and sum(errs) / len(errs) <= 6.0
+    assert len(errs) == 12 and sum(errs) / len(errs) <= 4.0 and max(errs) <= 11.0
+
+
+def test_nemotron_340b_fits_as_nvidias_recipe_runs_it_without_full_recomputation(rows):
+    # dgxc-benchmarking's recipe (selective recomputation, 8x8x2, v=12, FP8) fits in 80 GB: it does in the memory
+    # model once FP8 GEMM inputs take 1 byte and the fp32 gradient shard exists only during the step.
+    (r,) = [r for r in rows if r.name == "Nemotron-340B/128"]
+    assert r.plan.prediction.fits and {s.recompute for s in r.plan.stages} == {"selective"}
+    assert abs(r.error_pct) <= 5.0
 
 
 def test_mt_nlg_deepspeed_runs_are_within_10_percent_at_280_and_350_nodes_and_15_at_420(rows):

@@ -103,3 +103,15 @@ def test_tp_must_divide_the_kv_heads_and_tied_models_stay_on_one_stage():
         predict(tied, c, A100, Knobs(1, 2, 4, 1), 32)
     with pytest.raises(SpecError, match="kv_heads 2 are not divisible by tp 4"):
         predict(gqa, c, A100, Knobs(4, 1, 2, 1), 32)
+
+
+def test_overlapped_weight_gather_hides_under_the_first_forward_only():
+    from planner.comm import overlapped_param_gather_exposed_s as exposed
+    # One chunk: a 0.3 s gather under a 0.1 s first forward leaves 0.2 s; a longer forward hides it all.
+    assert exposed(0.3, (0.1,), pp=1, m=8) == pytest.approx(0.2)
+    assert exposed(0.3, (0.5,), pp=1, m=8) == 0.0
+    # Four chunks on pp 4: chunk c's quarter must arrive by its first forward, after 4c forwards of earlier
+    # chunks; the first chunk's quarter (0.075 s) under one 0.05 s forward is the worst shortfall.
+    assert exposed(0.3, (0.05,) * 4, pp=4, m=8) == pytest.approx(0.025)
+    # The search's bound passes no forwards: nothing exposed.
+    assert exposed(0.3, (), pp=4, m=8) == 0.0

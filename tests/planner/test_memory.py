@@ -3,7 +3,7 @@
 import pytest
 
 from planner import schedule
-from planner.memory import activation_bytes_per_layer, state_bytes_per_param
+from planner.memory import activation_bytes_per_layer, state_bytes_per_param, step_grad_bytes_per_param
 from planner.specs import load_model
 
 GPT3 = load_model("gpt3-175b")  # s=2048, h=12288, a=96
@@ -111,3 +111,42 @@ def test_llama_state_counts_its_own_norms_and_no_biases():
     assert end_param_count(LLAMA8, 8, True, False) == v * h / 8
     assert end_param_count(LLAMA8, 8, False, True) == v * h / 8 + h
     assert LLAMA8.layers * layer_param_count(LLAMA8, 1) + end_param_count(LLAMA8, 1, True, True) == LLAMA8.padded_params(1)
+
+
+def test_transformer_engine_fp8_keeps_gemm_inputs_in_one_byte():
+    # TE v1.8 (linear.py, layernorm_linear.py): the q/k/v input and the MLP's input 1 each instead of 2
+    # (replicated 10 -> 8), the output projection's FP8 copy 1 beside the attention kernel's bf16 output 2, GELU's
+    # input 8 and the last matrix's FP8 input 4 instead of 8: sharded 6 + 3 + 12 = 21 instead of 24.
+    from planner.memory import MEGATRON_CORE_SAVED
+    assert activation_bytes_per_layer(GPT3, 8, 1, True, "none", True, MEGATRON_CORE_SAVED, fp8=True) == SBH * (8 + 21) / 8
+    assert activation_bytes_per_layer(GPT3, 8, 1, True, "none", True, MEGATRON_CORE_SAVED) == SBH * 34 / 8
+
+
+def test_fp8_with_checkpointed_attention_core_keeps_only_the_projections_fp8_copy():
+    # Selective recomputation re-runs the attention core, so its bf16 output is not kept: 2 less than without.
+    from planner.memory import MEGATRON_CORE_SAVED
+    none = activation_bytes_per_layer(GPT3, 8, 1, True, "none", True, MEGATRON_CORE_SAVED, fp8=True)
+    assert activation_bytes_per_layer(GPT3, 8, 1, True, "selective", True, MEGATRON_CORE_SAVED, fp8=True) == none - 2 * SBH / 8
+
+
+def test_fp8_changes_nothing_where_the_software_keeps_bf16_inputs():
+    # meshplan's runtime and Megatron-LM 2021 do not keep FP8 copies (SavedTensors.fp8_gemm_inputs False).
+    for saved in (RUNTIME_SAVED, MEGATRON_SAVED):
+        assert activation_bytes_per_layer(LLAMA8, 8, 1, True, "none", True, saved, fp8=True) == \
+            activation_bytes_per_layer(LLAMA8, 8, 1, True, "none", True, saved)
+
+
+def test_fp32_gradient_shard_exists_only_during_the_optimizer_step():
+    # Megatron-Core's bf16 gradient buffer: 2 + 2 + 12/n while activations are held, and the fp32 copy of the
+    # gradient shard (4/n) only inside step(); fp32 gradients and meshplan's runtime have no such copy.
+    assert state_bytes_per_param(2, 1, 8, False, grad_bytes=2) == (2.0, 2.0, 1.5)
+    assert step_grad_bytes_per_param(1, 8, False, grad_bytes=2) == 0.5
+    assert step_grad_bytes_per_param(0, 8, False, grad_bytes=2) == 4.0
+    assert step_grad_bytes_per_param(1, 8, False, grad_bytes=4) == 0.0
+    assert step_grad_bytes_per_param(1, 8, True, grad_bytes=2) == 0.0
+
+
+def test_peak_is_the_larger_of_activations_and_the_steps_copies():
+    from planner.memory import MemoryBreakdown
+    assert MemoryBreakdown(10, 2, 6, activations_gib=20, overhead_gib=1, step_gib=5).total_gib == 39
+    assert MemoryBreakdown(10, 2, 6, activations_gib=3, overhead_gib=1, step_gib=5).total_gib == 24
