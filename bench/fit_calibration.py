@@ -25,7 +25,7 @@ from scipy.optimize import least_squares
 
 from planner.calibration import load_cases, metric_of
 from planner.cost import predict
-from planner.io import atomic_write_json
+from planner.io import atomic_write_datasheet
 from planner.search import search
 from planner.specs import PROFILES_DIR, GemmPoint, load_device
 from planner.terms import FRAMEWORKS
@@ -140,7 +140,7 @@ def main() -> int:
         if dev.fp8_gemm_efficiency:
             d["fp8_gemm_efficiency"] = [{"gflop": p.gflop, "efficiency": round(p.efficiency, 3)} for p in dev.fp8_gemm_efficiency]
         d["memory_efficiency"] = round(dev.memory_efficiency, 3)
-        atomic_write_json(path, d)
+        atomic_write_datasheet(path, d)
         print(f"wrote {path}")
         if "megatron-core" in fws:
             print(f"set MEGATRON_CORE_TP_OVERLAP = {fws['megatron-core'].tp_overlap:.3f} in planner/terms.py")

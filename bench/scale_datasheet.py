@@ -8,9 +8,12 @@ The shift: a device P/989 times faster needs a GEMM that much larger to amortise
 costs. The factor k: the device's measured large-GEMM efficiency over the H100's, both from the same
 benchmark (bf16 torch.mm of square matrices up to 10240, best size: zzc0721/torch-performance-test-data,
 database.md), so the curve keeps the H100 curve's relation to a bare GEMM. Only the large-GEMM end is anchored
-in a measurement; the small sizes are the H100 curve's shape, unchecked. When the H100 curve is recalibrated,
-rerun this with --write. The H200 keeps the H100's curve itself (the same GH100 die at the same clocks; its
-torch.mm, 790.29 TFLOP/s, is within the H100 runs' 783.66-789.24).
+in a measurement; the small sizes are the H100 curve's shape, unchecked. The FP8 curve is scaled the same way
+(shifted by the ratio of FP8 peaks, times the same k: no FP8 GEMM measurement of these devices is at hand). The
+memory-bandwidth share is the H100's fitted one (it is what elementwise kernels reach in the frameworks as
+calibrated, not a hardware figure, and nothing measured these devices'). When the H100 datasheet is
+recalibrated, rerun this with --write. The H200 keeps the H100's curves and share themselves (the same GH100
+die at the same clocks; its torch.mm, 790.29 TFLOP/s, is within the H100 runs' 783.66-789.24).
 
 Prints each device's curve; --write stores it in profiles/devices/<device>.json."""
 
@@ -22,7 +25,7 @@ import json
 import statistics
 
 from planner.compute import gemm_efficiency
-from planner.io import atomic_write_text
+from planner.io import atomic_write_datasheet
 from planner.specs import PROFILES_DIR, GemmPoint, load_device
 
 REFERENCE = "h100-sxm5-80gb"
@@ -40,12 +43,17 @@ def measured_efficiency(name: str) -> float:
     return statistics.median(MEASURED_TFLOPS[name]) / load_device(name).peak_tflops
 
 
-def scaled_curve(name: str) -> tuple[tuple[GemmPoint, ...], float]:
-    """The device's curve and its factor k."""
+SAME_DIE = ("h200-sxm-141gb",)
+
+
+def scaled_curve(name: str, fp8: bool = False) -> tuple[tuple[GemmPoint, ...], float]:
+    """The device's curve (bf16, or FP8 where it has an FP8 peak) and its factor k."""
     ref, dev = load_device(REFERENCE), load_device(name)
+    if name in SAME_DIE:
+        return (ref.fp8_gemm_efficiency if fp8 else ref.gemm_efficiency), 1.0
     k = measured_efficiency(name) / measured_efficiency(REFERENCE)
-    shift = ref.peak_tflops / dev.peak_tflops
-    points = tuple(GemmPoint(g, round(min(1.0, k * gemm_efficiency(ref, g * shift)), 3)) for g in SIZES_GFLOP)
+    shift = (ref.fp8_peak_tflops / dev.fp8_peak_tflops) if fp8 else ref.peak_tflops / dev.peak_tflops
+    points = tuple(GemmPoint(g, round(min(1.0, k * gemm_efficiency(ref, g * shift, fp8)), 3)) for g in SIZES_GFLOP)
     return points, k
 
 
@@ -54,17 +62,25 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="store each curve in its profiles/devices/ file (default: print only)")
     args = ap.parse_args()
     print(f"reference {REFERENCE}: measured large-GEMM efficiency {measured_efficiency(REFERENCE):.3f}")
-    for name in MEASURED_TFLOPS:
+    ref = load_device(REFERENCE)
+    for name in (*SAME_DIE, *MEASURED_TFLOPS):
         if name == REFERENCE:
             continue
+        dev = load_device(name)
         points, k = scaled_curve(name)
-        print(f"{name}: k = {k:.3f}, shift x{load_device(REFERENCE).peak_tflops / load_device(name).peak_tflops:.3f}: "
-              + ", ".join(f"{p.gflop:g} GFLOP {p.efficiency:.3f}" for p in points))
+        fp8 = scaled_curve(name, fp8=True)[0] if dev.fp8_peak_tflops else ()
+        print(f"{name}: k = {k:.3f}, shift x{ref.peak_tflops / dev.peak_tflops:.3f}: "
+              + ", ".join(f"{p.gflop:g} GFLOP {p.efficiency:.3f}" for p in points)
+              + (f"; fp8 " + ", ".join(f"{p.efficiency:.3f}" for p in fp8) if fp8 else "")
+              + f"; memory efficiency {ref.memory_efficiency:.3f}")
         if args.write:
             path = PROFILES_DIR / "devices" / f"{name}.json"
             data = json.loads(path.read_text())
             data["gemm_efficiency"] = [dataclasses.asdict(p) for p in points]
-            atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+            if fp8:
+                data["fp8_gemm_efficiency"] = [dataclasses.asdict(p) for p in fp8]
+            data["memory_efficiency"] = ref.memory_efficiency
+            atomic_write_datasheet(path, data)
     return 0
 
 

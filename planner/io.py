@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,6 +54,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def atomic_write_datasheet(path: str | os.PathLike, obj: Any) -> None:
+    """atomic_write_json with each curve point on one line: datasheets are read and edited by hand."""
+    text = re.sub(r'\{\s*"gflop": ([^,]+),\s*"efficiency": ([^\s}]+)\s*\}', r'{"gflop": \1, "efficiency": \2}', json.dumps(obj, indent=1))
+    atomic_write_text(path, text + "\n")
 
 
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
