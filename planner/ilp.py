@@ -222,11 +222,13 @@ def assign_layers_cbc(n_layers: int, terms: list[DeviceTerms], capacity_bytes: f
     return Assignment(layers, recomputed, max(t.time_s(a, b) for t, a, b in zip(terms, layers, recomputed)))
 
 
-def split_chunks(n: int, r: int, v: int) -> list[tuple[int, int]]:
+def split_chunks(n: int, r: int, v: int, holds_head: bool = False) -> list[tuple[int, int]]:
     """Deal a device's n blocks (r recomputed) over its v virtual stages: evenly, extra blocks to the
-    later chunks, recomputation to the earlier chunks (they hold more microbatches in flight)."""
+    later chunks (the first chunk of the first device holds the embedding) except on the device whose last
+    chunk holds the head, where they go to the earlier chunks; recomputation to the earlier chunks (they
+    hold more microbatches in flight)."""
     base, extra = divmod(n, v)
-    counts = [base + (1 if c >= v - extra else 0) for c in range(v)]
+    counts = [base + (1 if (c < extra if holds_head and v > 1 else c >= v - extra) else 0) for c in range(v)]
     out, left = [], r
     for c in counts:
         take = min(c, left)

@@ -175,7 +175,7 @@ def stages_from_assignment(a: Assignment, v: int, knob_recompute: str) -> tuple[
     p = len(a.layers)
     per_stage = [(0, 0)] * (p * v)
     for i, (n, r) in enumerate(zip(a.layers, a.recomputed)):
-        for c, nr in enumerate(split_chunks(n, r, v)):
+        for c, nr in enumerate(split_chunks(n, r, v, holds_head=i == p - 1)):
             per_stage[c * p + i] = nr
     out, first, S = [], 0, p * v
     for k, (n, r) in enumerate(per_stage):

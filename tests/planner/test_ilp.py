@@ -95,6 +95,19 @@ def test_split_chunks_deals_blocks_evenly_and_recompute_to_early_chunks():
     assert sum(n for n, _ in split_chunks(10, 0, 4)) == 10
 
 
+def test_the_device_holding_the_head_keeps_its_extra_blocks_off_its_last_chunk():
+    from planner.ilp import Assignment
+    from planner.search import stages_from_assignment
+
+    assert split_chunks(7, 0, 4) == [(1, 0), (2, 0), (2, 0), (2, 0)]  # the first chunk of device 0 holds the embedding
+    assert split_chunks(7, 0, 4, holds_head=True) == [(2, 0), (2, 0), (2, 0), (1, 0)]
+    assert split_chunks(7, 2, 4, holds_head=True) == [(2, 2), (2, 0), (2, 0), (1, 0)]
+    # 126 blocks on pp 16 x v 4 (Llama 3 405B): the two one-block chunks are the embedding's and the head's
+    stages = stages_from_assignment(Assignment((7,) + (8,) * 14 + (7,), (0,) * 16, 0.0), 4, "none")
+    counts = [s.layers[1] - s.layers[0] for s in stages]
+    assert counts[0] == counts[-1] == 1 and set(counts[1:-1]) == {2} and stages[-1].head
+
+
 def test_a_split_must_also_fit_while_the_optimizer_steps():
     # Activations and state fit 4 blocks on the first device (2 in flight: 3 bytes a block) and 6 on the second
     # (2 a block), 10 in all; the step's state (3 bytes a block, no activations) fits only 4 on either device of
