@@ -65,7 +65,7 @@ def main() -> int:
             def label(p):
                 sched = f"int. v={p.virtual_stages}" if p.schedule == "interleaved" else p.schedule
                 return (f"{p.tp}x{p.pp}x{p.dp} mbs {p.micro_batch} {sched} {p.stages[0].recompute}"
-                        f"{' SP' if p.sequence_parallel else ''}{' dist-opt' if p.distributed_optimizer else ''}")
+                        f"{' SP' if p.sequence_parallel else ''}{f' ZeRO-{p.zero}' if p.zero else ''}{f' cp{p.cp}' if p.cp > 1 else ''}")
             gains = ", ".join(f"{k}: {v}" if isinstance(v, str) else f"{k}: {v:.1f}%" for k, v in row.knob_gains.items())
             q.add_row(row.name, label(row.published_plan), label(row.best_plan), f"{row.published_plan.prediction.tokens_per_s:,.0f}",
                       f"{row.best_plan.prediction.tokens_per_s:,.0f}", f"{row.speedup:.2f}x", gains or "same plan")

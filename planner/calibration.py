@@ -231,7 +231,7 @@ class QualityRow:
 
 # Knobs reverted one at a time (schedule and its virtual stages together).
 QUALITY_KNOBS = {"micro_batch": ("micro_batch",), "schedule": ("schedule", "virtual_stages"), "recompute": ("recompute",),
-                 "sequence_parallel": ("sequence_parallel",), "distributed_optimizer": ("distributed_optimizer",)}
+                 "sequence_parallel": ("sequence_parallel",), "zero": ("zero",)}
 
 
 def plan_quality(rows: list[CalibrationRow]) -> list[QualityRow]:
@@ -259,7 +259,7 @@ def plan_quality(rows: list[CalibrationRow]) -> list[QualityRow]:
                 gains[name] = "invalid with the other knobs"
                 continue
             gains[name] = 100 * (1 - alt.prediction.tokens_per_s / best.prediction.tokens_per_s) if alt.prediction.fits else "needed to fit"
-        if (bk.tp, bk.pp, bk.dp) != (pk.tp, pk.pp, pk.dp):
-            gains["tp x pp x dp"] = f"{pk.tp}x{pk.pp}x{pk.dp} -> {bk.tp}x{bk.pp}x{bk.dp}"
+        if (bk.tp, bk.cp, bk.pp, bk.dp) != (pk.tp, pk.cp, pk.pp, pk.dp):
+            gains["tp x cp x pp x dp"] = f"{pk.tp}x{pk.cp}x{pk.pp}x{pk.dp} -> {bk.tp}x{bk.cp}x{bk.pp}x{bk.dp}"
         out.append(QualityRow(r.name, pub, best, gains))
     return out

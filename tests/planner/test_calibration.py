@@ -63,3 +63,13 @@ def test_mt_nlg_deepspeed_runs_are_within_10_percent_at_280_and_350_nodes_and_15
 
 def test_every_calibration_plan_fits_in_memory(rows):
     assert all(r.plan.prediction.fits for r in rows)
+
+
+def test_plan_quality_sets_each_changed_knob_back_and_prices_it(rows):
+    from planner.calibration import QUALITY_KNOBS, plan_quality
+
+    (q,) = plan_quality([r for r in rows if r.name == "gpt-1.7b"])
+    assert q.speedup >= 1.0  # the search's plan is never predicted slower than the published one it could have picked
+    assert q.knob_gains and set(q.knob_gains) <= set(QUALITY_KNOBS) | {"tp x cp x pp x dp"}
+    for name, gain in q.knob_gains.items():
+        assert isinstance(gain, str) or gain >= -1e-9, (name, gain)  # setting a knob back never makes the best plan faster
