@@ -25,8 +25,8 @@ def even_stages(layers: int, n: int) -> list[list[int]]:
     return [[edges[i], edges[i + 1]] for i in range(n)]
 
 
-def plan_dict(*, tp=1, pp=1, dp=1, micro_batch=2, num_microbatches=4, schedule="1f1b", virtual_stages=1,
-              sequence_parallel=False, distributed_optimizer=False, layers=None, recompute="none",
+def plan_dict(*, tp=1, cp=1, pp=1, dp=1, micro_batch=2, num_microbatches=4, schedule="1f1b", virtual_stages=1,
+              sequence_parallel=False, zero=0, precision="bf16", compile=False, layers=None, recompute="none",
               recompute_layers=None, model=None) -> dict:
     """A version-1 plan; `layers` gives the [first, last) range of each stage (even split by default)."""
     model = dict(model or TINY)
@@ -36,10 +36,10 @@ def plan_dict(*, tp=1, pp=1, dp=1, micro_batch=2, num_microbatches=4, schedule="
                "recompute_layers": recompute_layers, "memory_gib": 0.0} for i, r in enumerate(ranges)]
     return {"version": 1, "id": "", "created_by": "meshplan tests", "model": model,
             "cluster": CLUSTER, "global_batch": micro_batch * num_microbatches * dp, "micro_batch": micro_batch,
-            "num_microbatches": num_microbatches, "tp": tp, "pp": pp, "dp": dp, "schedule": schedule,
-            "virtual_stages": virtual_stages, "sequence_parallel": sequence_parallel,
-            "distributed_optimizer": distributed_optimizer, "stages": stages, "prediction": None,
-            "profile": "cpu (datasheet)"}
+            "num_microbatches": num_microbatches, "tp": tp, "cp": cp, "pp": pp, "dp": dp, "schedule": schedule,
+            "virtual_stages": virtual_stages, "sequence_parallel": sequence_parallel, "zero": zero,
+            "distributed_optimizer": zero >= 1, "precision": precision, "compile": compile, "stages": stages,
+            "prediction": None, "profile": "cpu (datasheet)"}
 
 
 def write_plan(path: Path, **knobs) -> Path:
@@ -93,14 +93,14 @@ def small_vocab_tokens() -> Path:
 
 
 def run_layout(tmp: Path, steps: int | None = None, extra: tuple = (), model: str = "test-tiny", **knobs) -> dict:
-    """Write a plan of this model with these knobs, run it on tp*pp*dp spawned ranks, return its results line.
+    """Write a plan of this model with these knobs, run it on tp*cp*pp*dp spawned ranks, return its results line.
     llama-tiny models train on small_vocab_tokens() with LLAMA_FLAGS; test-tiny on the synthetic stream, with defaults."""
     from tests.conftest import run_on_ranks
 
     tmp = Path(tmp)
     plan = write_plan(tmp / "plan.json", model=MODELS[model], **knobs)
     results = tmp / "results.jsonl"
-    world = knobs.get("tp", 1) * knobs.get("pp", 1) * knobs.get("dp", 1)
+    world = knobs.get("tp", 1) * knobs.get("cp", 1) * knobs.get("pp", 1) * knobs.get("dp", 1)
     steps = steps or (LLAMA_STEPS if model.startswith("llama") else PARITY_STEPS)
     data = ("--data", small_vocab_tokens(), *LLAMA_FLAGS) if model.startswith("llama") else ()
     codes = run_on_ranks(launch, world, plan, "--steps", steps, "--results", results, *data, *extra)

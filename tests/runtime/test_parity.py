@@ -63,8 +63,8 @@ def test_pp2_dp2_loss_matches_single_process(tmp_path):
     assert_matches_single_process(run_layout(tmp_path, pp=2, dp=2, num_microbatches=2))
 
 
-def test_fsdp2_distributed_optimizer_loss_matches_single_process(tmp_path):
-    assert_matches_single_process(run_layout(tmp_path, dp=2, num_microbatches=2, distributed_optimizer=True))
+def test_dp2_zero3_fsdp2_loss_matches_single_process(tmp_path):
+    assert_matches_single_process(run_layout(tmp_path, dp=2, num_microbatches=2, zero=3))
 
 
 def test_pp2_uneven_stages_loss_matches_single_process(tmp_path):
@@ -106,8 +106,8 @@ def test_llama_dp2_ddp_matches_single_process_and_loss_falls(tmp_path):
     assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", dp=2, num_microbatches=2))
 
 
-def test_llama_dp2_fsdp2_selective_recompute_matches_single_process_and_loss_falls(tmp_path):
-    assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", dp=2, num_microbatches=2, distributed_optimizer=True,
+def test_llama_dp2_zero2_fsdp2_selective_recompute_matches_single_process_and_loss_falls(tmp_path):
+    assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", dp=2, num_microbatches=2, zero=2,
                                               recompute="selective"))
 
 

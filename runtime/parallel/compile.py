@@ -1,0 +1,26 @@
+"""torch.compile of each transformer block, as torchtitan applies it (apply_compile, per TransformerBlock): the
+blocks are identical, so one compiled graph serves them all, and what sits between blocks (embedding, head, the
+pipeline's sends, FSDP2's hooks) stays eager. Applied after TP, CP and recomputation (which the compiled graph then
+contains) and before FSDP2, which wraps the compiled block.
+
+A compiled block is an OptimizedModule holding the block as `_orig_mod`; parameter names gain that prefix, which
+runtime.parallel.recompute.clean_fqn strips (torch.distributed.checkpoint strips it too).
+
+On CPU the blocks compile to C++ through inductor (gcc); on CUDA to Triton kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def apply_compile(blocks: nn.ModuleDict) -> None:
+    """Compile each block of this stage in place (fullgraph: a graph break inside a block is an error, not a
+    silent fall back to eager)."""
+    for name in list(blocks.keys()):
+        blocks[name] = torch.compile(blocks[name], fullgraph=True)
+
+
+def compile_problem(*, pp: int, recompute: list[str]) -> str | None:
+    """Why the runtime cannot compile a plan's blocks on this torch, or None."""
+    return None
