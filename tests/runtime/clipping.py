@@ -34,6 +34,6 @@ def clipped_under_tp(max_norm: float) -> tuple[float, dict]:
     x = batch()
     with loss_parallel():
         cross_entropy(model(x), x, mesh.tp).backward()
-    norm = clip_grad_norm_([model], max_norm, mesh)
+    norm = clip_grad_norm_([model], max_norm, mesh.world)
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in model.named_parameters()}
     return norm, grads
