@@ -78,7 +78,7 @@ def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> Non
     """What the runtime needs beyond load_plan's checks; raises before any process group exists."""
     if plan.precision == "fp8" and (why := fp8_problem()) is not None:
         raise SpecError(args.plan, "precision", why)
-    if plan.compile and (why := compile_problem(pp=plan.pp, recompute=[s.recompute for s in plan.stages])) is not None:
+    if plan.compile and (why := compile_problem(tp=plan.tp, sequence_parallel=plan.sequence_parallel)) is not None:
         raise SpecError(args.plan, "compile", why)
     if world_size != plan.world_size:
         raise PlanError(f"{args.plan}: world_size: tp {plan.tp} x cp {plan.cp} x pp {plan.pp} x dp {plan.dp} = "

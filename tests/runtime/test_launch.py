@@ -183,3 +183,14 @@ def test_llama_plan_the_runtime_cannot_build_is_refused_in_one_line_naming_the_f
     world = knobs.get("pp", 1) * knobs.get("tp", 1)
     err = refusal(capsys, monkeypatch, plan_dict(model={**LLAMA_TINY, **model}, **knobs), tmp_path, world_size=world)
     assert message in err
+
+
+def test_fp8_on_cpu_ranks_is_refused_in_one_line_naming_precision(capsys, monkeypatch, tmp_path):
+    # torch._scaled_mm needs FP8 tensor cores (CUDA compute capability >= 8.9); this machine has none.
+    err = refusal(capsys, monkeypatch, plan_dict(precision="fp8"), tmp_path)
+    assert ": precision: fp8 needs a CUDA GPU of compute capability >= 8.9" in err
+
+
+def test_compile_with_tp_but_no_sequence_parallel_is_refused_in_one_line_naming_compile(capsys, monkeypatch, tmp_path):
+    err = refusal(capsys, monkeypatch, plan_dict(tp=2, compile=True), tmp_path, world_size=2)
+    assert ": compile: compile with tp > 1 needs sequence_parallel" in err
