@@ -4,20 +4,24 @@ On CUDA: torch.cuda.max_memory_reserved (what the caching allocator holds at the
 and max_memory_allocated, both from the steps after warm-up.
 
 On CPU there is no allocator that keeps statistics, so LiveTensorBytes counts: the peak, over the op boundaries of
-the training thread, of the bytes of every live tensor storage. A TorchDispatchMode sees each op's inputs and
-outputs; a storage first seen as an output is new, one first seen as an input existed before counting began (the
-weights, optimizer state, DDP's buckets, a pipeline stage's receive buffers) and counts from the start; each
-storage counts until it is freed (a weak reference on the storage, which torch keeps alive exactly as long as the
-memory) and with its current size (FSDP2 allocates and frees the gathered weights by resizing their storages:
-UntypedStorage.resize_ is watched while counting). Chosen over torch.profiler's memory profile because it is
-exact and deterministic at op granularity and can say what each byte at the peak is: the profiler records
-allocations only on the profiled thread, so a tensor freed on a gloo thread is never freed in its count.
+the training thread, of the bytes of every live tensor storage. On entry it takes every tensor Python can reach
+(weights, gradients, optimizer state, DDP's buckets, a pipeline stage's buffers); then a TorchDispatchMode sees
+each op's inputs and outputs and counts every storage from the moment the training thread first holds it until it
+is freed (a weak reference on the storage, which torch keeps alive exactly as long as the memory), at its current
+size (FSDP2 allocates and frees the gathered weights by resizing their storages: UntypedStorage.resize_ is watched
+while counting). Chosen over torch.profiler's memory profile because it is deterministic and can say what each
+byte at the peak is: the profiler counts allocations on the profiled thread only, and a buffer that a gloo worker
+frees would stay in its count forever.
 
-What it does not see: memory inside one op (a kernel's workspace, DTensor's and gloo's internal buffers, freed
-before the op returns), and the inside of compiled code (inductor's kernels allocate below the dispatcher): a
---compile run on CPU is not counted (runtime.launch records the resident set instead and says so).
-It costs about half a step's time more, so runtime.launch counts one step on CPU: the last warm-up step, at least
-the second step of the run (the first allocates the optimizer state and, under pipelining, infers shapes).
+What it does not see: memory inside one op (a kernel's workspace, DTensor's internal buffers, freed before the op
+returns); buffers that a gloo worker thread makes and frees (gloo's reduce-scatter reduces a whole copy of its input
+on the worker and splits it on the training thread: counting it would make the count depend on when the worker lets
+go of it, which varies from run to run); and the inside of compiled code (inductor's kernels allocate below the
+dispatcher): a --compile run on CPU is not counted (runtime.launch records the resident set instead and says so in
+RunResult.memory_counter).
+It costs about half a step's time more, so runtime.launch counts the last step of a CPU run and leaves it out of
+tokens/s. The count is the steady state from the third step on: the first allocates the optimizer state (and,
+under pipelining, infers shapes), and DDP rebuilds its buckets in the second.
 
 measure_memory runs a plan on CPU ranks with torchrun for a few steps and returns each rank's peak, broken down."""
 
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,9 @@ CATEGORIES = ("parameters", "gradients", "optimizer_state", "gathered_weights", 
 """What each byte at the peak is (LiveTensorBytes.breakdown): this rank's persistent weights (FSDP2: its shards),
 gradients, AdamW state, the whole weights FSDP2 all-gathers for a block (zero 2 and 3), and everything else
 (activations kept for backward, recomputation, gradients of activations, communication buffers, temporaries)."""
+
+
+FOREIGN = "made out of sight"
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -79,7 +87,9 @@ class LiveTensorBytes(TorchDispatchMode):
         uid = next(self._uid)
         self._keys[key] = uid
         self._refs[uid] = weakref.ref(st, lambda _, uid=uid, key=key: self._freed(uid, key))
-        n = st.nbytes()
+        # A storage first met as an input was made where the counter cannot see (a gloo worker thread) and is freed
+        # there too, at a moment that varies from run to run: it is left out, so that the count stays the same.
+        n = 0 if self._op == FOREIGN else st.nbytes()
         self._bytes[uid] = n
         self.live += n
         self._origin[uid] = self._op
@@ -114,9 +124,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         with self._lock:
-            # An input not seen yet was made where the counter cannot see (a gloo worker thread, inside another
-            # op): it counts from here, where the training thread first holds it.
-            self._op = f"first seen as an input of {func.overloadpacket}"
+            self._op = FOREIGN
             self._see(tree_leaves((args, kwargs)))
         out = func(*args, **(kwargs or {}))
         with self._lock:
@@ -139,8 +147,12 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __enter__(self):
         # What is alive now: every tensor Python can reach (weights, gradients, optimizer state, DDP's buckets, which
-        # the gradients view, a pipeline stage's buffers). Between steps no storage lives in C++ alone.
-        with self._lock:
+        # the gradients view, a pipeline stage's buffers). Between steps no storage lives in C++ alone. Garbage held
+        # by reference cycles is collected first: it would otherwise be freed whenever the collector next runs, which
+        # depends on what ran before (an earlier run in the same process, say), and the count would too.
+        gc.collect()
+        with self._lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # isinstance() on deprecated torch objects (torch.distributed.reduce_op) warns
             self._op = "before counting"
             self._see([o for o in gc.get_objects() if isinstance(o, torch.Tensor)])
         self._resize = torch.UntypedStorage.resize_
