@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -68,6 +69,64 @@ def launch(*argv) -> int:
     from runtime.launch import cli
 
     return cli([str(a) for a in argv])
+
+
+def launch_each(runs: list) -> list[dict]:
+    """Runs on each spawned rank: runtime.launch.cli once per (port, argv) of `runs`, one after another in this
+    process, each with a process group of its own on its own port. Per run: the exit code, how many gradient
+    reduce-scatters this rank issued and how many graphs torch.compile made."""
+    import torch._dynamo.utils
+    import torch.distributed as dist
+
+    from runtime.launch import cli
+
+    calls = [0]
+    name = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+    original = getattr(dist, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    setattr(dist, name, counted)  # FSDP2 looks the collective up on torch.distributed at each call
+    out = []
+    try:
+        for port, argv in runs:
+            os.environ["MASTER_PORT"] = str(port)
+            calls[0], graphs = 0, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            code = cli([str(a) for a in argv])
+            out.append({"code": code, "reduce_scatters": calls[0],
+                        "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs})
+    finally:
+        setattr(dist, name, original)
+    return out
+
+
+def run_layouts(tmp: Path, layouts: dict[str, dict], steps: int, extra: tuple = ()) -> dict[str, dict]:
+    """Several layouts of the same world size, in one spawn of its ranks (launch_each): {name: its results line, plus
+    'reduce_scatters' and 'compiled_graphs', rank by rank}. Each layout's knobs may name its `model` (run_layout's) and
+    its own `steps` and runtime.launch `flags` (instead of `extra`)."""
+    from tests.conftest import free_port, run_on_ranks
+
+    tmp = Path(tmp)
+    worlds = {k.get("tp", 1) * k.get("cp", 1) * k.get("pp", 1) * k.get("dp", 1) for k in layouts.values()}
+    assert len(worlds) == 1, f"one world size per spawn, got {worlds}"
+    runs = []
+    for name, knobs in layouts.items():
+        knobs = dict(knobs)
+        model = knobs.pop("model", "test-tiny")
+        layout_steps, flags = knobs.pop("steps", steps), knobs.pop("flags", extra)
+        plan = write_plan(tmp / f"{name}.json", model=MODELS[model], **knobs)
+        data = ("--data", small_vocab_tokens(), *LLAMA_FLAGS) if model.startswith("llama") else ()
+        runs.append((free_port(), [plan, "--steps", layout_steps, "--results", tmp / f"{name}.jsonl", *data, *flags]))
+    world = worlds.pop()
+    per_rank = run_on_ranks(launch_each, world, runs, timeout_s=900)
+    out = {}
+    for i, name in enumerate(layouts):
+        assert [r[i]["code"] for r in per_rank] == [0] * world, (name, per_rank)
+        out[name] = {**last_result(tmp / f"{name}.jsonl"), "reduce_scatters": [r[i]["reduce_scatters"] for r in per_rank],
+                     "compiled_graphs": [r[i]["compiled_graphs"] for r in per_rank]}
+    return out
 
 
 def last_result(path: Path) -> dict:
