@@ -70,7 +70,11 @@ class ShardedOptimizer:
         self.sources = [dist.get_global_rank(self.group, owner[id(p)]) for p in self.params]
         self.optim = torch.optim.AdamW([{**g, "params": [p for p in g["params"] if owner[id(p)] == me]} for g in groups],
                                        **defaults)
-        self.param_groups = self.optim.param_groups
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Looked up each time: loading a checkpoint gives the inner optimizer a new list of groups.
+        return self.optim.param_groups
 
     @torch.no_grad()
     def step(self) -> None:
