@@ -87,19 +87,3 @@ def test_killed_rank_fails_torchrun_naming_the_rank_and_a_restart_resumes(tmp_pa
     assert last_result(restarted)["steps"] == 2
     assert last_result(restarted)["losses"] == last_result(uninterrupted)["losses"][resumed_from:]
 
-
-def test_zero1_under_tp_resumes_exactly_with_each_ranks_own_optimizer_state(tmp_path):
-    # ZeRO-1 by hand (DTensor weights): each rank saves the state of the weights it owns, and a resumed run steps
-    # on with the learning-rate schedule, not the one the checkpoint recorded. Three runs in one spawn of 4 ranks.
-    from tests.conftest import free_port
-    from tests.runtime.planfiles import launch_each
-
-    plan = write_plan(tmp_path / "plan.json", tp=2, dp=2, zero=1, num_microbatches=2)
-    ckpt = tmp_path / "ckpt"
-    # The third step's loss is the first to depend on a resumed optimizer step (the second's).
-    runs = [(free_port(), [plan, "--steps", 3, "--results", tmp_path / "full.jsonl", *SCHEDULE]),
-            (free_port(), [plan, "--steps", 1, "--checkpoint-dir", ckpt, "--results", tmp_path / "first.jsonl", *SCHEDULE]),
-            (free_port(), [plan, "--steps", 3, "--checkpoint-dir", ckpt, "--results", tmp_path / "rest.jsonl", *SCHEDULE])]
-    assert all(r["code"] == 0 for rank in run_on_ranks(launch_each, 4, runs, timeout_s=600) for r in rank)
-    resumed = last_result(tmp_path / "first.jsonl")["losses"] + last_result(tmp_path / "rest.jsonl")["losses"]
-    assert resumed == last_result(tmp_path / "full.jsonl")["losses"]
