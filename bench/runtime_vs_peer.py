@@ -7,7 +7,7 @@ Both sides live in the same two processes and take turns step by step (who goes 
 the load of a shared machine hits them alike; measured one process pair after another, the ratio swung from
 0.4 to 1.8 here. The runtime side is built and stepped by the functions runtime.launch.main calls
 (split_model, init_weights, apply_data_parallel, build_stages, build_schedule, pipeline_step, AdamW step), on
-the (pp, dp, tp) mesh; the bare side builds the model, deletes layers by hand and drives one PipelineStage
+the (pp, dp, cp, tp) mesh; the bare side builds the model, deletes layers by hand and drives one PipelineStage
 with Schedule1F1B on the default group. Each step (forward, backward, optimizer) is timed between barriers,
 warm-up steps are left out (pipelining infers shapes in step one), and the table quotes medians.
 Target: runtime / bare >= 0.95.
@@ -37,7 +37,7 @@ def make_plan():
     stages = (Stage((0, half), True, False), Stage((half, model.layers), False, True))
     return with_id(Plan(model=model, cluster=load_cluster("local-cpu", gpus_per_node=PP), global_batch=MICRO_BATCH * MICROBATCHES,
                         micro_batch=MICRO_BATCH, num_microbatches=MICROBATCHES, tp=1, pp=PP, dp=1, schedule="1f1b",
-                        virtual_stages=1, sequence_parallel=False, distributed_optimizer=False, stages=stages))
+                        virtual_stages=1, sequence_parallel=False, zero=0, stages=stages))
 
 
 def runtime_side(plan, device):
@@ -45,7 +45,8 @@ def runtime_side(plan, device):
     import torch
 
     from runtime import checkpoint, data
-    from runtime.launch import build_optimizer, pipeline_step, time_stage_calls
+    from runtime.parallel.optimizer import build_optimizer
+    from runtime.train import pipeline_step, time_stage_calls
     from runtime.mesh import build_mesh
     from runtime.model import GPT, GPTConfig
     from runtime.parallel.data import apply_data_parallel
@@ -53,17 +54,17 @@ def runtime_side(plan, device):
     from runtime.parallel.recompute import apply_recompute
     from runtime.parallel.tensor import cross_entropy
 
-    mesh = build_mesh(plan.pp, plan.dp, plan.tp, device.type)
+    mesh = build_mesh(pp=plan.pp, dp=plan.dp, tp=plan.tp, device_type=device.type)
     cfg = GPTConfig.from_spec(plan.model, plan.tp)
     with torch.device("meta"):
         model = GPT(cfg)
-    chunks = split_model(model, plan.stages, plan.pp, mesh["pp"].get_local_rank())
+    chunks = split_model(model, plan.stages, plan.pp, mesh.pp.get_local_rank())
     for idx, chunk in chunks.items():
         apply_recompute(chunk.layers, plan.stages[idx].recompute, plan.stages[idx].recompute_layers)
         checkpoint.init_weights(chunk, cfg, SEED, device)
-        chunks[idx] = apply_data_parallel(chunk, mesh["dp"], shard_optimizer=False, tp=1, pipelined=True)
+        chunks[idx] = apply_data_parallel(chunk, mesh.replicas, zero=0, tp=1, pipelined_microbatches=plan.num_microbatches)
     optimizers = {idx: build_optimizer(chunk, 1e-3) for idx, chunk in chunks.items()}
-    stages = build_stages(chunks, len(plan.stages), mesh["pp"], device)
+    stages = build_stages(chunks, len(plan.stages), mesh.pp, device)
     schedule = build_schedule(stages, plan.schedule, plan.num_microbatches, lambda out, y: cross_entropy(out, y, None))
     time_stage_calls(stages, {idx: {"forward_s": [], "backward_s": []} for idx in chunks})
     source = data.synthetic(plan.model.vocab, SEED)

@@ -33,7 +33,9 @@ class RunResult:
     losses: list
     """Mean loss of each step over the global batch (mean over data-parallel replicas of their microbatch means)."""
     peak_memory_gib: list
-    """Per rank: the CUDA allocator's peak on GPU, the resident set's peak (ru_maxrss) on CPU, GiB."""
+    """Per rank, GiB, as memory_counter says: on GPU the CUDA allocator's max_memory_reserved after warm-up (what an
+    OOM is decided on); on CPU the peak of live tensor bytes in one step after warm-up (runtime.memory), or in a
+    compiled run the resident set's peak (ru_maxrss)."""
     predicted: dict | None
     """The plan's prediction, as plan.json holds it, or None when the plan has none."""
     started_at: str
@@ -51,6 +53,20 @@ class RunResult:
     `planner profile` times, timed on every rank at once just before training; the median over ranks),
     cpu_share (the share of a core a rank got meanwhile), background_cores (cores other processes used during
     the timed steps) and cpu_count. None in results written before runtime.launch recorded it."""
+    peak_allocated_gib: list | None = None
+    """Per rank, GiB: on GPU max_memory_allocated after warm-up (tensors, without the allocator's cache); on CPU the
+    same figure as peak_memory_gib (no cache). None in results written before runtime.launch recorded it."""
+    memory_counter: str | None = None
+    """How peak_memory_gib was measured (runtime.launch.rank_memory says it in words); None in older results."""
+    memory_breakdown_bytes: list | None = None
+    """Per rank on CPU: what the bytes live at the peak were (runtime.memory.CATEGORIES -> bytes, summing to the
+    peak); None on GPU, in compiled CPU runs and in older results."""
+    memory_transient_by_op: list | None = None
+    """Per rank on CPU: the activations_and_transient bytes at the peak by the op that made them (aten.mm, ...;
+    'first seen as an input of X' for storages made where the counter cannot see, such as gloo's buffers)."""
+    memory_step: int | None = None
+    """Index in step_s of the step that counted memory on CPU (the last; counting makes it slower, so tokens_per_s
+    and stage_timings leave it out); None where no step was left out (GPU, compiled, or no other step after warm-up)."""
 
 
 def median_tokens_per_s(step_s: list[float], warmup: int, tokens_per_step: int) -> float:
@@ -66,7 +82,8 @@ def result_to_dict(result: RunResult) -> dict:
 def result_from_dict(d: dict, source: str) -> RunResult:
     """Validate one results line (unknown or missing keys, types) and build the RunResult."""
     r = from_dict(RunResult, d, source)
-    for name in ("step_s", "losses", "peak_memory_gib") + (("grad_norms",) if r.grad_norms is not None else ()):
+    optional = tuple(n for n in ("grad_norms", "peak_allocated_gib") if getattr(r, n) is not None)
+    for name in ("step_s", "losses", "peak_memory_gib") + optional:
         value = getattr(r, name)
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise SpecError(source, name, f"expected a list of numbers, got {value!r}")

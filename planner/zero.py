@@ -33,15 +33,15 @@ class DataParallelMode:
     overlaps_backward: bool
     """The reduction runs under the backward (DDP's buckets, FSDP2's hooks); otherwise after it."""
     overlap_needs_plain_dp: bool
-    """The overlap holds only where DDP itself reduces: no tp, cp or pp (runtime/parallel/data.py says why the
-    runtime reduces by hand, after the last backward, otherwise)."""
+    """The overlap holds only where DDP itself reduces: no tp and no pp (runtime/parallel/data.py says why the
+    runtime reduces by hand, after the last backward, otherwise; cp alone keeps DDP)."""
 
 
 ZERO_MODES = {
-    0: DataParallelMode(0, "DDP (or a bucketed all-reduce by hand under tp, cp or pp)", False, False, False, None,
+    0: DataParallelMode(0, "DDP (or a bucketed all-reduce by hand under tp or pp)", False, False, False, None,
                         False, 0, 0, True, True),
-    1: DataParallelMode(1, "DDP with torch's ZeroRedundancyOptimizer (optimizer state sharded, updated weights broadcast)",
-                        True, False, False, None, False, 0, 1, True, True),
+    1: DataParallelMode(1, "DDP with torch's ZeroRedundancyOptimizer (optimizer state sharded, updated weights broadcast; "
+                           "the same by hand for tp's DTensor weights)", True, False, False, None, False, 0, 1, True, True),
     2: DataParallelMode(2, "FSDP2 fully_shard(reshard_after_forward=False)", True, True, True, False, True, 0, 1, True, False),
     3: DataParallelMode(3, "FSDP2 fully_shard(reshard_after_forward=True)", True, True, True, True, True, 2, 0, True, False),
 }

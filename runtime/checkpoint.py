@@ -4,7 +4,8 @@ initial weights that make every layout start from the same model.
 Layout of a checkpoint directory D: D/step_000012/ is one DCP checkpoint, complete once its .metadata file
 exists (DCP's coordinator writes it last), so a run killed while saving leaves an incomplete directory that
 resuming skips. The model's keys are its global FQNs (the same in every layout: DCP reshards DTensors on
-load); each stage's optimizer sits under optim/stage<k>, so resuming needs the same plan."""
+load); each stage's optimizer sits under optim/stage<k>, so resuming needs the same plan. Under ZeRO-1 each rank
+saves the optimizer state of the parameters it owns (runtime.parallel.optimizer.local_optimizer)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,16 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from runtime.model import GPTConfig, init_full_tensor
+from runtime.parallel.optimizer import local_optimizer
 from runtime.parallel.recompute import clean_fqn
+
+# Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), not by position in a param group: under ZeRO-1 each
+# rank's optimizer holds the parameters it owns only, so only FQN keys mean the same thing on every rank.
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -60,7 +66,7 @@ def latest_step(directory: str | Path) -> int | None:
 def _state(chunks: dict[int, nn.Module], optimizers: dict[int, torch.optim.Optimizer], step: int) -> dict:
     model_sd, optim_sd = {}, {}
     for idx, chunk in chunks.items():
-        m, o = get_state_dict(chunk, optimizers[idx])
+        m, o = get_state_dict(chunk, local_optimizer(optimizers[idx]), options=OPTIONS)
         model_sd.update(m)
         optim_sd[f"stage{idx}"] = o
     return {"step": torch.tensor(step), "model": model_sd, "optim": optim_sd}
@@ -80,7 +86,8 @@ def load(directory: str | Path, step: int, chunks: dict[int, nn.Module],
     state = _state(chunks, optimizers, 0)
     dcp.load(state, checkpoint_id=str(Path(directory) / f"step_{step:06d}"))
     for idx, chunk in chunks.items():
-        own = get_state_dict(chunk, optimizers[idx])[0].keys()
-        set_state_dict(chunk, optimizers[idx], model_state_dict={k: state["model"][k] for k in own},
-                       optim_state_dict=state["optim"][f"stage{idx}"])
+        opt = local_optimizer(optimizers[idx])
+        own = get_state_dict(chunk, opt, options=OPTIONS)[0].keys()
+        set_state_dict(chunk, opt, model_state_dict={k: state["model"][k] for k in own},
+                       optim_state_dict=state["optim"][f"stage{idx}"], options=OPTIONS)
     return int(state["step"])

@@ -4,6 +4,8 @@ Both are indexed by step: the batch of step k depends only on (seed, k), never o
 resumed from a checkpoint at step k sees exactly the batches the uninterrupted run saw. Each step draws
 plan.global_batch sequences of seq_len + 1 tokens; data-parallel replica r takes rows
 [r * B/dp, (r + 1) * B/dp) of them, and the pipeline schedule (or the plain loop) cuts those into microbatches.
+Under context parallelism cp rank c keeps only the tokens of its two sequence chunks, of inputs and targets alike
+(runtime.parallel.context.token_positions), so a token's target stays on the rank that predicts it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from planner.errors import SpecError
+from runtime.parallel.context import token_positions
 
 SUCCESSORS = 4
 """Tokens each token can be followed by in the synthetic chain."""
@@ -64,9 +67,9 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def get_batch(source: SyntheticBigram | TokenFile, *, step: int, seed: int, global_batch: int, seq_len: int,
-              dp_rank: int, dp: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of this replica for `step`: two (global_batch/dp, seq_len) int64 tensors, targets
-    shifted one token to the left."""
+              dp_rank: int, dp: int, vocab: int, cp_rank: int = 0, cp: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of this replica for `step`: two (global_batch/dp, seq_len/cp) int64 tensors, targets
+    shifted one token to the left (before the sequence is cut over cp)."""
     rows = global_batch // dp
     lo, hi = dp_rank * rows, (dp_rank + 1) * rows
     g = _step_generator(seed, step)
@@ -86,4 +89,8 @@ def get_batch(source: SyntheticBigram | TokenFile, *, step: int, seed: int, glob
             # Index of the successor: how many cumulative probabilities u[:, t] exceeds.
             choice = (u[:, t, None] > source.cum_probs[prev]).sum(1).clamp_(max=SUCCESSORS - 1)  # (rows,)
             seq[:, t] = source.successors[prev, choice]
-    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()  # (rows, T), (rows, T)
+    x, y = seq[:, :-1], seq[:, 1:]  # (rows, T), (rows, T)
+    if cp > 1:
+        mine = token_positions(seq_len, cp, cp_rank)
+        x, y = x[:, mine], y[:, mine]  # (rows, T/cp) each: this cp rank's two chunks
+    return x.contiguous(), y.contiguous()

@@ -3,20 +3,19 @@
 [--lr-decay-steps D] [--lr-min-ratio R] [--max-grad-norm G]`.
 
 main() reads top to bottom: load the plan, init the process group, build the mesh, build the model on meta,
-split stages, apply TP, recompute, init or load weights with DP applied, train, write results. CPU ranks talk
-over gloo, GPUs over NCCL; torchrun's usual flags (--nnodes, --rdzv-endpoint, ...) span nodes.
+split stages, apply FP8, TP, CP, recompute and compile, init or load weights with the ZeRO stage applied, train,
+write results. CPU ranks talk over gloo, GPUs over NCCL; torchrun's usual flags (--nnodes, --rdzv-endpoint, ...)
+span nodes.
 
 Training is what users expect of a GPT/Llama run: AdamW, a linear learning-rate warm-up then cosine decay,
 gradient-norm clipping over the whole model (runtime.parallel.clip), and one log line per step (loss, grad
-norm, lr, tokens/s, MFU, memory).
+norm, lr, tokens/s, MFU, memory). Memory is measured as the planner defines it (runtime.memory).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
-import math
 import os
 import resource
 import sys
@@ -25,9 +24,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor.parallel import loss_parallel
-from torch.nn.parallel import DistributedDataParallel
 
 from planner import __version__
 from planner.errors import MeshplanError, PlanError, SpecError
@@ -36,14 +33,20 @@ from planner.plan import Plan, load_plan, plan_id, plan_to_dict
 from planner.results import RunResult, append_result, median_tokens_per_s
 from planner.specs import load_device
 from planner.slurm import torchrun_prefix
-from runtime import checkpoint, data
+from runtime import checkpoint, data, machine
+from runtime.memory import LiveTensorBytes
 from runtime.mesh import build_mesh
 from runtime.model import GPT, GPTConfig
 from runtime.parallel.clip import clip_grad_norm_
-from runtime.parallel.data import all_reduce_gradients, apply_data_parallel, needs_manual_all_reduce
+from runtime.parallel.compile import apply_compile, compile_problem
+from runtime.parallel.context import apply_cp
+from runtime.parallel.data import all_reduce_gradients, apply_data_parallel, finish_step, reduces_by_hand, zero_grad_to_none
+from runtime.parallel.optimizer import build_optimizer
 from runtime.parallel.pipeline import build_schedule, build_stages, split_model
 from runtime.parallel.recompute import apply_recompute
 from runtime.parallel.tensor import apply_tp, cross_entropy
+from runtime.precision import apply_fp8, fp8_problem
+from runtime.train import lr_at, pipeline_step, plain_step, synchronize, time_stage_calls
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", help="save checkpoints here; a run started again with it resumes")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every K steps (default: only at the end)")
     p.add_argument("--data", help="flat uint16 token file (nanoGPT's train.bin); default: a seeded synthetic stream")
-    p.add_argument("--warmup", type=int, default=1, help="steps left out of tokens/s and stage timings (default 1)")
+    p.add_argument("--warmup", type=int, default=1, help="steps left out of tokens/s and stage timings (default 1; at least 1 under "
+                   "pipelining; on CPU the last step, which counts memory, is left out too)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default 1e-3)")
     p.add_argument("--lr-warmup-steps", type=int, default=None,
                    help="steps of linear warm-up to --lr (default: a tenth of --steps, at least 1)")
@@ -72,13 +76,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> None:
     """What the runtime needs beyond load_plan's checks; raises before any process group exists."""
-    if plan.cp > 1 or plan.zero > 1 or plan.precision != "bf16" or plan.compile:
-        raise PlanError(f"{args.plan}: cp {plan.cp}, zero {plan.zero}, precision {plan.precision}, compile {plan.compile}: "
-                        "this runtime runs cp 1, zero 0 or 1, bf16 and eager only so far")
+    if plan.precision == "fp8" and (why := fp8_problem()) is not None:
+        raise SpecError(args.plan, "precision", why)
+    if plan.compile and (why := compile_problem(tp=plan.tp, sequence_parallel=plan.sequence_parallel)) is not None:
+        raise SpecError(args.plan, "compile", why)
     if world_size != plan.world_size:
-        raise PlanError(f"{args.plan}: world_size: tp {plan.tp} x pp {plan.pp} x dp {plan.dp} = {plan.world_size} "
-                        f"ranks, but {world_size} were started; run torchrun --nproc-per-node {plan.world_size} "
-                        "(times --nnodes) or re-plan for this many devices")
+        raise PlanError(f"{args.plan}: world_size: tp {plan.tp} x cp {plan.cp} x pp {plan.pp} x dp {plan.dp} = "
+                        f"{plan.world_size} ranks, but {world_size} were started; run torchrun --nproc-per-node "
+                        f"{plan.world_size} (times --nnodes) or re-plan for this many devices")
     for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
                              ("--checkpoint-every", args.checkpoint_every, 0), ("--threads", args.threads, 1),
                              ("--lr-warmup-steps", args.lr_warmup_steps, 1), ("--lr-decay-steps", args.lr_decay_steps, 1),
@@ -96,8 +101,10 @@ def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> Non
     rounds = max(1, m // pp)
     if pp > 1 and plan.schedule == "interleaved" and m % rounds:
         raise SpecError(args.plan, "num_microbatches", f"interleaved 1F1B needs a multiple of pp = {pp} microbatches (or fewer than pp), got {m}")
-    if plan.sequence_parallel and plan.tp > 1 and plan.model.seq_len % plan.tp:
-        raise SpecError(args.plan, "sequence_parallel", f"seq_len {plan.model.seq_len} does not divide by tp {plan.tp}; sequence parallelism splits the sequence over tp")
+    local = plan.model.seq_len // plan.cp  # the tokens of a sequence one cp rank holds
+    if plan.sequence_parallel and plan.tp > 1 and local % plan.tp:
+        raise SpecError(args.plan, "sequence_parallel", f"the {local} tokens per cp rank (seq_len {plan.model.seq_len} / cp "
+                                                        f"{plan.cp}) do not divide by tp {plan.tp}; sequence parallelism splits them over tp")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,27 +124,40 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.set_num_threads(args.threads)
     dist.init_process_group(backend="nccl" if cuda else "gloo")
-    mesh = build_mesh(plan.pp, plan.dp, plan.tp, device.type)
-    pp_rank, dp_rank, tp_rank = (mesh[d].get_local_rank() for d in ("pp", "dp", "tp"))
-    tp_mesh = mesh["tp"] if plan.tp > 1 else None
+    meshes = build_mesh(pp=plan.pp, dp=plan.dp, cp=plan.cp, tp=plan.tp, device_type=device.type)
+    pp_rank, dp_rank, cp_rank, tp_rank = (m.get_local_rank() for m in (meshes.pp, meshes.dp, meshes.cp, meshes.tp))
+    tp_mesh = meshes.tp if plan.tp > 1 else None
+    # The profile's reference block, timed on every rank at once before anything else is built (runtime.machine):
+    # `planner validate` compares it with the profile to tell the machine's drift from the model's error.
+    dist.barrier()
+    reference = machine.time_reference(plan.model, device)
+    # bf16 on CUDA (runtime.precision): FSDP2's mixed precision for zero 2/3, autocast otherwise; fp32 on CPU.
+    fsdp_bf16 = cuda and plan.zero >= 2 and meshes.replicas.size() > 1
+    fp8 = plan.precision == "fp8"
 
-    # The model on meta, cut into this rank's pipeline chunks; then TP, recomputation, weights and DP per chunk.
+    # The model on meta, cut into this rank's pipeline chunks; then FP8, TP, CP, recomputation, compile, weights and
+    # the ZeRO stage (over the dp x cp replicas) per chunk.
     cfg = GPTConfig.from_spec(plan.model, plan.tp)
     with torch.device("meta"):
         model = GPT(cfg)
     chunks = split_model(model, plan.stages, plan.pp, pp_rank)
     for idx, chunk in chunks.items():
+        if fp8:
+            apply_fp8(chunk)
         if tp_mesh is not None:
-            apply_tp(chunk, tp_mesh, sequence_parallel=plan.sequence_parallel, mlp=cfg.mlp)
+            apply_tp(chunk, tp_mesh, sequence_parallel=plan.sequence_parallel, mlp=cfg.mlp, fp8=fp8)
+        if plan.cp > 1:
+            apply_cp(chunk, meshes.cp, seq_len=plan.model.seq_len)
         apply_recompute(chunk.layers, plan.stages[idx].recompute, plan.stages[idx].recompute_layers)
+        if plan.compile:
+            apply_compile(chunk.layers)
         # Seeded weights before DP: DDP cannot wrap meta tensors (it broadcasts at construction), and FSDP2
         # then shards the values it is given. A checkpoint, if any, overwrites them below.
         checkpoint.init_weights(chunk, cfg, args.seed, device)
-        chunks[idx] = apply_data_parallel(chunk, mesh["dp"], shard_optimizer=plan.distributed_optimizer, tp=plan.tp,
-                                          pipelined=plan.pp > 1)
-    manual_dp = needs_manual_all_reduce(dp=plan.dp, tp=plan.tp, pipelined=plan.pp > 1,
-                                        shard_optimizer=plan.distributed_optimizer)
-    optimizers = {idx: build_optimizer(chunk, args.lr) for idx, chunk in chunks.items()}
+        chunks[idx] = apply_data_parallel(chunk, meshes.replicas, zero=plan.zero, tp=plan.tp, bf16=fsdp_bf16,
+                                          pipelined_microbatches=plan.num_microbatches if plan.pp > 1 else 0)
+    by_hand = reduces_by_hand(zero=plan.zero, replicas=meshes.replicas.size(), tp=plan.tp, pipelined=plan.pp > 1)
+    optimizers = {idx: build_optimizer(chunk, args.lr, zero=plan.zero, mesh=meshes.replicas) for idx, chunk in chunks.items()}
     warmup_steps = args.lr_warmup_steps or max(1, args.steps // 10)
     decay_steps = args.lr_decay_steps or args.steps
     peak_tflops = device_peak_tflops(plan)
@@ -150,55 +170,79 @@ def main(argv: list[str] | None = None) -> int:
 
     timings = {idx: {"forward_s": [], "backward_s": []} for idx in chunks}
     if plan.pp > 1:
-        stages = build_stages(chunks, len(plan.stages), mesh["pp"], device)
+        stages = build_stages(chunks, len(plan.stages), meshes.pp, device)
         schedule = build_schedule(stages, plan.schedule, plan.num_microbatches, loss_fn)
         if not cuda:
             time_stage_calls(stages, timings)
 
-    # Train. Each step is timed between barriers; the batch of a step depends only on (seed, step).
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    # pipelining infers shapes during its first step (an extra forward/backward): always a warm-up step.
+    # Train. Each step is timed between barriers; the batch of a step depends only on (seed, step). The autocast
+    # region (zero 0/1 on CUDA) is the whole step: its cache keeps a bf16 copy of every weight until the step ends.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and not fsdp_bf16 else nullcontext()
+    # Pipelining infers shapes during its first step (an extra forward/backward): always a warm-up step. On CPU the
+    # last step counts live tensors (runtime.memory): slower, so it stays out of tokens/s and the stage timings.
+    counter = None if cuda or plan.compile else LiveTensorBytes()
     warmup = max(args.warmup, 1 if plan.pp > 1 else 0)
+    counted_step = args.steps - 1 if counter else min(start + warmup, args.steps) - 1
     step_s, losses, grad_norms = [], [], []
+    meter, busy = machine.BusyMeter(), None  # what other processes ran during the timed steps
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for step in range(start, args.steps):
         lr = lr_at(step, peak=args.lr, warmup_steps=warmup_steps, decay_steps=decay_steps, min_ratio=args.lr_min_ratio)
         x, y = data.get_batch(source, step=step, seed=args.seed, global_batch=plan.global_batch, seq_len=plan.model.seq_len,
-                              dp_rank=dp_rank, dp=plan.dp, vocab=plan.model.vocab)
+                              dp_rank=dp_rank, dp=plan.dp, vocab=plan.model.vocab, cp_rank=cp_rank, cp=plan.cp)
         x, y = x.to(device), y.to(device)
-        synchronize(device)
-        t0 = time.perf_counter()
-        with autocast, (loss_parallel() if tp_mesh is not None else nullcontext()):
-            if plan.pp > 1:
-                loss = pipeline_step(schedule, stages, x, y)
-            else:
-                loss = plain_step(chunks[0], x, y, plan.num_microbatches, loss_fn, timings[0] if not cuda else None)
-        if manual_dp:
-            all_reduce_gradients(chunks.values(), mesh["dp"])
-        grad_norm = clip_grad_norm_(chunks.values(), args.max_grad_norm, mesh)
-        for opt in optimizers.values():
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        synchronize(device)
-        step_s.append(time.perf_counter() - t0)
+        counting = counter is not None and step == counted_step
+        timed = {idx: {k: len(v) for k, v in t.items()} for idx, t in timings.items()}
+        with counter if counting else nullcontext():
+            synchronize(device)
+            if step - start == warmup:
+                meter.start()
+            t0 = time.perf_counter()
+            with autocast, (loss_parallel() if tp_mesh is not None else nullcontext()):
+                if plan.pp > 1:
+                    loss = pipeline_step(schedule, stages, x, y)
+                else:
+                    loss = plain_step(chunks[0], x, y, plan.num_microbatches, loss_fn, timings[0] if not cuda else None)
+            if by_hand:
+                all_reduce_gradients(chunks.values(), meshes.replicas)
+            finish_step(chunks.values())
+            if counting:
+                counter.label(chunks.values(), optimizers.values())
+            grad_norm = clip_grad_norm_(chunks.values(), args.max_grad_norm, meshes.world)
+            for idx, opt in optimizers.items():
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.step()
+                opt.zero_grad(set_to_none=zero_grad_to_none(chunks[idx]))
+            synchronize(device)
+            step_s.append(time.perf_counter() - t0)
+        if step + 1 == args.steps and step - start >= warmup:
+            busy = meter.stop()
         losses.append(loss)
         grad_norms.append(grad_norm)
-        log_step(plan, step, args.steps, loss if tp_rank == 0 else None, grad_norm, lr, step_s[-1], peak_tflops, device)
+        log_step(plan, step, args.steps, loss if tp_rank == 0 else None, grad_norm, lr, step_s[-1], peak_tflops,
+                 device, memory_gib(device, counter, counted=step >= counted_step))
         if step - start < warmup:  # warm-up steps (and pipelining's shape inference) stay out of the timings
             for t in timings.values():
                 t["forward_s"].clear(), t["backward_s"].clear()
+        elif counting and step - start > warmup:  # the counted step too, unless it is the only one left to time
+            for idx, t in timings.items():
+                for k, v in t.items():
+                    del v[timed[idx][k]:]
+        if cuda and step == counted_step:
+            torch.cuda.reset_peak_memory_stats(device)  # the peaks recorded are those of the steps after warm-up
         if args.checkpoint_dir and ((args.checkpoint_every and (step + 1) % args.checkpoint_every == 0) or step + 1 == args.steps):
             checkpoint.save(args.checkpoint_dir, step + 1, chunks, optimizers)
 
     # Gather every rank's losses, memory and stage timings on rank 0; it prints and writes the results line.
-    mine = {"pp": pp_rank, "dp": dp_rank, "tp": tp_rank, "losses": losses, "peak_memory_gib": peak_memory_gib(device),
+    mine = {"pp": pp_rank, "dp": dp_rank, "cp": cp_rank, "tp": tp_rank, "losses": losses, "memory": rank_memory(device, counter),
+            "reference": reference, "busy": busy,
             "timings": {f"stage{i}": {k: sum(v) / len(v) for k, v in t.items()} for i, t in timings.items() if all(t.values())}}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if dist.get_rank() == 0 and step_s:
-        result = make_result(plan, everyone, step_s, warmup, started_at, device, grad_norms)
+        memory_step = counted_step - start if counter is not None and counted_step - start > warmup else None
+        result = make_result(plan, everyone, step_s, warmup, started_at, device, grad_norms, memory_step)
         print_summary(result, start)
         if args.results:
             append_result(args.results, result)
@@ -206,18 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to do: the checkpoint in {args.checkpoint_dir} is already at step {start} >= --steps {args.steps}")
     dist.destroy_process_group()
     return 0
-
-
-def lr_at(step: int, *, peak: float, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
-    """The learning rate of step `step` (0-based): linear warm-up to peak over warmup_steps steps (the first step
-    gets peak / warmup_steps, not 0), then cosine decay to min_ratio * peak at decay_steps, flat after it
-    (Loshchilov & Hutter 2017, eq. 5, one cycle; GPT-3, Brown et al. 2020, appendix B, and Llama 2, section
-    2.2, train with warm-up plus cosine decay to 10% of the peak). A function of the step alone, so a resumed run
-    follows the schedule of the run it resumes."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = min(1.0, (step + 1 - warmup_steps) / max(1, decay_steps - warmup_steps))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def device_peak_tflops(plan: Plan) -> float | None:
@@ -229,12 +261,14 @@ def device_peak_tflops(plan: Plan) -> float | None:
 
 
 def log_step(plan: Plan, step: int, steps: int, loss: float | None, grad_norm: float, lr: float, seconds: float,
-             peak_tflops: float | None, device: torch.device) -> None:
+             peak_tflops: float | None, device: torch.device, memory: float | None) -> None:
     """One line per step on rank 0: the batch's loss, the gradient norm before clipping, lr, tokens/s, MFU (model
-    FLOPs without recomputation, Chowdhery et al. 2022, appendix B) and the largest peak memory of any rank.
-    loss: this replica's loss on the one rank per dp replica that reports it (last stage, tp rank 0), else None.
+    FLOPs without recomputation, Chowdhery et al. 2022, appendix B) and the largest peak memory of any rank (None:
+    not measured yet, on CPU before the counted step).
+    loss: this replica's loss on the ranks that report it (last stage, tp rank 0; one per dp x cp rank), else None.
     Its two scalar all-reduces run after the step's timing."""
-    mine = torch.tensor([loss / plan.dp if loss is not None else 0.0, peak_memory_gib(device)], dtype=torch.float64, device=device)
+    mine = torch.tensor([loss / (plan.dp * plan.cp) if loss is not None else 0.0, memory if memory is not None else -1.0],
+                        dtype=torch.float64, device=device)
     total, peak = mine[:1].clone(), mine[1:].clone()
     dist.all_reduce(total)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -243,98 +277,63 @@ def log_step(plan: Plan, step: int, steps: int, loss: float | None, grad_norm: f
     tokens_per_s = plan.global_batch * plan.model.seq_len / seconds
     flops = model_flops(plan.model, plan.global_batch, 0.0) / seconds / plan.world_size
     mfu = f"{100 * flops / (peak_tflops * 1e12):.1f}%" if peak_tflops else "n/a"
+    gib = float(peak)
+    shown = "not counted yet" if gib < 0 else f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
     print(f"step {step + 1}/{steps} | loss {float(total):.4f} | grad norm {grad_norm:.3f} | lr {lr:.2e} | "
-          f"{tokens_per_s:,.0f} tokens/s | MFU {mfu} | memory {float(peak):.2f} GiB", flush=True)
+          f"{tokens_per_s:,.0f} tokens/s | MFU {mfu} | memory {shown}", flush=True)
 
 
-def build_optimizer(chunk: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """AdamW as GPT-3 and Megatron-LM train it (betas 0.9/0.95, weight decay 0.1 on matrices only)."""
-    params = [p for p in chunk.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-
-
-_STEP_HAS_RETURN_OUTPUTS = None
-
-
-def pipeline_step(schedule, stages, x: torch.Tensor, y: torch.Tensor) -> float | None:
-    """One schedule step over this rank's stages; the batch's mean loss on the rank holding the last stage."""
-    global _STEP_HAS_RETURN_OUTPUTS
-    if _STEP_HAS_RETURN_OUTPUTS is None:
-        _STEP_HAS_RETURN_OUTPUTS = "return_outputs" in inspect.signature(schedule.step).parameters
-    first, last = any(s.is_first for s in stages), any(s.is_last for s in stages)
-    mb_losses: list[torch.Tensor] = []
-    kwargs = {"target": y, "losses": mb_losses} if last else {}
-    if _STEP_HAS_RETURN_OUTPUTS:
-        kwargs["return_outputs"] = False  # the last stage would otherwise keep every microbatch's logits
-    schedule.step(*((x,) if first else ()), **kwargs)
-    return float(torch.stack(mb_losses).detach().mean()) if last else None
-
-
-def plain_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_microbatches: int, loss_fn,
-               timing: dict | None) -> float:
-    """Gradient accumulation over microbatches without pipelining; DP reduces only after the last one."""
-    total = 0.0
-    for i, (xm, ym) in enumerate(zip(x.chunk(num_microbatches), y.chunk(num_microbatches))):
-        last = i == num_microbatches - 1
-        if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(last)
-        no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
-        with no_sync:
-            t0 = time.perf_counter()
-            loss = loss_fn(model(xm), ym)
-            t1 = time.perf_counter()
-            (loss / num_microbatches).backward()
-            t2 = time.perf_counter()
-        if timing is not None:
-            timing["forward_s"].append(t1 - t0), timing["backward_s"].append(t2 - t1)
-        total = total + loss.detach()
-    return float(total) / num_microbatches
-
-
-def time_stage_calls(stages, timings: dict) -> None:
-    """Record the wall time of each stage's forward and backward per microbatch (CPU only: on a GPU these
-    calls return before the kernels finish). The send/recv waits are outside these calls."""
-    for stage in stages:
-        for method, key in (("forward_one_chunk", "forward_s"), ("backward_one_chunk", "backward_s")):
-            def timed(*a, _call=getattr(stage, method), _into=timings[stage.stage_index][key], **kw):
-                t0 = time.perf_counter()
-                out = _call(*a, **kw)
-                _into.append(time.perf_counter() - t0)
-                return out
-            setattr(stage, method, timed)
-
-
-def synchronize(device: torch.device) -> None:
+def memory_gib(device: torch.device, counter: LiveTensorBytes | None, *, counted: bool) -> float | None:
+    """This rank's peak so far, GiB: CUDA's max_memory_reserved; on CPU the counted step's live tensor bytes (None
+    before that step), or the resident set's peak in a compiled run (which the counter cannot see into)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    dist.barrier()
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    if counter is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    return counter.peak / 2**30 if counted else None
 
 
-def peak_memory_gib(device: torch.device) -> float:
+def rank_memory(device: torch.device, counter: LiveTensorBytes | None) -> dict:
+    """What this rank's results entry says about memory (RunResult's peak_memory_gib, peak_allocated_gib, memory_counter,
+    memory_breakdown_bytes and memory_transient_by_op)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+        return {"reserved": torch.cuda.max_memory_reserved(device) / 2**30, "allocated": torch.cuda.max_memory_allocated(device) / 2**30,
+                "counter": "cuda max_memory_reserved / max_memory_allocated after warm-up", "breakdown": None,
+                "by_op": None}
+    if counter is None:  # a compiled run on CPU: inductor's kernels allocate below the dispatcher
+        rss = memory_gib(device, None, counted=True)
+        return {"reserved": rss, "allocated": rss, "counter": "cpu peak resident set (compiled: live tensors not counted)",
+                "breakdown": None, "by_op": None}
+    return {"reserved": counter.peak / 2**30, "allocated": counter.peak / 2**30, "breakdown": counter.breakdown(),
+            "by_op": counter.transient_by_op(),
+            "counter": "cpu peak live tensor bytes of the last step (runtime.memory.LiveTensorBytes)"}
 
 
 def make_result(plan: Plan, everyone: list[dict], step_s: list[float], warmup: int, started_at: str,
-                device: torch.device, grad_norms: list[float]) -> RunResult:
-    # A step's loss: mean over dp replicas of the loss on their last pipeline stage (identical over tp).
+                device: torch.device, grad_norms: list[float], memory_step: int | None) -> RunResult:
+    # A step's loss: the mean over dp x cp of the loss on their last pipeline stage (identical over tp). Each cp rank's
+    # loss is the mean over its T/cp tokens, the same count on every rank, so this is the mean over every token.
     holders = [r for r in everyone if r["pp"] == plan.pp - 1 and r["tp"] == 0]
     losses = [sum(r["losses"][i] for r in holders) / len(holders) for i in range(len(step_s))]
     stage_timings = {}
     for r in everyone:
-        if r["dp"] == 0 and r["tp"] == 0:
+        if r["dp"] == 0 and r["cp"] == 0 and r["tp"] == 0:
             stage_timings.update(r["timings"])
+    memory = [r["memory"] for r in everyone]
+    breakdowns = [m["breakdown"] for m in memory]
     return RunResult(
         plan_id=plan.id or plan_id(plan), plan=plan_to_dict(plan),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (gloo)",
         world_size=len(everyone), steps=len(step_s), step_s=step_s,
-        tokens_per_s=median_tokens_per_s(step_s, warmup, plan.global_batch * plan.model.seq_len),
-        losses=losses, peak_memory_gib=[r["peak_memory_gib"] for r in everyone],
+        tokens_per_s=median_tokens_per_s([s for i, s in enumerate(step_s) if i != memory_step], warmup,
+                                         plan.global_batch * plan.model.seq_len),
+        losses=losses, peak_memory_gib=[m["reserved"] for m in memory],
         predicted=plan_to_dict(plan)["prediction"], started_at=started_at, meshplan_version=__version__, grad_norms=grad_norms,
-        stage_timings={k: stage_timings[k] for k in sorted(stage_timings, key=lambda s: int(s[5:]))} or None)
+        stage_timings={k: stage_timings[k] for k in sorted(stage_timings, key=lambda s: int(s[5:]))} or None,
+        peak_allocated_gib=[m["allocated"] for m in memory], memory_counter=memory[0]["counter"], memory_step=memory_step,
+        memory_breakdown_bytes=breakdowns if all(b is not None for b in breakdowns) else None,
+        memory_transient_by_op=[m["by_op"] for m in memory] if all(b is not None for b in breakdowns) else None,
+        machine=machine.summarize([r["reference"] for r in everyone], [r["busy"] for r in everyone], device))
 
 
 def print_summary(result: RunResult, first_step: int) -> None:

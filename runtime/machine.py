@@ -57,3 +57,18 @@ class BusyMeter:
     def stop(self) -> tuple[float, float, float]:
         """(machine busy seconds, this process's CPU seconds, wall seconds) since start()."""
         return machine_busy_s() - self.busy, time.process_time() - self.cpu, time.perf_counter() - self.wall
+
+
+def summarize(references: list[tuple[float, float | None]], busy: list[tuple[float, float, float] | None],
+              dev: torch.device) -> dict:
+    """RunResult.machine from every rank's time_reference() and BusyMeter.stop() (None where no step was timed).
+    background_cores is counted on CPU only, where all ranks share this machine: the machine's busy seconds (rank
+    0's reading) less every rank's own CPU seconds, over the wall time; a GPU job's ranks span nodes."""
+    shares = [s for _, s in references if s is not None]
+    background = None
+    if dev.type == "cpu" and all(b is not None for b in busy) and busy and busy[0][2] > 0:
+        machine_s, _, wall = busy[0]
+        background = max(0.0, (machine_s - sum(b[1] for b in busy)) / wall)
+    return {"reference_s": statistics.median(t for t, _ in references),
+            "cpu_share": statistics.median(shares) if shares else None,
+            "background_cores": background, "cpu_count": os.cpu_count()}

@@ -167,10 +167,10 @@ class Embedding(nn.Module):
         self.tok = nn.Embedding(cfg.vocab, cfg.hidden)
         self.pos = nn.Embedding(cfg.seq_len, cfg.hidden) if cfg.position == "learned" else None
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if self.pos is None:
             return self.tok(idx)  # (B, T, h)
-        pos = torch.arange(idx.shape[1], device=idx.device)
+        pos = torch.arange(idx.shape[1], device=idx.device) if positions is None else positions
         return self.tok(idx) + self.pos(pos)  # (B, T, h)
 
 
@@ -199,8 +199,9 @@ class GPT(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) on the first stage, hidden states (B, T, h) elsewhere; logits (B, T, V) from the last.
-        positions: the tokens' positions, (T,) or (B, T), for RoPE (default 0..T-1)."""
-        h = self.embed(x) if self.embed is not None else x  # (B, T, h)
+        positions: the tokens' positions, (T,) or (B, T), for RoPE or the learned table (default 0..T-1); a
+        context-parallel rank holds tokens from two places in the sequence (runtime.parallel.context)."""
+        h = self.embed(x, positions) if self.embed is not None else x  # (B, T, h)
         for block in self.layers.values():
             h = block(h, positions=positions)
         if self.norm is not None:

@@ -76,7 +76,7 @@ def _tp_mesh(tp: int, world: int, device_type: str):
     from runtime.mesh import build_mesh
 
     if tp not in _MESHES:
-        _MESHES[tp] = build_mesh(world // tp, 1, tp, device_type)
+        _MESHES[tp] = build_mesh(pp=world // tp, dp=1, tp=tp, device_type=device_type)
     return _MESHES[tp]
 
 
@@ -92,7 +92,7 @@ def layer_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) -> 
                 cases.append(_block_case(local, model, t, b, dev, clock, ("layer", *dims, t, b), sp=False, dtensor=False))
             if t == 1:
                 continue
-            mesh = _tp_mesh(t, world, dev.type)["tp"]
+            mesh = _tp_mesh(t, world, dev.type).tp
             for sp in (False, True):
                 tp_gpt = apply_tp(_gpt(model, 1, t, dev, embed=False, head=False), mesh, sequence_parallel=sp, mlp=model.mlp)
                 for b in shapes.micro_batches:
@@ -153,7 +153,7 @@ def end_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) -> li
     cases = []
     for model in shapes.models:
         for t in tps_for(shapes, model):
-            mesh = _tp_mesh(t, world, dev.type)["tp"] if t > 1 else None
+            mesh = _tp_mesh(t, world, dev.type).tp if t > 1 else None
             emb = _gpt(model, 0, t, dev, embed=True, head=False)
             head = _gpt(model, 0, t, dev, embed=False, head=True)
             if mesh is not None:
@@ -185,7 +185,7 @@ def end_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) -> li
 
 
 def optimizer_cases(shapes: Shapes, dev: torch.device, clock: Clock) -> list[Case]:
-    from runtime.launch import build_optimizer
+    from runtime.parallel.optimizer import build_optimizer
 
     model = shapes.models[0]
     # The smallest model's embedding, head and up to 4 blocks: a realistic mix of tensor sizes.
@@ -232,7 +232,7 @@ def collective_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     cases = []
     for g in (n for n in (2, 4, 8, 16) if n <= world):
-        group = _tp_mesh(g, world, dev.type)["tp"].get_group()
+        group = _tp_mesh(g, world, dev.type).tp.get_group()
         for nbytes in shapes.message_bytes:
             full = torch.randn(nbytes // 4, device=dev)
             part = torch.randn(nbytes // 4 // g, device=dev)
@@ -273,8 +273,8 @@ def pipeline_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) 
     model = shapes.models[0]
     half = max(1, min(model.layers // 2, 4))
     stages = (Stage((0, half), True, False, "none"), Stage((half, 2 * half), False, True, "none"))
-    mesh = build_mesh(2, 1, world // 2, dev.type)
-    pp_rank = mesh["pp"].get_local_rank()
+    mesh = build_mesh(pp=2, dp=1, tp=world // 2, device_type=dev.type)
+    pp_rank = mesh.pp.get_local_rank()
 
     def loss_fn(logits, targets):
         return cross_entropy(logits, targets, None)
@@ -282,7 +282,7 @@ def pipeline_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) 
     cases = []
     for sched, b, m in shapes.pipelines:
         chunk = split_model(_gpt(model, 2 * half, 1, dev, embed=True, head=True), stages, 2, pp_rank)[pp_rank]
-        schedule = build_schedule(build_stages({pp_rank: chunk}, 2, mesh["pp"], dev), sched, m, loss_fn)
+        schedule = build_schedule(build_stages({pp_rank: chunk}, 2, mesh.pp, dev), sched, m, loss_fn)
         x = torch.randint(0, model.vocab, (b * m, model.seq_len), device=dev)
         key = ("pipe", sched, b, m)
         first = [True]
@@ -318,29 +318,29 @@ def pipeline_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) 
 
 def fsdp_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) -> list[Case]:
     """A training step of the first model without pipelining, under FSDP2 (runtime.parallel.data.apply_fsdp
-    over all ranks, as a plan with distributed_optimizer runs it) and plain, for 1 and 3 microbatches of
-    one sequence: the difference splits into what FSDP2 adds per step and per microbatch."""
+    over all ranks, as a plan with zero 3 runs it: weights gathered for every forward and backward, gradients
+    reduce-scattered after every microbatch) and plain, for 1 and 3 microbatches of one sequence: the difference
+    splits into what FSDP2 adds per step and per microbatch."""
     from runtime.mesh import build_mesh
-    from runtime.parallel.data import apply_fsdp
+    from runtime.parallel.data import apply_fsdp, finish_step
     from runtime.parallel.tensor import cross_entropy
 
     model = shapes.models[0]
-    dp_mesh = build_mesh(1, world, 1, dev.type)["dp"]
+    dp_mesh = build_mesh(pp=1, dp=world, tp=1, device_type=dev.type).replicas
     layers = min(model.layers, 4)
     plain = _gpt(model, layers, 1, dev, embed=True, head=True)
-    sharded = apply_fsdp(_gpt(model, layers, 1, dev, embed=True, head=True), dp_mesh, pipelined=False)
+    sharded = apply_fsdp(_gpt(model, layers, 1, dev, embed=True, head=True), dp_mesh, zero=3)
     params = sum(p.numel() for p in plain.parameters())
     x = torch.randint(0, model.vocab, (max(FSDP_MICROBATCHES), model.seq_len), device=dev)
 
     def step(gpt: nn.Module, m: int, name: str) -> dict:
         dist.barrier()
         t0 = clock()
-        for i in range(m):
-            if gpt is sharded:
-                gpt.set_requires_gradient_sync(i == m - 1)  # as runtime.launch.plain_step does
+        for i in range(m):  # as runtime.train.plain_step steps it
             with clock.autocast:
                 loss = cross_entropy(gpt(x[i:i + 1]), x[i:i + 1], None)
             (loss / m).backward()
+        finish_step([gpt])
         t = clock() - t0
         gpt.zero_grad(set_to_none=True)
         return {("fsdp", params, m, name): t}

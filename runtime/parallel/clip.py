@@ -31,9 +31,12 @@ def _reduced(param: nn.Parameter) -> torch.Tensor:
 
 
 def _local_and_shards(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The rank's part of a gradient and into how many distinct parts the gradient is cut."""
+    """The rank's part of a gradient and into how many distinct parts the gradient is cut: over every mesh dim that
+    does not replicate it (Partial sums are reduced first, _reduced). Not `is_shard()`: FSDP2's dim of a TP-sharded
+    weight is a _StridedShard, which is no Shard (torch 2.13), and counting it as a copy halved those weights'
+    share of the norm under tp x dp with zero 2/3."""
     if isinstance(grad, DTensor):
-        shards = math.prod(grad.device_mesh.size(i) for i, p in enumerate(grad.placements) if p.is_shard())
+        shards = math.prod(grad.device_mesh.size(i) for i, p in enumerate(grad.placements) if not p.is_replicate())
         return grad.to_local(), shards
     return grad, 1
 
@@ -41,10 +44,10 @@ def _local_and_shards(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
 def clip_grad_norm_(chunks: Iterable[nn.Module], max_norm: float, mesh: DeviceMesh) -> float:
     """Clip this rank's gradients in place so the whole model's gradient has norm at most max_norm (0: no
     clipping, the norm is still computed); returns the norm before clipping. Call after the data-parallel
-    reduction (DDP, FSDP2 or all_reduce_gradients), on every rank. mesh: the (pp, dp, tp) mesh."""
+    reduction (DDP, FSDP2 or all_reduce_gradients), on every rank. mesh: the (pp, dp, cp, tp) world mesh."""
     params = {id(p): p for chunk in chunks for p in chunk.parameters() if p.grad is not None}
-    # A pipeline stage's parameters live on its dp * tp ranks: a plain (replicated) gradient is on all of them,
-    # a gradient cut into k shards has each shard on (dp * tp) / k of them.
+    # A pipeline stage's parameters live on its dp * cp * tp ranks: a plain (replicated) gradient is on all of them,
+    # a gradient cut into k shards has each shard on (dp * cp * tp) / k of them.
     replicas = mesh.size() // mesh["pp"].size()
     device = next((p.grad.device for p in params.values()), torch.device("cpu"))
     sum_sq = torch.zeros((), dtype=torch.float64, device=device)

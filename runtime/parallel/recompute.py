@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-# DCP's get_state_dict strips this from FQNs; runtime code that names parameters strips it too.
-WRAPPED_PREFIX = "_checkpoint_wrapped_module."
+# DCP's get_state_dict strips these from FQNs (checkpoint_wrapper's and torch.compile's); runtime code that
+# names parameters strips them too.
+WRAPPED_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def _checkpointed(module: nn.Module) -> nn.Module:
@@ -32,6 +33,8 @@ def apply_recompute(blocks: nn.ModuleDict, policy: str, recompute_layers: int | 
 
 
 def clean_fqn(name: str) -> str:
-    """A parameter's model FQN with wrapper prefixes (checkpoint, DDP) removed: the name it has in runtime.model.GPT."""
-    name = name.replace(WRAPPED_PREFIX, "")
+    """A parameter's model FQN with wrapper prefixes (checkpoint, compile, DDP) removed: the name it has in
+    runtime.model.GPT."""
+    for prefix in WRAPPED_PREFIXES:
+        name = name.replace(prefix, "")
     return name[len("module."):] if name.startswith("module.") else name

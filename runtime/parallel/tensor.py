@@ -35,9 +35,21 @@ from torch.distributed.tensor.parallel import (
 )
 
 
-def tp_plan(*, sequence_parallel: bool, mlp: str, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
+def block_styles(fp8: bool) -> tuple[type, type, type]:
+    """(column-parallel, row-parallel, input-preparing) styles for the blocks' linears: torchao's Float8 styles
+    when they are Float8Linear (runtime.precision; the casts to float8 then happen before the all-gathers, as
+    torchtitan shards them), DTensor's own otherwise."""
+    if not fp8:
+        return ColwiseParallel, RowwiseParallel, PrepareModuleInput
+    from torchao.float8.float8_tensor_parallel import (Float8ColwiseParallel, Float8RowwiseParallel,
+                                                        PrepareFloat8ModuleInput)
+    return Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput
+
+
+def tp_plan(*, sequence_parallel: bool, mlp: str, loss_parallel: bool = True, fp8: bool = False) -> dict[str, ParallelStyle]:
     """FQN pattern (fnmatch, as parallelize_module reads it) -> DTensor style, for runtime.model.GPT with this MLP."""
     sp, swiglu = sequence_parallel, mlp == "swiglu"
+    Colwise, Rowwise, PrepareInput = block_styles(fp8)  # noqa: N806 (classes)
     # Layout of the residual stream between blocks: sharded along the sequence with SP, replicated without.
     stream = Shard(1) if sp else Replicate()
     plan = {
@@ -48,20 +60,20 @@ def tp_plan(*, sequence_parallel: bool, mlp: str, loss_parallel: bool = True) ->
         "embed": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)) if sp else None,
         "layers.*.ln_1": SequenceParallel() if sp else None,
         # SP: all-gather the sequence before attention (Korthikanti et al. 2022, figure 5, the g operator).
-        "layers.*.attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)) if sp else None,
-        "layers.*.attn.wq": ColwiseParallel(),
-        "layers.*.attn.wk": ColwiseParallel(),
-        "layers.*.attn.wv": ColwiseParallel(),
+        "layers.*.attn": PrepareInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)) if sp else None,
+        "layers.*.attn.wq": Colwise(),
+        "layers.*.attn.wk": Colwise(),
+        "layers.*.attn.wv": Colwise(),
         # All-reduce (or reduce-scatter into the sequence shard with SP) after the row-parallel projection.
-        "layers.*.attn.wo": RowwiseParallel(output_layouts=stream),
+        "layers.*.attn.wo": Rowwise(output_layouts=stream),
         "layers.*.ln_2": SequenceParallel() if sp else None,
-        "layers.*.mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)) if sp else None,
-        "layers.*.mlp.fc": ColwiseParallel() if not swiglu else None,
-        "layers.*.mlp.proj": RowwiseParallel(output_layouts=stream) if not swiglu else None,
+        "layers.*.mlp": PrepareInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)) if sp else None,
+        "layers.*.mlp.fc": Colwise() if not swiglu else None,
+        "layers.*.mlp.proj": Rowwise(output_layouts=stream) if not swiglu else None,
         # SwiGLU: gate and up column-parallel, so silu(gate) * up is elementwise on the local f/tp columns.
-        "layers.*.mlp.gate": ColwiseParallel() if swiglu else None,
-        "layers.*.mlp.up": ColwiseParallel() if swiglu else None,
-        "layers.*.mlp.down": RowwiseParallel(output_layouts=stream) if swiglu else None,
+        "layers.*.mlp.gate": Colwise() if swiglu else None,
+        "layers.*.mlp.up": Colwise() if swiglu else None,
+        "layers.*.mlp.down": Rowwise(output_layouts=stream) if swiglu else None,
         "norm": SequenceParallel() if sp else None,
         # With loss_parallel the logits stay sharded over the vocabulary, (B, T, V/tp) per rank, never gathered.
         "head": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate()),
@@ -74,12 +86,13 @@ def matching_modules(model: nn.Module, pattern: str) -> list[str]:
     return [name for name, _ in model.named_modules() if name and fnmatch.fnmatchcase(name, pattern)]
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, mlp: str, loss_parallel: bool = True) -> nn.Module:
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, mlp: str, loss_parallel: bool = True,
+             fp8: bool = False) -> nn.Module:
     """Shard one model chunk (a pipeline stage, or the whole GPT) over the 1-D tp mesh, in place.
 
     Keys naming modules that this chunk does not hold (the head on the first stage, say) are left out,
     so parallelize_module sees only what exists."""
-    styles = tp_plan(sequence_parallel=sequence_parallel, mlp=mlp, loss_parallel=loss_parallel)
+    styles = tp_plan(sequence_parallel=sequence_parallel, mlp=mlp, loss_parallel=loss_parallel, fp8=fp8)
     plan = {fqn: style for fqn, style in styles.items() if matching_modules(model, fqn)}
     parallelize_module(model, tp_mesh, plan)
     model.tie_weights()  # sharding gave the embedding and the head a DTensor each; tied, they share one

@@ -25,15 +25,15 @@ def clipped_under_tp(max_norm: float) -> tuple[float, dict]:
     from runtime.parallel.tensor import apply_tp, cross_entropy
 
     dist.init_process_group("gloo")
-    mesh = build_mesh(1, 1, dist.get_world_size(), "cpu")
+    mesh = build_mesh(pp=1, dp=1, tp=dist.get_world_size(), device_type="cpu")
     cfg = GPTConfig(**CFG)
     with torch.device("meta"):
         model = GPT(cfg)
-    apply_tp(model, mesh["tp"], sequence_parallel=True, mlp=cfg.mlp)
+    apply_tp(model, mesh.tp, sequence_parallel=True, mlp=cfg.mlp)
     init_weights(model, cfg, 0, torch.device("cpu"))
     x = batch()
     with loss_parallel():
-        cross_entropy(model(x), x, mesh["tp"]).backward()
-    norm = clip_grad_norm_([model], max_norm, mesh)
+        cross_entropy(model(x), x, mesh.tp).backward()
+    norm = clip_grad_norm_([model], max_norm, mesh.world)
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in model.named_parameters()}
     return norm, grads

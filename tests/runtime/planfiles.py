@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -25,8 +26,8 @@ def even_stages(layers: int, n: int) -> list[list[int]]:
     return [[edges[i], edges[i + 1]] for i in range(n)]
 
 
-def plan_dict(*, tp=1, pp=1, dp=1, micro_batch=2, num_microbatches=4, schedule="1f1b", virtual_stages=1,
-              sequence_parallel=False, distributed_optimizer=False, layers=None, recompute="none",
+def plan_dict(*, tp=1, cp=1, pp=1, dp=1, micro_batch=2, num_microbatches=4, schedule="1f1b", virtual_stages=1,
+              sequence_parallel=False, zero=0, precision="bf16", compile=False, layers=None, recompute="none",
               recompute_layers=None, model=None) -> dict:
     """A version-1 plan; `layers` gives the [first, last) range of each stage (even split by default)."""
     model = dict(model or TINY)
@@ -36,10 +37,10 @@ def plan_dict(*, tp=1, pp=1, dp=1, micro_batch=2, num_microbatches=4, schedule="
                "recompute_layers": recompute_layers, "memory_gib": 0.0} for i, r in enumerate(ranges)]
     return {"version": 1, "id": "", "created_by": "meshplan tests", "model": model,
             "cluster": CLUSTER, "global_batch": micro_batch * num_microbatches * dp, "micro_batch": micro_batch,
-            "num_microbatches": num_microbatches, "tp": tp, "pp": pp, "dp": dp, "schedule": schedule,
-            "virtual_stages": virtual_stages, "sequence_parallel": sequence_parallel,
-            "distributed_optimizer": distributed_optimizer, "stages": stages, "prediction": None,
-            "profile": "cpu (datasheet)"}
+            "num_microbatches": num_microbatches, "tp": tp, "cp": cp, "pp": pp, "dp": dp, "schedule": schedule,
+            "virtual_stages": virtual_stages, "sequence_parallel": sequence_parallel, "zero": zero,
+            "distributed_optimizer": zero >= 1, "precision": precision, "compile": compile, "stages": stages,
+            "prediction": None, "profile": "cpu (datasheet)"}
 
 
 def write_plan(path: Path, **knobs) -> Path:
@@ -70,8 +71,70 @@ def launch(*argv) -> int:
     return cli([str(a) for a in argv])
 
 
+def launch_each(runs: list) -> list[dict]:
+    """Runs on each spawned rank: runtime.launch.cli once per (port, argv) of `runs`, one after another in this
+    process, each with a process group of its own on its own port. Per run: the exit code, how many gradient
+    reduce-scatters this rank issued and how many graphs torch.compile made."""
+    import torch._dynamo.utils
+    import torch.distributed as dist
+
+    from runtime.launch import cli
+
+    calls = [0]
+    name = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+    original = getattr(dist, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    setattr(dist, name, counted)  # FSDP2 looks the collective up on torch.distributed at each call
+    out = []
+    try:
+        for port, argv in runs:
+            os.environ["MASTER_PORT"] = str(port)
+            calls[0], graphs = 0, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            code = cli([str(a) for a in argv])
+            out.append({"code": code, "reduce_scatters": calls[0],
+                        "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs})
+    finally:
+        setattr(dist, name, original)
+    return out
+
+
+def run_layouts(tmp: Path, layouts: dict[str, dict], steps: int, extra: tuple = ()) -> dict[str, dict]:
+    """Several layouts of the same world size, in one spawn of its ranks (launch_each): {name: its results line, plus
+    'reduce_scatters' and 'compiled_graphs', rank by rank}. Each layout's knobs may name its `model` (run_layout's) and
+    its own `steps` and runtime.launch `flags` (instead of `extra`)."""
+    from tests.conftest import free_port, run_on_ranks
+
+    tmp = Path(tmp)
+    worlds = {k.get("tp", 1) * k.get("cp", 1) * k.get("pp", 1) * k.get("dp", 1) for k in layouts.values()}
+    assert len(worlds) == 1, f"one world size per spawn, got {worlds}"
+    runs = []
+    for name, knobs in layouts.items():
+        knobs = dict(knobs)
+        model = knobs.pop("model", "test-tiny")
+        layout_steps, flags = knobs.pop("steps", steps), knobs.pop("flags", extra)
+        plan = write_plan(tmp / f"{name}.json", model=MODELS[model], **knobs)
+        data = ("--data", small_vocab_tokens(), *LLAMA_FLAGS) if model.startswith("llama") else ()
+        runs.append((free_port(), [plan, "--steps", layout_steps, "--results", tmp / f"{name}.jsonl", *data, *flags]))
+    world = worlds.pop()
+    per_rank = run_on_ranks(launch_each, world, runs, timeout_s=900)
+    out = {}
+    for i, name in enumerate(layouts):
+        assert [r[i]["code"] for r in per_rank] == [0] * world, (name, per_rank)
+        out[name] = {**last_result(tmp / f"{name}.jsonl"), "reduce_scatters": [r[i]["reduce_scatters"] for r in per_rank],
+                     "compiled_graphs": [r[i]["compiled_graphs"] for r in per_rank]}
+    return out
+
+
 def last_result(path: Path) -> dict:
     return json.loads(Path(path).read_text().splitlines()[-1])
+
+
+# The session-cached files (token stream, reference runs) live here and go when the test session ends.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="meshplan-tests-")
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,20 +150,20 @@ def small_vocab_tokens() -> Path:
     t = 0
     for i, c in enumerate(choice):
         tokens[i], t = t, successors[t, c]
-    path = Path(tempfile.mkdtemp(prefix="meshplan-tokens-")) / "tokens.bin"
+    path = Path(tempfile.mkdtemp(prefix="tokens-", dir=_SCRATCH.name)) / "tokens.bin"
     tokens.tofile(path)
     return path
 
 
 def run_layout(tmp: Path, steps: int | None = None, extra: tuple = (), model: str = "test-tiny", **knobs) -> dict:
-    """Write a plan of this model with these knobs, run it on tp*pp*dp spawned ranks, return its results line.
+    """Write a plan of this model with these knobs, run it on tp*cp*pp*dp spawned ranks, return its results line.
     llama-tiny models train on small_vocab_tokens() with LLAMA_FLAGS; test-tiny on the synthetic stream, with defaults."""
     from tests.conftest import run_on_ranks
 
     tmp = Path(tmp)
     plan = write_plan(tmp / "plan.json", model=MODELS[model], **knobs)
     results = tmp / "results.jsonl"
-    world = knobs.get("tp", 1) * knobs.get("pp", 1) * knobs.get("dp", 1)
+    world = knobs.get("tp", 1) * knobs.get("cp", 1) * knobs.get("pp", 1) * knobs.get("dp", 1)
     steps = steps or (LLAMA_STEPS if model.startswith("llama") else PARITY_STEPS)
     data = ("--data", small_vocab_tokens(), *LLAMA_FLAGS) if model.startswith("llama") else ()
     codes = run_on_ranks(launch, world, plan, "--steps", steps, "--results", results, *data, *extra)
@@ -111,7 +174,7 @@ def run_layout(tmp: Path, steps: int | None = None, extra: tuple = (), model: st
 @functools.lru_cache(maxsize=None)
 def reference(model: str = "test-tiny", steps: int | None = None) -> dict:
     """The single-process run of a test model (global batch 8), computed once per test session: its results line."""
-    return run_layout(Path(tempfile.mkdtemp(prefix="meshplan-ref-")), steps=steps, model=model)
+    return run_layout(Path(tempfile.mkdtemp(prefix="ref-", dir=_SCRATCH.name)), steps=steps, model=model)
 
 
 def reference_losses() -> tuple[float, ...]:

@@ -21,8 +21,8 @@ SCHEDULE = ("--lr-warmup-steps", "2", "--lr-decay-steps", "100")
 
 
 def test_resume_from_checkpoint_continues_the_uninterrupted_losses_exactly(tmp_path):
-    # FSDP2 (sharded weights and optimizer state) is the layout where a resume has the most to get right.
-    plan = write_plan(tmp_path / "plan.json", dp=2, num_microbatches=2, distributed_optimizer=True)
+    # zero 3 (FSDP2: sharded weights and optimizer state) is the layout where a resume has the most to get right.
+    plan = write_plan(tmp_path / "plan.json", dp=2, num_microbatches=2, zero=3)
     full, first, rest = (tmp_path / f"{n}.jsonl" for n in ("full", "first", "rest"))
     ckpt = tmp_path / "ckpt"
     run_on_ranks(launch, 2, plan, "--steps", 6, "--results", full, *SCHEDULE)
@@ -86,3 +86,4 @@ def test_killed_rank_fails_torchrun_naming_the_rank_and_a_restart_resumes(tmp_pa
     run_on_ranks(launch, 2, plan, "--steps", steps, "--results", uninterrupted, *SCHEDULE)
     assert last_result(restarted)["steps"] == 2
     assert last_result(restarted)["losses"] == last_result(uninterrupted)["losses"][resumed_from:]
+

@@ -19,7 +19,8 @@ from planner.results import median_tokens_per_s, result_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_KEYS = {"plan_id", "plan", "device", "world_size", "steps", "step_s", "tokens_per_s", "losses", "peak_memory_gib",
-               "stage_timings", "predicted", "started_at", "meshplan_version", "grad_norms"}
+               "stage_timings", "predicted", "started_at", "meshplan_version", "grad_norms", "peak_allocated_gib",
+               "memory_counter", "memory_breakdown_bytes", "memory_transient_by_op", "memory_step", "machine"}
 
 
 def refusal(capsys, monkeypatch, plan: dict, tmp_path, world_size: int = 1, flags: tuple = ()) -> str:
@@ -40,7 +41,7 @@ def test_unknown_plan_version_is_refused_naming_version(capsys, monkeypatch, tmp
 
 def test_world_size_other_than_tp_pp_dp_is_refused_naming_world_size(capsys, monkeypatch, tmp_path):
     err = refusal(capsys, monkeypatch, plan_dict(tp=2, pp=2), tmp_path, world_size=2)
-    assert "world_size: tp 2 x pp 2 x dp 1 = 4 ranks, but 2 were started" in err and "--nproc-per-node 4" in err
+    assert "world_size: tp 2 x cp 1 x pp 2 x dp 1 = 4 ranks, but 2 were started" in err and "--nproc-per-node 4" in err
 
 
 def test_heads_not_divisible_by_tp_is_refused_naming_tp(capsys, monkeypatch, tmp_path):
@@ -87,13 +88,37 @@ def test_torchrun_runs_a_hand_written_plan_and_appends_a_results_line_in_the_sch
     assert result.world_size == 2 and result.steps == 3 and len(result.losses) == 3 and len(result.peak_memory_gib) == 2
     assert all(s > 0 for s in result.step_s) and result.tokens_per_s > 0
     assert len(result.grad_norms) == 3 and all(g > 0 for g in result.grad_norms)
-    assert all(m > 0.05 for m in result.peak_memory_gib)
+    # CPU memory: the last step counted live tensors; its peak is the sum of what it holds, of which the weights
+    # are exactly this stage's parameters (fp32), and that slower step stays out of tokens/s.
+    assert result.memory_step == 2 and result.tokens_per_s == pytest.approx(8 * 32 / result.step_s[1])  # 8 sequences of 32
+    stage_bytes = [4 * sum(p.numel() for p in chunk.parameters()) for chunk in stage_chunks(plan)]
+    for peak, breakdown, params in zip(result.peak_memory_gib, result.memory_breakdown_bytes, stage_bytes):
+        assert sum(breakdown.values()) == pytest.approx(peak * 2**30, abs=1)
+        assert breakdown["parameters"] == params and breakdown["gradients"] == params  # fp32 grads of every weight
+        assert breakdown["optimizer_state"] >= 2 * params  # AdamW's exp_avg and exp_avg_sq (and its step counters)
+        assert breakdown["activations_and_transient"] > 0 and breakdown["gathered_weights"] == 0
     assert set(result.stage_timings) == {"stage0", "stage1"}
+    # The machine's load: the profile's reference block timed on both ranks, and what other processes ran.
+    assert result.machine["reference_s"] > 0 and 0 < result.machine["cpu_share"] <= 1.05
+    assert result.machine["background_cores"] >= 0 and result.machine["cpu_count"] >= 1
     assert all(t["forward_s"] > 0 and t["backward_s"] > 0 for t in result.stage_timings.values())
     # The plan inside is the whole plan: a validator can load and predict it again.
     assert plan_from_dict(result.plan, "results plan") == plan_from_dict(json.loads(plan.read_text()), "plan")
     # The id recorded is the plan's contents' hash (load_plan recomputes it), whatever the file wrote down.
     assert result.plan_id == plan_from_dict(json.loads(plan.read_text()), "plan").id != "" and result.predicted is None
+
+
+def stage_chunks(plan_path: Path) -> list:
+    """The meta model chunks of a plan's stages, as runtime.launch splits them."""
+    import torch
+
+    from runtime.model import GPT, GPTConfig
+    from runtime.parallel.pipeline import split_model
+
+    plan = plan_from_dict(json.loads(plan_path.read_text()), "plan")
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_spec(plan.model, plan.tp))
+    return [c for r in range(plan.pp) for c in split_model(model, plan.stages, plan.pp, r).values()]
 
 
 def test_results_line_with_unknown_key_or_wrong_list_is_refused_naming_the_field():
@@ -119,7 +144,7 @@ def test_tokens_per_s_is_taken_from_the_median_step_after_warm_up():
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
-    from runtime.launch import lr_at
+    from runtime.train import lr_at
 
     lrs = [lr_at(k, peak=1e-3, warmup_steps=2, decay_steps=6, min_ratio=0.1) for k in range(8)]
     assert lrs[:2] == [pytest.approx(5e-4), pytest.approx(1e-3)]
@@ -145,7 +170,10 @@ def test_each_step_logs_loss_grad_norm_lr_tokens_per_s_mfu_and_memory(tmp_path):
     fields = lines[0].split(" | ")
     assert fields[1].startswith("loss 5.5") and fields[2].startswith("grad norm ") and fields[3] == "lr 1.00e-03"
     assert fields[4].endswith(" tokens/s") and fields[5].startswith("MFU ") and fields[5].endswith("%")
-    assert fields[6].startswith("memory ") and fields[6].endswith(" GiB")
+    # On CPU memory is counted in the last step (runtime.memory), so the first line has none yet.
+    assert fields[6] == "memory not counted yet"
+    last = lines[-1].split(" | ")[6]
+    assert last.startswith("memory ") and last.endswith(" MiB") and float(last.split()[1]) > 0  # test-tiny: under 1 GiB
 
 
 @pytest.mark.parametrize("knobs,model,message", [
@@ -158,3 +186,14 @@ def test_llama_plan_the_runtime_cannot_build_is_refused_in_one_line_naming_the_f
     world = knobs.get("pp", 1) * knobs.get("tp", 1)
     err = refusal(capsys, monkeypatch, plan_dict(model={**LLAMA_TINY, **model}, **knobs), tmp_path, world_size=world)
     assert message in err
+
+
+def test_fp8_on_cpu_ranks_is_refused_in_one_line_naming_precision(capsys, monkeypatch, tmp_path):
+    # torch._scaled_mm needs FP8 tensor cores (CUDA compute capability >= 8.9); this machine has none.
+    err = refusal(capsys, monkeypatch, plan_dict(precision="fp8"), tmp_path)
+    assert ": precision: fp8 needs a CUDA GPU of compute capability >= 8.9" in err
+
+
+def test_compile_with_tp_but_no_sequence_parallel_is_refused_in_one_line_naming_compile(capsys, monkeypatch, tmp_path):
+    err = refusal(capsys, monkeypatch, plan_dict(tp=2, compile=True), tmp_path, world_size=2)
+    assert ": compile: compile with tp > 1 needs sequence_parallel" in err

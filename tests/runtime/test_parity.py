@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.runtime.planfiles import LLAMA_STEPS, PARITY_STEPS, max_relative_difference, reference, reference_losses, run_layout
+from tests.runtime.planfiles import (LLAMA_STEPS, PARITY_STEPS, max_relative_difference, reference, reference_losses, run_layout,
+                                     run_layouts)
 
 TOLERANCE = 1e-4
 
@@ -63,8 +64,8 @@ def test_pp2_dp2_loss_matches_single_process(tmp_path):
     assert_matches_single_process(run_layout(tmp_path, pp=2, dp=2, num_microbatches=2))
 
 
-def test_fsdp2_distributed_optimizer_loss_matches_single_process(tmp_path):
-    assert_matches_single_process(run_layout(tmp_path, dp=2, num_microbatches=2, distributed_optimizer=True))
+def test_dp2_zero3_fsdp2_loss_matches_single_process(tmp_path):
+    assert_matches_single_process(run_layout(tmp_path, dp=2, num_microbatches=2, zero=3))
 
 
 def test_pp2_uneven_stages_loss_matches_single_process(tmp_path):
@@ -106,8 +107,8 @@ def test_llama_dp2_ddp_matches_single_process_and_loss_falls(tmp_path):
     assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", dp=2, num_microbatches=2))
 
 
-def test_llama_dp2_fsdp2_selective_recompute_matches_single_process_and_loss_falls(tmp_path):
-    assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", dp=2, num_microbatches=2, distributed_optimizer=True,
+def test_llama_dp2_zero2_fsdp2_selective_recompute_matches_single_process_and_loss_falls(tmp_path):
+    assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", dp=2, num_microbatches=2, zero=2,
                                               recompute="selective"))
 
 
@@ -124,3 +125,151 @@ def test_llama_tied_embeddings_under_tp2_match_single_process_and_loss_falls(tmp
     # The vocab-parallel embedding and the column-parallel head share one DTensor (GPT.tie_weights after apply_tp).
     assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny-tied", tp=2, micro_batch=4, num_microbatches=2),
                                    "llama-tiny-tied")
+
+
+# ---------------------------------------------------------------- cp, ZeRO stages and compile (llama-tiny, 3 steps)
+#
+# Each block of layouts shares one spawn of its ranks (planfiles.run_layouts), so the processes start once, and
+# trains a global batch of 4 sequences for 3 steps on the 5-step learning-rate schedule, against one process
+# doing the same (short_reference).
+
+SHORT_STEPS = 3
+SHORT_FLAGS = ("--lr-decay-steps", str(LLAMA_STEPS))
+LLAMA = {"model": "llama-tiny"}
+
+
+@pytest.fixture(scope="module")
+def short_reference(tmp_path_factory):
+    return run_layout(tmp_path_factory.mktemp("ref"), steps=SHORT_STEPS, extra=SHORT_FLAGS, model="llama-tiny",
+                      micro_batch=1, num_microbatches=4)
+
+
+def assert_prefix_matches_and_falls(result: dict, expected: dict) -> None:
+    for key in ("losses", "grad_norms"):
+        diff = max_relative_difference(result[key], expected[key])
+        print(f"{key}: max relative difference {diff:.1e}: {[round(v, 4) for v in result[key]]}")
+        assert diff <= TOLERANCE, f"{key} {result[key]} vs single process {expected[key]}: {diff:.2e}"
+    losses = result["losses"]
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.fixture(scope="module")
+def four_rank_layouts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("four")
+    one_each = {"micro_batch": 1, "num_microbatches": 1}
+    zero1_tp = {**LLAMA, "tp": 2, "dp": 2, "zero": 1, "micro_batch": 1, "num_microbatches": 2}
+    resume = ("--checkpoint-dir", tmp / "ckpt", *SHORT_FLAGS)
+    return run_layouts(tmp, {
+        "cp2_tp2": {**LLAMA, "cp": 2, "tp": 2, "micro_batch": 2, "num_microbatches": 2, "sequence_parallel": True},
+        "cp2_pp2": {**LLAMA, "cp": 2, "pp": 2, "micro_batch": 1, "num_microbatches": 4},
+        "dp4_zero1": {**LLAMA, "dp": 4, "zero": 1, **one_each},
+        "dp4_zero2": {**LLAMA, "dp": 4, "zero": 2, **one_each},
+        "dp4_zero3": {**LLAMA, "dp": 4, "zero": 3, **one_each},
+        "dp4_zero3_a_step_more": {**LLAMA, "dp": 4, "zero": 3, **one_each, "steps": SHORT_STEPS + 1},
+        "tp2_dp2_zero3": {**LLAMA, "tp": 2, "dp": 2, "zero": 3, "micro_batch": 1, "num_microbatches": 2},
+        "tp2_dp2_zero1": zero1_tp,
+        # The same, stopped after a step with a checkpoint, then resumed from it.
+        "tp2_dp2_zero1_first": {**zero1_tp, "steps": 1, "flags": resume},
+        "tp2_dp2_zero1_resumed": {**zero1_tp, "flags": resume},
+        "pp2_dp2_zero2": {**LLAMA, "pp": 2, "dp": 2, "zero": 2, "micro_batch": 1, "num_microbatches": 2},
+    }, SHORT_STEPS, SHORT_FLAGS)
+
+
+@pytest.fixture(scope="module")
+def two_rank_layouts(tmp_path_factory):
+    return run_layouts(tmp_path_factory.mktemp("two"), {
+        "cp2": {**LLAMA, "cp": 2, "micro_batch": 1, "num_microbatches": 4},
+        # GPT's learned position table must follow the chunks too (Embedding takes the positions).
+        "gpt_cp2": {"cp": 2, "steps": PARITY_STEPS, "flags": ()},
+        # compile of every block, inside FSDP2's zero 3 units and around selective recomputation's checkpoint.
+        "compile_dp2_zero3_selective": {**LLAMA, "compile": True, "dp": 2, "zero": 3, "micro_batch": 1,
+                                        "num_microbatches": 2, "recompute": "selective"},
+    }, SHORT_STEPS, SHORT_FLAGS)
+
+
+def test_cp2_loss_matches_single_process(two_rank_layouts, short_reference):
+    assert_prefix_matches_and_falls(two_rank_layouts["cp2"], short_reference)
+
+
+def test_gpt_cp2_learned_positions_loss_matches_single_process(two_rank_layouts):
+    assert_matches_single_process(two_rank_layouts["gpt_cp2"])
+
+
+def test_cp2_tp2_loss_matches_single_process(four_rank_layouts, short_reference):
+    # Sequence parallelism on top: each rank holds T/cp tokens, cut again over tp between the blocks.
+    assert_prefix_matches_and_falls(four_rank_layouts["cp2_tp2"], short_reference)
+
+
+def test_cp2_pp2_loss_matches_single_process(four_rank_layouts, short_reference):
+    assert_prefix_matches_and_falls(four_rank_layouts["cp2_pp2"], short_reference)
+
+
+def test_dp4_zero1_loss_matches_single_process_with_the_optimizer_state_sharded(four_rank_layouts, short_reference):
+    result = four_rank_layouts["dp4_zero1"]
+    assert_prefix_matches_and_falls(result, short_reference)
+    state = [b["optimizer_state"] for b in result["memory_breakdown_bytes"]]
+    weights = result["memory_breakdown_bytes"][0]["parameters"]
+    # AdamW's two moments of every weight, split over the 4 replicas (whole tensors each: not exactly a quarter).
+    assert sum(state) >= 2 * weights and max(state) < 0.3 * 2 * weights, state
+    assert all(b["gradients"] == weights for b in result["memory_breakdown_bytes"])  # gradients stay whole
+
+
+def test_dp4_zero2_loss_matches_single_process_with_gradients_sharded_and_weights_gathered(four_rank_layouts, short_reference):
+    result = four_rank_layouts["dp4_zero2"]
+    assert_prefix_matches_and_falls(result, short_reference)
+    for b in result["memory_breakdown_bytes"]:
+        # Never whole gradients: at most this rank's quarter (FSDP2's shards; none yet at a peak inside the backward).
+        assert b["gradients"] <= b["parameters"]
+        assert b["gathered_weights"] == pytest.approx(4 * b["parameters"], rel=1e-3)  # the whole model, kept gathered
+
+
+def test_dp4_zero3_loss_matches_single_process_with_weights_gathered_a_block_at_a_time(four_rank_layouts, short_reference):
+    result = four_rank_layouts["dp4_zero3"]
+    assert_prefix_matches_and_falls(result, short_reference)
+    for b in result["memory_breakdown_bytes"]:
+        assert b["gradients"] <= b["parameters"]
+        assert 0 < b["gathered_weights"] < 0.5 * 4 * b["parameters"]
+
+
+def test_memory_counted_in_the_third_and_the_fourth_step_is_the_same(four_rank_layouts):
+    # runtime.launch counts the last step: from the third on it is the steady state, whatever ran before in the
+    # process (here, four other layouts). The transient part may differ by a communication buffer or a few scalars
+    # (a gloo worker can drop the last reference to an FSDP2 buffer a moment after the training thread does).
+    third, fourth = (four_rank_layouts[k]["memory_breakdown_bytes"] for k in ("dp4_zero3", "dp4_zero3_a_step_more"))
+    for a, b in zip(third, fourth):
+        assert all(a[k] == b[k] for k in ("parameters", "gradients", "optimizer_state", "gathered_weights")), (a, b)
+        assert a["activations_and_transient"] == pytest.approx(b["activations_and_transient"], rel=0.05), (a, b)
+
+
+def test_tp2_dp2_zero3_loss_matches_single_process(four_rank_layouts, short_reference):
+    # FSDP2's dim of a TP-sharded weight is a _StridedShard: the gradient norm must count it as a shard.
+    assert_prefix_matches_and_falls(four_rank_layouts["tp2_dp2_zero3"], short_reference)
+
+
+def test_tp2_dp2_zero1_loss_matches_single_process_with_dtensor_optimizer_state_sharded(four_rank_layouts, short_reference):
+    # ZeroRedundancyOptimizer cannot broadcast DTensors: runtime.parallel.optimizer.ShardedOptimizer does its work.
+    result = four_rank_layouts["tp2_dp2_zero1"]
+    assert_prefix_matches_and_falls(result, short_reference)
+    for b in result["memory_breakdown_bytes"]:
+        assert b["optimizer_state"] < 0.75 * 2 * b["parameters"]  # this rank's share of its tp shard's state
+
+
+def test_tp2_dp2_zero1_resumes_exactly_with_each_ranks_own_optimizer_state(four_rank_layouts):
+    # Each rank saves the state of the weights it owns, and the resumed run steps on with the learning-rate
+    # schedule, not the one the checkpoint recorded (the third step's loss is the first that shows it).
+    first, resumed = (four_rank_layouts[k]["losses"] for k in ("tp2_dp2_zero1_first", "tp2_dp2_zero1_resumed"))
+    assert first + resumed == four_rank_layouts["tp2_dp2_zero1"]["losses"]
+
+
+def test_pp2_dp2_zero2_reduce_scatters_after_every_microbatch_and_matches_single_process(four_rank_layouts, short_reference):
+    result = four_rank_layouts["pp2_dp2_zero2"]
+    assert_prefix_matches_and_falls(result, short_reference)
+    # Each rank's stage is 5 FSDP2 groups (4 blocks and the rest), 2 microbatches a step, 3 steps: gradients are
+    # reduce-scattered after every microbatch's backward (the first step's shape inference reduces nothing).
+    assert result["reduce_scatters"] == [5 * 2 * SHORT_STEPS] * 4, result["reduce_scatters"]
+
+
+def test_compile_under_fsdp2_and_selective_recompute_loss_matches_single_process(two_rank_layouts, short_reference):
+    result = two_rank_layouts["compile_dp2_zero3_selective"]
+    assert_prefix_matches_and_falls(result, short_reference)
+    assert all(n >= 1 for n in result["compiled_graphs"]), result["compiled_graphs"]
