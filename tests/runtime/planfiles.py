@@ -133,8 +133,11 @@ def last_result(path: Path) -> dict:
     return json.loads(Path(path).read_text().splitlines()[-1])
 
 
-# The session-cached files (token stream, reference runs) live here and go when the test session ends.
-_SCRATCH = tempfile.TemporaryDirectory(prefix="meshplan-tests-")
+@functools.lru_cache(maxsize=None)
+def _scratch() -> tempfile.TemporaryDirectory:
+    """Where the session-cached files (token stream, reference runs) live; removed when the test session ends.
+    Made on first use: spawned ranks import this module too, and leave through os._exit, which skips cleanup."""
+    return tempfile.TemporaryDirectory(prefix="meshplan-tests-")
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,7 +153,7 @@ def small_vocab_tokens() -> Path:
     t = 0
     for i, c in enumerate(choice):
         tokens[i], t = t, successors[t, c]
-    path = Path(tempfile.mkdtemp(prefix="tokens-", dir=_SCRATCH.name)) / "tokens.bin"
+    path = Path(tempfile.mkdtemp(prefix="tokens-", dir=_scratch().name)) / "tokens.bin"
     tokens.tofile(path)
     return path
 
@@ -174,7 +177,7 @@ def run_layout(tmp: Path, steps: int | None = None, extra: tuple = (), model: st
 @functools.lru_cache(maxsize=None)
 def reference(model: str = "test-tiny", steps: int | None = None) -> dict:
     """The single-process run of a test model (global batch 8), computed once per test session: its results line."""
-    return run_layout(Path(tempfile.mkdtemp(prefix="ref-", dir=_SCRATCH.name)), steps=steps, model=model)
+    return run_layout(Path(tempfile.mkdtemp(prefix="ref-", dir=_scratch().name)), steps=steps, model=model)
 
 
 def reference_losses() -> tuple[float, ...]:
