@@ -112,21 +112,21 @@ def _memory_floor_gib(cm, knobs: Knobs, m: int, tm) -> float:
     """The device holding the embedding, or the head, with its fewest blocks (v), all recomputed where the
     knobs allow it; and the average device's state: a peak no split goes below."""
     model, p, v = cm.model, knobs.pp, knobs.virtual_stages
-    sb = tm.state_bytes_per_param
+    sb, step_sb = tm.peak_state_bytes(m), tm.step_state_bytes
     a_min = tm.full_activation_bytes if knobs.recompute == "none" else tm.layer_activation_bytes
-    working = tm.recompute_working_bytes if knobs.recompute == "full" else 0.0
     floors = []
     for i in (0, p - 1) if p > 1 else (0,):
         e, h = i == 0, i == p - 1
         # At its peak the device holds alive_at_peak chunk-microbatches, each of at least one block (every
         # chunk has one); the embedding's activations of at least one microbatch.
         acts = schedule.alive_at_peak(knobs.schedule, p, m, v, i) * a_min + (tm.embedding_activation_bytes if e else 0.0)
-        transient = max(tm.head_transient_bytes if h else 0.0, working)
-        own = v * tm.layer_params + tm.end_params(model, knobs.tp, e, h)
-        floors.append(tm.overhead_bytes + tm.sharding_transient_bytes + own * sb + max(acts + transient, own * tm.step_bytes))
-    # The average device's state, and during the optimizer step its step-only copies (no activations then).
-    state = (model.layers * tm.layer_params + tm.end_params(model, knobs.tp, True, True)) * (sb + tm.step_bytes) / p
-    floors.append(tm.overhead_bytes + tm.sharding_transient_bytes + state)
+        ends = tm.end_params(model, knobs.tp, e, h)
+        transient = sum(tm.peak_transient(h, ends, knobs.recompute == "full"))
+        own = v * tm.layer_params + ends
+        floors.append(tm.overhead_bytes + max(own * sb + acts + transient, own * step_sb))
+    # The average device's state during the optimizer step (no activations then).
+    state = (model.layers * tm.layer_params + tm.end_params(model, knobs.tp, True, True)) * step_sb / p
+    floors.append(tm.overhead_bytes + state)
     return max(floors) / GIB
 
 

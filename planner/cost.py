@@ -280,6 +280,7 @@ def device_memories(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...], cost
     for i in range(p):
         mine = device_stages(i, p, v)
         acts = schedule.peak_inflight(vectors[i], [costs[k].activation_bytes for k in mine])
-        out.append(device_memory(tm, sum(costs[k].params for k in mine), acts, any(stages[k].head for k in mine),
-                                 any(costs[k].full_recompute for k in mine)))
+        ends = sum(tm.end_params(cm.model, knobs.tp, stages[k].embedding, stages[k].head) for k in mine)
+        out.append(device_memory(tm, sum(costs[k].params for k in mine), ends, acts, any(stages[k].head for k in mine),
+                                 any(costs[k].full_recompute for k in mine), m))
     return out

@@ -102,17 +102,16 @@ def device_terms(tm, knobs, m: int, model, stage_fixed_s: list[float]) -> list[D
     p, v = knobs.pp, knobs.virtual_stages
     inflight = inflight_by_stage(knobs.schedule, p, m, v)
     allow = knobs.recompute == "none"
-    sb = tm.state_bytes_per_param
+    sb, step_sb = tm.peak_state_bytes(m), tm.step_state_bytes
     out = []
     for i in range(p):
         first, last = i == 0, i == p - 1
-        fixed_b = tm.overhead_bytes + tm.sharding_transient_bytes + tm.end_params(model, knobs.tp, first, last) * sb
-        step_b = tm.overhead_bytes + tm.sharding_transient_bytes + tm.end_params(model, knobs.tp, first, last) * (sb + tm.step_bytes)
+        ends = tm.end_params(model, knobs.tp, first, last)
+        fixed_b = tm.overhead_bytes + ends * sb
+        step_b = tm.overhead_bytes + ends * step_sb
         if first:
             fixed_b += inflight[0] * tm.embedding_activation_bytes
-        transient = tm.head_transient_bytes if last else 0.0
-        if knobs.recompute == "full":
-            transient = max(transient, tm.recompute_working_bytes)
+        transient = sum(tm.peak_transient(last, ends, knobs.recompute == "full"))
         out.append(DeviceTerms(
             fixed_s=sum(stage_fixed_s[c * p + i] for c in range(v)),
             layer_s=tm.layer_forward_s + tm.layer_backward_s + tm.layer_recompute_s,
@@ -120,8 +119,8 @@ def device_terms(tm, knobs, m: int, model, stage_fixed_s: list[float]) -> list[D
             inflight=sum(inflight[c * p + i] for c in range(v)) / v,
             layer_act_bytes=tm.layer_activation_bytes, full_act_bytes=tm.full_activation_bytes if allow else tm.layer_activation_bytes,
             fixed_bytes=fixed_b, layer_state_bytes=tm.layer_params * sb, transient_bytes=transient,
-            working_bytes=tm.recompute_working_bytes if allow else 0.0,
-            step_fixed_bytes=step_b, layer_step_bytes=tm.layer_params * (sb + tm.step_bytes)))
+            working_bytes=sum(tm.peak_transient(False, ends, True)) if allow else 0.0,
+            step_fixed_bytes=step_b, layer_step_bytes=tm.layer_params * step_sb))
     return out
 
 

@@ -19,6 +19,7 @@ spike the model does not see): a plan at 79.7 of 80 GiB is not a fit. `--memory-
 class MemoryBreakdown:
     weights_gib: float
     grads_gib: float
+    """The gradients; beside the activations' peak only where grads_at_peak (else they exist in the step)."""
     optimizer_gib: float
     activations_gib: float
     overhead_gib: float
@@ -26,12 +27,15 @@ class MemoryBreakdown:
     """ZeRO 2/3: the gathered weights and full gradients of the blocks in flight."""
     step_gib: float = 0.0
     """What exists only while the optimizer steps, when no activations are held (step_grad_bytes_per_param)."""
+    grads_at_peak: bool = True
 
     @property
     def total_gib(self) -> float:
-        """The peak: during the forward and backward (activations held), or during the step (its copies held)."""
-        return (self.weights_gib + self.grads_gib + self.optimizer_gib + max(self.activations_gib, self.step_gib) + self.overhead_gib
-                + self.sharding_gib)
+        """The peak: during the forward and backward (activations and gathered weights held), or during the step
+        (the gradients and the step's copies held)."""
+        g = self.grads_gib if self.grads_at_peak else 0.0
+        return (self.weights_gib + self.optimizer_gib + self.overhead_gib
+                + max(self.activations_gib + self.sharding_gib + g, self.step_gib + self.grads_gib))
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,19 @@ class SavedTensors:
     fused_swiglu: bool
     """SwiGLU as one fused op keeping its two inputs (Megatron-LM's bias_swiglu_impl); otherwise silu and the
     product each keep theirs."""
+    rmsnorm_keeps_normalized: bool = False
+    """RMSNorm as plain ops (torch's nn.RMSNorm on CPU): x * rsqrt(mean(x^2)) is kept for the weight's gradient
+    beside the input, 2 units per norm more (measured); a fused kernel keeps the input and the 1/rms only."""
+    gqa_output_copy: bool = False
+    """With fewer K/V heads than query heads, SDPA's output is laid out (batch, heads, seq, head_dim), so the
+    transpose-reshape before the output projection copies it (measured on CPU with enable_gqa)."""
+    loss_tensors: int = 2
+    """fp32 tensors of the logits' size alive at once while the loss runs its backward: 2 for Megatron-LM's
+    vocab-parallel cross entropy (the softmax it keeps and the gradient it computes in place; Korthikanti et al.
+    2022, section 4.4); 3 for F.cross_entropy (log_softmax's output, which it keeps, the gradient of that output
+    from nll_loss's backward and the logits' gradient: measured, bench/memory_vs_measured.py)."""
+    pipeline_keeps_logits: bool = False
+    """torch.distributed.pipelining keeps the last stage's output, the logits, until the loss's backward."""
     fp8_gemm_inputs: bool = False
     """With fp8, the linears keep their inputs for the weight-gradient GEMM as FP8 (1 byte) and not in bf16:
     Transformer Engine v1.8, transformer_engine/pytorch/module/linear.py (_Linear.forward saves the FP8 input or
@@ -58,8 +75,13 @@ class SavedTensors:
 MEGATRON_SAVED = SavedTensors(dropout=True, attention_output_copy=False, fused_swiglu=True)
 # Megatron-Core with Transformer Engine's linears (its TE layer spec; NeMo 24.07): the same, FP8 inputs with fp8.
 MEGATRON_CORE_SAVED = SavedTensors(dropout=True, attention_output_copy=False, fused_swiglu=True, fp8_gemm_inputs=True)
-# meshplan's runtime (runtime/model.py): no dropout, y.transpose(1, 2).reshape(...) copies, plain silu * up.
-RUNTIME_SAVED = SavedTensors(dropout=False, attention_output_copy=True, fused_swiglu=False)
+# meshplan's runtime (runtime/model.py): no dropout, plain silu * up, F.cross_entropy. The attention output is not
+# copied: torch's fused SDPA kernels (flash on CPU and CUDA) return it laid out as (batch, seq, heads, head_dim), so
+# y.transpose(1, 2).reshape(...) is a view (measured on CPU: bench/memory_vs_measured.py).
+# On CPU (torch 2.13) nn.RMSNorm keeps x * rsqrt(mean x^2) and SDPA with enable_gqa returns a (batch, heads, ...)
+# output that the reshape copies; on CUDA these are not measured here and are kept as on CPU (the larger).
+RUNTIME_SAVED = SavedTensors(dropout=False, attention_output_copy=False, fused_swiglu=False, loss_tensors=3,
+                             pipeline_keeps_logits=True, rmsnorm_keeps_normalized=True, gqa_output_copy=True)
 
 
 def activation_bytes_per_layer(model: ModelSpec, tp: int, b: int, sequence_parallel: bool, recompute: str,
@@ -67,7 +89,8 @@ def activation_bytes_per_layer(model: ModelSpec, tp: int, b: int, sequence_paral
     """Activations one transformer block keeps for one microbatch until its backward (2-byte dtype, 1-byte masks).
 
     Korthikanti et al. 2022, eq. 1: s*b*h*(34 + 5as/h) for GPT without parallelism. Per block, in units of
-    s*b*h: the two norms' inputs 4 (RMSNorm keeps its input as LayerNorm does); the q/k/v input 2; q 2 and k, v
+    s*b*h: the two norms' inputs 4 (RMSNorm keeps its input as LayerNorm does; as plain ops also its normalized
+    x, 4 more: SavedTensors.rmsnorm_keeps_normalized); the q/k/v input 2; q 2 and k, v
     2 each at kv_heads/heads of the width (grouped-query attention, Ainslie et al. 2023); the output projection's
     input 2 (and the attention kernel's own output 2 where the software copies between them); the MLP's input 2
     and inside it, with f = ffn_hidden: GELU's input and the second matrix's input 4f/h (16 for f = 4h), SwiGLU's
@@ -96,13 +119,14 @@ def activation_bytes_per_layer(model: ModelSpec, tp: int, b: int, sequence_paral
     f = model.ffn_hidden / h
     mlp = (6 if saved.fused_swiglu else 8) * f if model.mlp == "swiglu" else 4 * f
     gemm_in = 2.0
-    attn_out = 2 + (2 if saved.attention_output_copy and fused_attention else 0)
+    copied = (saved.attention_output_copy and fused_attention) or (saved.gqa_output_copy and model.kv_heads < model.heads)
+    attn_out = 2 + (2 if copied else 0)
     if fp8 and saved.fp8_gemm_inputs:
         # Units of s*b*h at 2 bytes: an FP8 input is 1. The MLP's last matrix's input is f/h wide (2f/h -> f/h).
         gemm_in = 1.0
         mlp -= f
         attn_out = 1 + (0 if recompute == "selective" else 2)
-    replicated = 4 + gemm_in + gemm_in + 2 * d
+    replicated = 4 + gemm_in + gemm_in + 2 * d + (4 if saved.rmsnorm_keeps_normalized and model.norm == "rmsnorm" else 0)
     sharded = 2 + 4 * model.kv_heads / model.heads + attn_out + mlp
     scores = 0.0 if (recompute == "selective" or fused_attention) else (2 + 3 * d) * a * s / h
     if sequence_parallel:
@@ -191,6 +215,16 @@ def fsdp_transient_bytes(dtype_bytes: int, zero: int, layer_params: float, fp32_
     return layer_params * compute * ((2 if zero == 3 else 0) + 1)
 
 
+def fsdp_root_bytes(dtype_bytes: int, zero: int, fp32_params: bool) -> float:
+    """Bytes per embedding/head parameter that meshplan's runtime holds at ZeRO-3 while the loss's gradient
+    reaches the head: FSDP2's root unit (embedding, final norm, head) resharded after the forward is gathered
+    again, its all-gather output beside the unsharded weights it is copied into (measured:
+    bench/memory_vs_measured.py). Other frameworks: not modelled (0)."""
+    if zero < 3 or not fp32_params:
+        return 0.0
+    return 2 * (2.0 if dtype_bytes == 2 else 4.0)
+
+
 def embedding_activation_bytes(model: ModelSpec, tp: int, b: int, sequence_parallel: bool, saved: SavedTensors = MEGATRON_SAVED) -> float:
     # Korthikanti et al. 2022, section 4.4: the embedding's dropout keeps s*b*h (with its mask), /t with sp.
     # Without dropout the embedding keeps nothing of size s*b*h: its output is the first block's input.
@@ -199,25 +233,30 @@ def embedding_activation_bytes(model: ModelSpec, tp: int, b: int, sequence_paral
     return 3 * model.seq_len * b * model.hidden / (tp if sequence_parallel else 1)
 
 
-def head_transient_bytes(model: ModelSpec, tp: int, b: int) -> float:
-    """Logits and their gradient in fp32 for one microbatch on the last stage (Korthikanti et al. 2022,
-    section 4.4: 4sbv/t for the output layer; the gradient doubles it while the loss backward runs)."""
-    return 2 * 4 * model.seq_len * b * model.padded_vocab(tp) / tp
+def logit_bytes(model: ModelSpec, tp: int, b: float) -> float:
+    """One fp32 tensor of one microbatch's logits on a tp rank: 4sbv/t (Korthikanti et al. 2022, section 4.4)."""
+    return 4 * model.seq_len * b * model.padded_vocab(tp) / tp
 
 
-def device_memory(terms, params: float, activation_bytes: float, has_head: bool, full_recompute: bool) -> MemoryBreakdown:
-    """One pipeline device from its cost terms (planner.terms.Terms): `params` on it, `activation_bytes` its
-    peak in-flight activations (from the schedule's op order), plus the transient working set of the head and,
-    where any of its blocks recomputes fully, of the block being re-run (whichever is larger)."""
-    transient = terms.head_transient_bytes if has_head else 0.0
-    if full_recompute:
-        transient = max(transient, terms.recompute_working_bytes)
+def head_transient_bytes(model: ModelSpec, tp: int, b: float, saved: SavedTensors = MEGATRON_SAVED, pipelined: bool = False) -> float:
+    """What the loss's backward holds of the logits' size on the last stage: SavedTensors.loss_tensors of them,
+    and the logits themselves where the pipeline schedule keeps the stage's output."""
+    return (saved.loss_tensors + (1 if pipelined and saved.pipeline_keeps_logits else 0)) * logit_bytes(model, tp, b)
+
+
+def device_memory(terms, params: float, end_params: float, activation_bytes: float, has_head: bool, full_recompute: bool,
+                  m: int) -> MemoryBreakdown:
+    """One pipeline device from its cost terms (planner.terms.Terms): `params` on it (`end_params` of them the
+    embedding's and head's), `activation_bytes` its peak in-flight activations (from the schedule's op order),
+    plus the largest transient working set (Terms.peak_transient), over m microbatches."""
+    transient, gathered = terms.peak_transient(has_head, end_params, full_recompute)
     return MemoryBreakdown(
         weights_gib=params * terms.weight_bytes / GIB,
         grads_gib=params * terms.grad_bytes / GIB,
         optimizer_gib=params * terms.optimizer_bytes / GIB,
         activations_gib=(activation_bytes + transient) / GIB,
         overhead_gib=terms.overhead_bytes / GIB,
-        sharding_gib=terms.sharding_transient_bytes / GIB,
+        sharding_gib=gathered / GIB,
         step_gib=params * terms.step_bytes / GIB,
+        grads_at_peak=terms.grads_at_peak(m),
     )

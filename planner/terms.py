@@ -14,7 +14,7 @@ from planner import comm
 from planner.compute import end_times, layer_times, memory_s, optimizer_step_s
 from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB, MEGATRON_CORE_SAVED, MEGATRON_SAVED, RUNTIME_SAVED, SavedTensors,
                             activation_bytes_per_layer, cp_gathered_kv_bytes, embedding_activation_bytes, end_param_count,
-                            fsdp_transient_bytes, full_layer_activation_bytes, head_transient_bytes, layer_param_count,
+                            fsdp_root_bytes, fsdp_transient_bytes, full_layer_activation_bytes, head_transient_bytes, layer_param_count, logit_bytes,
                             state_bytes_per_param, step_grad_bytes_per_param)
 from planner.plan import Knobs
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec
@@ -62,6 +62,10 @@ class Framework:
     """Bytes moved per parameter per microbatch to accumulate gradients beyond the 16-bit in-place accumulate
     the device curve was fitted with (planner/deepspeed.py: accumulate_s)."""
     deepspeed_pipe: bool = False
+    grad_buffers: bool = True
+    """Gradients live in buffers made once (Megatron-LM's main_grad, DeepSpeed's, DDP's buckets) and so exist at
+    every peak; False: autograd makes them in the backward (meshplan's runtime sets them to None after each step)
+    except where DDP wraps the model (Terms.grads_at_peak)."""
     """DeepSpeed's pipeline engine and ZeRO-1: metadata per send and re-gathers of partitioned messages over tp,
     an all-reduce where dp_s prices a reduce-scatter, the tied-embedding reduction (planner/deepspeed.py)."""
 
@@ -79,7 +83,7 @@ class Framework:
 # meshplan's runtime: fp32 parameters (bf16 autocast on GPU), DDP/FSDP2 overlap the reduction,
 # torch.distributed.pipelining posts its sends and receives asynchronously.
 MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatter_gather=False, p2p_blocking=False,
-                     saved=RUNTIME_SAVED, fp32_params=True)
+                     saved=RUNTIME_SAVED, fp32_params=True, grad_buffers=False)
 # Megatron-LM as in Narayanan et al. 2021: fp16 gradients all-reduced after the flush, no overlap;
 # blocking pipeline sends split over the node's NICs.
 MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True)
@@ -136,7 +140,9 @@ class Terms:
     embedding_activation_bytes: float
     """What the embedding keeps per in-flight microbatch (first stage)."""
     head_transient_bytes: float
-    """Logits and their gradient while the loss runs (last stage)."""
+    """Logits and their gradient while the loss runs (last stage): memory.head_transient_bytes."""
+    logit_bytes: float
+    """One fp32 tensor of a microbatch's logits on this tp rank."""
     recompute_working_bytes: float
     """What a fully recomputed block holds while it is re-run for its backward."""
     layer_params: float
@@ -149,6 +155,10 @@ class Terms:
     """Bytes per parameter alive only during the optimizer step, never beside activations (memory.step_grad_bytes_per_param)."""
     sharding_transient_bytes: float
     """ZeRO stages 2 and 3: the gathered weights and full gradients of the blocks in flight (fsdp_transient_bytes)."""
+    end_gathered_bytes: float
+    """Bytes per embedding/head parameter that ZeRO-3 gathers again for the head's backward (fsdp_root_bytes)."""
+    grads_from_backward: bool
+    """The gradients are made by the backward, not held in buffers (Framework.grad_buffers, and no DDP)."""
     cp_all_gather_s: float
     """Context parallelism: one block's keys and values all-gathered over cp (forward), and their gradients
     reduce-scattered back (as much again, in the backward); inside layer_forward_s and layer_backward_s."""
@@ -160,6 +170,31 @@ class Terms:
     @property
     def state_bytes_per_param(self) -> float:
         return self.weight_bytes + self.grad_bytes + self.optimizer_bytes
+
+    def grads_at_peak(self, m: int) -> bool:
+        """Whether the gradients exist while the activations peak (the start of the backward): with one
+        microbatch, gradients that the backward makes do not exist yet."""
+        return m > 1 or not self.grads_from_backward
+
+    def peak_state_bytes(self, m: int) -> float:
+        """Bytes per parameter held beside the activations at their peak."""
+        return self.weight_bytes + self.optimizer_bytes + (self.grad_bytes if self.grads_at_peak(m) else 0.0)
+
+    @property
+    def step_state_bytes(self) -> float:
+        """Bytes per parameter held during the optimizer step (no activations, nothing gathered then)."""
+        return self.state_bytes_per_param + self.step_bytes
+
+    def peak_transient(self, head: bool, end_params: float, full_recompute: bool) -> tuple[float, float]:
+        """(activation bytes, ZeRO-gathered bytes) of the largest working set beside the kept activations: the
+        loss's backward on the last stage (under ZeRO-3 with, instead, one logits tensor and the embedding/head
+        weights gathered again), or a block's gathered weights and full gradients under ZeRO 2/3 with, where it
+        recomputes fully, its re-run. They happen at different moments of the backward: the larger counts."""
+        block = (self.recompute_working_bytes if full_recompute else 0.0, self.sharding_transient_bytes)
+        if not head:
+            return block
+        loss = max((self.head_transient_bytes, 0.0), (self.logit_bytes, end_params * self.end_gathered_bytes), key=sum)
+        return max(loss, block, key=sum)
 
     def fixed_forward_s(self, embedding: bool, head: bool) -> float:
         """A stage's forward seconds that do not depend on its blocks (sends aside)."""
@@ -243,7 +278,10 @@ class CostModel:
         w, g, o = state_bytes_per_param(dev.dtype_bytes, k.zero, k.dp * k.cp, fp32, self.framework.grad_bytes)
         return Terms(**base, weight_bytes=w, grad_bytes=g, optimizer_bytes=o,
                      step_bytes=step_grad_bytes_per_param(k.zero, k.dp * k.cp, fp32, self.framework.grad_bytes),
-                     sharding_transient_bytes=fsdp_transient_bytes(dev.dtype_bytes, k.zero, base["layer_params"], fp32))
+                     sharding_transient_bytes=fsdp_transient_bytes(dev.dtype_bytes, k.zero, base["layer_params"], fp32),
+                     end_gathered_bytes=fsdp_root_bytes(dev.dtype_bytes, k.zero, fp32),
+                     grads_from_backward=not self.framework.grad_buffers and not (
+                         k.zero <= 1 and k.dp * k.cp > 1 and k.tp == 1 and k.pp == 1))  # DDP's buckets hold them
 
     def _block_terms(self, k: Knobs) -> dict:
         model, dev = self.model, self.device
@@ -281,7 +319,7 @@ class CostModel:
             + (gathered if k.recompute != "full" else 0.0),
             full_activation_bytes=activation_bytes_per_layer(model, t, b, sp, "full", fused, saved, fp8) * scale,
             embedding_activation_bytes=embedding_activation_bytes(model, t, b, sp, saved) * scale,
-            head_transient_bytes=head_transient_bytes(model, t, b),
+            head_transient_bytes=head_transient_bytes(model, t, b, saved, pipelined=k.pp > 1), logit_bytes=logit_bytes(model, t, b),
             recompute_working_bytes=full_layer_activation_bytes(model, t, b, sp, fused, saved, fp8) * scale + gathered,
             layer_params=layer_param_count(model, t), cp_all_gather_s=kv, overhead_bytes=dev.framework_overhead_gib * GIB,
             capacity_bytes=self.capacity_gib * GIB,
