@@ -124,7 +124,7 @@ def build_profile(samples: dict[tuple, list[float]], facts: dict, shapes: Shapes
         "cpu_share": round(sum(samples[("cpu_s",)]) / sum(samples[("wall_s",)]), 3) if ("cpu_s",) in samples else 1.0,
         "background_cores": round(max(0.0, facts.get("machine_busy_s", 0.0) - sum(samples.get(("rank_cpu_s",), [])))
                                   / facts["loop_s"], 2) if facts.get("loop_s") else 0.0,
-        "layers": layers, "ends": ends,
+        "layers": layers, "ends": ends, "reference_s": {k: r(v) for k, v in facts.get("reference_s", {}).items()},
         "optimizer_s_per_param": r(statistics.median(opt_values) / opt_key[1]),
         "optimizer": {"params": opt_key[1], "step_s": r(statistics.median(opt_values)), "spread_pct": _spread_pct(opt_values)},
         "gemm": gemm, "copy_GBps": r(bandwidth), "collectives": collectives, "links": links,

@@ -135,6 +135,10 @@ def check_measured(measured, source: str) -> _Parsed:
         if kind not in LINK_KINDS:
             raise SpecError(source, f"{top}.links.{kind}", f"unknown link; expected one of {', '.join(LINK_KINDS)}; {_REGENERATE}")
         links[kind] = parse_link(data, source, f"{top}.links.{kind}")
+    if "reference_s" in measured:  # runtime.machine's reference block per model (older profiles have none)
+        refs = _need(source, top, measured, "reference_s", "dict")
+        for name in refs:
+            _need(source, f"{top}.reference_s", refs, name, "time")
     if "stage_overhead_s" in measured:
         so = _need(source, top, measured, "stage_overhead_s", "dict")
         for k in ("forward_s", "backward_s"):

@@ -148,19 +148,19 @@ def machine_drift(plan, device, results: list) -> tuple[float | None, float | No
     """How much slower this machine ran than when it was profiled, and how many cores other processes used.
 
     The drift is the reference block each run timed just before training (RunResult.machine) over the same
-    block in the profile (tp 1, micro-batch 1, the plan's model family): 1.0 on an unchanged machine, 1.3 when
-    it ran 30% slower. The median over repeats; None when the runs did not record it or the profile is not a
-    measurement of exactly that block. Scaling a prediction by it corrects compute that other processes slowed;
+    block timed the same way (runtime.machine.time_reference, every rank at once) when the profile was taken
+    (its measured.reference_s, by model): 1.0 on an unchanged machine, 1.3 when it ran 30% slower. The median
+    over repeats; None when the runs did not record it or the profile has no reference for the plan's model
+    (an older profile, or another model: the profile's layer curves are fitted over passes of many shapes, and
+    a quiet machine timed ×0.81 to ×1.00 against them, so they are no reference). Scaling a prediction by it corrects compute that other processes slowed;
     it cannot correct what contention does to communication or to the ranks' memory traffic."""
-    from planner.measured import measured_layer_times
-
     machines = [r.machine for r in results if r.machine]
     background = [m["background_cores"] for m in machines if m.get("background_cores") is not None]
     refs = [m["reference_s"] for m in machines if m.get("reference_s")]
-    profiled = measured_layer_times(device, plan.model, 1, 1, False) if device.source == "measured" else None
-    if not refs or profiled is None or profiled.source != "measured":
+    profiled = (device.measured or {}).get("reference_s", {}).get(plan.model.name) if device.source == "measured" else None
+    if not refs or not profiled:
         return None, statistics.median(background) if background else None
-    return statistics.median(refs) / (profiled.forward_s + profiled.backward_s), statistics.median(background) if background else None
+    return statistics.median(refs) / profiled, statistics.median(background) if background else None
 
 
 def _memory_rows(plan, device, results: list) -> list[dict]:

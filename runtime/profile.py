@@ -30,6 +30,7 @@ import pickle
 import platform
 import resource
 import socket
+import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -46,7 +47,7 @@ from planner.io import atomic_write_json
 from planner.measured import check_measured
 from planner.specs import device_from_dict, load_model
 from runtime import profile_cases
-from runtime.machine import machine_busy_s
+from runtime.machine import machine_busy_s, time_reference
 from runtime.profile_cases import Clock
 
 CPU_MODELS = ("gpt-tiny", "llama-tiny")
@@ -171,6 +172,13 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
     dist.init_process_group("nccl" if cuda else "gloo")
     facts = _facts(dev, world)
     facts["suite_s"] = {}
+    # The reference block of each model, timed as runtime.launch times it before a run (runtime.machine, all
+    # ranks at once, the median over ranks): `planner validate` divides a run's figure by this one.
+    dist.barrier()
+    mine = {m.name: time_reference(m, dev)[0] for m in shapes.models}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    facts["reference_s"] = {name: statistics.median(r[name] for r in everyone) for name in mine}
     clock = Clock(dev)
     few = max(2, shapes.repeats - 2)  # whole steps: long, and averaged over many microbatches already
     suites = [("GEMMs and memory", profile_cases.gemm_cases(shapes, dev, clock), shapes.repeats, 1),

@@ -46,12 +46,16 @@ def test_validate_compares_every_ranks_peak_memory_with_its_pipeline_devices(tmp
     assert report["memory_mape_pct"] == pytest.approx((abs(errs[0]) + abs(errs[1])) / 2)
 
 
-def test_validate_scales_each_prediction_by_how_much_slower_the_reference_block_ran_than_in_the_profile(tmp_path, monkeypatch, capsys):
+def test_validate_scales_each_prediction_by_how_much_slower_the_reference_block_ran_than_when_profiled(tmp_path, monkeypatch, capsys):
     from planner.report import print_validation
 
     from tests.planner.test_measured import _device
 
-    measured = _device()  # gpt-tiny's block at tp 1, micro-batch 1: 0.010 s forward + 0.020 s backward
+    import dataclasses
+
+    measured = _device()
+    # The profile's reference for gpt-tiny, timed as runtime.launch times it: 0.030 s.
+    measured = dataclasses.replace(measured, measured={**measured.measured, "reference_s": {"gpt-tiny": 0.030}})
     monkeypatch.setattr("planner.validate.load_device", lambda name: measured)
     drifted, plain = _plan("gpt-tiny", 1, 2, 8), _plan("gpt-tiny", 2, 1, 1)
     line = run_line(drifted, [1.0] * 3, None)
@@ -80,3 +84,15 @@ def test_a_results_line_with_a_garbled_machine_field_is_skipped_naming_it(tmp_pa
     path.write_text(json.dumps(line) + "\n")
     report = validate([str(path)])
     assert not report["runs"] and "machine.reference_s" in report["skipped"][0] and "non-negative number" in report["skipped"][0]
+
+
+def test_a_profile_without_a_reference_for_the_model_claims_no_drift(tmp_path, monkeypatch):
+    from tests.planner.test_measured import _device
+
+    monkeypatch.setattr("planner.validate.load_device", lambda name: _device())  # an older profile: no reference_s
+    line = run_line(_plan("gpt-tiny", 1, 2, 8), [1.0] * 3, None)
+    line["machine"] = {"reference_s": 0.039, "cpu_share": 0.7, "background_cores": 0.1, "cpu_count": 2}
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    row = validate([str(path)])["runs"][0]
+    assert row["machine_drift"] is None and row["rescaled_error_pct"] is None and row["background_cores"] == 0.1
