@@ -38,6 +38,7 @@ LAYOUTS = (
     ("tp2", {"tp": 2, "pp": 1, "dp": 1, "micro_batch": 4}),
     ("tp2 sequence parallel", {"tp": 2, "pp": 1, "dp": 1, "micro_batch": 4, "sequence_parallel": True}),
     ("pp2 1f1b", {"tp": 1, "pp": 2, "dp": 1, "micro_batch": 2, "schedule": "1f1b"}),
+    ("pp2 gpipe", {"tp": 1, "pp": 2, "dp": 1, "micro_batch": 2, "schedule": "gpipe"}),
     ("pp2 interleaved v2", {"tp": 1, "pp": 2, "dp": 1, "micro_batch": 2, "schedule": "interleaved", "virtual_stages": 2}),
     ("dp2 zero 0", {"tp": 1, "pp": 1, "dp": 2, "micro_batch": 4, "zero": 0}),
     ("dp2 zero 1", {"tp": 1, "pp": 1, "dp": 2, "micro_batch": 4, "zero": 1}),

@@ -112,14 +112,15 @@ def _memory_floor_gib(cm, knobs: Knobs, m: int, tm) -> float:
     """The device holding the embedding, or the head, with its fewest blocks (v), all recomputed where the
     knobs allow it; and the average device's state: a peak no split goes below."""
     model, p, v = cm.model, knobs.pp, knobs.virtual_stages
-    sb, step_sb = tm.peak_state_bytes(m), tm.step_state_bytes
+    sb, step_sb = tm.peak_state_bytes(m, knobs), tm.step_state_bytes
     a_min = tm.full_activation_bytes if knobs.recompute == "none" else tm.layer_activation_bytes
     floors = []
     for i in (0, p - 1) if p > 1 else (0,):
         e, h = i == 0, i == p - 1
         # At its peak the device holds alive_at_peak chunk-microbatches, each of at least one block (every
         # chunk has one); the embedding's activations of at least one microbatch.
-        acts = schedule.alive_at_peak(knobs.schedule, p, m, v, i) * a_min + (tm.embedding_activation_bytes if e else 0.0)
+        acts = (schedule.alive_at_peak(knobs.schedule, p, m, v, i) * a_min + (tm.embedding_activation_bytes if e else 0.0)
+                + (tm.head_kept_bytes if h else 0.0))  # at least the microbatch whose loss runs backward
         ends = tm.end_params(model, knobs.tp, e, h)
         transient = sum(tm.peak_transient(h, ends, knobs.recompute == "full"))
         own = v * tm.layer_params + ends

@@ -128,6 +128,8 @@ def stage_cost_list(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...]) -> l
         acts = full * tm.full_activation_bytes + (n - full) * rest.layer_activation_bytes
         if s.embedding:
             acts += tm.embedding_activation_bytes
+        if s.head:
+            acts += tm.head_kept_bytes
         io = blocking_io_s(cm, knobs, p2p, k) if blocking else 0.0
         params = n * tm.layer_params + end_params
         exposed = 0.0
@@ -282,5 +284,5 @@ def device_memories(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...], cost
         acts = schedule.peak_inflight(vectors[i], [costs[k].activation_bytes for k in mine])
         ends = sum(tm.end_params(cm.model, knobs.tp, stages[k].embedding, stages[k].head) for k in mine)
         out.append(device_memory(tm, sum(costs[k].params for k in mine), ends, acts, any(stages[k].head for k in mine),
-                                 any(costs[k].full_recompute for k in mine), m))
+                                 any(costs[k].full_recompute for k in mine), m, knobs))
     return out

@@ -102,7 +102,7 @@ def device_terms(tm, knobs, m: int, model, stage_fixed_s: list[float]) -> list[D
     p, v = knobs.pp, knobs.virtual_stages
     inflight = inflight_by_stage(knobs.schedule, p, m, v)
     allow = knobs.recompute == "none"
-    sb, step_sb = tm.peak_state_bytes(m), tm.step_state_bytes
+    sb, step_sb = tm.peak_state_bytes(m, knobs), tm.step_state_bytes
     out = []
     for i in range(p):
         first, last = i == 0, i == p - 1
@@ -111,6 +111,8 @@ def device_terms(tm, knobs, m: int, model, stage_fixed_s: list[float]) -> list[D
         step_b = tm.overhead_bytes + ends * step_sb
         if first:
             fixed_b += inflight[0] * tm.embedding_activation_bytes
+        if last:
+            fixed_b += inflight[p * v - 1] * tm.head_kept_bytes
         transient = sum(tm.peak_transient(last, ends, knobs.recompute == "full"))
         out.append(DeviceTerms(
             fixed_s=sum(stage_fixed_s[c * p + i] for c in range(v)),

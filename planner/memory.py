@@ -62,7 +62,10 @@ class SavedTensors:
     2022, section 4.4); 3 for F.cross_entropy (log_softmax's output, which it keeps, the gradient of that output
     from nll_loss's backward and the logits' gradient: measured, bench/memory_vs_measured.py)."""
     pipeline_keeps_logits: bool = False
-    """torch.distributed.pipelining keeps the last stage's output, the logits, until the loss's backward."""
+    """torch.distributed.pipelining computes the loss in each microbatch's forward and keeps the last stage's
+    output, the logits, and log_softmax's output until that microbatch's backward: two logits-sized tensors per
+    microbatch in flight on the last stage (GPipe holds all of them), and the loss's backward adds the other one
+    or two of loss_tensors."""
     fp8_gemm_inputs: bool = False
     """With fp8, the linears keep their inputs for the weight-gradient GEMM as FP8 (1 byte) and not in bf16:
     Transformer Engine v1.8, transformer_engine/pytorch/module/linear.py (_Linear.forward saves the FP8 input or
@@ -238,17 +241,23 @@ def logit_bytes(model: ModelSpec, tp: int, b: float) -> float:
     return 4 * model.seq_len * b * model.padded_vocab(tp) / tp
 
 
+def head_kept_bytes(model: ModelSpec, tp: int, b: float, saved: SavedTensors = MEGATRON_SAVED, pipelined: bool = False) -> float:
+    """What the last stage keeps of the logits' size per microbatch in flight (SavedTensors.pipeline_keeps_logits)."""
+    return 2 * logit_bytes(model, tp, b) if pipelined and saved.pipeline_keeps_logits else 0.0
+
+
 def head_transient_bytes(model: ModelSpec, tp: int, b: float, saved: SavedTensors = MEGATRON_SAVED, pipelined: bool = False) -> float:
-    """What the loss's backward holds of the logits' size on the last stage: SavedTensors.loss_tensors of them,
-    and the logits themselves where the pipeline schedule keeps the stage's output."""
-    return (saved.loss_tensors + (1 if pipelined and saved.pipeline_keeps_logits else 0)) * logit_bytes(model, tp, b)
+    """What the loss's backward holds of the logits' size on the last stage beyond head_kept_bytes: loss_tensors of
+    them, less the log_softmax output that head_kept_bytes already counts."""
+    kept = 1 if pipelined and saved.pipeline_keeps_logits else 0
+    return (saved.loss_tensors - kept) * logit_bytes(model, tp, b)
 
 
 def device_memory(terms, params: float, end_params: float, activation_bytes: float, has_head: bool, full_recompute: bool,
-                  m: int) -> MemoryBreakdown:
+                  m: int, knobs) -> MemoryBreakdown:
     """One pipeline device from its cost terms (planner.terms.Terms): `params` on it (`end_params` of them the
     embedding's and head's), `activation_bytes` its peak in-flight activations (from the schedule's op order),
-    plus the largest transient working set (Terms.peak_transient), over m microbatches."""
+    plus the largest transient working set (Terms.peak_transient), over m microbatches of `knobs`."""
     transient, gathered = terms.peak_transient(has_head, end_params, full_recompute)
     return MemoryBreakdown(
         weights_gib=params * terms.weight_bytes / GIB,
@@ -258,5 +267,5 @@ def device_memory(terms, params: float, end_params: float, activation_bytes: flo
         overhead_gib=terms.overhead_bytes / GIB,
         sharding_gib=gathered / GIB,
         step_gib=params * terms.step_bytes / GIB,
-        grads_at_peak=terms.grads_at_peak(m),
+        grads_at_peak=terms.grads_at_peak(m, knobs),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import statistics
 import sys
 
 from rich import box
@@ -263,13 +264,14 @@ def print_drift(report: dict) -> None:
     drifts = [r["machine_drift"] for r in runs if r.get("machine_drift") is not None]
     others = [r["background_cores"] for r in runs if r.get("background_cores") is not None]
     load = f"; other processes used {max(others):.1f} cores at most during the timed steps" if others else ""
-    console.print(f"Machine: the reference block ran ×{min(drifts):.2f} to ×{max(drifts):.2f} the time it took when "
-                  f"the profile was taken{load}.")
+    med = statistics.median(drifts)
+    console.print(f"Machine: the reference block ran ×{min(drifts):.2f} to ×{max(drifts):.2f} (median ×{med:.2f}) the time "
+                  f"it took when the profile was taken{load}; one run's reading varies by about ±10% on a quiet machine.")
     if report.get("rescaled_mape_pct") is not None:
         console.print(f"With each prediction scaled by its run's factor: mean absolute error {report['rescaled_mape_pct']:.1f}% "
                       f"(the scaling corrects compute slowed by other processes, not their effect on communication "
                       f"or memory traffic).")
-    if max(drifts) > 1.15 or min(drifts) < 0.87 or (others and max(others) > 0.5):
+    if med > 1.15 or med < 0.87 or (others and max(others) > 0.5):
         console.print("[yellow]warning[/yellow]: this machine was not as it was when profiled; the unscaled error is part "
                       "machine, not model. Profile again on an idle machine (`planner profile --device cpu`) for the "
                       "model's own error.")
