@@ -16,6 +16,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from planner.report import plan_label
 from planner.search import exhaustive_search, search
 from planner.specs import load_cluster, load_device, load_model, model_from_dict
 
@@ -65,9 +66,8 @@ def main() -> int:
             gaps.append(best.prediction.iteration_s - ranked[0][1].prediction.iteration_s)
         gap = max(gaps)
         worst = max(worst, gap)
-        sched = f"int. v={best.virtual_stages}" if best.schedule == "interleaved" else best.schedule
         t.add_row(name, f"{cluster.gpus:,}", str(batch), ", ".join(f"{k}={v}" for k, v in pins.items()) or "-", f"{r.bounded:,}",
-                  f"{r.split:,}", str(r.priced), f"{took:.2f}", f"{best.tp}x{best.pp}x{best.dp} mbs {best.micro_batch} {sched}",
+                  f"{r.split:,}", str(r.priced), f"{took:.2f}", f"{plan_label(best)}",
                   f"{best.prediction.iteration_s:.4f}", f"{pinned.prediction.iteration_s:.4f}", exhaustive, f"{gap:+.2g} s")
     Console(width=240).print(t)
     print(f"largest gap: {worst:+.3g} s ({'none: the search returned the best plan every time' if worst <= 1e-9 else 'THE SEARCH MISSED A BETTER PLAN'})")
