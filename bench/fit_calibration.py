@@ -11,7 +11,7 @@ bandwidth elementwise kernels reach, and the share of tensor-parallel communicat
 (Narayanan et al. 2021, Megatron-LM 2021 kernels): five curve points and the memory share, as before. Knobs the
 publications leave open are searched under the current constants, then the constants are fitted (least squares
 on log errors, soft L1 so that one run cannot pull the curve alone) with those knobs fixed; twice.
---write stores the curves in the datasheet; the TP-overlap share is printed for planner/terms.py."""
+--write stores the curves in the datasheet; the TP-overlap share is printed for planner/frameworks.py."""
 
 import argparse
 import dataclasses
@@ -143,7 +143,7 @@ def main() -> int:
         atomic_write_datasheet(path, d)
         print(f"wrote {path}")
         if "megatron-core" in fws:
-            print(f"set MEGATRON_CORE_TP_OVERLAP = {fws['megatron-core'].tp_overlap:.3f} in planner/terms.py")
+            print(f"set MEGATRON_CORE_TP_OVERLAP = {fws['megatron-core'].tp_overlap:.3f} in planner/frameworks.py")
     return 0
 
 

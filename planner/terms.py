@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from planner import comm
 from planner.compute import end_times, layer_times, memory_s, optimizer_step_s
-from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB, MEGATRON_CORE_SAVED, MEGATRON_SAVED, RUNTIME_SAVED, SavedTensors,
+from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB,
                             activation_bytes_per_layer, cp_gathered_kv_bytes, embedding_activation_bytes, end_param_count,
                             fsdp_root_bytes, fsdp_transient_bytes, full_layer_activation_bytes, head_kept_bytes, head_transient_bytes, layer_param_count, logit_bytes,
                             state_bytes_per_param, step_grad_bytes_per_param)
@@ -20,91 +20,9 @@ from planner.plan import Knobs
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec
 from planner.topology import cp_link, dp_link, pp_links, tp_link
 from planner.zero import ZERO_MODES
-
-@dataclass(frozen=True)
-class Framework:
-    """What the software that runs the plan does, where that changes the cost."""
-
-    name: str
-    grad_reduce_bytes: int
-    """Bytes per gradient element in the data-parallel reduction."""
-    dp_overlap: bool
-    """Gradient reduction overlaps the last microbatch's backward (DDP/FSDP2 buckets)."""
-    p2p_scatter_gather: bool
-    """Narayanan et al. 2021, section 4.1: cross-node pipeline sends split over the t NICs of a node."""
-    p2p_blocking: bool
-    """Sends and receives wait for their peer and occupy the device (Megatron-LM 2021's
-    send_forward_recv_backward, DeepSpeed's pipeline engine); otherwise they run beside compute."""
-    saved: SavedTensors = MEGATRON_SAVED
-    """What a block keeps for its backward (dropout masks, copies, fused ops)."""
-    fp32_params: bool = False
-    """Parameters and gradients in fp32 (meshplan's runtime), or bf16 weights with fp32 master copies in the
-    optimizer (Megatron-LM, DeepSpeed): memory.state_bytes_per_param."""
-    grad_bytes: int = 4
-    """Bytes a gradient takes in memory (without fp32_params): fp32 main gradients (Megatron-LM 2021, DeepSpeed),
-    or bf16 (Megatron-Core's default gradient buffer)."""
-    tp_overlap: float = 0.0
-    """Share of the tensor-parallel collectives hidden under the GEMMs they feed (Megatron-Core's
-    --tp-comm-overlap, userbuffers: Wang et al. 2023 'Overlap communication with dependent computation'); a
-    calibrated constant (bench/calibration.py fits and prints it)."""
-    param_gather_overlap: bool = False
-    """The distributed optimizer's all-gather of updated weights runs under the next step's forward
-    (Megatron-Core's --overlap-param-gather)."""
-    fp8_cast_passes: float = 2.5
-    """Passes over a tensor to scale and cast it to FP8 (compute.datasheet_layer_times): torchao's dynamic
-    scaling 2.5, Transformer Engine's delayed scaling 1."""
-    fp8_weight_casts: bool = True
-    """FP8 weights cast every microbatch (torchao); False: once per step and kept (Transformer Engine)."""
-    fused_elementwise: bool = False
-    """Norms, residual adds, SwiGLU and RoPE run as fused kernels (Megatron-Core's and Transformer Engine's),
-    priced as compute.elementwise_per_token(compiled=True) prices torch.compile's fusion."""
-    grad_accumulate_bytes: float = 0.0
-    """Bytes moved per parameter per microbatch to accumulate gradients beyond the 16-bit in-place accumulate
-    the device curve was fitted with (planner/deepspeed.py: accumulate_s)."""
-    deepspeed_pipe: bool = False
-    grad_buffers: bool = True
-    """Gradients live in buffers made once (Megatron-LM's main_grad, DeepSpeed's, DDP's buckets) and so exist at
-    every peak; False: autograd makes them in the backward (meshplan's runtime sets them to None after each step)
-    except where DDP wraps the model (Terms.grads_at_peak)."""
-    """DeepSpeed's pipeline engine and ZeRO-1: metadata per send and re-gathers of partitioned messages over tp,
-    an all-reduce where dp_s prices a reduce-scatter, the tied-embedding reduction (planner/deepspeed.py)."""
-
-    def overlaps_dp(self, knobs: Knobs) -> bool:
-        """Whether the gradient reduction runs under the backward. meshplan's runtime: as planner/zero.py's table
-        says (DDP and FSDP2 overlap; where DDP falls short, under tp, cp or pp, the runtime reduces by hand after
-        the last backward: runtime/parallel/data.py says why). The others: their dp_overlap."""
-        if self.name == "meshplan":
-            mode = ZERO_MODES[knobs.zero]
-            plain = knobs.tp == 1 and knobs.pp == 1 and knobs.cp == 1
-            return mode.overlaps_backward and (plain or not mode.overlap_needs_plain_dp)
-        return self.dp_overlap
-
-
-# meshplan's runtime: fp32 parameters (bf16 autocast on GPU), DDP/FSDP2 overlap the reduction,
-# torch.distributed.pipelining posts its sends and receives asynchronously.
-MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatter_gather=False, p2p_blocking=False,
-                     saved=RUNTIME_SAVED, fp32_params=True, grad_buffers=False)
-# Megatron-LM as in Narayanan et al. 2021: fp16 gradients all-reduced after the flush, no overlap;
-# blocking pipeline sends split over the node's NICs.
-MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True)
-# DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022 (bf16, section 2.3), read from DeepSpeed v0.5.4
-# and its bf16 path (planner/deepspeed.py): blocking sends, each tp rank sending its 1/tp of the message
-# (pipe/engine.py: is_pipe_partitioned = is_grad_partitioned = tp > 1); bf16 gradients accumulated into fp32
-# buffers every microbatch (18 bytes per parameter, 12 more than the fp16 accumulate the A100 curve contains) and
-# all-reduced in fp32 after the flush.
-DEEPSPEED = Framework("deepspeed", grad_reduce_bytes=4, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True,
-                      grad_accumulate_bytes=12, deepspeed_pipe=True)
-# Megatron-Core (Megatron-LM r0.8, NeMo 24.07) as NVIDIA benchmarks it on H100: distributed optimizer with its bf16
-# gradient buffer (grad_reduce_in_fp32 off, the default) reduce-scattered under the backward
-# (--overlap-grad-reduce) and the weight all-gather under the next
-# forward (--overlap-param-gather), tensor-parallel communication overlapped with GEMMs (--tp-comm-overlap),
-# asynchronous pipeline sends split over tp, FlashAttention (the device's fused_attention), FP8 through
-# Transformer Engine. The TP overlap share is fitted by bench/fit_calibration.py on the H100 runs in profiles/calibration/.
-MEGATRON_CORE_TP_OVERLAP = 0.633
-MEGATRON_CORE = Framework("megatron-core", grad_reduce_bytes=2, grad_bytes=2, dp_overlap=True, p2p_scatter_gather=True, p2p_blocking=False,
-                          tp_overlap=MEGATRON_CORE_TP_OVERLAP, param_gather_overlap=True, fp8_cast_passes=1.0,
-                          fp8_weight_casts=False, fused_elementwise=True, saved=MEGATRON_CORE_SAVED)
-FRAMEWORKS = {f.name: f for f in (MESHPLAN, MEGATRON, DEEPSPEED, MEGATRON_CORE)}
+# The frameworks live in planner/frameworks.py; callers import them from here too.
+from planner.frameworks import (DEEPSPEED, FRAMEWORKS, MEGATRON, MEGATRON_CORE, MEGATRON_CORE_TP_OVERLAP,  # noqa: F401
+                                MESHPLAN, Framework)
 
 
 @dataclass(frozen=True)
