@@ -10,6 +10,7 @@ from planner.memory import MEGATRON_CORE_SAVED, MEGATRON_SAVED, RUNTIME_SAVED, S
 from planner.plan import Knobs
 from planner.zero import ZERO_MODES
 
+
 @dataclass(frozen=True)
 class Framework:
     """What the software that runs the plan does, where that changes the cost."""
@@ -51,12 +52,12 @@ class Framework:
     """Bytes moved per parameter per microbatch to accumulate gradients beyond the 16-bit in-place accumulate
     the device curve was fitted with (planner/deepspeed.py: accumulate_s)."""
     deepspeed_pipe: bool = False
+    """DeepSpeed's pipeline engine and ZeRO-1: metadata per send and re-gathers of partitioned messages over tp,
+    an all-reduce where dp_s prices a reduce-scatter, the tied-embedding reduction (planner/deepspeed.py)."""
     grad_buffers: bool = True
     """Gradients live in buffers made once (Megatron-LM's main_grad, DeepSpeed's, DDP's buckets) and so exist at
     every peak; False: autograd makes them in the backward (meshplan's runtime sets them to None after each step)
     except where DDP wraps the model (Terms.grads_at_peak)."""
-    """DeepSpeed's pipeline engine and ZeRO-1: metadata per send and re-gathers of partitioned messages over tp,
-    an all-reduce where dp_s prices a reduce-scatter, the tied-embedding reduction (planner/deepspeed.py)."""
 
     def overlaps_dp(self, knobs: Knobs) -> bool:
         """Whether the gradient reduction runs under the backward. meshplan's runtime: as planner/zero.py's table

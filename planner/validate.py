@@ -152,15 +152,17 @@ def machine_drift(plan, device, results: list) -> tuple[float | None, float | No
     (its measured.reference_s, by model): 1.0 on an unchanged machine, 1.3 when it ran 30% slower. The median
     over repeats; None when the runs did not record it or the profile has no reference for the plan's model
     (an older profile, or another model: the profile's layer curves are fitted over passes of many shapes, and
-    a quiet machine timed ×0.81 to ×1.00 against them, so they are no reference). Scaling a prediction by it corrects compute that other processes slowed;
-    it cannot correct what contention does to communication or to the ranks' memory traffic."""
+    a quiet machine timed ×0.81 to ×1.00 against them, so they are no reference). Scaling a prediction by it
+    corrects compute that other processes slowed; it cannot correct what contention does to communication or to
+    the ranks' memory traffic."""
     machines = [r.machine for r in results if r.machine]
-    background = [m["background_cores"] for m in machines if m.get("background_cores") is not None]
+    cores = [m["background_cores"] for m in machines if m.get("background_cores") is not None]
+    background = statistics.median(cores) if cores else None
     refs = [m["reference_s"] for m in machines if m.get("reference_s")]
     profiled = (device.measured or {}).get("reference_s", {}).get(plan.model.name) if device.source == "measured" else None
     if not refs or not profiled:
-        return None, statistics.median(background) if background else None
-    return statistics.median(refs) / profiled, statistics.median(background) if background else None
+        return None, background
+    return statistics.median(refs) / profiled, background
 
 
 def _memory_rows(plan, device, results: list) -> list[dict]:
