@@ -341,7 +341,8 @@ def load_validation(paths: list[str]) -> tuple[pd.DataFrame, dict, dict[str, Pla
                      "predicted_tokens_per_s": r["predicted_tokens_per_s"], "measured_tokens_per_s": r["measured_tokens_per_s"],
                      "has_stage_timings": bool(r["stage_timings"]), "stage_timings": r["stage_timings"],
                      "memory_error_pct": r["memory_error_pct"], "machine_drift": r["machine_drift"],
-                     "rescaled_error_pct": r["rescaled_error_pct"]})
+                     "rescaled_error_pct": r["rescaled_error_pct"], "waited_pct": r["waited_pct"],
+                     "unloaded_error_pct": r["unloaded_error_pct"]})
     return pd.DataFrame(rows), report, plans
 
 

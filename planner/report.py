@@ -223,16 +223,20 @@ def print_prediction(plan, cost=None) -> None:
 def print_validation(report: dict) -> None:
     t = Table(title="Predicted vs measured", title_justify="left")
     drifted = any(r.get("machine_drift") is not None for r in report["runs"])
+    waited = any(r.get("unloaded_error_pct") is not None for r in report["runs"])
     for col in ("run", "model", "plan", "tp", "pp", "dp", "mbs", "schedule", "pred step s", "meas step s", "spread", "error",
-                *(("machine", "rescaled error") if drifted else ()), "pred tok/s", "meas tok/s", "memory error"):
+                *(("machine", "rescaled error") if drifted else ()), *(("waited", "error less waits") if waited else ()),
+                "pred tok/s", "meas tok/s", "memory error"):
         t.add_column(col, justify="right" if col not in ("run", "model", "plan", "schedule") else "left")
     for r in report["runs"]:
         k = r["knobs"]
         drift = () if not drifted else ("-", "-") if r.get("machine_drift") is None else (
             f"×{r['machine_drift']:.2f}", f"{r['rescaled_error_pct']:+.1f}%")
+        waits = () if not waited else ("-", "-") if r.get("unloaded_error_pct") is None else (
+            f"{r['waited_pct']:.0f}%", f"{r['unloaded_error_pct']:+.1f}%")
         t.add_row(r["run"], r["model"], r["plan_id"], str(k["tp"]), str(k["pp"]), str(k["dp"]), str(k["micro_batch"]), k["schedule"],
                   f"{r['predicted_step_s']:.4g}", f"{r['measured_step_s']:.4g}", f"±{r['spread_pct']:.0f}%",
-                  f"{r['error_pct']:+.1f}%", *drift, f"{r['predicted_tokens_per_s']:,.0f}", f"{r['measured_tokens_per_s']:,.0f}",
+                  f"{r['error_pct']:+.1f}%", *drift, *waits, f"{r['predicted_tokens_per_s']:,.0f}", f"{r['measured_tokens_per_s']:,.0f}",
                   "-" if r.get("memory_error_pct") is None else f"{r['memory_error_pct']:.1f}%")
     console.print(t)
     for w in report.get("skipped", []):
@@ -249,6 +253,8 @@ def print_validation(report: dict) -> None:
         console.print(line(report, len(report["runs"]), "All"))
         if drifted:
             print_drift(report)
+        if waited:
+            print_waits(report)
         if report.get("memory_mape_pct") is not None:
             worst = max((m for r in report["runs"] for m in r["memory"]), key=lambda m: abs(m["error_pct"]))
             console.print(f"Peak memory, every rank: mean absolute error {report['memory_mape_pct']:.1f}% "
@@ -275,6 +281,21 @@ def print_drift(report: dict) -> None:
         console.print("[yellow]warning[/yellow]: this machine was not as it was when profiled; the unscaled error is part "
                       "machine, not model. Profile again on an idle machine (`planner profile --device cpu`) for the "
                       "model's own error.")
+
+
+def print_waits(report: dict) -> None:
+    """The error once each measured step is taken less the time its slowest rank waited for a core
+    (validate.less_waits), and what that cannot correct."""
+    runs = [r for r in report["runs"] if r.get("waited_pct") is not None]
+    most = max(r["waited_pct"] for r in runs)
+    console.print(f"Waiting for a core (Linux run-queue delay of each rank's training thread): the slowest rank waited "
+                  f"{min(r['waited_pct'] for r in runs):.0f}% to {most:.0f}% of a step.")
+    if report.get("unloaded_mape_pct") is not None:
+        console.print(f"With each step taken less that wait: mean absolute error {report['unloaded_mape_pct']:.1f}% (this "
+                      f"removes the time other processes held the cores, not their effect on caches and memory bandwidth).")
+    if most > 10:
+        console.print("[yellow]warning[/yellow]: other processes took this machine's cores during the runs; the raw error "
+                      "is part machine, the error less waits is the model's.")
 
 
 def plan_label(plan) -> str:

@@ -52,7 +52,10 @@ class RunResult:
     reference_s (one block of the plan's model family at tp 1 and micro-batch 1, forward and backward: the case
     `planner profile` times, timed on every rank at once just before training; the median over ranks),
     cpu_share (the share of a core a rank got meanwhile), background_cores (cores other processes used during
-    the timed steps) and cpu_count. None in results written before runtime.launch recorded it."""
+    the timed steps), cpu_count, step_wait_s (on CPU, per step and rank: seconds the rank's training thread
+    waited for a core, runtime.machine.run_queue_wait_s; None elsewhere) and timed_steps (the indices of step_s
+    that tokens_per_s counts). None in results written before runtime.launch recorded it; older results lack
+    the last two."""
     peak_allocated_gib: list | None = None
     """Per rank, GiB: on GPU max_memory_allocated after warm-up (tensors, without the allocator's cache); on CPU the
     same figure as peak_memory_gib (no cache). None in results written before runtime.launch recorded it."""
@@ -69,9 +72,16 @@ class RunResult:
     and stage_timings leave it out); None where no step was left out (GPU, compiled, or no other step after warm-up)."""
 
 
-def median_tokens_per_s(step_s: list[float], warmup: int, tokens_per_step: int) -> float:
-    """Tokens per second of the median step after the first `warmup` steps (all steps if none are left)."""
-    timed = step_s[warmup:] or step_s
+def timed_steps(steps: int, warmup: int, left_out: int | None = None) -> list[int]:
+    """Indices of the steps that tokens/s counts: all but `left_out` (the step that counted memory), less the
+    first `warmup` of them (all of them if none would be left)."""
+    kept = [i for i in range(steps) if i != left_out]
+    return kept[warmup:] or kept
+
+
+def median_tokens_per_s(step_s: list[float], warmup: int, tokens_per_step: int, left_out: int | None = None) -> float:
+    """Tokens per second of the median of the timed_steps."""
+    timed = [step_s[i] for i in timed_steps(len(step_s), warmup, left_out)]
     return tokens_per_step / statistics.median(timed) if timed else 0.0
 
 
@@ -94,9 +104,26 @@ def result_from_dict(d: dict, source: str) -> RunResult:
             v = r.machine.get(key)
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
                 raise SpecError(source, f"machine.{key}", f"expected a non-negative number, got {v!r}")
+        _check_waits(r, source)
     if len(r.peak_memory_gib) != r.world_size:
         raise SpecError(source, "peak_memory_gib", f"{len(r.peak_memory_gib)} entries for world_size {r.world_size}; expected one per rank")
     return r
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+def _check_waits(r: RunResult, source: str) -> None:
+    """machine.step_wait_s: per step, one non-negative wait per rank; machine.timed_steps: indices into step_s."""
+    waits, timed = r.machine.get("step_wait_s"), r.machine.get("timed_steps")
+    if waits is not None and (not isinstance(waits, list) or len(waits) != r.steps or not all(
+            isinstance(w, list) and len(w) == r.world_size and all(_number(x) for x in w) for w in waits)):
+        raise SpecError(source, "machine.step_wait_s", f"expected {r.steps} lists (one per step) of {r.world_size} "
+                                                       f"non-negative seconds (one per rank), got {waits!r}")
+    if timed is not None and (not isinstance(timed, list) or not timed or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < r.steps for i in timed)):
+        raise SpecError(source, "machine.timed_steps", f"expected a non-empty list of step indices below {r.steps}, got {timed!r}")
 
 
 def append_result(path: str, result: RunResult) -> None:

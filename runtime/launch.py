@@ -30,7 +30,7 @@ from planner import __version__
 from planner.errors import MeshplanError, PlanError, SpecError
 from planner.cost import model_flops
 from planner.plan import Plan, load_plan, plan_id, plan_to_dict
-from planner.results import RunResult, append_result, median_tokens_per_s
+from planner.results import RunResult, append_result, median_tokens_per_s, timed_steps
 from planner.specs import load_device
 from planner.slurm import torchrun_prefix
 from runtime import checkpoint, data, machine
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     counter = None if cuda or plan.compile else LiveTensorBytes()
     warmup = max(args.warmup, 1 if plan.pp > 1 else 0)
     counted_step = args.steps - 1 if counter else min(start + warmup, args.steps) - 1
-    step_s, losses, grad_norms = [], [], []
+    step_s, waits, losses, grad_norms = [], [], [], []  # waits: per step, seconds this rank waited for a core
     meter, busy = machine.BusyMeter(), None  # what other processes ran during the timed steps
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for step in range(start, args.steps):
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             synchronize(device)
             if step - start == warmup:
                 meter.start()
-            t0 = time.perf_counter()
+            wait0, t0 = machine.run_queue_wait_s(), time.perf_counter()
             with autocast, (loss_parallel() if tp_mesh is not None else nullcontext()):
                 if plan.pp > 1:
                     loss = pipeline_step(schedule, stages, x, y)
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                 opt.zero_grad(set_to_none=zero_grad_to_none(chunks[idx]))
             synchronize(device)
             step_s.append(time.perf_counter() - t0)
+            wait1 = machine.run_queue_wait_s()
+            waits.append(None if wait0 is None or wait1 is None else wait1 - wait0)
         if step + 1 == args.steps and step - start >= warmup:
             busy = meter.stop()
         losses.append(loss)
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Gather every rank's losses, memory and stage timings on rank 0; it prints and writes the results line.
     mine = {"pp": pp_rank, "dp": dp_rank, "cp": cp_rank, "tp": tp_rank, "losses": losses, "memory": rank_memory(device, counter),
-            "reference": reference, "busy": busy,
+            "reference": reference, "busy": busy, "waits": waits,
             "timings": {f"stage{i}": {k: sum(v) / len(v) for k, v in t.items()} for i, t in timings.items() if all(t.values())}}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -325,15 +327,15 @@ def make_result(plan: Plan, everyone: list[dict], step_s: list[float], warmup: i
         plan_id=plan.id or plan_id(plan), plan=plan_to_dict(plan),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (gloo)",
         world_size=len(everyone), steps=len(step_s), step_s=step_s,
-        tokens_per_s=median_tokens_per_s([s for i, s in enumerate(step_s) if i != memory_step], warmup,
-                                         plan.global_batch * plan.model.seq_len),
+        tokens_per_s=median_tokens_per_s(step_s, warmup, plan.global_batch * plan.model.seq_len, memory_step),
         losses=losses, peak_memory_gib=[m["reserved"] for m in memory],
         predicted=plan_to_dict(plan)["prediction"], started_at=started_at, meshplan_version=__version__, grad_norms=grad_norms,
         stage_timings={k: stage_timings[k] for k in sorted(stage_timings, key=lambda s: int(s[5:]))} or None,
         peak_allocated_gib=[m["allocated"] for m in memory], memory_counter=memory[0]["counter"], memory_step=memory_step,
         memory_breakdown_bytes=breakdowns if all(b is not None for b in breakdowns) else None,
         memory_transient_by_op=[m["by_op"] for m in memory] if all(b is not None for b in breakdowns) else None,
-        machine=machine.summarize([r["reference"] for r in everyone], [r["busy"] for r in everyone], device))
+        machine=machine.summarize([r["reference"] for r in everyone], [r["busy"] for r in everyone], device,
+                                  [r["waits"] for r in everyone], timed_steps(len(step_s), warmup, memory_step)))
 
 
 def print_summary(result: RunResult, first_step: int) -> None:

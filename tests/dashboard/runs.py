@@ -33,6 +33,9 @@ def write_results(folder: Path) -> Path:
     pipelined, replicated = tiny_plan(pp=2, dp=1, micro_batch=1), tiny_plan(pp=1, dp=2, micro_batch=8)
     timings = {"stage0": {"forward_s": 0.054, "backward_s": 0.112}, "stage1": {"forward_s": 0.052, "backward_s": 0.112}}
     lines = [run_line(pipelined, [3.1, 2.8, 2.7, 2.9], timings), run_line(replicated, [3.9, 3.3, 3.4, 3.7], None)]
+    for line in lines:  # each rank's wait for a core per step, as runtime.launch records it on CPU
+        line["machine"] = {"reference_s": None, "cpu_share": None, "background_cores": 0.0, "cpu_count": 2,
+                           "step_wait_s": [[0.1] * line["world_size"]] * 4, "timed_steps": [1, 2]}
     text = "".join(json.dumps(line) + "\n" for line in lines) + '{"plan_id": "torn'
     (folder / "runs.jsonl").write_text(text)
     return folder

@@ -110,6 +110,9 @@ def test_with_results_files_shows_the_error_per_run_and_both_timelines(monkeypat
     # Predicted vs measured step and peak memory, error per run, predicted and measured timelines.
     assert charts(at) == 5 and metrics["Mean absolute error of peak memory"].endswith("%")
     assert len(at.dataframe[0].value) == 2
+    # The runs recorded their waits for a core: the error less them is shown beside the raw one.
+    assert any("waited 3% to 4% of a step" in " ".join(c.value.split()) for c in at.caption)
+    assert "unloaded_error_pct" in at.dataframe[0].value.columns
 
 
 def test_a_run_on_a_device_without_a_profile_is_skipped_with_a_warning(monkeypatch, tmp_path):

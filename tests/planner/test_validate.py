@@ -96,3 +96,39 @@ def test_a_profile_without_a_reference_for_the_model_claims_no_drift(tmp_path, m
     path.write_text(json.dumps(line) + "\n")
     row = validate([str(path)])["runs"][0]
     assert row["machine_drift"] is None and row["rescaled_error_pct"] is None and row["background_cores"] == 0.1
+
+
+def test_validate_takes_each_step_less_the_time_its_slowest_rank_waited_for_a_core(tmp_path, capsys):
+    from planner.report import print_validation
+
+    plan = _plan("gpt-tiny", 1, 2, 8)
+    line = run_line(plan, [9.0, 2.0, 2.2, 7.0], None)
+    # Per step, each rank's run-queue wait; the warm-up (0) and the memory-counting step (3) are not timed.
+    line["machine"] = {"reference_s": None, "cpu_share": None, "background_cores": 1.1, "cpu_count": 2,
+                       "step_wait_s": [[5.0, 0.1], [1.0, 0.4], [0.2, 1.1], [3.0, 0.0]], "timed_steps": [1, 2]}
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    report = validate([str(path)])
+    row = report["runs"][0]
+    assert row["unloaded_step_s"] == pytest.approx(1.05)  # median of 2.0 - 1.0 and 2.2 - 1.1
+    assert row["waited_pct"] == pytest.approx(50.0)  # the slowest rank waited half of each timed step
+    assert row["unloaded_error_pct"] == pytest.approx(100 * (row["predicted_step_s"] - 1.05) / 1.05)
+    assert report["unloaded_mape_pct"] == pytest.approx(abs(row["unloaded_error_pct"]))
+    print_validation(report)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "waited 50% to 50% of a step" in out and f"mean absolute error {abs(row['unloaded_error_pct']):.1f}%" in out
+    assert "other processes took this machine's cores" in out
+    # A run without waits (a GPU run, an older line) claims nothing for the whole.
+    path.write_text(json.dumps(line) + "\n" + json.dumps(run_line(_plan("gpt-tiny", 2, 1, 1), [1.0] * 3, None)) + "\n")
+    report = validate([str(path)])
+    assert sorted(r["unloaded_step_s"] is None for r in report["runs"]) == [False, True] and report["unloaded_mape_pct"] is None
+
+
+def test_a_results_line_whose_waits_do_not_match_its_steps_and_ranks_is_skipped_naming_the_field(tmp_path):
+    line = run_line(_plan("gpt-tiny", 1, 2, 8), [1.0] * 3, None)
+    line["machine"] = {"reference_s": 0.01, "cpu_share": 1.0, "background_cores": 0.0, "cpu_count": 2,
+                       "step_wait_s": [[0.1, 0.2], [0.1]], "timed_steps": [1, 2]}
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    report = validate([str(path)])
+    assert not report["runs"] and "machine.step_wait_s" in report["skipped"][0] and "3 lists" in report["skipped"][0]

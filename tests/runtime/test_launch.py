@@ -15,7 +15,7 @@ from tests.runtime.planfiles import plan_dict, write_plan
 from planner.errors import SpecError
 from planner.plan import plan_from_dict
 from runtime.launch import cli
-from planner.results import median_tokens_per_s, result_from_dict
+from planner.results import median_tokens_per_s, result_from_dict, timed_steps
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_KEYS = {"plan_id", "plan", "device", "world_size", "steps", "step_s", "tokens_per_s", "losses", "peak_memory_gib",
@@ -101,6 +101,12 @@ def test_torchrun_runs_a_hand_written_plan_and_appends_a_results_line_in_the_sch
     # The machine's load: the profile's reference block timed on both ranks, and what other processes ran.
     assert result.machine["reference_s"] > 0 and 0 < result.machine["cpu_share"] <= 1.05
     assert result.machine["background_cores"] >= 0 and result.machine["cpu_count"] >= 1
+    # Per step, each rank's wait for a core; tokens/s counts the step after warm-up (pipelining's shape inference)
+    # and before the last (which counted memory).
+    waits = result.machine["step_wait_s"]
+    assert len(waits) == 3 and all(len(w) == 2 and all(0 <= x < s for x in w) for w, s in zip(waits, result.step_s))
+    assert result.machine["timed_steps"] == [1] and result.tokens_per_s == pytest.approx(
+        result.plan["global_batch"] * result.plan["model"]["seq_len"] / result.step_s[1])
     assert all(t["forward_s"] > 0 and t["backward_s"] > 0 for t in result.stage_timings.values())
     # The plan inside is the whole plan: a validator can load and predict it again.
     assert plan_from_dict(result.plan, "results plan") == plan_from_dict(json.loads(plan.read_text()), "plan")
@@ -141,6 +147,8 @@ def test_tokens_per_s_is_taken_from_the_median_step_after_warm_up():
     # The slow first step (pipelining's shape inference) and an outlier do not move it.
     assert median_tokens_per_s([9.0, 1.0, 2.0, 50.0], warmup=1, tokens_per_step=100) == 50.0
     assert median_tokens_per_s([4.0], warmup=1, tokens_per_step=100) == 25.0  # nothing after warm-up: all steps
+    assert median_tokens_per_s([9.0, 1.0, 2.0, 50.0], warmup=1, tokens_per_step=100, left_out=3) == 100 / 1.5
+    assert timed_steps(4, 1, left_out=3) == [1, 2] and timed_steps(2, 1, left_out=1) == [0]
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():

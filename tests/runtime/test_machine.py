@@ -1,0 +1,31 @@
+"""runtime.machine: what the machine's other work cost a run, measured by the scheduler."""
+
+import os
+import subprocess
+import sys
+import time
+
+from runtime.machine import run_queue_wait_s
+
+SPIN = "import time\nend = time.perf_counter() + {}\nwhile time.perf_counter() < end:\n    pass\n"
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_run_queue_wait_counts_the_time_this_thread_waited_for_a_core_behind_other_processes():
+    # More busy processes than cores: this thread, busy too, spends part of its wall time in the run queue.
+    others = [subprocess.Popen([sys.executable, "-c", SPIN.format(2.5)]) for _ in range(os.cpu_count() + 1)]
+    try:
+        time.sleep(0.3)  # the spinners are running
+        w0, t0, c0 = run_queue_wait_s(), time.perf_counter(), time.thread_time()
+        _spin(1.0)
+        waited, wall, ran = run_queue_wait_s() - w0, time.perf_counter() - t0, time.thread_time() - c0
+    finally:
+        for p in others:
+            p.wait()
+    # Its wall time is the time it ran plus the time it waited (a few ms of accounting slack).
+    assert waited > 0.2 and abs(wall - (ran + waited)) < 0.1 * wall, (waited, ran, wall)
