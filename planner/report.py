@@ -291,8 +291,11 @@ def print_waits(report: dict) -> None:
     console.print(f"Waiting for a core (Linux run-queue delay of each rank's training thread): the slowest rank waited "
                   f"{min(r['waited_pct'] for r in runs):.0f}% to {most:.0f}% of a step.")
     if report.get("unloaded_mape_pct") is not None:
-        console.print(f"With each step taken less that wait: mean absolute error {report['unloaded_mape_pct']:.1f}% (this "
-                      f"removes the time other processes held the cores, not their effect on caches and memory bandwidth).")
+        sp = report.get("unloaded_spearman")
+        console.print(f"With each step taken less that wait: mean absolute error {report['unloaded_mape_pct']:.1f}%"
+                      f"{'' if sp is None else f', Spearman {sp:.2f}'} (this removes the time other processes held the cores, "
+                      f"not their effect on caches and memory bandwidth; where ranks synchronise often, as under tensor "
+                      f"parallelism, their waits add up beyond the largest one and the step is under-corrected).")
     if most > 10:
         console.print("[yellow]warning[/yellow]: other processes took this machine's cores during the runs; the raw error "
                       "is part machine, the error less waits is the model's.")

@@ -147,6 +147,8 @@ def _summary(rows: list[dict]) -> dict:
     return {"mape_pct": statistics.fmean(abs(r["error_pct"]) for r in rows) if rows else None,
             "rescaled_mape_pct": statistics.fmean(rescaled) if rows and len(rescaled) == len(rows) else None,
             "unloaded_mape_pct": statistics.fmean(unloaded) if rows and len(unloaded) == len(rows) else None,
+            "unloaded_spearman": spearman([r["predicted_step_s"] for r in rows], [r["unloaded_step_s"] for r in rows])
+            if rows and len(unloaded) == len(rows) else None,
             "spearman": spearman([r["predicted_step_s"] for r in rows], [r["measured_step_s"] for r in rows]),
             "memory_mape_pct": statistics.fmean(ranks) if ranks else None}
 

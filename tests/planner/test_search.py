@@ -17,9 +17,9 @@ H100 = load_device("h100-sxm5-80gb")
 
 
 def test_search_returns_exhaustive_optimum():
-    """240 random problems: the search's ranked plans are the exhaustive top-k, in order."""
+    """120 random problems: the search's ranked plans are the exhaustive top-k, in order."""
     checked = fitting = 0
-    for seed in range(240):
+    for seed in range(120):
         pr = random_problem(seed)
         args = (pr["model"], pr["cluster"], pr["device"], pr["global_batch"], pr["pins"])
         if not enumerate_knobs(*args[:2], *args[3:]):
@@ -31,7 +31,7 @@ def test_search_returns_exhaustive_optimum():
         assert [p.id for p in ranked] == [p.id for _, p in want], seed
         checked += 1
         fitting += bool(want)
-    assert checked > 200 and 0.3 * checked < fitting < 0.8 * checked  # both kinds occur: something fits, nothing fits  # both kinds of problem occur: something fits, nothing fits
+    assert checked > 100 and 0.3 * checked < fitting < 0.8 * checked  # both kinds occur: something fits, nothing fits
 
 
 def test_bound_never_exceeds_predict_for_any_split():

@@ -1,7 +1,8 @@
 """Given a seed, every parallel layout computes the losses and gradient norms one process computes (fp32, relative
 difference <= 1e-4), for the same global batch of 8 sequences, in both model families: test-tiny (GPT) and
 llama-tiny (GQA, SwiGLU, RMSNorm, RoPE, no biases). The gradient norm is the whole model's, before clipping at 1.0,
-so equal norms show it is taken over every stage and shard. Each test spawns its layout's gloo ranks on CPU once.
+so equal norms show it is taken over every stage and shard. The layouts of one world size share one spawn of their
+gloo ranks on CPU (two_rank_layouts, four_rank_layouts), each run with a process group of its own.
 
 llama-tiny covers every layout of the issue with every recompute policy spread over them (tp2 x pp2 selective,
 tp2 full, dp2 DDP none, FSDP2 selective, pp2 uneven full-of-one, interleaved none), and its loss falls in each."""
@@ -41,90 +42,87 @@ def test_loss_falls_on_the_synthetic_stream():
     assert all(b < a for a, b in zip(losses[:PARITY_STEPS], losses[1:PARITY_STEPS])), losses
 
 
-def test_tp2_pp2_loss_matches_single_process(tmp_path):
+def test_tp2_pp2_loss_matches_single_process(four_rank_layouts):
     # Sequence parallelism on, so the stage boundary carries the sequence shard (B, T/tp, h).
-    assert_matches_single_process(run_layout(tmp_path, tp=2, pp=2, sequence_parallel=True))
+    assert_matches_single_process(four_rank_layouts["tp2_pp2_sp"])
 
 
-def test_tp2_loss_matches_single_process(tmp_path):
-    assert_matches_single_process(run_layout(tmp_path, tp=2, micro_batch=4, num_microbatches=2))
+def test_tp2_loss_matches_single_process(two_rank_layouts):
+    assert_matches_single_process(two_rank_layouts["tp2"])
 
 
-def test_dp2_ddp_loss_matches_single_process(tmp_path):
-    assert_matches_single_process(run_layout(tmp_path, dp=2, num_microbatches=2))
+def test_dp2_ddp_loss_matches_single_process(two_rank_layouts):
+    assert_matches_single_process(two_rank_layouts["dp2_ddp"])
 
 
-def test_tp2_dp2_loss_matches_single_process(tmp_path):
+def test_tp2_dp2_loss_matches_single_process(four_rank_layouts):
     # DP gradients averaged by hand under TP (runtime.parallel.data.all_reduce_gradients).
-    assert_matches_single_process(run_layout(tmp_path, tp=2, dp=2, micro_batch=4, num_microbatches=1))
+    assert_matches_single_process(four_rank_layouts["tp2_dp2"])
 
 
-def test_pp2_dp2_loss_matches_single_process(tmp_path):
+def test_pp2_dp2_loss_matches_single_process(four_rank_layouts):
     # DP gradients averaged by hand under pipelining too.
-    assert_matches_single_process(run_layout(tmp_path, pp=2, dp=2, num_microbatches=2))
+    assert_matches_single_process(four_rank_layouts["pp2_dp2"])
 
 
-def test_dp2_zero3_fsdp2_loss_matches_single_process(tmp_path):
-    assert_matches_single_process(run_layout(tmp_path, dp=2, num_microbatches=2, zero=3))
+def test_dp2_zero3_fsdp2_loss_matches_single_process(two_rank_layouts):
+    assert_matches_single_process(two_rank_layouts["dp2_zero3"])
 
 
-def test_pp2_uneven_stages_loss_matches_single_process(tmp_path):
-    result = run_layout(tmp_path, pp=2, layers=[[0, 1], [1, 4]])
+def test_pp2_uneven_stages_loss_matches_single_process(two_rank_layouts):
+    result = two_rank_layouts["pp2_uneven"]
     assert_matches_single_process(result)
     assert set(result["stage_timings"]) == {"stage0", "stage1"}
 
 
-def test_pp2_gpipe_loss_matches_single_process(tmp_path):
-    assert_matches_single_process(run_layout(tmp_path, pp=2, schedule="gpipe", layers=[[0, 3], [3, 4]]))
+def test_pp2_gpipe_loss_matches_single_process(two_rank_layouts):
+    assert_matches_single_process(two_rank_layouts["pp2_gpipe"])
 
 
-def test_interleaved_pp2_v2_loss_matches_single_process(tmp_path):
-    result = run_layout(tmp_path, pp=2, virtual_stages=2, schedule="interleaved", layers=[[0, 1], [1, 2], [2, 3], [3, 4]])
+def test_interleaved_pp2_v2_loss_matches_single_process(two_rank_layouts):
+    result = two_rank_layouts["interleaved_pp2_v2"]
     assert_matches_single_process(result)
     assert set(result["stage_timings"]) == {"stage0", "stage1", "stage2", "stage3"}
 
 
-def test_selective_recompute_loss_matches_single_process(tmp_path):
-    assert_matches_single_process(run_layout(tmp_path, pp=2, recompute="selective"))
+def test_selective_recompute_loss_matches_single_process(two_rank_layouts):
+    assert_matches_single_process(two_rank_layouts["pp2_selective"])
 
 
-def test_full_recompute_of_first_layer_per_stage_loss_matches_single_process(tmp_path):
-    assert_matches_single_process(run_layout(tmp_path, pp=2, recompute="full", recompute_layers=1, layers=[[0, 3], [3, 4]]))
+def test_full_recompute_of_first_layer_per_stage_loss_matches_single_process(two_rank_layouts):
+    assert_matches_single_process(two_rank_layouts["pp2_full_of_first_layer"])
 
 
 # ---------------------------------------------------------------- llama-tiny
 
 
-def test_llama_tp2_pp2_sequence_parallel_selective_recompute_matches_single_process_and_loss_falls(tmp_path):
-    assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", tp=2, pp=2, sequence_parallel=True, recompute="selective"))
+def test_llama_tp2_pp2_sequence_parallel_selective_recompute_matches_single_process_and_loss_falls(four_rank_layouts):
+    assert_llama_matches_and_falls(four_rank_layouts["llama_tp2_pp2_sp_selective"])
 
 
-def test_llama_tp2_full_recompute_matches_single_process_and_loss_falls(tmp_path):
-    assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", tp=2, micro_batch=4, num_microbatches=2, recompute="full"))
+def test_llama_tp2_full_recompute_matches_single_process_and_loss_falls(two_rank_layouts):
+    assert_llama_matches_and_falls(two_rank_layouts["llama_tp2_full"])
 
 
-def test_llama_dp2_ddp_matches_single_process_and_loss_falls(tmp_path):
-    assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", dp=2, num_microbatches=2))
+def test_llama_dp2_ddp_matches_single_process_and_loss_falls(two_rank_layouts):
+    assert_llama_matches_and_falls(two_rank_layouts["llama_dp2_ddp"])
 
 
-def test_llama_dp2_zero2_fsdp2_selective_recompute_matches_single_process_and_loss_falls(tmp_path):
-    assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", dp=2, num_microbatches=2, zero=2,
-                                              recompute="selective"))
+def test_llama_dp2_zero2_fsdp2_selective_recompute_matches_single_process_and_loss_falls(two_rank_layouts):
+    assert_llama_matches_and_falls(two_rank_layouts["llama_dp2_zero2_selective"])
 
 
-def test_llama_pp2_uneven_full_recompute_matches_single_process_and_loss_falls(tmp_path):
-    assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", pp=2, layers=[[0, 3], [3, 8]], recompute="full",
-                                              recompute_layers=1))
+def test_llama_pp2_uneven_full_recompute_matches_single_process_and_loss_falls(two_rank_layouts):
+    assert_llama_matches_and_falls(two_rank_layouts["llama_pp2_uneven_full_of_one"])
 
 
-def test_llama_interleaved_pp2_v2_matches_single_process_and_loss_falls(tmp_path):
-    assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny", pp=2, virtual_stages=2, schedule="interleaved"))
+def test_llama_interleaved_pp2_v2_matches_single_process_and_loss_falls(two_rank_layouts):
+    assert_llama_matches_and_falls(two_rank_layouts["llama_interleaved_pp2_v2"])
 
 
-def test_llama_tied_embeddings_under_tp2_match_single_process_and_loss_falls(tmp_path):
+def test_llama_tied_embeddings_under_tp2_match_single_process_and_loss_falls(two_rank_layouts):
     # The vocab-parallel embedding and the column-parallel head share one DTensor (GPT.tie_weights after apply_tp).
-    assert_llama_matches_and_falls(run_layout(tmp_path, model="llama-tiny-tied", tp=2, micro_batch=4, num_microbatches=2),
-                                   "llama-tiny-tied")
+    assert_llama_matches_and_falls(two_rank_layouts["llama_tied_tp2"], "llama-tiny-tied")
 
 
 # ---------------------------------------------------------------- cp, ZeRO stages and compile (llama-tiny, 3 steps)
@@ -136,6 +134,33 @@ def test_llama_tied_embeddings_under_tp2_match_single_process_and_loss_falls(tmp
 SHORT_STEPS = 3
 SHORT_FLAGS = ("--lr-decay-steps", str(LLAMA_STEPS))
 LLAMA = {"model": "llama-tiny"}
+# The layouts of the tests above: test-tiny for PARITY_STEPS, llama-tiny for LLAMA_STEPS, with launch's defaults.
+GPT_RUN = {"steps": PARITY_STEPS, "flags": ()}
+LLAMA_RUN = {**LLAMA, "steps": LLAMA_STEPS, "flags": ()}
+TWO_RANK_PARITY = {
+    "tp2": {**GPT_RUN, "tp": 2, "micro_batch": 4, "num_microbatches": 2},
+    "dp2_ddp": {**GPT_RUN, "dp": 2, "num_microbatches": 2},
+    "dp2_zero3": {**GPT_RUN, "dp": 2, "num_microbatches": 2, "zero": 3},
+    "pp2_uneven": {**GPT_RUN, "pp": 2, "layers": [[0, 1], [1, 4]]},
+    "pp2_gpipe": {**GPT_RUN, "pp": 2, "schedule": "gpipe", "layers": [[0, 3], [3, 4]]},
+    "interleaved_pp2_v2": {**GPT_RUN, "pp": 2, "virtual_stages": 2, "schedule": "interleaved",
+                           "layers": [[0, 1], [1, 2], [2, 3], [3, 4]]},
+    "pp2_selective": {**GPT_RUN, "pp": 2, "recompute": "selective"},
+    "pp2_full_of_first_layer": {**GPT_RUN, "pp": 2, "recompute": "full", "recompute_layers": 1, "layers": [[0, 3], [3, 4]]},
+    # llama-tiny: every recompute policy spread over the layouts.
+    "llama_tp2_full": {**LLAMA_RUN, "tp": 2, "micro_batch": 4, "num_microbatches": 2, "recompute": "full"},
+    "llama_dp2_ddp": {**LLAMA_RUN, "dp": 2, "num_microbatches": 2},
+    "llama_dp2_zero2_selective": {**LLAMA_RUN, "dp": 2, "num_microbatches": 2, "zero": 2, "recompute": "selective"},
+    "llama_pp2_uneven_full_of_one": {**LLAMA_RUN, "pp": 2, "layers": [[0, 3], [3, 8]], "recompute": "full", "recompute_layers": 1},
+    "llama_interleaved_pp2_v2": {**LLAMA_RUN, "pp": 2, "virtual_stages": 2, "schedule": "interleaved"},
+    "llama_tied_tp2": {**LLAMA_RUN, "model": "llama-tiny-tied", "tp": 2, "micro_batch": 4, "num_microbatches": 2},
+}
+FOUR_RANK_PARITY = {
+    "tp2_pp2_sp": {**GPT_RUN, "tp": 2, "pp": 2, "sequence_parallel": True},
+    "tp2_dp2": {**GPT_RUN, "tp": 2, "dp": 2, "micro_batch": 4, "num_microbatches": 1},
+    "pp2_dp2": {**GPT_RUN, "pp": 2, "dp": 2, "num_microbatches": 2},
+    "llama_tp2_pp2_sp_selective": {**LLAMA_RUN, "tp": 2, "pp": 2, "sequence_parallel": True, "recompute": "selective"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -172,12 +197,14 @@ def four_rank_layouts(tmp_path_factory):
         "tp2_dp2_zero1_first": {**zero1_tp, "steps": 1, "flags": resume},
         "tp2_dp2_zero1_resumed": {**zero1_tp, "flags": resume},
         "pp2_dp2_zero2": {**LLAMA, "pp": 2, "dp": 2, "zero": 2, "micro_batch": 1, "num_microbatches": 2},
+        **FOUR_RANK_PARITY,
     }, SHORT_STEPS, SHORT_FLAGS)
 
 
 @pytest.fixture(scope="module")
 def two_rank_layouts(tmp_path_factory):
     return run_layouts(tmp_path_factory.mktemp("two"), {
+        **TWO_RANK_PARITY,
         "cp2": {**LLAMA, "cp": 2, "micro_batch": 1, "num_microbatches": 4},
         # GPT's learned position table must follow the chunks too (Embedding takes the positions).
         "gpt_cp2": {"cp": 2, "steps": PARITY_STEPS, "flags": ()},
