@@ -22,6 +22,7 @@ CASES = [("gpt3-1.3b", "dgx-a100-80gb", 8, 512), ("gpt3-175b", "dgx-a100-80gb", 
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
+from planner.report import plan_label
 from planner.search import search
 from planner.specs import load_cluster, load_device, load_model, model_from_dict
 name, cluster_name, nodes, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -32,8 +33,7 @@ r = search(model, cluster, load_device(cluster.device), batch)
 p = r.plans[0]
 print(json.dumps({"total_s": time.perf_counter() - t0, "search_s": r.search_s, "phases": r.phases_s, "searched": r.searched,
                   "split": r.split, "priced": r.priced,
-                  "plan": f"{p.tp}x{p.pp}x{p.dp} mbs {p.micro_batch} {p.schedule}{' v=' + str(p.virtual_stages) if p.virtual_stages > 1 else ''} "
-                          f"{p.stages[0].recompute}{' SP' if p.sequence_parallel else ''}{' dist-opt' if p.distributed_optimizer else ''}",
+                  "plan": plan_label(p) + (" SP" if p.sequence_parallel else ""),
                   "tflops": p.prediction.tflops_per_gpu, "iteration_s": p.prediction.iteration_s}))
 """
 
@@ -42,7 +42,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    t = Table(title="Full search (tp x pp x dp, micro-batch, schedule, recompute, SP, dist-opt), branch and bound to the proven best",
+    t = Table(title="Full search (tp x cp x pp x dp, micro-batch, schedule, recompute, SP, ZeRO stage; bf16), branch and bound "
+                    "to the proven best",
               title_justify="left")
     for c in ("model", "GPUs", "configs bounded", "layer splits solved", "priced (simulated)", "bound s", "split s", "simulate s", "search s (median)",
               "process s (with imports)", "best plan", "TFLOP/s/GPU"):
