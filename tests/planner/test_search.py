@@ -35,7 +35,7 @@ def test_search_returns_exhaustive_optimum():
 
 
 def test_bound_never_exceeds_predict_for_any_split():
-    """For every candidate of 60 random problems and three random splits of each (blocks and recomputation):
+    """For every candidate of 40 random problems and three random splits of each (blocks and recomputation):
     the every-split bound is at most predict's iteration and its memory floor at most predict's peak; the
     split bound is at most predict for the split it was computed for."""
     rng = random.Random(11)
