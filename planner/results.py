@@ -102,7 +102,7 @@ def result_from_dict(d: dict, source: str) -> RunResult:
     if r.machine is not None:
         for key in ("reference_s", "cpu_share", "background_cores"):
             v = r.machine.get(key)
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+            if v is not None and not _number(v):
                 raise SpecError(source, f"machine.{key}", f"expected a non-negative number, got {v!r}")
         _check_waits(r, source)
     if len(r.peak_memory_gib) != r.world_size:
@@ -111,6 +111,7 @@ def result_from_dict(d: dict, source: str) -> RunResult:
 
 
 def _number(v) -> bool:
+    """A non-negative int or float (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
 
 
