@@ -207,7 +207,7 @@ def two_rank_layouts(tmp_path_factory):
         **TWO_RANK_PARITY,
         "cp2": {**LLAMA, "cp": 2, "micro_batch": 1, "num_microbatches": 4},
         # GPT's learned position table must follow the chunks too (Embedding takes the positions).
-        "gpt_cp2": {"cp": 2, "steps": PARITY_STEPS, "flags": ()},
+        "gpt_cp2": {**GPT_RUN, "cp": 2},
         # compile of every block, inside FSDP2's zero 3 units and around selective recomputation's checkpoint.
         "compile_dp2_zero3_selective": {**LLAMA, "compile": True, "dp": 2, "zero": 3, "micro_batch": 1,
                                         "num_microbatches": 2, "recompute": "selective"},
