@@ -8,6 +8,8 @@ family at tp 1 and micro-batch 1, forward and backward, on all ranks at once as 
 from __future__ import annotations
 
 import os
+import random
+import socket
 import statistics
 import time
 
@@ -17,6 +19,39 @@ from planner.specs import ModelSpec
 
 REFERENCE_WARMUP = 2
 REFERENCE_REPEATS = 7
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on, for a process group's store, chosen below the kernel's
+    ephemeral range (Linux /proc/sys/net/ipv4/ip_local_port_range) and never the same twice in this process.
+
+    Why not the kernel's pick (bind to port 0): that is an ephemeral port, and between the pick and the store's
+    bind any connection on the machine (a gloo pair socket of a running group, a store client) may be given it as
+    its own local port: CI saw EADDRINUSE on a port picked a few layouts earlier. Ports below the range are only
+    ever taken by someone who asks for them by number."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.Random()  # seeded from os.urandom: forked ranks do not share a sequence
+    for _ in range(200):
+        port = rng.randrange(20000, low) if low > 20100 else rng.randrange(1024, low) if low > 1124 else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free TCP port on 127.0.0.1 below the ephemeral range after 200 tries")
 
 
 def machine_busy_s() -> float:

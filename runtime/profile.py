@@ -29,7 +29,6 @@ import os
 import pickle
 import platform
 import resource
-import socket
 import statistics
 import tempfile
 import time
@@ -47,7 +46,7 @@ from planner.io import atomic_write_json
 from planner.measured import check_measured
 from planner.specs import device_from_dict, load_model
 from runtime import profile_cases
-from runtime.machine import machine_busy_s, time_reference
+from runtime.machine import free_port, machine_busy_s, time_reference
 from runtime.profile_cases import Clock
 
 CPU_MODELS = ("gpt-tiny", "llama-tiny")
@@ -116,9 +115,7 @@ def main(device: str | None = None, out: str | None = None, quick: bool = False,
 
 def _spawn(world: int, device_type: str, shapes: Shapes) -> tuple[dict, dict]:
     """Run _rank_main on `world` fresh processes; rank 0 pickles the pooled samples into a file here."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1" if device_type == "cpu" else (old or "1")
     try:

@@ -6,7 +6,6 @@ import os
 import pickle
 import queue
 import runpy
-import socket
 import sys
 import traceback
 from pathlib import Path
@@ -19,9 +18,10 @@ if str(REPO) not in sys.path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """runtime.machine.free_port: below the ephemeral range, so no running group's sockets can take it first."""
+    from runtime.machine import free_port as pick
+
+    return pick()
 
 
 def _rank_main(rank: int, world_size: int, port: int, out, fn, args) -> None:
