@@ -123,10 +123,10 @@ def _memory_floor_gib(cm, knobs: Knobs, m: int, tm) -> float:
                 + (tm.head_kept_bytes if h else 0.0))  # at least the microbatch whose loss runs backward
         ends = tm.end_params(model, knobs.tp, e, h)
         transient = sum(tm.peak_transient(h, ends, knobs.recompute == "full"))
-        own = v * tm.layer_params + ends
-        floors.append(tm.overhead_bytes + max(own * sb + acts + transient, own * step_sb))
+        floors.append(tm.overhead_bytes + max(v * tm.layer_state_bytes(m, knobs) + ends * sb + acts + transient,
+                                              v * tm.layer_step_bytes + ends * step_sb))
     # The average device's state during the optimizer step (no activations then).
-    state = (model.layers * tm.layer_params + tm.end_params(model, knobs.tp, True, True)) * step_sb / p
+    state = (model.layers * tm.layer_step_bytes + tm.end_params(model, knobs.tp, True, True) * step_sb) / p
     floors.append(tm.overhead_bytes + state)
     return max(floors) / GIB
 

@@ -134,13 +134,14 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
     elem = elementwise_per_token(model, tp, sequence_parallel, compiled)
     if fp8:
         # Scaling and casting the activations per token, and the weights once per microbatch (each matrix,
-        # h(h + 2kv) + h^2 + (2 or 3) hf over tp), at fp8_cast_passes passes each (the framework's: torchao's
+        # ModelSpec.block_matrix_params over tp), at fp8_cast_passes passes each (the framework's: torchao's
         # dynamic scaling reads for the amax, reads to cast and writes a byte: 2.5; compiled, amax and cast fuse:
         # 1.5; Transformer Engine's delayed scaling takes the amax from its history: one fused pass). Transformer
         # Engine casts the weights on a step's first microbatch only and keeps them (is_first_microbatch):
-        # fp8_weight_casts False, a cost spread over the step's microbatches and left out.
+        # fp8_weight_casts False, a cost spread over the step's microbatches and left out (its memory is not:
+        # memory.fp8_weight_cache_bytes).
         passes = min(fp8_cast_passes, 1.5) if compiled else fp8_cast_passes
-        weights = (h * (h + 2 * kv) + h * h + (mlp_in + 1) * h * f) / tp if fp8_weight_casts else 0.0
+        weights = model.block_matrix_params() / tp if fp8_weight_casts else 0.0
         elem += float8_casts_per_token(model, tp) * passes / 2.5 + passes * weights / tokens
     elem_fwd = memory_s(device, tokens * elem)
     fwd = gemm_fwd + attn_fwd + elem_fwd

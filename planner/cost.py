@@ -176,11 +176,10 @@ def model_flops(model: ModelSpec, global_batch: int, recomputed_fraction: float)
     logits 2bshV x3. With f = 4h and full recomputation this is 96Bslh^2(1 + s/6h + V/16lh).
     Grouped-query attention narrows k and v to kv_heads * head_dim columns, and SwiGLU has three h x f
     matrices instead of two; a GPT (kv_heads = heads, gelu) gets exactly the formula above."""
-    B, s, h, f, l, V = global_batch, model.seq_len, model.hidden, model.ffn_hidden, model.layers, model.vocab
-    kv, mlp_matrices = model.kv_dim, 3 if model.mlp == "swiglu" else 2
-    # Narayanan et al. 2021 eq. 3's 2bs(4h^2 + 2hf + 2sh), with q and o at h^2 and k and v at h*kv each (Ainslie
-    # et al. 2023, GQA) and 3hf for SwiGLU's gate, up and down (Shazeer 2020, eq. 6).
-    per_block_fwd = 2 * B * s * (2 * h * h + 2 * h * kv + mlp_matrices * h * f + 2 * s * h)
+    B, s, h, l, V = global_batch, model.seq_len, model.hidden, model.layers, model.vocab
+    # Narayanan et al. 2021 eq. 3's 2bs(4h^2 + 2hf + 2sh): 2 FLOPs per matrix weight per token (the block's
+    # matrices as ModelSpec.block_matrix_params counts them, GQA and SwiGLU included) and the attention's 2sh.
+    per_block_fwd = 2 * B * s * (model.block_matrix_params() + 2 * s * h)
     return (3 + recomputed_fraction) * l * per_block_fwd + 3 * 2 * B * s * h * V
 
 
@@ -283,6 +282,7 @@ def device_memories(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...], cost
         mine = device_stages(i, p, v)
         acts = schedule.peak_inflight(vectors[i], [costs[k].activation_bytes for k in mine])
         ends = sum(tm.end_params(cm.model, knobs.tp, stages[k].embedding, stages[k].head) for k in mine)
-        out.append(device_memory(tm, sum(costs[k].params for k in mine), ends, acts, any(stages[k].head for k in mine),
+        blocks = sum(stages[k].layers[1] - stages[k].layers[0] for k in mine)
+        out.append(device_memory(tm, sum(costs[k].params for k in mine), ends, blocks, acts, any(stages[k].head for k in mine),
                                  any(costs[k].full_recompute for k in mine), m, knobs))
     return out

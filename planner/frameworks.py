@@ -45,6 +45,10 @@ class Framework:
     scaling 2.5, Transformer Engine's delayed scaling 1."""
     fp8_weight_casts: bool = True
     """FP8 weights cast every microbatch (torchao); False: once per step and kept (Transformer Engine)."""
+    fp8_primary_weights: bool = False
+    """With fp8, the blocks' matrices are kept as FP8 (with the transpose Transformer Engine caches) and no
+    bf16 copy exists (NeMo's model.fp8_params, Megatron-Core's --fp8-param-gather); False: bf16 weights beside
+    the FP8 copies that fp8_weight_casts False keeps (memory.fp8_weight_cache_bytes)."""
     fused_elementwise: bool = False
     """Norms, residual adds, SwiGLU and RoPE run as fused kernels (Megatron-Core's and Transformer Engine's),
     priced as compute.elementwise_per_token(compiled=True) prices torch.compile's fusion."""
@@ -89,9 +93,10 @@ DEEPSPEED = Framework("deepspeed", grad_reduce_bytes=4, dp_overlap=False, p2p_sc
 # (--overlap-grad-reduce) and the weight all-gather under the next
 # forward (--overlap-param-gather), tensor-parallel communication overlapped with GEMMs (--tp-comm-overlap),
 # asynchronous pipeline sends split over tp, FlashAttention (the device's fused_attention), FP8 through
-# Transformer Engine. The TP overlap share is fitted by bench/fit_calibration.py on the H100 runs in profiles/calibration/.
+# Transformer Engine with FP8 primary weights (every FP8 recipe of NVIDIA's dgxc-benchmarking v24.11.1 sets
+# model.fp8_params: nemotron/configure.sh, llama3.1/configure.sh, nemo_megatron/gpt3_175b_hydra.yaml). The TP overlap share is fitted by bench/fit_calibration.py on the H100 runs in profiles/calibration/.
 MEGATRON_CORE_TP_OVERLAP = 0.633
 MEGATRON_CORE = Framework("megatron-core", grad_reduce_bytes=2, grad_bytes=2, dp_overlap=True, p2p_scatter_gather=True, p2p_blocking=False,
                           tp_overlap=MEGATRON_CORE_TP_OVERLAP, param_gather_overlap=True, fp8_cast_passes=1.0,
-                          fp8_weight_casts=False, fused_elementwise=True, saved=MEGATRON_CORE_SAVED)
+                          fp8_weight_casts=False, fp8_primary_weights=True, fused_elementwise=True, saved=MEGATRON_CORE_SAVED)
 FRAMEWORKS = {f.name: f for f in (MESHPLAN, MEGATRON, DEEPSPEED, MEGATRON_CORE)}

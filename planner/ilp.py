@@ -120,9 +120,9 @@ def device_terms(tm, knobs, m: int, model, stage_fixed_s: list[float]) -> list[D
             recompute_s=tm.full_recompute_s if allow else 0.0,
             inflight=sum(inflight[c * p + i] for c in range(v)) / v,
             layer_act_bytes=tm.layer_activation_bytes, full_act_bytes=tm.full_activation_bytes if allow else tm.layer_activation_bytes,
-            fixed_bytes=fixed_b, layer_state_bytes=tm.layer_params * sb, transient_bytes=transient,
+            fixed_bytes=fixed_b, layer_state_bytes=tm.layer_state_bytes(m, knobs), transient_bytes=transient,
             working_bytes=sum(tm.peak_transient(False, ends, True)) if allow else 0.0,
-            step_fixed_bytes=step_b, layer_step_bytes=tm.layer_params * step_sb))
+            step_fixed_bytes=step_b, layer_step_bytes=tm.layer_step_bytes))
     return out
 
 

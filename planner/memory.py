@@ -28,13 +28,15 @@ class MemoryBreakdown:
     step_gib: float = 0.0
     """What exists only while the optimizer steps, when no activations are held (step_grad_bytes_per_param)."""
     grads_at_peak: bool = True
+    weight_cache_gib: float = 0.0
+    """FP8 copies of the GEMM weights kept all step long (fp8_weight_cache_bytes; Transformer Engine)."""
 
     @property
     def total_gib(self) -> float:
         """The peak: during the forward and backward (activations and gathered weights held), or during the step
         (the gradients and the step's copies held)."""
         g = self.grads_gib if self.grads_at_peak else 0.0
-        return (self.weights_gib + self.optimizer_gib + self.overhead_gib
+        return (self.weights_gib + self.optimizer_gib + self.overhead_gib + self.weight_cache_gib
                 + max(self.activations_gib + self.sharding_gib + g, self.step_gib + self.grads_gib))
 
 
@@ -159,6 +161,22 @@ def layer_param_count(model: ModelSpec, tp: int) -> float:
     return (model.layer_params() - replicated) / tp + replicated
 
 
+def fp8_weight_cache_bytes(model: ModelSpec, tp: int, primary: bool) -> float:
+    """What one block's FP8 weights on a tp rank hold beyond the 2-byte weights state_bytes_per_param counts,
+    where Transformer Engine keeps them from a step's first microbatch on (Framework.fp8_weight_casts False):
+    1 byte for the FP8 weight and 1 for its FP8 transpose, which the backward's input-gradient GEMM reads
+    (Hopper's FP8 GEMMs take only one layout, so the transpose is stored, not strided). With FP8 primary
+    weights (`primary`: no bf16 copy of the matrices exists) those 2 bytes are the weights state counted: 0
+    beyond it; otherwise the cache is 2 bytes more per matrix weight. Megatron-Core's TE linears pass is_first_microbatch to Transformer Engine
+    (megatron/core/extensions/transformer_engine.py, TELinear.forward; None, no cache, only with
+    disable_parameter_transpose_cache, default False); Transformer Engine then builds the FP8 weight with its
+    transpose once (cast_transpose_) into the module's _fp8_workspaces (transformer_engine/pytorch/module/base.py,
+    get_fp8_workspace) and keeps it there: across the step's microbatches, the optimizer step and the next
+    step. The norms and biases stay bf16; the embedding and the output layer (tensor_parallel's own linear, not
+    Transformer Engine's) are not cast."""
+    return 0.0 if primary else 2.0 * model.block_matrix_params() / tp
+
+
 def end_param_count(model: ModelSpec, tp: int, embedding: bool, head: bool) -> float:
     """Vocab-parallel embedding (padded vocab sharded over tp) and learned positions (replicated) on the first
     stage; final norm and the column-parallel head on the last (none when tied: the embedding serves)."""
@@ -253,11 +271,12 @@ def head_transient_bytes(model: ModelSpec, tp: int, b: float, saved: SavedTensor
     return (saved.loss_tensors - kept) * logit_bytes(model, tp, b)
 
 
-def device_memory(terms, params: float, end_params: float, activation_bytes: float, has_head: bool, full_recompute: bool,
-                  m: int, knobs) -> MemoryBreakdown:
+def device_memory(terms, params: float, end_params: float, blocks: int, activation_bytes: float, has_head: bool,
+                  full_recompute: bool, m: int, knobs) -> MemoryBreakdown:
     """One pipeline device from its cost terms (planner.terms.Terms): `params` on it (`end_params` of them the
-    embedding's and head's), `activation_bytes` its peak in-flight activations (from the schedule's op order),
-    plus the largest transient working set (Terms.peak_transient), over m microbatches of `knobs`."""
+    embedding's and head's) in its `blocks` blocks, `activation_bytes` its peak in-flight activations (from the
+    schedule's op order), plus the largest transient working set (Terms.peak_transient), over m microbatches of
+    `knobs`."""
     transient, gathered = terms.peak_transient(has_head, end_params, full_recompute)
     return MemoryBreakdown(
         weights_gib=params * terms.weight_bytes / GIB,
@@ -268,4 +287,5 @@ def device_memory(terms, params: float, end_params: float, activation_bytes: flo
         sharding_gib=gathered / GIB,
         step_gib=params * terms.step_bytes / GIB,
         grads_at_peak=terms.grads_at_peak(m, knobs),
+        weight_cache_gib=blocks * terms.layer_cache_bytes / GIB,
     )

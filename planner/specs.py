@@ -95,15 +95,20 @@ class ModelSpec:
         """One norm: LayerNorm weight (and bias when bias is true), or RMSNorm weight."""
         return self.hidden * (2 if self.norm == "layernorm" and self.bias else 1)
 
-    def layer_params(self) -> int:
-        """Parameters in one block, exactly: q and o (h x h each), k and v (h x kv_dim each), the MLP
-        (2 or 3 matrices of h x f), their biases where the model has them, and two norms. For GPT:
-        4h^2 + 4h (attention), 2hf + f + h (MLP), 4h (two LayerNorms)."""
+    def block_matrix_params(self) -> int:
+        """The weight matrices of one block, the GEMMs' weights: q and o (h x h each), k and v (h x kv_dim each,
+        Ainslie et al. 2023, GQA), and the MLP's 2 matrices of h x f (3 for SwiGLU's gate, up and down: Shazeer
+        2020, eq. 6)."""
         h, f, kv = self.hidden, self.ffn_hidden, self.kv_dim
-        attn = 2 * h * h + 2 * h * kv + (h + 2 * kv if self.qkv_bias else 0) + (h if self.bias else 0)
-        matrices = 3 if self.mlp == "swiglu" else 2
-        mlp = matrices * h * f + (((matrices - 1) * f + h) if self.bias else 0)
-        return attn + mlp + 2 * self.norm_params()
+        return 2 * h * h + 2 * h * kv + (3 if self.mlp == "swiglu" else 2) * h * f
+
+    def layer_params(self) -> int:
+        """Parameters in one block, exactly: its matrices (block_matrix_params), their biases where the model has
+        them, and two norms. For GPT: 4h^2 + 4h (attention), 2hf + f + h (MLP), 4h (two LayerNorms)."""
+        f, kv = self.ffn_hidden, self.kv_dim
+        attn_bias = (self.hidden + 2 * kv if self.qkv_bias else 0) + (self.hidden if self.bias else 0)
+        mlp_bias = (((3 if self.mlp == "swiglu" else 2) - 1) * f + self.hidden) if self.bias else 0
+        return self.block_matrix_params() + attn_bias + mlp_bias + 2 * self.norm_params()
 
     def embedding_params(self, tp: int | None = None) -> int:
         """Token embedding and learned positions (none with RoPE). Without tp: the exact model's

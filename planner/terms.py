@@ -14,7 +14,7 @@ from planner import comm
 from planner.compute import end_times, layer_times, memory_s, optimizer_step_s
 from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB,
                             activation_bytes_per_layer, cp_gathered_kv_bytes, embedding_activation_bytes, end_param_count,
-                            fsdp_root_bytes, fsdp_transient_bytes, full_layer_activation_bytes, head_kept_bytes, head_transient_bytes, layer_param_count, logit_bytes,
+                            fp8_weight_cache_bytes, fsdp_root_bytes, fsdp_transient_bytes, full_layer_activation_bytes, head_kept_bytes, head_transient_bytes, layer_param_count, logit_bytes,
                             state_bytes_per_param, step_grad_bytes_per_param)
 from planner.plan import Knobs
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec
@@ -67,6 +67,9 @@ class Terms:
     """What a fully recomputed block holds while it is re-run for its backward."""
     layer_params: float
     """Parameters of one block on this tp rank."""
+    layer_cache_bytes: float
+    """Bytes one block keeps all step long beyond its parameters' state: FP8 copies of its weights where the
+    framework casts them once per step (memory.fp8_weight_cache_bytes; 0 otherwise)."""
     weight_bytes: float
     grad_bytes: float
     optimizer_bytes: float
@@ -86,6 +89,15 @@ class Terms:
     """The framework's memory besides tensors."""
     capacity_bytes: float
     """Device memory minus the headroom: what a device's peak must stay within."""
+
+    def layer_state_bytes(self, m: int, knobs: Knobs) -> float:
+        """One block's bytes beside the activations at their peak: its parameters' state and its cached copies."""
+        return self.layer_params * self.peak_state_bytes(m, knobs) + self.layer_cache_bytes
+
+    @property
+    def layer_step_bytes(self) -> float:
+        """One block's bytes during the optimizer step."""
+        return self.layer_params * self.step_state_bytes + self.layer_cache_bytes
 
     @property
     def state_bytes_per_param(self) -> float:
@@ -245,7 +257,8 @@ class CostModel:
             head_transient_bytes=head_transient_bytes(model, t, b, saved, pipelined=k.pp > 1), logit_bytes=logit_bytes(model, t, b),
             head_kept_bytes=head_kept_bytes(model, t, b, saved, pipelined=k.pp > 1),
             recompute_working_bytes=full_layer_activation_bytes(model, t, b, sp, fused, saved, fp8) * scale + gathered,
-            layer_params=layer_param_count(model, t), cp_all_gather_s=kv, overhead_bytes=dev.framework_overhead_gib * GIB,
+            layer_params=layer_param_count(model, t), cp_all_gather_s=kv,
+            layer_cache_bytes=fp8_weight_cache_bytes(model, t, self.framework.fp8_primary_weights) if fp8 and not self.framework.fp8_weight_casts else 0.0, overhead_bytes=dev.framework_overhead_gib * GIB,
             capacity_bytes=self.capacity_gib * GIB,
             end_param_table=tuple(end_param_count(model, t, e, h) for e in (False, True) for h in (False, True)))
 

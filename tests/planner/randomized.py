@@ -6,6 +6,7 @@ import dataclasses
 import random
 
 from planner.cost import FRAMEWORKS
+from planner.terms import MEGATRON_CORE
 from planner.specs import ClusterSpec, LinkSpec, load_device, model_from_dict
 
 DEVICES = ("a100-sxm4-80gb", "h100-sxm5-80gb", "cpu")
@@ -39,6 +40,11 @@ def random_problem(seed: int) -> dict:
         pins["schedule"] = rng.choice(["1f1b", "gpipe", "interleaved"])
     if rng.random() < 0.2 and heads % 2 == 0:
         pins["tp"] = rng.choice([1, 2])
+    framework, top = FRAMEWORKS[rng.choice(["meshplan", "meshplan", "megatron", "deepspeed"])], rng.choice([1, 3, 5])
+    # Drawn last, so that the problems above stay those of their seeds: FP8 on an FP8 device, under meshplan's
+    # runtime or Megatron-Core (its FP8 weights primary, or bf16 weights beside Transformer Engine's FP8 copies).
+    if device.fp8_peak_tflops and rng.random() < 0.4:
+        pins["precision"] = "fp8"
+        framework = rng.choice([framework, MEGATRON_CORE, dataclasses.replace(MEGATRON_CORE, fp8_primary_weights=False)])
     return {"model": model, "cluster": cluster, "device": device, "global_batch": batch,
-            "pins": pins, "framework": FRAMEWORKS[rng.choice(["meshplan", "meshplan", "megatron", "deepspeed"])],
-            "memory_headroom_gib": headroom, "top": rng.choice([1, 3, 5])}
+            "pins": pins, "framework": framework, "memory_headroom_gib": headroom, "top": top}

@@ -150,3 +150,34 @@ def test_peak_is_the_larger_of_activations_and_the_steps_copies():
     from planner.memory import MemoryBreakdown
     assert MemoryBreakdown(10, 2, 6, activations_gib=20, overhead_gib=1, step_gib=5).total_gib == 39
     assert MemoryBreakdown(10, 2, 6, activations_gib=3, overhead_gib=1, step_gib=5).total_gib == 24
+
+
+def test_transformer_engines_fp8_weight_copies_add_two_bytes_per_matrix_weight_unless_they_are_the_primary_weights():
+    # Megatron-Core with FP8: Transformer Engine keeps each block matrix's FP8 weight and its FP8 transpose all
+    # step long. NVIDIA's FP8 recipes keep no bf16 weights beside them (fp8_params): the 2 bytes the state
+    # counts. Without that, 2 bytes more per matrix weight, and the ILP's and bounds' memory read the same term.
+    import dataclasses
+
+    from planner.cost import predict
+    from planner.plan import Knobs
+    from planner.search import search
+    from planner.specs import load_cluster, load_device
+    from planner.terms import MEGATRON_CORE
+
+    cached = dataclasses.replace(MEGATRON_CORE, fp8_primary_weights=False)
+    h100, cluster = load_device("h100-sxm5-80gb"), load_cluster("dgx-h100-80gb", nodes=4)
+    knobs = Knobs(tp=4, pp=8, dp=1, micro_batch=1, schedule="1f1b", virtual_stages=1, recompute="full",
+                  sequence_parallel=True, zero=1, cp=1, precision="fp8")
+    base, mine = (predict(GPT3, cluster, h100, knobs, 64, framework=f)[0].prediction for f in (MEGATRON_CORE, cached))
+    per_block = 2 * GPT3.block_matrix_params() / 4  # 1 byte FP8 + 1 byte transpose per weight of the rank's shard
+    assert mine.peak_memory_gib - base.peak_memory_gib == pytest.approx(12 * per_block / 2**30, rel=1e-9)  # 96 / 8 blocks
+    bf16 = dataclasses.replace(knobs, precision="bf16")
+    assert predict(GPT3, cluster, h100, bf16, 64, framework=cached)[0].prediction.peak_memory_gib == pytest.approx(
+        predict(GPT3, cluster, h100, bf16, 64, framework=MEGATRON_CORE)[0].prediction.peak_memory_gib, rel=1e-12)
+    # The search prices the copies as predict does: between the two peaks, the primary-weight plan fits, the other not.
+    tight = dataclasses.replace(h100, memory_gib=(base.peak_memory_gib + mine.peak_memory_gib) / 2 + 2.0)
+    pins = {"tp": 4, "pp": 8, "dp": 1, "micro_batch": 1, "schedule": "1f1b", "recompute": "full", "sequence_parallel": True,
+            "zero": 1, "cp": 1, "precision": "fp8"}
+    fits = {f.fp8_primary_weights: [p.prediction.fits for p in search(GPT3, cluster, tight, 64, pins, framework=f).plans]
+            for f in (MEGATRON_CORE, cached)}
+    assert any(fits[True]) and not any(fits[False])
