@@ -155,15 +155,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     args = p.parse_args()
 
-    import socket
-
     import torch.multiprocessing as mp
     from rich.console import Console
     from rich.table import Table
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from runtime.machine import free_port
+
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=rank_main, args=(r, port, args.steps, args.warmup, out)) for r in range(PP)]

@@ -174,6 +174,22 @@ def test_transformer_engines_fp8_weight_copies_add_two_bytes_per_matrix_weight_u
     bf16 = dataclasses.replace(knobs, precision="bf16")
     assert predict(GPT3, cluster, h100, bf16, 64, framework=cached)[0].prediction.peak_memory_gib == pytest.approx(
         predict(GPT3, cluster, h100, bf16, 64, framework=MEGATRON_CORE)[0].prediction.peak_memory_gib, rel=1e-12)
+    # The split program and the search's bound read the same term: the program's memory of this split (12 blocks
+    # on every device) is predict's peak on each device, and the bound's floor rises by the copies too.
+    from planner.bounds import every_split_bound_s
+    from planner.cost import CostModel
+    from planner.ilp import device_terms
+    from planner.search import stage_fixed_busy_s
+
+    for f, pred in ((MEGATRON_CORE, base), (cached, mine)):
+        cm = CostModel(GPT3, cluster, h100, f)
+        plan = predict(GPT3, cluster, h100, knobs, 64, cost_model=cm)[0]
+        program = [max(d.memory_bytes(12, 0), d.step_memory_bytes(12)) / 2**30
+                   for d in device_terms(cm.terms(knobs), knobs, 64, GPT3, stage_fixed_busy_s(cm, knobs))]
+        assert max(program) == pytest.approx(pred.peak_memory_gib, rel=1e-9)
+        assert program == pytest.approx([s.memory_gib for s in plan.stages], abs=1e-3)
+    floors = [every_split_bound_s(CostModel(GPT3, cluster, h100, f), knobs, 64)[1] for f in (MEGATRON_CORE, cached)]
+    assert floors[1] - floors[0] == pytest.approx(12 * per_block / 2**30, rel=1e-6) and floors[1] <= mine.peak_memory_gib
     # The search prices the copies as predict does: between the two peaks, the primary-weight plan fits, the other not.
     tight = dataclasses.replace(h100, memory_gib=(base.peak_memory_gib + mine.peak_memory_gib) / 2 + 2.0)
     pins = {"tp": 4, "pp": 8, "dp": 1, "micro_batch": 1, "schedule": "1f1b", "recompute": "full", "sequence_parallel": True,

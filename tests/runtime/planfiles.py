@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +72,29 @@ def launch(*argv) -> int:
     return cli([str(a) for a in argv])
 
 
+def _layout_port(port_file: Path, timeout_s: float = 600.0) -> int:
+    """The port of one layout's process group, picked by rank 0 just before the layout starts (so that nothing
+    else on the machine has had minutes to take it) and read by the other ranks from `port_file`."""
+    from runtime.machine import free_port
+
+    if os.environ["RANK"] == "0":
+        port = free_port()
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        os.replace(tmp, port_file)
+        return port
+    end = time.monotonic() + timeout_s
+    while not port_file.exists():
+        if time.monotonic() > end:
+            raise RuntimeError(f"rank 0 wrote no port to {port_file} within {timeout_s:.0f} s")
+        time.sleep(0.01)
+    return int(port_file.read_text())
+
+
 def launch_each(runs: list) -> list[dict]:
-    """Runs on each spawned rank: runtime.launch.cli once per (port, argv) of `runs`, one after another in this
-    process, each with a process group of its own on its own port. Per run: the exit code, how many gradient
-    reduce-scatters this rank issued and how many graphs torch.compile made."""
+    """Runs on each spawned rank: runtime.launch.cli once per (port file, argv) of `runs`, one after another in
+    this process, each with a process group of its own on a port rank 0 picks as it starts (_layout_port). Per
+    run: the exit code, how many gradient reduce-scatters this rank issued and how many graphs torch.compile made."""
     import torch._dynamo.utils
     import torch.distributed as dist
 
@@ -91,8 +111,8 @@ def launch_each(runs: list) -> list[dict]:
     setattr(dist, name, counted)  # FSDP2 looks the collective up on torch.distributed at each call
     out = []
     try:
-        for port, argv in runs:
-            os.environ["MASTER_PORT"] = str(port)
+        for port_file, argv in runs:
+            os.environ["MASTER_PORT"] = str(_layout_port(Path(port_file)))
             calls[0], graphs = 0, torch._dynamo.utils.counters["stats"]["unique_graphs"]
             code = cli([str(a) for a in argv])
             out.append({"code": code, "reduce_scatters": calls[0],
@@ -106,7 +126,7 @@ def run_layouts(tmp: Path, layouts: dict[str, dict], steps: int, extra: tuple = 
     """Several layouts of the same world size, in one spawn of its ranks (launch_each): {name: its results line, plus
     'reduce_scatters' and 'compiled_graphs', rank by rank}. Each layout's knobs may name its `model` (run_layout's) and
     its own `steps` and runtime.launch `flags` (instead of `extra`)."""
-    from tests.conftest import free_port, run_on_ranks
+    from tests.conftest import run_on_ranks
 
     tmp = Path(tmp)
     worlds = {k.get("tp", 1) * k.get("cp", 1) * k.get("pp", 1) * k.get("dp", 1) for k in layouts.values()}
@@ -118,7 +138,8 @@ def run_layouts(tmp: Path, layouts: dict[str, dict], steps: int, extra: tuple = 
         layout_steps, flags = knobs.pop("steps", steps), knobs.pop("flags", extra)
         plan = write_plan(tmp / f"{name}.json", model=MODELS[model], **knobs)
         data = ("--data", small_vocab_tokens(), *LLAMA_FLAGS) if model.startswith("llama") else ()
-        runs.append((free_port(), [plan, "--steps", layout_steps, "--results", tmp / f"{name}.jsonl", *data, *flags]))
+        (tmp / f"{name}.port").unlink(missing_ok=True)  # a port file is rank 0's word that this layout starts
+        runs.append((tmp / f"{name}.port", [plan, "--steps", layout_steps, "--results", tmp / f"{name}.jsonl", *data, *flags]))
     world = worlds.pop()
     per_rank = run_on_ranks(launch_each, world, runs, timeout_s=900)
     out = {}
