@@ -10,7 +10,7 @@ Sample keys, as runtime/profile_cases.py writes them (seconds, one list entry pe
     ("end", *end_shape(model, tp), tp, micro_batch, "embedding_forward_s" | ...)
     ("pipe", schedule, micro_batch, num_microbatches, "step_s" | "stage<k>_forward_s" | ...)
     ("fsdp", params, num_microbatches, "plain_s" | "fsdp_s"), ("optimizer", params, "step_s"),
-    ("gemm", n, "s"), ("copy", bytes, "s"), ("coll", op, ranks, bytes), ("cpu_s",), ("wall_s",), ("rank_cpu_s",)
+    ("gemm", n, "s"), ("copy", bytes, "s"), ("coll", op, ranks, bytes), ("cpu_s",), ("wall_s",), ("rank_cpu_s",), ("rank_wait_s",)
 """
 
 from __future__ import annotations
@@ -124,6 +124,10 @@ def build_profile(samples: dict[tuple, list[float]], facts: dict, shapes: Shapes
         "cpu_share": round(sum(samples[("cpu_s",)]) / sum(samples[("wall_s",)]), 3) if ("cpu_s",) in samples else 1.0,
         "background_cores": round(max(0.0, facts.get("machine_busy_s", 0.0) - sum(samples.get(("rank_cpu_s",), [])))
                                   / facts["loop_s"], 2) if facts.get("loop_s") else 0.0,
+        # The share of the profile its ranks spent waiting for a core, taken out of every CPU timing
+        # (runtime.profile_cases.Clock); None where the platform does not count it.
+        "waited_share": round(sum(samples[("rank_wait_s",)]) / (facts["loop_s"] * len(samples[("rank_wait_s",)])), 3)
+        if samples.get(("rank_wait_s",)) and facts.get("loop_s") else None,
         "layers": layers, "ends": ends, "reference_s": {k: r(v) for k, v in facts.get("reference_s", {}).items()},
         "optimizer_s_per_param": r(statistics.median(opt_values) / opt_key[1]),
         "optimizer": {"params": opt_key[1], "step_s": r(statistics.median(opt_values)), "spread_pct": _spread_pct(opt_values)},

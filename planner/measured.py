@@ -14,7 +14,8 @@ the repeats, with the spread beside it):
     links: {collective, all_gather, reduce_scatter, send_recv: {bandwidth_GBps, latency_us}},
     stage_overhead_s: {forward_s, backward_s}    # torch.distributed.pipelining, per microbatch and stage
     fsdp: {params, per_step_s_per_param, per_microbatch_s_per_param, ...}   # what FSDP2 adds to a step
-    pipeline: [...], optimizer: {...}, gemm: [...], copy_GBps, cpu_share, and host facts (device_name,
+    pipeline: [...], optimizer: {...}, gemm: [...], copy_GBps, cpu_share, waited_share (the share of the
+    profile its ranks waited for a core, taken out of its CPU timings), and host facts (device_name,
     torch_version, date, cpu_count, world_size, backend, threads_per_rank, dtype, profile_s, suite_s).
 Only layers, ends, optimizer_s_per_param and links are required; the rest is optional. A layer's
 family keys (kv_heads ... qkv_bias, planner.specs.ModelSpec's fields) default to a GPT block's, and an

@@ -46,7 +46,7 @@ from planner.io import atomic_write_json
 from planner.measured import check_measured
 from planner.specs import device_from_dict, load_model
 from runtime import profile_cases
-from runtime.machine import free_port, machine_busy_s, time_reference
+from runtime.machine import free_port, machine_busy_s, run_queue_wait_s, time_reference
 from runtime.profile_cases import Clock
 
 CPU_MODELS = ("gpt-tiny", "llama-tiny")
@@ -104,9 +104,13 @@ def main(device: str | None = None, out: str | None = None, quick: bool = False,
     atomic_write_json(path, profile)
     print(f"Wrote {path} ({facts['profile_s']:.0f} s). The planner uses it for device {name!r}.")
     share, others = profile["measured"]["cpu_share"], profile["measured"]["background_cores"]
+    waited = profile["measured"].get("waited_share")
     if share < BUSY_SHARE or (device_type == "cpu" and others > BUSY_OTHERS):
+        taken = (f" The {100 * waited:.0f}% of the time the ranks waited for a core is taken out of every timing, not what "
+                 "the other processes did to the ranks' collectives, caches and memory bandwidth, so some timings are "
+                 "likely too slow." if waited is not None else " So these timings are likely too slow.")
         print(f"warning: other processes used {others:.1f} of this machine's {facts['cpu_count']} cores while it was profiled "
-              f"(the ranks got {100 * share:.0f}% of a core when computing alone), so these timings are likely too slow. "
+              f"(the ranks got {100 * share:.0f}% of a core when computing alone).{taken} "
               f"Run `planner profile` again on an idle machine.")
     return 0
 
@@ -188,7 +192,7 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
         suites.append(("FSDP2", profile_cases.fsdp_cases(shapes, dev, clock, world), few, 1))
     bar = _Bar(rank == 0, sum(len(c) * (r + w) for _, c, r, w in suites))
     samples: dict[tuple, list[float]] = defaultdict(list)
-    loop_s, cpu_s, busy_s = time.perf_counter(), time.process_time(), machine_busy_s()
+    loop_s, cpu_s, busy_s, wait_s = time.perf_counter(), time.process_time(), machine_busy_s(), run_queue_wait_s()
     try:
         for i, (label, cases, repeats, warmup) in enumerate(suites):
             suites[i] = None  # a finished suite's modules are freed (GPU memory for the big shapes)
@@ -209,6 +213,8 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
         bar.stop()
     # What every process of this machine ran meanwhile, less what the ranks ran: other people's load.
     samples[("rank_cpu_s",)].append(time.process_time() - cpu_s)
+    if wait_s is not None:  # what Clock took out of this rank's timings
+        samples[("rank_wait_s",)].append(run_queue_wait_s() - wait_s)
     facts.update(loop_s=time.perf_counter() - loop_s, machine_busy_s=machine_busy_s() - busy_s)
     everyone = [None] * world if rank == 0 else None
     dist.gather_object(dict(samples), everyone, dst=0)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from runtime.machine import free_port, run_queue_wait_s
 
 SPIN = "import time\nend = time.perf_counter() + {}\nwhile time.perf_counter() < end:\n    pass\n"
@@ -32,19 +34,74 @@ def test_run_queue_wait_counts_the_time_this_thread_waited_for_a_core_behind_oth
     assert waited > 0.2 and abs(wall - (ran + waited)) < 0.1 * wall, (waited, ran, wall)
 
 
-def test_free_port_is_below_the_ephemeral_range_listenable_and_never_repeated():
-    # CI once failed 14 tests on EADDRINUSE: a port the kernel picked (an ephemeral one) was handed, before the
-    # store bound it, to another socket as its local port. Ports below the range are never handed out that way.
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        low = int(f.read().split()[0])
-    # Sockets that hold many ephemeral ports meanwhile, as a running group's connections do.
-    held = [socket.create_server(("127.0.0.1", 0)) for _ in range(50)]
+def test_the_profiles_cpu_clock_leaves_out_the_time_waited_for_a_core():
+    # runtime.profile_cases.Clock: an interval of it is the time the work ran, however many processes compete.
+    import torch
+
+    from runtime.profile_cases import Clock
+
+    clock = Clock(torch.device("cpu"))
+    others = [subprocess.Popen([sys.executable, "-c", SPIN.format(2.5)]) for _ in range(os.cpu_count() + 1)]
     try:
-        ports = [free_port() for _ in range(200)]
+        time.sleep(0.3)
+        k0, t0, c0 = clock(), time.perf_counter(), time.thread_time()
+        _spin(1.0)
+        k1, wall, ran = clock(), time.perf_counter() - t0, time.thread_time() - c0
     finally:
-        for s in held:
-            s.close()
+        for p in others:
+            p.wait()
+    assert wall - ran > 0.2 and abs((k1 - k0) - ran) < 0.1 * ran, (k1 - k0, ran, wall)
+
+
+def test_a_forked_child_reads_its_own_wait_not_its_parents():
+    # The schedstat file stays open per thread; a fork's child must not read its parent's through it.
+    others = [subprocess.Popen([sys.executable, "-c", SPIN.format(0.8)]) for _ in range(os.cpu_count() + 1)]
+    try:
+        time.sleep(0.2)
+        _spin(0.5)  # this thread waits behind them: its count is well above a fresh child's
+    finally:
+        for p in others:
+            p.wait()
+    parent = run_queue_wait_s()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own thread's wait, from a file it opens itself
+        with open("/proc/thread-self/schedstat") as f:
+            os.write(write, f"{run_queue_wait_s()} {int(f.read().split()[1]) / 1e9}".encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    got, direct = (float(x) for x in os.read(read, 100).split())
+    assert parent > 0.05 and abs(got - direct) < 0.005, (got, direct, parent)
+
+
+def test_free_port_is_outside_the_ephemeral_range_listenable_and_never_repeated():
+    # CI once failed 14 tests on EADDRINUSE: a port the kernel picked (an ephemeral one) was handed, before the
+    # store bound it, to another socket as its local port. Ports outside the range are never handed out that way.
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = (int(x) for x in f.read().split()[:2])
+    if low - 1024 < 100 and 65535 - high < 100:
+        pytest.skip(f"the ephemeral range {low}-{high} leaves no band outside it")
+    taken = socket.create_server(("127.0.0.1", 0))  # a listener: its port is never offered
+    ports = [free_port() for _ in range(300)]
+    try:
+        assert taken.getsockname()[1] not in ports
+    finally:
+        taken.close()
     assert len(set(ports)) == len(ports)
-    assert all(1024 <= p < low for p in ports), sorted(ports)[-3:]
+    assert all(p < low or p > high for p in ports), sorted(ports)
     with socket.create_server(("127.0.0.1", ports[-1])):  # free: a store can listen on it
         pass
+
+
+def test_free_port_passes_over_a_port_listened_on_another_address():
+    # A TCPStore listens on every address: a port taken on IPv6's loopback only is not free for it.
+    from runtime.machine import _listenable
+
+    port = free_port()
+    try:
+        held = socket.create_server(("::1", port), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with held:
+        assert not _listenable(port)
+    assert _listenable(port)

@@ -30,6 +30,7 @@ def test_quick_profile_writes_a_measured_profile_that_load_device_reads_back(tmp
         assert fact in m
     assert m["torch_version"] == torch.__version__ and m["threads_per_rank"] == 1 and m["quick"] is True
     assert 0 < m["cpu_share"] <= 1.5  # share of a core while timing blocks: flags a busy machine
+    assert 0 <= m["waited_share"] < 1  # the share of the profile its ranks waited for a core: out of every timing
     # The reference block of each model, timed as runtime.launch re-times it before a run (planner validate's drift).
     assert set(m["reference_s"]) == {"gpt-tiny", "llama-tiny"} and all(v > 0 for v in m["reference_s"].values())
 
