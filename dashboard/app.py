@@ -197,11 +197,12 @@ def validation_tab() -> None:
                    f"corrected; their effect on communication is not).")
     if report.get("unloaded_mape_pct") is not None:
         st.caption(f"Each rank's training thread recorded how long it waited for a core (Linux run-queue delay): the "
-                   f"slowest rank waited {df['waited_pct'].min():.0f}% to {df['waited_pct'].max():.0f}% of a step. With each "
-                   f"step taken less that wait the mean absolute error is {report['unloaded_mape_pct']:.1f}%.")
+                   f"ranks waited {df['waited_pct'].min():.0f}% to {df['waited_pct'].max():.0f}% of a step (the slowest rank; "
+                   f"under tensor or context parallelism the slowest in each stretch between blocks). With each step taken "
+                   f"less that wait the mean absolute error is {report['unloaded_mape_pct']:.1f}%.")
     st.dataframe(df[order], hide_index=True, column_config={
         "waited_pct": st.column_config.NumberColumn("waited for a core %", format="%.0f",
-                                                    help="the slowest rank's run-queue delay, share of the median step"),
+                                                    help="the ranks' run-queue delay (the slowest rank's; block by block under tp or cp), share of the median step"),
         "unloaded_error_pct": st.column_config.NumberColumn("error less waits %", format="%+.1f"),
         "machine_drift": st.column_config.NumberColumn("machine vs profile", format="×%.2f",
                                                        help="the reference block's time before this run over its time in the profile"),

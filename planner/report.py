@@ -284,18 +284,18 @@ def print_drift(report: dict) -> None:
 
 
 def print_waits(report: dict) -> None:
-    """The error once each measured step is taken less the time its slowest rank waited for a core
+    """The error once each measured step is taken less the time its ranks waited for a core
     (validate.less_waits), and what that cannot correct."""
     runs = [r for r in report["runs"] if r.get("waited_pct") is not None]
     most = max(r["waited_pct"] for r in runs)
-    console.print(f"Waiting for a core (Linux run-queue delay of each rank's training thread): the slowest rank waited "
-                  f"{min(r['waited_pct'] for r in runs):.0f}% to {most:.0f}% of a step.")
+    console.print(f"Waiting for a core (Linux run-queue delay of each rank's training thread): {min(r['waited_pct'] for r in runs):.0f}% "
+                  f"to {most:.0f}% of a step (the slowest rank's wait; where ranks meet at every block, under tensor or "
+                  f"context parallelism, the largest wait of each stretch between blocks, summed).")
     if report.get("unloaded_mape_pct") is not None:
         sp = report.get("unloaded_spearman")
         console.print(f"With each step taken less that wait: mean absolute error {report['unloaded_mape_pct']:.1f}%"
                       f"{'' if sp is None else f', Spearman {sp:.2f}'} (this removes the time other processes held the cores, "
-                      f"not their effect on caches and memory bandwidth; where ranks synchronise often, as under tensor "
-                      f"parallelism, their waits add up beyond the largest one and the step is under-corrected).")
+                      f"not their effect on caches and memory bandwidth).")
     if most > 10:
         console.print("[yellow]warning[/yellow]: other processes took this machine's cores during the runs; the raw error "
                       "is part machine, the error less waits is the model's.")

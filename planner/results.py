@@ -53,9 +53,11 @@ class RunResult:
     `planner profile` times, timed on every rank at once just before training; the median over ranks),
     cpu_share (the share of a core a rank got meanwhile), background_cores (cores other processes used during
     the timed steps), cpu_count, step_wait_s (on CPU, per step and rank: seconds the rank's training thread
-    waited for a core, runtime.machine.run_queue_wait_s; None elsewhere) and timed_steps (the indices of step_s
-    that tokens_per_s counts). None in results written before runtime.launch recorded it; older results lack
-    the last two."""
+    waited for a core, runtime.machine.run_queue_wait_s; None elsewhere), timed_steps (the indices of step_s
+    that tokens_per_s counts) and step_synced_wait_s (on CPU without torch.compile, per step: what the ranks'
+    waits added to it, compared block by block within each tensor/context-parallel group,
+    runtime.machine.synced_waits). None in results written before runtime.launch recorded it; older results lack
+    the last three."""
     peak_allocated_gib: list | None = None
     """Per rank, GiB: on GPU max_memory_allocated after warm-up (tensors, without the allocator's cache); on CPU the
     same figure as peak_memory_gib (no cache). None in results written before runtime.launch recorded it."""
@@ -116,12 +118,16 @@ def _number(v) -> bool:
 
 
 def _check_waits(r: RunResult, source: str) -> None:
-    """machine.step_wait_s: per step, one non-negative wait per rank; machine.timed_steps: indices into step_s."""
+    """machine.step_wait_s: per step, one non-negative wait per rank; machine.step_synced_wait_s: one per step;
+    machine.timed_steps: indices into step_s."""
     waits, timed = r.machine.get("step_wait_s"), r.machine.get("timed_steps")
     if waits is not None and (not isinstance(waits, list) or len(waits) != r.steps or not all(
             isinstance(w, list) and len(w) == r.world_size and all(_number(x) for x in w) for w in waits)):
         raise SpecError(source, "machine.step_wait_s", f"expected {r.steps} lists (one per step) of {r.world_size} "
                                                        f"non-negative seconds (one per rank), got {waits!r}")
+    synced = r.machine.get("step_synced_wait_s")
+    if synced is not None and (not isinstance(synced, list) or len(synced) != r.steps or not all(_number(x) for x in synced)):
+        raise SpecError(source, "machine.step_synced_wait_s", f"expected {r.steps} non-negative seconds (one per step), got {synced!r}")
     if timed is not None and (not isinstance(timed, list) or not timed or not all(
             isinstance(i, int) and not isinstance(i, bool) and 0 <= i < r.steps for i in timed)):
         raise SpecError(source, "machine.timed_steps", f"expected a non-empty list of step indices below {r.steps}, got {timed!r}")

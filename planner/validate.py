@@ -183,12 +183,15 @@ def less_waits(result) -> tuple[float, float] | None:
     another job costs a rank is the middle term; while one rank waits, its peers soon stop at their next
     collective and wait asleep, so the step grows by about the largest rank's wait, not the ranks' mean or sum
     (measured on this 2-core machine beside a 2-process training job, 4 plans' steps +50% to +96% over their
-    quiet medians: less the largest wait, -4% to +7%; less the mean wait, +8% to +18%)."""
+    quiet medians: less the largest wait, -4% to +7%; less the mean wait, +8% to +18%). Ranks that meet at every
+    block (tensor and context parallelism) lose more: the largest wait in each stretch between blocks, summed
+    (machine step_synced_wait_s, runtime.machine.synced_waits), which is the largest rank's wait where no group
+    meets that often; results without it take the largest rank's wait."""
     m = result.machine or {}
-    waits, timed = m.get("step_wait_s"), m.get("timed_steps")
+    waits, timed, synced = m.get("step_wait_s"), m.get("timed_steps"), m.get("step_synced_wait_s")
     if waits is None or timed is None:  # their shapes were checked when the line was read (results.result_from_dict)
         return None
-    worst = [max(waits[i]) for i in timed]
+    worst = [synced[i] if synced is not None else max(waits[i]) for i in timed]
     return statistics.median(result.step_s[i] - w for i, w in zip(timed, worst)), statistics.median(worst)
 
 

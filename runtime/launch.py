@@ -36,7 +36,7 @@ from planner.slurm import torchrun_prefix
 from runtime import checkpoint, data, machine
 from runtime.memory import LiveTensorBytes
 from runtime.mesh import build_mesh
-from runtime.model import GPT, GPTConfig
+from runtime.model import GPT, Block, GPTConfig
 from runtime.parallel.clip import clip_grad_norm_
 from runtime.parallel.compile import apply_compile, compile_problem
 from runtime.parallel.context import apply_cp
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     warmup = max(args.warmup, 1 if plan.pp > 1 else 0)
     counted_step = args.steps - 1 if counter else min(start + warmup, args.steps) - 1
     step_s, waits, losses, grad_norms = [], [], [], []  # waits: per step, seconds this rank waited for a core
+    stretches = machine.BlockWaits([b for c in chunks.values() for b in c.modules() if isinstance(b, Block)]) if not (cuda or plan.compile) else None
+    block_waits = []  # per step, this rank's waits between block boundaries (machine.BlockWaits)
     meter, busy = machine.BusyMeter(), None  # what other processes ran during the timed steps
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for step in range(start, args.steps):
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             synchronize(device)
             if step - start == warmup:
                 meter.start()
+            if stretches:
+                stretches.start()
             wait0, t0 = machine.run_queue_wait_s(), time.perf_counter()
             with autocast, (loss_parallel() if tp_mesh is not None else nullcontext()):
                 if plan.pp > 1:
@@ -218,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             step_s.append(time.perf_counter() - t0)
             wait1 = machine.run_queue_wait_s()
             waits.append(None if wait0 is None or wait1 is None else wait1 - wait0)
+            block_waits.append(stretches.stop() if stretches else None)
         if step + 1 == args.steps and step - start >= warmup:
             busy = meter.stop()
         losses.append(loss)
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Gather every rank's losses, memory and stage timings on rank 0; it prints and writes the results line.
     mine = {"pp": pp_rank, "dp": dp_rank, "cp": cp_rank, "tp": tp_rank, "losses": losses, "memory": rank_memory(device, counter),
-            "reference": reference, "busy": busy, "waits": waits,
+            "reference": reference, "busy": busy, "waits": waits, "block_waits": block_waits,
             "timings": {f"stage{i}": {k: sum(v) / len(v) for k, v in t.items()} for i, t in timings.items() if all(t.values())}}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -335,7 +340,16 @@ def make_result(plan: Plan, everyone: list[dict], step_s: list[float], warmup: i
         memory_breakdown_bytes=breakdowns if all(b is not None for b in breakdowns) else None,
         memory_transient_by_op=[m["by_op"] for m in memory] if all(b is not None for b in breakdowns) else None,
         machine=machine.summarize([r["reference"] for r in everyone], [r["busy"] for r in everyone], device,
-                                  [r["waits"] for r in everyone], timed_steps(len(step_s), warmup, memory_step)))
+                                  [r["waits"] for r in everyone], timed_steps(len(step_s), warmup, memory_step),
+                                  machine.synced_waits([r["block_waits"] for r in everyone], block_groups(everyone))))
+
+
+def block_groups(everyone: list[dict]) -> list[list[int]]:
+    """The ranks that meet at every block: those with the same pipeline stage and data-parallel replica."""
+    groups: dict[tuple, list[int]] = {}
+    for rank, r in enumerate(everyone):
+        groups.setdefault((r["pp"], r["dp"]), []).append(rank)
+    return list(groups.values())
 
 
 def print_summary(result: RunResult, first_step: int) -> None:

@@ -141,10 +141,67 @@ class BusyMeter:
         return machine_busy_s() - self.busy, time.process_time() - self.cpu, time.perf_counter() - self.wall
 
 
+class BlockWaits:
+    """This rank's run-queue wait (run_queue_wait_s) in each stretch of a step between its blocks' boundaries: a
+    reading as each block's forward starts and as its output's gradient arrives (its backward starts), so that
+    the ranks of a tensor- or context-parallel group, which meet at every block, can be compared stretch by
+    stretch (synced_waits). Hooks only; CPU runs without torch.compile (a hook that reads a file would break its
+    graphs)."""
+
+    def __init__(self, blocks: list[torch.nn.Module]):
+        self.marks: list[float] = []
+        for block in blocks:
+            block.register_forward_pre_hook(lambda module, args: self._mark())
+            block.register_forward_hook(self._on_output)
+
+    def _mark(self) -> None:
+        wait = run_queue_wait_s()
+        if wait is not None and self.marks:
+            self.marks.append(wait)
+
+    def _on_output(self, module, args, out) -> None:
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda grad: self._mark())  # returns None: the gradient passes unchanged
+
+    def start(self) -> None:
+        wait = run_queue_wait_s()
+        self.marks = [] if wait is None else [wait]
+
+    def stop(self) -> list[float] | None:
+        """The step's waits stretch by stretch (they sum to the step's wait); None where none could be read."""
+        self._mark()
+        marks, self.marks = self.marks, []
+        return [round(b - a, 6) for a, b in zip(marks, marks[1:])] if len(marks) > 1 else None
+
+
+def synced_waits(stretches: list[list[list[float] | None]], groups: list[list[int]]) -> list[float] | None:
+    """Per step, what the ranks' waits for a core added to it, from each rank's BlockWaits per step
+    (stretches[rank][step]) and the groups of ranks that meet at every block (same pp and dp coordinates: the tp
+    and cp ranks). Within a group a stretch lasts as long as its slowest member: the group lost the sum over
+    stretches of the largest member's wait in each (more than the largest member's total, at most the sum of
+    all). Between groups, which meet once a step or once a microbatch, the largest group's counts. A group
+    whose members saw different numbers of stretches (a schedule that differs by rank) counts its largest
+    member's total. None where a rank has no stretches."""
+    if not stretches or any(s is None for r in stretches for s in r):
+        return None
+    out = []
+    for step in range(len(stretches[0])):
+        lost = []
+        for members in groups:
+            rows = [stretches[r][step] for r in members]
+            if len({len(x) for x in rows}) == 1:
+                lost.append(sum(max(col) for col in zip(*rows)))
+            else:
+                lost.append(max(sum(x) for x in rows))
+        out.append(round(max(lost), 6))
+    return out
+
+
 def summarize(references: list[tuple[float, float | None]], busy: list[tuple[float, float, float] | None],
-              dev: torch.device, waits: list[list[float | None]] | None = None, timed: list[int] | None = None) -> dict:
+              dev: torch.device, waits: list[list[float | None]] | None = None, timed: list[int] | None = None,
+              synced: list[float] | None = None) -> dict:
     """RunResult.machine from every rank's time_reference(), BusyMeter.stop() (None where no step was timed), every
-    rank's run_queue_wait_s() per step and the indices of the steps tokens/s counts.
+    rank's run_queue_wait_s() per step, the indices of the steps tokens/s counts and synced_waits' per step.
     background_cores is counted on CPU only, where all ranks share this machine: the machine's busy seconds (rank
     0's reading) less every rank's own CPU seconds, over the wall time; a GPU job's ranks span nodes."""
     shares = [s for _, s in references if s is not None]
@@ -155,7 +212,8 @@ def summarize(references: list[tuple[float, float | None]], busy: list[tuple[flo
     return {"reference_s": statistics.median(t for t, _ in references),
             "cpu_share": statistics.median(shares) if shares else None,
             "background_cores": background, "cpu_count": os.cpu_count(),
-            "step_wait_s": per_step_waits(waits) if dev.type == "cpu" else None, "timed_steps": timed}
+            "step_wait_s": per_step_waits(waits) if dev.type == "cpu" else None, "timed_steps": timed,
+            "step_synced_wait_s": synced if dev.type == "cpu" else None}
 
 
 def per_step_waits(waits: list[list[float | None]] | None) -> list[list[float]] | None:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from runtime.machine import free_port, run_queue_wait_s
+from runtime.machine import free_port, run_queue_wait_s, synced_waits
 
 SPIN = "import time\nend = time.perf_counter() + {}\nwhile time.perf_counter() < end:\n    pass\n"
 
@@ -105,3 +105,16 @@ def test_free_port_passes_over_a_port_listened_on_another_address():
     with held:
         assert not _listenable(port)
     assert _listenable(port)
+
+
+def test_ranks_that_meet_at_every_block_lose_the_largest_wait_of_each_stretch():
+    # Two tp ranks, two steps of three stretches each: rank 0 waits early, rank 1 late; each stretch lasts as long
+    # as its slower rank, so the group lost 0.3 + 0.2 + 0.4, more than either rank's total (0.5, 0.6).
+    stretches = [[[0.3, 0.2, 0.0], [0.1, 0.0, 0.0]], [[0.0, 0.2, 0.4], [0.0, 0.0, 0.2]]]
+    assert synced_waits(stretches, [[0, 1]]) == pytest.approx([0.9, 0.3])
+    # Ranks that meet once a step (data parallel: groups of one) lose the largest rank's total, as before.
+    assert synced_waits(stretches, [[0], [1]]) == pytest.approx([0.6, 0.2])
+    # A member with a different number of stretches: its group counts the largest total; a rank without
+    # readings: nothing is claimed.
+    assert synced_waits([[[0.3, 0.2]], [[0.1, 0.1, 0.1]]], [[0, 1]]) == pytest.approx([0.5])
+    assert synced_waits([[[0.3]], [None]], [[0, 1]]) is None

@@ -51,6 +51,14 @@ def test_tp2_loss_matches_single_process(two_rank_layouts):
     assert_matches_single_process(two_rank_layouts["tp2"])
 
 
+def test_tp2_run_prices_its_waits_block_by_block_between_the_largest_rank_and_the_sum(two_rank_layouts):
+    # The tp ranks meet at every block: runtime.machine.synced_waits compares their waits stretch by stretch.
+    m = two_rank_layouts["tp2"]["machine"]
+    assert len(m["step_synced_wait_s"]) == len(m["step_wait_s"])
+    for synced, waits in zip(m["step_synced_wait_s"], m["step_wait_s"]):
+        assert max(waits) - 1e-5 <= synced <= sum(waits) + 1e-5, (synced, waits)
+
+
 def test_dp2_ddp_loss_matches_single_process(two_rank_layouts):
     assert_matches_single_process(two_rank_layouts["dp2_ddp"])
 
