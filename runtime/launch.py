@@ -199,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             synchronize(device)
             if step - start == warmup:
                 meter.start()
-            if stretches:
-                stretches.start()
             wait0, t0 = machine.run_queue_wait_s(), time.perf_counter()
+            if stretches:
+                stretches.start(wait0)
             with autocast, (loss_parallel() if tp_mesh is not None else nullcontext()):
                 if plan.pp > 1:
                     loss = pipeline_step(schedule, stages, x, y)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             step_s.append(time.perf_counter() - t0)
             wait1 = machine.run_queue_wait_s()
             waits.append(None if wait0 is None or wait1 is None else wait1 - wait0)
-            block_waits.append(stretches.stop() if stretches else None)
+            block_waits.append(stretches.stop(wait1) if stretches else None)
         if step + 1 == args.steps and step - start >= warmup:
             busy = meter.stop()
         losses.append(loss)

@@ -163,15 +163,15 @@ class BlockWaits:
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(lambda grad: self._mark())  # returns None: the gradient passes unchanged
 
-    def start(self) -> None:
-        wait = run_queue_wait_s()
+    def start(self, wait: float | None) -> None:
+        """A step starts: `wait` is the reading the step's own wait starts from."""
         self.marks = [] if wait is None else [wait]
 
-    def stop(self) -> list[float] | None:
-        """The step's waits stretch by stretch (they sum to the step's wait); None where none could be read."""
-        self._mark()
-        marks, self.marks = self.marks, []
-        return [round(b - a, 6) for a, b in zip(marks, marks[1:])] if len(marks) > 1 else None
+    def stop(self, wait: float | None) -> list[float] | None:
+        """The step's waits stretch by stretch, from start()'s reading to `wait` (the step's last): they sum to the
+        step's wait. None where none could be read."""
+        marks, self.marks = self.marks + ([wait] if wait is not None and self.marks else []), []
+        return [b - a for a, b in zip(marks, marks[1:])] if len(marks) > 1 else None
 
 
 def synced_waits(stretches: list[list[list[float] | None]], groups: list[list[int]]) -> list[float] | None:

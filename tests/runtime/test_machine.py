@@ -29,6 +29,7 @@ def test_run_queue_wait_counts_the_time_this_thread_waited_for_a_core_behind_oth
         waited, wall, ran = run_queue_wait_s() - w0, time.perf_counter() - t0, time.thread_time() - c0
     finally:
         for p in others:
+            p.kill()
             p.wait()
     # Its wall time is the time it ran plus the time it waited (a few ms of accounting slack).
     assert waited > 0.2 and abs(wall - (ran + waited)) < 0.1 * wall, (waited, ran, wall)
@@ -49,6 +50,7 @@ def test_the_profiles_cpu_clock_leaves_out_the_time_waited_for_a_core():
         k1, wall, ran = clock(), time.perf_counter() - t0, time.thread_time() - c0
     finally:
         for p in others:
+            p.kill()
             p.wait()
     assert wall - ran > 0.2 and abs((k1 - k0) - ran) < 0.1 * ran, (k1 - k0, ran, wall)
 
@@ -61,6 +63,7 @@ def test_a_forked_child_reads_its_own_wait_not_its_parents():
         _spin(0.5)  # this thread waits behind them: its count is well above a fresh child's
     finally:
         for p in others:
+            p.kill()
             p.wait()
     parent = run_queue_wait_s()
     read, write = os.pipe()
