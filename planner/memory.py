@@ -167,10 +167,10 @@ def fp8_weight_cache_bytes(model: ModelSpec, tp: int, primary: bool) -> float:
     1 byte for the FP8 weight and 1 for its FP8 transpose, which the backward's input-gradient GEMM reads
     (Hopper's FP8 GEMMs take only one layout, so the transpose is stored, not strided). With FP8 primary
     weights (`primary`: no bf16 copy of the matrices exists) those 2 bytes are the weights state counted: 0
-    beyond it; otherwise the cache is 2 bytes more per matrix weight. Megatron-Core's TE linears pass is_first_microbatch to Transformer Engine
-    (megatron/core/extensions/transformer_engine.py, TELinear.forward; None, no cache, only with
-    disable_parameter_transpose_cache, default False); Transformer Engine then builds the FP8 weight with its
-    transpose once (cast_transpose_) into the module's _fp8_workspaces (transformer_engine/pytorch/module/base.py,
+    beyond it; otherwise the cache is 2 bytes more per matrix weight. Megatron-Core's TE linears pass
+    is_first_microbatch to Transformer Engine (megatron/core/extensions/transformer_engine.py, TELinear.forward;
+    None, no cache, only with disable_parameter_transpose_cache, default False); Transformer Engine then builds
+    the FP8 weight with its transpose once (cast_transpose_) into the module's _fp8_workspaces (transformer_engine/pytorch/module/base.py,
     get_fp8_workspace) and keeps it there: across the step's microbatches, the optimizer step and the next
     step. The norms and biases stay bf16; the embedding and the output layer (tensor_parallel's own linear, not
     Transformer Engine's) are not cast."""

@@ -170,7 +170,9 @@ class BlockWaits:
     def stop(self, wait: float | None) -> list[float] | None:
         """The step's waits stretch by stretch, from start()'s reading to `wait` (the step's last): they sum to the
         step's wait. None where none could be read."""
-        marks, self.marks = self.marks + ([wait] if wait is not None and self.marks else []), []
+        marks, self.marks = self.marks, []
+        if wait is not None and marks:
+            marks.append(wait)
         return [b - a for a, b in zip(marks, marks[1:])] if len(marks) > 1 else None
 
 
