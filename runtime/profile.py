@@ -46,7 +46,7 @@ from planner.io import atomic_write_json
 from planner.measured import check_measured
 from planner.specs import device_from_dict, load_model
 from runtime import profile_cases
-from runtime.machine import free_port, machine_busy_s, run_queue_wait_s, time_reference
+from runtime.machine import free_port, leave, machine_busy_s, run_queue_wait_s, time_reference
 from runtime.profile_cases import Clock
 
 CPU_MODELS = ("gpt-tiny", "llama-tiny")
@@ -226,6 +226,7 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
         with open(out, "wb") as f:
             pickle.dump((dict(merged), facts), f)
     dist.destroy_process_group()
+    leave(0)  # not a return into multiprocessing's exit: the gloo group's threads outlive it (machine.leave)
 
 
 def _facts(dev: torch.device, world: int) -> dict:

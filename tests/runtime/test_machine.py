@@ -121,3 +121,20 @@ def test_ranks_that_meet_at_every_block_lose_the_largest_wait_of_each_stretch():
     # readings: nothing is claimed.
     assert synced_waits([[[0.3, 0.2]], [[0.1, 0.1, 0.1]]], [[0, 1]]) == pytest.approx([0.5])
     assert synced_waits([[[0.3]], [None]], [[0, 1]]) is None
+
+
+def test_leave_flushes_what_was_printed_and_exits_with_its_code_without_finalizing_the_interpreter():
+    # A rank's gloo threads outlive main(); machine.leave ends the process before the interpreter's finalization
+    # (where one of them can abort it, runtime.machine.leave), and what the rank printed still arrives.
+    code = ("import atexit, sys, threading, time\n"
+            "from runtime.machine import leave\n"
+            "atexit.register(lambda: print('finalized'))\n"
+            "threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon: sys.exit would wait for it\n"
+            "print('results written', end='')\n"
+            "print('a warning', file=sys.stderr, end='')\n"
+            "leave(3)\n")
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert (run.returncode, run.stdout, run.stderr) == (3, "results written", "a warning")
+    assert time.perf_counter() - t0 < 20
