@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 
 from planner.compare import parse_price, parse_tokens, plan_training_cost
-from planner.cost import memory_by_device, predict
+from planner.cost import FRAMEWORKS, memory_by_device, predict
 from planner.errors import SpecError
 from planner.plan import Plan, plan_to_dict
 from planner.report import cluster_label, plan_label, precision_label, schedule_label, stage_summary
@@ -299,7 +299,8 @@ def timeline_view(events, pp: int, max_devices: int = MAX_TIMELINE_DEVICES, max_
 
 def predicted_timeline(plan: Plan, device: DeviceProfile) -> TimelineView:
     """The simulator's pipeline for one iteration of the plan (its own layer split)."""
-    _, sim = predict(plan.model, plan.cluster, device, plan.knobs, plan.global_batch, plan.stages, with_timeline=True)
+    _, sim = predict(plan.model, plan.cluster, device, plan.knobs, plan.global_batch, plan.stages, with_timeline=True,
+                     framework=FRAMEWORKS[plan.framework])
     return timeline_view(sim.timeline, plan.pp)
 
 

@@ -260,14 +260,16 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     plan = with_id(Plan(model=model, cluster=cluster, global_batch=global_batch, micro_batch=knobs.micro_batch,
                         num_microbatches=m, tp=t, pp=p, dp=knobs.dp, schedule=knobs.schedule, virtual_stages=v,
                         sequence_parallel=knobs.sequence_parallel, zero=knobs.zero, cp=knobs.cp, precision=knobs.precision,
-                        compile=knobs.compile,
+                        compile=knobs.compile, framework=cm.framework.name,
                         stages=stages, prediction=pred, profile=device.label))
     return plan, (sim if with_timeline else None)
 
 
-def memory_by_device(plan: Plan, device: DeviceProfile, memory_headroom_gib: float = DEFAULT_MEMORY_HEADROOM_GIB) -> list[MemoryBreakdown]:
-    """Memory breakdown of each pipeline device of a priced plan (for the dashboard)."""
-    cm = CostModel(plan.model, plan.cluster, device, memory_headroom_gib=memory_headroom_gib)
+def memory_by_device(plan: Plan, device: DeviceProfile, memory_headroom_gib: float = DEFAULT_MEMORY_HEADROOM_GIB,
+                     framework: Framework | None = None) -> list[MemoryBreakdown]:
+    """Memory breakdown of each pipeline device of a priced plan (for the dashboard), under `framework` (default:
+    the one the plan was priced for, so the parts add up to its stages' memory_gib)."""
+    cm = CostModel(plan.model, plan.cluster, device, framework or FRAMEWORKS[plan.framework], memory_headroom_gib)
     costs = stage_cost_list(cm, plan.knobs, plan.stages)
     return device_memories(cm, plan.knobs, plan.stages, costs, plan.num_microbatches)
 

@@ -191,6 +191,9 @@ class Plan:
     """'bf16' or 'fp8' (Knobs.precision)."""
     compile: bool = False
     """torch.compile of each block (Knobs.compile)."""
+    framework: str = "meshplan"
+    """The software the prediction and the stages' memory_gib were priced for (planner.frameworks.FRAMEWORKS:
+    `--framework` of search and predict). It changes no knob: meshplan's runtime runs every plan as itself."""
 
     @property
     def distributed_optimizer(self) -> bool:
@@ -210,7 +213,7 @@ class Plan:
 def plan_id(plan: Plan) -> str:
     """Short hash of everything that changes what runs: model, batch, knobs and the layer split."""
     d = plan_to_dict(plan)
-    for k in ("id", "prediction", "profile", "created_by", "cluster"):
+    for k in ("id", "prediction", "profile", "created_by", "cluster", "framework"):
         d.pop(k, None)
     d["model"] = _without_defaults(plan.model, d["model"])
     # Knobs added after version 1 was published stay out at their defaults (zero 0 or 1 is distributed_optimizer),
@@ -242,7 +245,7 @@ def plan_to_dict(plan: Plan) -> dict:
     d["distributed_optimizer"] = plan.distributed_optimizer  # zero >= 1, for readers of plan.json version 1
     order = ["version", "id", "created_by", "model", "cluster", "global_batch", "micro_batch", "num_microbatches",
              "tp", "cp", "pp", "dp", "schedule", "virtual_stages", "sequence_parallel", "zero", "distributed_optimizer",
-             "precision", "compile", "stages", "prediction", "profile"]
+             "precision", "compile", "framework", "stages", "prediction", "profile"]
     for s in d["stages"]:
         s["layers"] = list(s["layers"])
     return {k: d[k] for k in order}
@@ -257,6 +260,10 @@ def check_plan(plan: Plan, source: str) -> Plan:
         raise SpecError(source, "zero", f"expected a ZeRO stage 0, 1, 2 or 3, got {plan.zero!r}")
     if plan.precision not in PRECISIONS:
         raise SpecError(source, "precision", f"expected one of {', '.join(PRECISIONS)}, got {plan.precision!r}")
+    from planner.frameworks import FRAMEWORKS  # here: planner.frameworks imports this module's Knobs
+
+    if plan.framework not in FRAMEWORKS:
+        raise SpecError(source, "framework", f"expected one of {', '.join(FRAMEWORKS)}, got {plan.framework!r}")
     if plan.cp > 1 and plan.model.seq_len % (2 * plan.cp):
         raise SpecError(source, "cp", f"seq_len {plan.model.seq_len} does not split into 2 x cp = {2 * plan.cp} equal chunks; "
                                       "pick a cp for which it does")
@@ -351,6 +358,7 @@ class _PlanScalars:
     cp: int = 1
     precision: str = "bf16"
     compile: bool = False
+    framework: str = "meshplan"
     profile: str = ""
     id: str = ""
     version: int = PLAN_VERSION

@@ -200,12 +200,12 @@ def _memory_rows(plan, device, results: list) -> list[dict]:
     Both count tensors only: what the runtime records (on CUDA the allocator's reserved peak, on CPU the peak of
     live tensor bytes) against the prediction less the framework overhead (the CUDA context, which neither
     counts). Ranks are laid out as the mesh (pp, dp, cp, tp): rank r is on pipeline device r // (dp cp tp)."""
-    from planner.cost import memory_by_device
+    from planner.cost import MESHPLAN, memory_by_device
 
     per_rank = [statistics.median(x) for x in zip(*(r.peak_memory_gib for r in results))]
     if not per_rank or not all(v > 0 for v in per_rank):
         return []
-    devices = memory_by_device(plan, device)
+    devices = memory_by_device(plan, device, framework=MESHPLAN)  # what ran: meshplan's runtime, as predict above
     group = plan.world_size // plan.pp
     out = []
     for rank, measured in enumerate(per_rank):

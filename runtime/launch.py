@@ -367,7 +367,9 @@ def print_summary(result: RunResult, first_step: int) -> None:
     console.print(f"{result.device}: {result.tokens_per_s:,.0f} tokens/s (median step after warm-up); "
                   f"peak memory per rank {', '.join(f'{m:.2f}' for m in result.peak_memory_gib)} GiB")
     if result.predicted:
-        console.print(f"predicted tokens/s: {result.predicted['tokens_per_s']:,.0f}")
+        framework = result.plan.get("framework", "meshplan")
+        priced = "" if framework == "meshplan" else f" (priced for {framework}, not for this runtime: `planner validate` prices it for this one)"
+        console.print(f"predicted tokens/s: {result.predicted['tokens_per_s']:,.0f}{priced}")
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -78,3 +78,30 @@ def test_a_plan_file_that_is_not_utf8_or_repeats_a_key_is_refused(plan_file):
     plan_file.write_bytes(text.encode().replace(b'"gpt-tiny"', b'"gpt-\xfftiny"', 1))
     with pytest.raises(SpecError, match=r"\(file\): not UTF-8 text \(byte 0xff"):
         load_plan(plan_file)
+
+
+def test_a_plan_priced_for_another_framework_says_so_and_its_memory_parts_are_that_frameworks(tmp_path):
+    # `planner search --framework megatron-core` writes a plan whose prediction and stage memory are Megatron-Core's;
+    # the dashboard's memory parts must add up to those, and the id (what runs) stays the meshplan plan's.
+    from planner.cost import FRAMEWORKS, MESHPLAN, memory_by_device, predict
+    from planner.specs import load_cluster, load_device, load_model
+
+    model, cluster, device = load_model("llama3-8b"), load_cluster("dgx-h100-80gb", nodes=1), load_device("h100-sxm5-80gb")
+    knobs = Knobs(2, 2, 2, 1, zero=1)
+    ours, _ = predict(model, cluster, device, knobs, 16)
+    theirs, _ = predict(model, cluster, device, knobs, 16, framework=FRAMEWORKS["megatron-core"])
+    write_plan(tmp_path / "plan.json", theirs)
+    loaded = load_plan(tmp_path / "plan.json")
+    assert (loaded.framework, ours.framework) == ("megatron-core", "meshplan")
+    assert loaded.id == ours.id
+    parts = [m.total_gib for m in memory_by_device(loaded, device)]
+    assert parts == pytest.approx([s.memory_gib for s in loaded.stages], abs=1e-3)
+    ours_parts = [m.total_gib for m in memory_by_device(loaded, device, framework=MESHPLAN)]
+    assert ours_parts == pytest.approx([s.memory_gib for s in ours.stages], abs=1e-3)
+    assert all(abs(a - b) > 1 for a, b in zip(parts, ours_parts))  # the frameworks hold different state
+
+
+def test_a_plan_naming_an_unknown_framework_is_refused_naming_the_field(plan_file):
+    edit(plan_file, lambda d: d.update(framework="megatron-lm"))
+    with pytest.raises(SpecError, match=r"framework.*meshplan, megatron, deepspeed, megatron-core.*'megatron-lm'"):
+        load_plan(plan_file)

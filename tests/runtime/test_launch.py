@@ -207,3 +207,19 @@ def test_fp8_on_cpu_ranks_is_refused_in_one_line_naming_precision(capsys, monkey
 def test_compile_with_tp_but_no_sequence_parallel_is_refused_in_one_line_naming_compile(capsys, monkeypatch, tmp_path):
     err = refusal(capsys, monkeypatch, plan_dict(tp=2, compile=True), tmp_path, world_size=2)
     assert ": compile: compile with tp > 1 needs sequence_parallel" in err
+
+
+def test_the_summary_says_when_the_plans_prediction_was_priced_for_another_framework(capsys):
+    # A plan from `planner search --framework megatron-core` runs here as meshplan's runtime: its stored
+    # tokens/s is Megatron-Core's, and the summary must not pass it off as this run's prediction.
+    import dataclasses
+
+    from runtime.launch import print_summary
+
+    path = sorted((REPO / "results").glob("make-run-*.jsonl"))[-1]
+    ours = result_from_dict(json.loads(path.read_text().splitlines()[0]), str(path))
+    theirs = dataclasses.replace(ours, plan={**ours.plan, "framework": "megatron-core"})
+    print_summary(ours, 0)
+    assert "predicted tokens/s" in (out := capsys.readouterr().out) and "priced for" not in out
+    print_summary(theirs, 0)
+    assert "priced for megatron-core, not for this runtime" in " ".join(capsys.readouterr().out.split())  # rich wraps
