@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 
 from planner.compare import parse_price, parse_tokens, plan_training_cost
-from planner.cost import FRAMEWORKS, memory_by_device, predict
+from planner.cost import memory_by_device, predict
 from planner.errors import SpecError
 from planner.plan import Plan, plan_to_dict
 from planner.report import cluster_label, plan_label, precision_label, schedule_label, stage_summary
@@ -298,9 +298,9 @@ def timeline_view(events, pp: int, max_devices: int = MAX_TIMELINE_DEVICES, max_
 
 
 def predicted_timeline(plan: Plan, device: DeviceProfile) -> TimelineView:
-    """The simulator's pipeline for one iteration of the plan (its own layer split)."""
-    _, sim = predict(plan.model, plan.cluster, device, plan.knobs, plan.global_batch, plan.stages, with_timeline=True,
-                     framework=FRAMEWORKS[plan.framework])
+    """The simulator's pipeline for one iteration of the plan (its own layer split), as meshplan's runtime runs it:
+    the dashboard's plans are its search's, and a results line's plan ran on this runtime whatever it was priced for."""
+    _, sim = predict(plan.model, plan.cluster, device, plan.knobs, plan.global_batch, plan.stages, with_timeline=True)
     return timeline_view(sim.timeline, plan.pp)
 
 

@@ -27,7 +27,7 @@ MODEL_DEFAULTS = {"kv_heads": None, "mlp": "gelu", "norm": "layernorm", "positio
 MODEL_FIELDS = {"name", "layers", "hidden", "heads", "ffn_hidden", "seq_len", "vocab", *MODEL_DEFAULTS}
 PLAN_FIELDS = {"model", "cluster", "global_batch", "micro_batch", "num_microbatches", "tp", "pp", "dp", "schedule",
                "virtual_stages", "sequence_parallel", "zero", "cp", "precision", "compile", "stages", "prediction", "profile",
-               "id", "version", "created_by"}
+               "id", "version", "created_by", "framework"}  # framework: what the prediction was priced for, no knob
 
 
 def _unmapped(obj, known: set[str], what: str, target: str) -> None:

@@ -193,7 +193,8 @@ class Plan:
     """torch.compile of each block (Knobs.compile)."""
     framework: str = "meshplan"
     """The software the prediction and the stages' memory_gib were priced for (planner.frameworks.FRAMEWORKS:
-    `--framework` of search and predict). It changes no knob: meshplan's runtime runs every plan as itself."""
+    `--framework` of search and predict). It changes no knob: meshplan's runtime runs every plan as itself. Only
+    the name is kept: a variant made with dataclasses.replace (calibration fits) is recorded as the one it varies."""
 
     @property
     def distributed_optimizer(self) -> bool:

@@ -20,6 +20,7 @@ import os
 import resource
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 
 import torch
@@ -385,4 +386,9 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    machine.leave(cli())  # not sys.exit: the gloo group's threads outlive main() (machine.leave says why)
+    try:
+        code = cli()
+    except Exception:  # a bug, not bad input: its traceback, then out the same way (argparse's exits pass through)
+        traceback.print_exc()
+        code = 1
+    machine.leave(code)  # not sys.exit: the gloo group's threads outlive main() (machine.leave says why)

@@ -84,8 +84,6 @@ def leave(code: int) -> None:
     references, but a device mesh or a pipeline stage still holds the gloo group, so its C++ worker threads
     outlive main(); a worker that frees a tensor's Python object then needs the GIL while the interpreter
     finalizes (as pytorch/pytorch#179291 describes for gloo). os._exit ends every thread at once instead."""
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

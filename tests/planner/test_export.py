@@ -191,6 +191,15 @@ def test_the_llama3_presets_export_as_torchtitans_own_llama3_flavors_and_other_m
     assert other["model"]["name"] == "gpt3-1.3b" and "register one of these shapes" in export.torchtitan_toml(PLANS["tp2-pp2-interleaved"])
 
 
+def test_a_plan_priced_for_megatron_core_exports_as_the_same_plan_priced_for_meshplan():
+    # `planner plan --framework megatron-core --out p.json` then `planner export p.json`: the framework is what the
+    # prediction was priced for, not a knob, so both exports are the meshplan plan's, line for line.
+    plan = PLANS["tp2-pp2-interleaved"]
+    theirs = dataclasses.replace(plan, framework="megatron-core")
+    for exporter in export.EXPORTERS.values():
+        assert exporter(theirs) == exporter(plan)
+
+
 def test_a_field_neither_export_knows_is_refused_not_dropped():
     @dataclasses.dataclass(frozen=True)
     class MoeSpec(ModelSpec):

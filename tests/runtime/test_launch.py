@@ -209,16 +209,18 @@ def test_compile_with_tp_but_no_sequence_parallel_is_refused_in_one_line_naming_
     assert ": compile: compile with tp > 1 needs sequence_parallel" in err
 
 
-def test_the_summary_says_when_the_plans_prediction_was_priced_for_another_framework(capsys):
+def test_the_summary_says_when_the_plans_prediction_was_priced_for_another_framework(capsys, monkeypatch):
     # A plan from `planner search --framework megatron-core` runs here as meshplan's runtime: its stored
     # tokens/s is Megatron-Core's, and the summary must not pass it off as this run's prediction.
     import dataclasses
 
     from runtime.launch import print_summary
+    from tests.dashboard.runs import run_line, tiny_plan
 
-    path = sorted((REPO / "results").glob("make-run-*.jsonl"))[-1]
-    ours = result_from_dict(json.loads(path.read_text().splitlines()[0]), str(path))
-    theirs = dataclasses.replace(ours, plan={**ours.plan, "framework": "megatron-core"})
+    monkeypatch.delenv("FORCE_COLOR", raising=False)  # plain text, so that the words can be matched
+    plan = tiny_plan(pp=2, dp=1, micro_batch=1)
+    ours = result_from_dict(run_line(plan, [3.1, 2.8, 2.7], None), "a results line")
+    theirs = result_from_dict(run_line(dataclasses.replace(plan, framework="megatron-core"), [3.1, 2.8, 2.7], None), "another")
     print_summary(ours, 0)
     assert "predicted tokens/s" in (out := capsys.readouterr().out) and "priced for" not in out
     print_summary(theirs, 0)

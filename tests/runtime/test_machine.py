@@ -134,7 +134,7 @@ def test_leave_flushes_what_was_printed_and_exits_with_its_code_without_finalizi
             "print('a warning', file=sys.stderr, end='')\n"
             "leave(3)\n")
     t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert (run.returncode, run.stdout, run.stderr) == (3, "results written", "a warning")
-    assert time.perf_counter() - t0 < 20
+    assert time.perf_counter() - t0 < 50  # the thread sleeps 60 s: importing torch on a busy machine takes less
