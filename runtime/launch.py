@@ -20,7 +20,6 @@ import os
 import resource
 import sys
 import time
-import traceback
 from contextlib import nullcontext
 
 import torch
@@ -386,9 +385,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = cli()
-    except Exception:  # a bug, not bad input: its traceback, then out the same way (argparse's exits pass through)
-        traceback.print_exc()
-        code = 1
-    machine.leave(code)  # not sys.exit: the gloo group's threads outlive main() (machine.leave says why)
+    # Not sys.exit: the gloo group's threads outlive main() (machine.leave says why). An error other than bad input
+    # (a peer that died breaks this rank's collectives) leaves the usual way, which takes long enough that torchrun
+    # sees the dead peer first and names it as the root cause; out at once, this rank would tie with it and be named.
+    machine.leave(cli())
