@@ -1,13 +1,12 @@
 """meshplan dashboard: `streamlit run dashboard/app.py`.
 
-Sidebar pickers (model, cluster, global batch, pins), then one cached search, then three tabs: the ranked
-plans with every evaluated configuration; the selected plan's timeline, time, memory, stages and export;
-predicted against measured from results/*.jsonl (MESHPLAN_RESULTS_DIR overrides the folder). Only the
-open tab is built, and the inputs and the tab live in the URL, so a view can be shared or bookmarked.
+Sidebar pickers (model, cluster, global batch, headroom, the framework the plans are priced for, pins), then one
+cached search, then four tabs: the ranked plans with every evaluated configuration; the selected plan's timeline,
+time, memory, stages and launch command; predicted against measured from results/*.jsonl (MESHPLAN_RESULTS_DIR
+overrides the folder); the same inputs planned on other clusters. Only the open tab is built, and the inputs and the
+tab live in the URL, so a view can be shared or bookmarked.
 
-Default inputs: gpt3-13b on 8 DGX A100 nodes, global batch 512. Its search takes about half a second
-here and its best plans are pipelined (pp 4, interleaved), so every chart has something to show;
-gpt3-1.3b on the same nodes picks pure data parallelism and an empty pipeline chart."""
+Default inputs: gpt-39.1b on 8 DGX A100 nodes, global batch 512 (its search takes about 2 s here)."""
 
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit ru
 from dashboard import charts, compare_view, data  # noqa: E402
 from planner.compare import check_tokens, plan_training_cost  # noqa: E402
 from planner.errors import MeshplanError  # noqa: E402
+from planner.frameworks import FRAMEWORKS, LABELS  # noqa: E402
 from planner.plan import Plan  # noqa: E402
 from planner.report import schedule_label, tokens_label, torchrun_command  # noqa: E402
 from planner.search import search  # noqa: E402
@@ -33,16 +33,17 @@ QP = "query-params"
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def cached_search(model: ModelSpec, cluster: ClusterSpec, global_batch: int, pins: tuple, headroom_gib: float):
+def cached_search(model: ModelSpec, cluster: ClusterSpec, global_batch: int, pins: tuple, headroom_gib: float, framework: str):
     """The search and its tables, once per input set (the objects are frozen; nobody mutates the frames)."""
     device = load_device(cluster.device)
-    result = search(model, cluster, device, global_batch, dict(pins), memory_headroom_gib=headroom_gib)
+    result = search(model, cluster, device, global_batch, dict(pins), memory_headroom_gib=headroom_gib,
+                    framework=FRAMEWORKS[framework])
     return result, data.plans_frame(result.plans), data.candidates_frame(result.candidates)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def cached_timeline(plan: Plan, device: DeviceProfile) -> data.TimelineView:
-    return data.predicted_timeline(plan, device)
+def cached_timeline(plan: Plan, device: DeviceProfile, framework: str | None = None) -> data.TimelineView:
+    return data.predicted_timeline(plan, device, framework)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -58,7 +59,7 @@ def reset_cluster_fields() -> None:
     st.session_state["device"] = data.parse_yaml(text, "preset")["device"]
 
 
-def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float]:
+def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float, str]:
     """The pickers. Raises MeshplanError (or UnicodeDecodeError for an upload) on bad input."""
     sb = st.sidebar
     sb.header("Inputs")
@@ -86,6 +87,11 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float]:
                                key="memory_headroom", bind=QP,
                                help="Kept free beyond the predicted peak (allocator fragmentation, communication buffers); "
                                     f"default {DEFAULT_MEMORY_HEADROOM_GIB:g} GiB, as `planner plan --memory-headroom`.")
+    framework = sb.selectbox("Priced for (framework)", list(LABELS), key="framework", bind=QP,
+                             help="The software that runs the plans, as `planner plan --framework`: "
+                                  + "; ".join(f"{k}: {v}" for k, v in LABELS.items()) + ". Time and memory differ "
+                                  "(overlap, fused kernels, gradient buffers); `planner export plan.json --to megatron` "
+                                  "writes a plan's Megatron arguments.")
 
     options = data.pin_options(int(nodes) * int(gpus), int(batch))
     choices = {}
@@ -98,7 +104,7 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float]:
     model_text = upload.getvalue().decode("utf-8") if upload is not None else text
     model = data.model_from_yaml(model_text, upload.name if upload is not None else "model YAML")
     cluster = data.cluster_from_yaml(cluster_text, int(nodes), int(gpus), device)
-    return model, cluster, int(batch), data.pins_from_choices(choices), float(headroom)
+    return model, cluster, int(batch), data.pins_from_choices(choices), float(headroom), framework
 
 
 def training_sidebar() -> tuple[str, float | None]:
@@ -152,6 +158,11 @@ def plan_tab(plan: Plan, device: DeviceProfile, usable_gib: float) -> None:
     st.subheader("Run it")
     st.download_button("Download plan.json", data.plan_json(plan), file_name="plan.json",
                        mime="application/json", key="download_plan")
+    if plan.framework != "meshplan":
+        export = ("`planner export plan.json --to megatron` writes its arguments for Megatron-LM"
+                  if plan.framework.startswith("megatron") else "meshplan exports no DeepSpeed configuration")
+        st.caption(f"Priced for {LABELS[plan.framework]}: {export}. The command below runs it on meshplan's runtime "
+                   "instead, at the speed the sidebar prices for framework meshplan.")
     st.code(torchrun_command(plan, "plan.json"), language="bash", wrap_lines=True)
     if plan.cluster.nodes > 1:
         st.caption("Run it on every node; HOST is the first node's address. Add --results results/NAME.jsonl to measure it.")
@@ -222,7 +233,7 @@ def validation_tab() -> None:
                         format_func=lambda i: f"{timed.at[i, 'plan_id']} · {timed.at[i, 'run']}")
     plan = plans[timed.at[pick, "plan_id"]]
     measured = data.measured_timeline(plan, timed.at[pick, "stage_timings"])
-    predicted = cached_timeline(plan, data.device_for(plan))
+    predicted = cached_timeline(plan, data.device_for(plan), "meshplan")  # what ran, whatever it was priced for
     x_max = max(predicted.iteration_s, measured.iteration_s if measured else 0.0)
     left, right = st.columns(2)
     left.plotly_chart(charts.timeline_figure(predicted, "Predicted timeline", x_max), key="pred_timeline")
@@ -249,7 +260,7 @@ def main() -> None:
     for message in bad_link:
         st.error(f"Link parameter {message}. Nothing was planned; pick the value in the sidebar.")
     try:
-        model, cluster, batch, pins, headroom = sidebar()
+        model, cluster, batch, pins, headroom, framework = sidebar()
         tokens, price = training_sidebar()
         device = load_device(cluster.device)
         usable = device.memory_gib - headroom
@@ -257,7 +268,7 @@ def main() -> None:
             raise _NoSearch
         training = training_inputs(model, batch, tokens, price)
         with st.spinner(f"Searching plans for {model.name} on {cluster.gpus:,} × {cluster.device}..."):
-            found = cached_search(model, cluster, batch, tuple(sorted(pins.items())), headroom)
+            found = cached_search(model, cluster, batch, tuple(sorted(pins.items())), headroom, framework)
     except MeshplanError as e:
         st.error(f"Cannot plan with these inputs: {e}")
     except UnicodeDecodeError:
@@ -273,7 +284,7 @@ def main() -> None:
         st.caption(f"{model.name} on {cluster.gpus:,} × {device.label} ({cluster.nodes} node{'s' if cluster.nodes > 1 else ''} × {cluster.gpus_per_node}), "
                    f"global batch {batch}: searched {result.searched:,} configurations in {result.search_s:.2f} s "
                    f"(every one bounded, {result.split:,} layer splits solved, {result.priced:,} priced: the ranking is exact "
-                   f"under the model); {headroom:g} GiB of headroom per device"
+                   f"under the model); {headroom:g} GiB of headroom per device; priced for {LABELS[framework]}"
                    + (f"; pinned {', '.join(f'{k}={v}' for k, v in pins.items())}" if pins else ""))
         if not best.prediction.fits:
             st.warning(f"No configuration fits in the {usable:g} GiB usable on one {device.name} ({device.memory_gib:g} GiB less "
@@ -314,7 +325,7 @@ def main() -> None:
             elif found is None:
                 st.info("Fix the inputs (see the message above) to see plans.")
             elif name == "Compare clusters":
-                compare_view.compare_tab(model, batch, pins, headroom, training, cluster.nodes)
+                compare_view.compare_tab(model, batch, pins, headroom, training, cluster.nodes, framework)
             elif name == "Plans":
                 plans_tab(plans_df, cands_df, usable)
             else:

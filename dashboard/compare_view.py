@@ -1,4 +1,4 @@
-"""The dashboard's "Compare clusters" tab: the sidebar's model, batch, pins, headroom, tokens and price, planned on
+"""The dashboard's "Compare clusters" tab: the sidebar's model, batch, pins, headroom, framework, tokens and price, planned on
 each cluster picked here (planner.compare.compare, as `planner compare` does), drawn as bars of days and cost per
 cluster with the plan in the hover, and a table with the reason where nothing fits."""
 
@@ -8,15 +8,18 @@ import streamlit as st
 
 from dashboard import charts, data
 from planner.compare import CompareTarget, compare
+from planner.frameworks import FRAMEWORKS
 from planner.specs import ModelSpec, load_cluster, load_device
 
 DEFAULT_CLUSTERS = ("dgx-a100-80gb", "dgx-h100-80gb", "dgx-h200-141gb")
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def cached_compare(model: ModelSpec, global_batch: int, tokens: int | None, targets: tuple, pins: tuple, headroom_gib: float):
+def cached_compare(model: ModelSpec, global_batch: int, tokens: int | None, targets: tuple, pins: tuple, headroom_gib: float,
+                   framework: str):
     """One search per cluster, once per input set (the specs are frozen, so they key the cache)."""
-    return compare(model, global_batch, tokens, targets, dict(pins), memory_headroom_gib=headroom_gib)
+    return compare(model, global_batch, tokens, targets, dict(pins), memory_headroom_gib=headroom_gib,
+                   framework=FRAMEWORKS[framework])
 
 
 def metric_columns() -> dict:
@@ -31,7 +34,7 @@ def _targets(default_nodes: int, price: float | None) -> list[CompareTarget]:
     """The clusters picked, each with its nodes and price (blank: the sidebar's price)."""
     presets = data.presets("clusters")
     picked = st.multiselect("Clusters to compare", presets, default=[c for c in DEFAULT_CLUSTERS if c in presets],
-                            key="compare_clusters", help="Each is planned with the sidebar's model, batch, pins and headroom.")
+                            key="compare_clusters", help="Each is planned with the sidebar's model, batch, pins, headroom and framework.")
     targets = []
     for name in picked:
         file_nodes = int(data.parse_yaml(data.preset_text("clusters", name), name)["nodes"])
@@ -47,7 +50,7 @@ def _targets(default_nodes: int, price: float | None) -> list[CompareTarget]:
 
 
 def compare_tab(model: ModelSpec, global_batch: int, pins: dict, headroom_gib: float, training: tuple[int, float | None] | None,
-                default_nodes: int) -> None:
+                default_nodes: int, framework: str = "meshplan") -> None:
     tokens, price = training if training else (None, None)
     targets = _targets(default_nodes, price)
     if not targets:
@@ -56,7 +59,7 @@ def compare_tab(model: ModelSpec, global_batch: int, pins: dict, headroom_gib: f
     if tokens is None:
         st.info("Give the training tokens in the sidebar (e.g. 15e12) to see the days, GPU-hours and cost on each cluster.")
     with st.spinner(f"Planning {model.name} on {len(targets)} cluster(s)..."):
-        rows = cached_compare(model, global_batch, tokens, tuple(targets), tuple(sorted(pins.items())), headroom_gib)
+        rows = cached_compare(model, global_batch, tokens, tuple(targets), tuple(sorted(pins.items())), headroom_gib, framework)
     df = data.compare_frame(rows)
     unpriced = [c for c, p, ok in zip(df["cluster"], df["gpu_hour_price_usd"], df["fits"]) if ok and p != p]  # p != p: NaN
     if tokens is not None and unpriced and len(unpriced) < int(df["fits"].sum()):

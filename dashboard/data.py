@@ -17,6 +17,7 @@ import yaml
 from planner.compare import parse_price, parse_tokens, plan_training_cost
 from planner.cost import memory_by_device, predict
 from planner.errors import SpecError
+from planner.frameworks import FRAMEWORKS
 from planner.plan import Plan, plan_to_dict
 from planner.report import cluster_label, plan_label, precision_label, schedule_label, stage_summary
 from planner.schedule import simulate
@@ -110,7 +111,8 @@ def link_errors(params: dict[str, str], views: list[str], defaults: dict[str, in
     would silently drop such a value and show the default.) `defaults` fills nodes, gpus_per_node and
     global_batch that the link does not give, to check its pins against."""
     errors, sizes = [], dict(defaults)
-    choices = {"model": presets("models"), "cluster": presets("clusters"), "device": device_names(), "view": views}
+    choices = {"model": presets("models"), "cluster": presets("clusters"), "device": device_names(), "view": views,
+               "framework": list(FRAMEWORKS)}
     for key, allowed in choices.items():
         if key in params and params[key] not in allowed:
             errors.append(f"{key}={params[key]!r} is not one of {', '.join(allowed)}")
@@ -297,10 +299,11 @@ def timeline_view(events, pp: int, max_devices: int = MAX_TIMELINE_DEVICES, max_
     return TimelineView(df.reset_index(drop=True), iteration_s, idle_pct, stages, gap, "; ".join(notes))
 
 
-def predicted_timeline(plan: Plan, device: DeviceProfile) -> TimelineView:
-    """The simulator's pipeline for one iteration of the plan (its own layer split), as meshplan's runtime runs it:
-    the dashboard's plans are its search's, and a results line's plan ran on this runtime whatever it was priced for."""
-    _, sim = predict(plan.model, plan.cluster, device, plan.knobs, plan.global_batch, plan.stages, with_timeline=True)
+def predicted_timeline(plan: Plan, device: DeviceProfile, framework: str | None = None) -> TimelineView:
+    """The simulator's pipeline for one iteration of the plan (its own layer split), priced for `framework`: by
+    default the plan's own (a search's plan); a results line's plan ran on meshplan's runtime, whatever it was priced for."""
+    _, sim = predict(plan.model, plan.cluster, device, plan.knobs, plan.global_batch, plan.stages, with_timeline=True,
+                     framework=FRAMEWORKS[framework or plan.framework])
     return timeline_view(sim.timeline, plan.pp)
 
 

@@ -10,6 +10,7 @@ import sys
 
 from planner import __version__
 from planner.errors import MeshplanError, SpecError
+from planner.frameworks import LABELS
 from planner.memory import DEFAULT_MEMORY_HEADROOM_GIB
 
 KNOB_FLAGS = ("tp", "cp", "pp", "dp", "micro_batch", "schedule", "virtual_stages", "recompute", "sequence_parallel", "zero",
@@ -40,10 +41,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_framework(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--framework", choices=("meshplan", "megatron", "deepspeed", "megatron-core"), default="meshplan",
-                   help="software that runs the plan: meshplan's runtime (default), Megatron-LM as in Narayanan et al. 2021, "
-                        "DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022, or Megatron-Core as NVIDIA "
-                        "benchmarks it on H100 (for comparing with published runs)")
+    names = [f"{LABELS[n]}{' (default)' if n == 'meshplan' else ''}" for n in LABELS]
+    p.add_argument("--framework", choices=tuple(LABELS), default="meshplan",
+                   help=f"software that runs the plan: {', '.join(names[:-1])}, or {names[-1]} (for comparing with "
+                        "published runs, or planning for the trainer you run)")
 
 
 def _add_memory_headroom(p: argparse.ArgumentParser) -> None:

@@ -100,3 +100,7 @@ MEGATRON_CORE = Framework("megatron-core", grad_reduce_bytes=2, grad_bytes=2, dp
                           tp_overlap=MEGATRON_CORE_TP_OVERLAP, param_gather_overlap=True, fp8_cast_passes=1.0,
                           fp8_weight_casts=False, fp8_primary_weights=True, fused_elementwise=True, saved=MEGATRON_CORE_SAVED)
 FRAMEWORKS = {f.name: f for f in (MESHPLAN, MEGATRON, DEEPSPEED, MEGATRON_CORE)}
+LABELS = {"meshplan": "meshplan's runtime", "megatron": "Megatron-LM as in Narayanan et al. 2021",
+          "deepspeed": "DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022",
+          "megatron-core": "Megatron-Core as NVIDIA benchmarks it on H100"}
+"""Each framework as `--framework`'s help and the dashboard's picker describe it."""

@@ -147,6 +147,7 @@ def test_the_memory_headroom_is_an_input_and_decides_what_fits(monkeypatch, tmp_
     (dict(memory_headroom="lots"), "memory_headroom='lots' is not a number of GiB from 0 to 1024"),
     (dict(view="Nope"), "view='Nope' is not one of Plans, Selected plan, Predicted vs measured, Compare clusters"),
     (dict(tokens="lots"), "tokens='lots' is not a number of tokens such as 15e12 or 15T"),
+    (dict(framework="torchtitan"), "framework='torchtitan' is not one of meshplan, megatron, deepspeed, megatron-core"),
 ])
 def test_a_link_with_a_bad_query_parameter_shows_the_error_instead_of_plans_for_the_defaults(monkeypatch, tmp_path, query, message):
     at = open_app(monkeypatch, tmp_path, **query)
@@ -196,3 +197,23 @@ def test_fewer_training_tokens_than_one_iteration_is_an_error_naming_the_field(m
     at = open_app(monkeypatch, tmp_path, **TINY, tokens="1k")
     assert not at.exception and len(at.error) == 1 and not at.metric
     assert "Training tokens: tokens: 1,000 tokens are fewer than one iteration's 2,048" in at.error[0].value
+
+
+def test_plans_priced_for_another_framework_are_that_frameworks_search_and_say_so(monkeypatch, tmp_path):
+    from planner.frameworks import MEGATRON_CORE
+    from planner.search import search
+    from planner.specs import load_cluster, load_device, load_model
+
+    inputs = dict(model="gpt3-13b", cluster="dgx-h100-80gb", nodes="1", global_batch="64")
+    cluster = load_cluster("dgx-h100-80gb", 1)
+    want = search(load_model("gpt3-13b"), cluster, load_device(cluster.device), 64, top=1, framework=MEGATRON_CORE).plans[0]
+    at = open_app(monkeypatch, tmp_path, **inputs, framework="megatron-core", view="Selected plan")
+    assert not at.exception and not at.error
+    assert at.caption[0].value.endswith("priced for Megatron-Core as NVIDIA benchmarks it on H100")
+    assert at.metric[0].value == f"{want.prediction.tokens_per_s:,.0f}"
+    assert at.metric[0].value != open_app(monkeypatch, tmp_path, **inputs).metric[0].value  # meshplan's runtime differs
+    assert any(c.value.startswith("Priced for Megatron-Core") and "planner export plan.json --to megatron" in c.value
+               for c in at.caption)
+    at = open_app(monkeypatch, tmp_path, **inputs, framework="megatron-core", view="Compare clusters")
+    at.multiselect(key="compare_clusters").set_value(["dgx-h100-80gb"]).run()
+    assert not at.exception and at.dataframe[0].value.at[0, "plan_id"] == want.id

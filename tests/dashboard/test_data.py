@@ -203,3 +203,16 @@ def test_compare_frame_is_one_row_per_cluster_with_the_reason_where_nothing_fits
 def test_a_link_with_bad_training_inputs_is_reported(params, message):
     assert data.link_errors(params, ["Plans"], {"nodes": 1, "gpus_per_node": 8, "global_batch": 64}) == [message]
     assert data.link_errors({"tokens": "15T", "gpu_hour_price": "2.5"}, ["Plans"], {"nodes": 1, "gpus_per_node": 8, "global_batch": 64}) == []
+
+
+def test_a_plans_timeline_is_priced_for_its_framework_unless_told_otherwise():
+    from planner.frameworks import MEGATRON_CORE
+
+    model, cluster = load_model("gpt3-13b"), load_cluster("dgx-h100-80gb", 2)
+    device = load_device(cluster.device)
+    plan = search(model, cluster, device, 64, {"pp": 2}, top=1, framework=MEGATRON_CORE).plans[0]
+    assert plan.framework == "megatron-core"
+    own, runtime = data.predicted_timeline(plan, device), data.predicted_timeline(plan, device, "meshplan")
+    assert own.iteration_s == data.predicted_timeline(plan, device, "megatron-core").iteration_s
+    # meshplan's runtime posts its sends beside compute and fuses nothing: the same plan takes another time there.
+    assert abs(own.iteration_s / runtime.iteration_s - 1) > 0.01, (own.iteration_s, runtime.iteration_s)
