@@ -71,15 +71,13 @@ def choose_shapes(device_type: str, world: int, quick: bool, models: tuple[str, 
 
 
 def device_name(device_type: str) -> str:
-    """The profile's name: 'cpu', or the GPU's datasheet name where there is one (h100-sxm5-80gb, ...)."""
+    """The profile's name: 'cpu', or this GPU's datasheet name (specs.datasheet_for: h200-sxm-141gb, ...), so
+    that the cluster presets use the measured profile; for a GPU with no datasheet, its own name."""
     if device_type == "cpu":
         return "cpu"
-    gpu = torch.cuda.get_device_name(0).lower()
-    gib = round(torch.cuda.get_device_properties(0).total_memory / 2**30)
-    for family, form in (("h100", "sxm5"), ("a100", "sxm4")):
-        if family in gpu:
-            return f"{family}-{form}-{80 if gib > 60 else 40}gb"
-    return "".join(c if c.isalnum() else "-" for c in gpu).strip("-")
+    gpu = torch.cuda.get_device_name(0)
+    gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return specs.datasheet_for(gpu, gib) or "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
 
 
 def main(device: str | None = None, out: str | None = None, quick: bool = False, models: tuple[str, ...] | None = None) -> int:

@@ -77,3 +77,21 @@ def test_a_nan_peak_tflops_is_refused_before_the_solver_sees_it(tmp_path, capsys
     assert json.loads(path.read_text())["peak_tflops"] != d["peak_tflops"]  # the replacement happened
     err = plan_with(capsys, "gpt-tiny", "dgx-a100-80gb", "--nodes", "1", "--device", str(path))
     assert "peak_tflops: expected a finite number" in err
+
+
+@pytest.mark.parametrize("gpu, gib, name", [
+    ("NVIDIA H200", 140.4, "h200-sxm-141gb"),
+    ("NVIDIA H100 80GB HBM3", 79.6, "h100-sxm5-80gb"),
+    ("NVIDIA A100-SXM4-80GB", 80.0, "a100-sxm4-80gb"),
+    ("NVIDIA B200", 179.1, "b200-sxm-180gb"),
+    ("NVIDIA L40S", 45.0, "l40s-pcie-48gb"),
+    ("NVIDIA GeForce RTX 4090", 23.6, "rtx4090-pcie-24gb"),
+    ("NVIDIA A100-SXM4-40GB", 39.4, None),  # another memory
+    ("NVIDIA H100 PCIe", 79.6, None),  # another form factor: other clocks and links
+    ("NVIDIA H200 NVL", 139.8, None),
+    ("NVIDIA GH200 480GB", 139.8, None),  # another chip whose name contains h200
+])
+def test_a_gpu_is_named_after_its_datasheet_so_the_presets_use_its_measured_profile(gpu, gib, name):
+    from planner.specs import datasheet_for
+
+    assert datasheet_for(gpu, gib) == name

@@ -57,3 +57,17 @@ def test_cuda_profile_without_a_gpu_is_refused_naming_the_flag():
     with pytest.raises(SpecError) as e:
         profile.main(device="cuda", out="unused.json", quick=True)
     assert e.value.field == "device"
+
+
+def test_a_gpu_profile_is_named_after_the_datasheet_the_cluster_presets_name(monkeypatch):
+    from types import SimpleNamespace
+
+    from runtime import profile
+
+    def on(gpu, gib):
+        monkeypatch.setattr(profile.torch.cuda, "get_device_name", lambda i=0: gpu)
+        monkeypatch.setattr(profile.torch.cuda, "get_device_properties", lambda i=0: SimpleNamespace(total_memory=gib * 2**30))
+        return profile.device_name("cuda")
+
+    assert on("NVIDIA H200", 140.4) == "h200-sxm-141gb"  # dgx-h200-141gb's device, so the preset reads the measurement
+    assert on("NVIDIA H100 PCIe", 79.6) == "nvidia-h100-pcie"
