@@ -201,8 +201,8 @@ def _specs(args):
     from planner.specs import load_cluster, load_device, load_model
 
     model = load_model(args.model)
-    cluster = load_cluster(args.cluster, args.nodes, args.gpus_per_node)
-    device = load_device(args.device or cluster.device)
+    cluster = load_cluster(args.cluster, args.nodes, args.gpus_per_node, args.device)
+    device = load_device(cluster.device)
     return model, cluster, device
 
 

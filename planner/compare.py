@@ -137,9 +137,9 @@ def targets_from_flags(flags: Sequence[tuple[str, object]]) -> list[CompareTarge
                                                               "after every --cluster, or one before the first --cluster for all")
     targets = []
     for e in entries:
-        cluster = load_cluster(e["--cluster"], e.get("--nodes"), e.get("--gpus-per-node"))
+        cluster = load_cluster(e["--cluster"], e.get("--nodes"), e.get("--gpus-per-node"), e.get("--device"))
         price = parse_price(e["--gpu-hour-price"]) if "--gpu-hour-price" in e else default_price
-        targets.append(CompareTarget(cluster, load_device(e.get("--device") or cluster.device), price))
+        targets.append(CompareTarget(cluster, load_device(cluster.device), price))
     return targets
 
 

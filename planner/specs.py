@@ -287,12 +287,16 @@ def cluster_from_dict(data: dict, source: str) -> ClusterSpec:
     return c
 
 
-def load_cluster(arg: str, nodes: int | None = None, gpus_per_node: int | None = None) -> ClusterSpec:
-    """A preset name (profiles/clusters/NAME.yaml) or a YAML file; --nodes/--gpus-per-node override.
+def load_cluster(arg: str, nodes: int | None = None, gpus_per_node: int | None = None, device: str | None = None) -> ClusterSpec:
+    """A preset name (profiles/clusters/NAME.yaml) or a YAML file; --nodes/--gpus-per-node/--device override.
 
-    local-cpu's gpus_per_node defaults to this machine's core count."""
+    local-cpu's gpus_per_node defaults to this machine's core count. A --device override is the cluster's device
+    from then on (a file as its absolute path), so a plan records the device it was priced on and whoever prices
+    it again (validate, runtime.launch, the dashboard) loads that one."""
     source, data = _resolve("clusters", "cluster", arg)
     data.setdefault("name", Path(arg).stem if _is_file_arg(arg) else arg)
+    if device is not None:
+        data["device"] = str(Path(device).resolve()) if _is_file_arg(device) else device
     if data.get("gpus_per_node") == "auto" and gpus_per_node is None:
         if data.get("device") != "cpu":
             raise SpecError(source, "gpus_per_node", f"'auto' means this machine's CPU count, which only a cluster whose device is "

@@ -197,3 +197,25 @@ def test_a_search_cut_short_says_how_much_faster_the_best_plan_may_be(capsys):
 
     print_plans(dataclasses.replace(r, complete=False, gap_pct=12.34), out=None)
     assert "may be up to 12.3% faster" in capsys.readouterr().out
+
+
+def test_a_device_override_is_the_device_the_plan_records_so_validate_prices_it_on_that_device(tmp_path, capsys):
+    from planner.specs import PROFILES_DIR, load_device
+
+    args = ("--model", "gpt3-13b", "--cluster", "dgx-h100-80gb", "--nodes", "1", "--global-batch", "64")
+    for device, recorded in (("h200-sxm-141gb", "h200-sxm-141gb"),
+                             (str(PROFILES_DIR / "devices" / "h200-sxm-141gb.json"), str(PROFILES_DIR / "devices" / "h200-sxm-141gb.json"))):
+        out = tmp_path / "plan.json"
+        assert run(capsys, "predict", *args, "--tp", "1", "--pp", "1", "--dp", "8", "--micro-batch", "1", "--device", device,
+                   "--out", str(out))[0] == 0
+        plan = load_plan(str(out))
+        assert plan.cluster.device == recorded and plan.profile.startswith("h200-sxm-141gb")
+        assert load_device(plan.cluster.device).memory_gib > 100  # the H200's 141 GB, not the cluster file's H100
+
+
+def test_every_framework_has_a_label_and_is_a_choice_of_the_framework_flag(capsys):
+    from planner.frameworks import FRAMEWORKS, LABELS
+
+    assert list(LABELS) == list(FRAMEWORKS)
+    code, err = run_argparse(capsys, "plan", *TINY, "--framework", "no-such")
+    assert code == 2 and all(name in err for name in FRAMEWORKS)
