@@ -351,14 +351,20 @@ GPU_FORMS = ("sxm", "pcie", "nvl")
 datasheet's rules the datasheet out, since the same chip runs at other clocks, power and links there."""
 
 
+GPU_VARIANTS = ("d", "ti", "super")
+"""Words after a chip's name that make it another part (GeForce RTX 4090 D, RTX 4070 Ti SUPER)."""
+
+
 def datasheet_for(gpu_name: str, memory_gib: float) -> str | None:
     """The datasheet in profiles/devices/ of a GPU named `gpu_name` (torch.cuda.get_device_name) with this much
     memory: the chip the datasheet's name begins with (h200, rtx4090) is a word of the GPU's name (or two words
     together: RTX 4090; not GH200), its memory is within 5% of the datasheet's, and the GPU's name gives no other
     form factor. None if no datasheet is that GPU's. `planner profile` names a measured profile so, and the
     cluster presets, which name datasheets, then use it."""
-    words = re.findall(r"[a-z0-9]+", gpu_name.lower())
-    names = set(words) | {a + b for a, b in zip(words, words[1:])}
+    words = re.findall(r"[a-z0-9]+", gpu_name.lower()) + [""]
+    # A chip is a word, or two words together, not followed by a variant's suffix (RTX 4090 D is a slower 4090).
+    names = ({a for a, nxt in zip(words, words[1:]) if nxt not in GPU_VARIANTS}
+             | {a + b for a, b, nxt in zip(words, words[1:], words[2:]) if nxt not in GPU_VARIANTS})
     forms = [f for f in GPU_FORMS if any(w.startswith(f) for w in words)]
     for path in sorted((PROFILES_DIR / "devices").glob("*.json")):
         name = path.name.removesuffix(".json")

@@ -90,6 +90,7 @@ def test_a_nan_peak_tflops_is_refused_before_the_solver_sees_it(tmp_path, capsys
     ("NVIDIA H100 PCIe", 79.6, None),  # another form factor: other clocks and links
     ("NVIDIA H200 NVL", 139.8, None),
     ("NVIDIA GH200 480GB", 139.8, None),  # another chip whose name contains h200
+    ("NVIDIA GeForce RTX 4090 D", 23.6, None),  # a slower variant of the chip
 ])
 def test_a_gpu_is_named_after_its_datasheet_so_the_presets_use_its_measured_profile(gpu, gib, name):
     from planner.specs import datasheet_for
