@@ -54,12 +54,25 @@ def torchrun_argv(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, en
     return ["--nnodes", str(nodes), "--nproc-per-node", str(gpus_per_node), *rdzv, "-m", "runtime.launch", plan_path, *extra]
 
 
+def priced_elsewhere(plan: Plan) -> list[str]:
+    """Comment lines for a plan priced for another framework than the runtime these commands start (none for one
+    priced for meshplan's runtime), as runtime.launch's summary says it too."""
+    if plan.framework == "meshplan":
+        return []
+    from planner.frameworks import LABELS
+
+    export = " `planner export PLAN --to megatron` gives its Megatron-LM arguments." if plan.framework.startswith("megatron") else ""
+    return [f"# Its prediction is for {LABELS[plan.framework]} (--framework {plan.framework}); this runs it on meshplan's",
+            f"# runtime, at the speed `planner predict` gives without --framework.{export}"]
+
+
 def node_commands(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, python: str | None = None,
                   port: int = DEFAULT_PORT, extra: tuple[str, ...] = ()) -> str:
     """The plain torchrun command to type on each node, with what MASTER_ADDR stands for."""
     check_nodes(plan, nodes, gpus_per_node)
     argv = torchrun_argv(plan, plan_path, nodes, gpus_per_node, f"MASTER_ADDR:{port}", plan.id or "meshplan", list(extra))
-    lines = [f"# plan {plan.id}: tp {plan.tp} x pp {plan.pp} x dp {plan.dp} on {nodes} node(s) x {gpus_per_node} devices"]
+    lines = [f"# plan {plan.id}: tp {plan.tp} x pp {plan.pp} x dp {plan.dp} on {nodes} node(s) x {gpus_per_node} devices",
+             *priced_elsewhere(plan)]
     if nodes > 1:
         lines += [f"# Run this same command on each of the {nodes} nodes (torchrun's c10d rendezvous gives each its node rank).",
                   "# MASTER_ADDR: the host name or IP address of one of these nodes that all of them can reach, the same on",
@@ -84,6 +97,7 @@ def sbatch_script(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, py
         "#!/bin/bash",
         f"# meshplan plan {plan.id}: {plan.model.name}, tp {plan.tp} x pp {plan.pp} x dp {plan.dp} on {nodes} node(s) x "
         f"{gpus_per_node} GPUs. Submit it with sbatch.",
+        *priced_elsewhere(plan),
         f"#SBATCH --job-name=meshplan-{plan.id or 'plan'}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",

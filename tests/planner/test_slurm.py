@@ -87,3 +87,22 @@ def test_other_nodes_or_a_bad_out_are_refused_and_nothing_is_written(plan_file, 
 
 def test_arguments_after_the_separator_are_only_for_launch(capsys):
     assert "only planner launch passes arguments on" in refused(capsys, "validate", "r.jsonl", "--", "--steps", "3")
+
+
+def test_a_plan_priced_for_another_framework_says_so_in_its_commands_and_script(tmp_path, capsys):
+    import dataclasses
+
+    from planner.plan import load_plan
+
+    path = tmp_path / "p.json"
+    plan = priced("gpt3-1.3b", "dgx-a100-80gb", 2, Knobs(2, 4, 2, 1), 64)
+    write_plan(path, dataclasses.replace(plan, framework="megatron-core"))
+    assert load_plan(str(path)).framework == "megatron-core"
+    assert main(["launch", str(path), "--slurm", "--print"]) == 0
+    printed = capsys.readouterr().out
+    script = path.with_suffix(".sbatch").read_text()
+    for text in (printed, script):
+        assert "# Its prediction is for Megatron-Core as NVIDIA benchmarks it on H100 (--framework megatron-core)" in text
+        assert "--to megatron" in text
+    write_plan(path, plan)  # priced for meshplan's runtime: nothing to say
+    assert main(["launch", str(path), "--print"]) == 0 and "Its prediction is for" not in capsys.readouterr().out
