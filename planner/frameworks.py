@@ -104,3 +104,6 @@ LABELS = {"meshplan": "meshplan's runtime", "megatron": "Megatron-LM as in Naray
           "deepspeed": "DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022",
           "megatron-core": "Megatron-Core as NVIDIA benchmarks it on H100"}
 """Each framework as `--framework`'s help and the dashboard's picker describe it."""
+EXPORT_TARGETS = {"megatron": "megatron", "megatron-core": "megatron"}
+"""The `planner export --to` target that writes a plan's arguments for each framework that has one (DeepSpeed and
+meshplan's runtime have none)."""

@@ -59,9 +59,10 @@ def priced_elsewhere(plan: Plan) -> list[str]:
     priced for meshplan's runtime), as runtime.launch's summary says it too."""
     if plan.framework == "meshplan":
         return []
-    from planner.frameworks import LABELS
+    from planner.frameworks import EXPORT_TARGETS, LABELS
 
-    export = " `planner export PLAN --to megatron` gives its Megatron-LM arguments." if plan.framework.startswith("megatron") else ""
+    export = (f" `planner export PLAN --to {EXPORT_TARGETS[plan.framework]}` gives its Megatron-LM arguments."
+              if plan.framework in EXPORT_TARGETS else "")
     return [f"# Its prediction is for {LABELS[plan.framework]} (--framework {plan.framework}); this runs it on meshplan's",
             f"# runtime, at the speed `planner predict` gives without --framework.{export}"]
 

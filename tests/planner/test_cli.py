@@ -214,8 +214,10 @@ def test_a_device_override_is_the_device_the_plan_records_so_validate_prices_it_
 
 
 def test_every_framework_has_a_label_and_is_a_choice_of_the_framework_flag(capsys):
-    from planner.frameworks import FRAMEWORKS, LABELS
+    from planner.export import EXPORTERS
+    from planner.frameworks import EXPORT_TARGETS, FRAMEWORKS, LABELS
 
     assert list(LABELS) == list(FRAMEWORKS)
+    assert set(EXPORT_TARGETS) <= set(FRAMEWORKS) and set(EXPORT_TARGETS.values()) <= set(EXPORTERS)
     code, err = run_argparse(capsys, "plan", *TINY, "--framework", "no-such")
     assert code == 2 and all(name in err for name in FRAMEWORKS)
