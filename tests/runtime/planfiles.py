@@ -16,7 +16,13 @@ from planner.specs import load_model
 
 TINY = {"name": "test-tiny", "layers": 4, "hidden": 64, "heads": 4, "ffn_hidden": 256, "seq_len": 32, "vocab": 256}
 LLAMA_TINY = dataclasses.asdict(load_model("llama-tiny"))
-MODELS = {"test-tiny": TINY, "llama-tiny": LLAMA_TINY, "llama-tiny-tied": {**LLAMA_TINY, "tie_embeddings": True}}
+LLAMA_TEST = {**LLAMA_TINY, "name": "llama-test", "hidden": 128, "ffn_hidden": 352, "seq_len": 64, "vocab": 4096}
+"""llama-tiny at half its width, sequence and vocabulary, for the parity tests: the same family (GQA with 8 query heads
+to 2 K/V heads, SwiGLU at about 8/3 h, RMSNorm, RoPE, no biases), the same 8 layers, and about the same share of its
+weights in the embedding (21% against 22%, which decides how ZeRO-1 can split whole tensors over 4 ranks). A
+parallel layout of it runs in 58% of llama-tiny's time on CPU (six two-rank layouts of test_parity: 39 s against
+67 s), whose steps have 8 times the FLOPs; the parity layouts were a third of the test suite's time."""
+MODELS = {"test-tiny": TINY, "llama-test": LLAMA_TEST, "llama-test-tied": {**LLAMA_TEST, "tie_embeddings": True}}
 CLUSTER = {"name": "local-cpu", "nodes": 1, "gpus_per_node": 4, "device": "cpu",
            "intra_node": {"bandwidth_GBps": 2.0, "latency_us": 50.0},
            "inter_node": {"bandwidth_GBps": 1.0, "latency_us": 100.0}}
@@ -55,14 +61,29 @@ def write_plan(path: Path, **knobs) -> Path:
 PARITY_STEPS = 4
 """Steps each parallel layout of test-tiny runs in the parity tests."""
 LLAMA_STEPS = 5
-"""Steps each parallel layout of llama-tiny runs."""
+"""Steps each parallel layout of llama-test runs."""
 REFERENCE_STEPS = 30
 """Steps of the single-process run that shows the loss falling a long way on the synthetic stream."""
 SMALL_VOCAB = 64
-"""Token ids that the llama-tiny runs' data uses (of its 8,192)."""
-LLAMA_FLAGS = ("--lr-warmup-steps", "2")
-"""llama-tiny's runs warm up over 2 steps: at the full 1e-3 from step 1 (the default for 5 steps) its first Adam
-step overshoots on the 64-token stream (the loss goes up at step 2, then falls)."""
+"""Token ids that the llama-test runs' data uses (of its 4,096)."""
+LLAMA_WARMUP = ("--lr-warmup-steps", "2")
+"""At the full rate from step 1, llama-tiny's first Adam step overshot on the 64-token stream (the loss went up at
+step 2, then fell); the llama-test runs warm up over 2 steps too."""
+DATA_FLAGS = {
+    "llama-test": LLAMA_WARMUP + ("--lr", "4e-3"),
+    "llama-test-tied": LLAMA_WARMUP + ("--lr", "2e-3"),
+}
+"""What a model's runs (each layout and its single-process reference) add to launch's defaults: llama-test trains on
+small_vocab_tokens(), test-tiny on the synthetic stream with no flags. The peak rates are where the loss falls at
+every step. At launch's default of 1e-3 llama-test's loss stalls after 3 steps (8.35, 8.10, 7.84, 7.82, 7.84); at
+4e-3 it falls by 1.6 nats in 5 steps (and by 0.8 in the 3 of test_parity's short runs). Tied, one matrix takes both
+updates: at 4e-3 the loss rises at step 3, at 2e-3 it falls by 0.8 nats in 5 steps."""
+
+
+def data_flags(model: str) -> tuple:
+    if model not in DATA_FLAGS:
+        return ()
+    return ("--data", small_vocab_tokens(), *DATA_FLAGS[model])
 
 
 def launch(*argv) -> int:
@@ -137,7 +158,7 @@ def run_layouts(tmp: Path, layouts: dict[str, dict], steps: int, extra: tuple = 
         model = knobs.pop("model", "test-tiny")
         layout_steps, flags = knobs.pop("steps", steps), knobs.pop("flags", extra)
         plan = write_plan(tmp / f"{name}.json", model=MODELS[model], **knobs)
-        data = ("--data", small_vocab_tokens(), *LLAMA_FLAGS) if model.startswith("llama") else ()
+        data = data_flags(model)
         (tmp / f"{name}.port").unlink(missing_ok=True)  # a port file is rank 0's word that this layout starts
         runs.append((tmp / f"{name}.port", [plan, "--steps", layout_steps, "--results", tmp / f"{name}.jsonl", *data, *flags]))
     world = worlds.pop()
@@ -164,9 +185,9 @@ def _scratch() -> tempfile.TemporaryDirectory:
 @functools.lru_cache(maxsize=None)
 def small_vocab_tokens() -> Path:
     """A uint16 token file (runtime.launch --data) of a fixed random bigram chain over SMALL_VOCAB ids, written once
-    per session. llama-tiny (no biases) needs many sightings of a token to learn from it: on the synthetic stream over
-    all 8,192 ids a batch of 8 shows each id twice, and 5 steps move the loss less than the batches differ; over 64
-    ids the loss falls by about a nat in 5 steps, far beyond that noise."""
+    per session. A Llama-family model (no biases) needs many sightings of a token to learn from it: on the synthetic
+    stream over all 8,192 ids of llama-tiny a batch of 8 showed each id twice, and 5 steps moved the loss less than the
+    batches differ; over 64 ids the loss falls by over a nat in 5 steps, far beyond that noise."""
     rng = np.random.default_rng(0)
     successors = rng.integers(0, SMALL_VOCAB, (SMALL_VOCAB, 4))
     choice = rng.integers(0, 4, 200_000)
@@ -181,7 +202,7 @@ def small_vocab_tokens() -> Path:
 
 def run_layout(tmp: Path, steps: int | None = None, extra: tuple = (), model: str = "test-tiny", **knobs) -> dict:
     """Write a plan of this model with these knobs, run it on tp*cp*pp*dp spawned ranks, return its results line.
-    llama-tiny models train on small_vocab_tokens() with LLAMA_FLAGS; test-tiny on the synthetic stream, with defaults."""
+    With the model's DATA_FLAGS."""
     from tests.conftest import run_on_ranks
 
     tmp = Path(tmp)
@@ -189,7 +210,7 @@ def run_layout(tmp: Path, steps: int | None = None, extra: tuple = (), model: st
     results = tmp / "results.jsonl"
     world = knobs.get("tp", 1) * knobs.get("cp", 1) * knobs.get("pp", 1) * knobs.get("dp", 1)
     steps = steps or (LLAMA_STEPS if model.startswith("llama") else PARITY_STEPS)
-    data = ("--data", small_vocab_tokens(), *LLAMA_FLAGS) if model.startswith("llama") else ()
+    data = data_flags(model)
     codes = run_on_ranks(launch, world, plan, "--steps", steps, "--results", results, *data, *extra)
     assert codes == [0] * world, codes
     return last_result(results)

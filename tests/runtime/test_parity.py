@@ -1,10 +1,11 @@
 """Given a seed, every parallel layout computes the losses and gradient norms one process computes (fp32, relative
 difference <= 1e-4), for the same global batch of 8 sequences, in both model families: test-tiny (GPT) and
-llama-tiny (GQA, SwiGLU, RMSNorm, RoPE, no biases). The gradient norm is the whole model's, before clipping at 1.0,
-so equal norms show it is taken over every stage and shard. The layouts of one world size share one spawn of their
-gloo ranks on CPU (two_rank_layouts, four_rank_layouts), each run with a process group of its own.
+llama-test (planfiles.LLAMA_TEST: llama-tiny at half its width; GQA, SwiGLU, RMSNorm, RoPE, no biases). The gradient
+norm is the whole model's, before clipping at 1.0, so equal norms show it is taken over every stage and shard. The
+layouts of one world size share one spawn of their gloo ranks on CPU (two_rank_layouts, four_rank_layouts), each run
+with a process group of its own.
 
-llama-tiny covers every layout of the issue with every recompute policy spread over them (tp2 x pp2 selective,
+llama-test covers every layout of the issue with every recompute policy spread over them (tp2 x pp2 selective,
 tp2 full, dp2 DDP none, FSDP2 selective, pp2 uneven full-of-one, interleaved none), and its loss falls in each."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def assert_matches_single_process(result: dict, model: str = "test-tiny") -> Non
         assert diff <= TOLERANCE, f"{key} {result[key]} vs single process {expected[key]}: relative difference {diff:.2e}"
 
 
-def assert_llama_matches_and_falls(result: dict, model: str = "llama-tiny") -> None:
+def assert_llama_matches_and_falls(result: dict, model: str = "llama-test") -> None:
     assert_matches_single_process(result, model)
     losses = result["losses"]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
@@ -101,7 +102,7 @@ def test_full_recompute_of_first_layer_per_stage_loss_matches_single_process(two
     assert_matches_single_process(two_rank_layouts["pp2_full_of_first_layer"])
 
 
-# ---------------------------------------------------------------- llama-tiny
+# ---------------------------------------------------------------- llama-test
 
 
 def test_llama_tp2_pp2_sequence_parallel_selective_recompute_matches_single_process_and_loss_falls(four_rank_layouts):
@@ -130,10 +131,10 @@ def test_llama_interleaved_pp2_v2_matches_single_process_and_loss_falls(two_rank
 
 def test_llama_tied_embeddings_under_tp2_match_single_process_and_loss_falls(two_rank_layouts):
     # The vocab-parallel embedding and the column-parallel head share one DTensor (GPT.tie_weights after apply_tp).
-    assert_llama_matches_and_falls(two_rank_layouts["llama_tied_tp2"], "llama-tiny-tied")
+    assert_llama_matches_and_falls(two_rank_layouts["llama_tied_tp2"], "llama-test-tied")
 
 
-# ---------------------------------------------------------------- cp, ZeRO stages and compile (llama-tiny, 3 steps)
+# ---------------------------------------------------------------- cp, ZeRO stages and compile (llama-test, 3 steps)
 #
 # Each block of layouts shares one spawn of its ranks (planfiles.run_layouts), so the processes start once, and
 # trains a global batch of 4 sequences for 3 steps on the 5-step learning-rate schedule, against one process
@@ -141,8 +142,8 @@ def test_llama_tied_embeddings_under_tp2_match_single_process_and_loss_falls(two
 
 SHORT_STEPS = 3
 SHORT_FLAGS = ("--lr-decay-steps", str(LLAMA_STEPS))
-LLAMA = {"model": "llama-tiny"}
-# The layouts of the tests above: test-tiny for PARITY_STEPS, llama-tiny for LLAMA_STEPS, with launch's defaults.
+LLAMA = {"model": "llama-test"}
+# The layouts of the tests above: test-tiny for PARITY_STEPS, llama-test for LLAMA_STEPS, with launch's defaults.
 GPT_RUN = {"steps": PARITY_STEPS, "flags": ()}
 LLAMA_RUN = {**LLAMA, "steps": LLAMA_STEPS, "flags": ()}
 TWO_RANK_PARITY = {
@@ -155,13 +156,13 @@ TWO_RANK_PARITY = {
                            "layers": [[0, 1], [1, 2], [2, 3], [3, 4]]},
     "pp2_selective": {**GPT_RUN, "pp": 2, "recompute": "selective"},
     "pp2_full_of_first_layer": {**GPT_RUN, "pp": 2, "recompute": "full", "recompute_layers": 1, "layers": [[0, 3], [3, 4]]},
-    # llama-tiny: every recompute policy spread over the layouts.
+    # llama-test: every recompute policy spread over the layouts.
     "llama_tp2_full": {**LLAMA_RUN, "tp": 2, "micro_batch": 4, "num_microbatches": 2, "recompute": "full"},
     "llama_dp2_ddp": {**LLAMA_RUN, "dp": 2, "num_microbatches": 2},
     "llama_dp2_zero2_selective": {**LLAMA_RUN, "dp": 2, "num_microbatches": 2, "zero": 2, "recompute": "selective"},
     "llama_pp2_uneven_full_of_one": {**LLAMA_RUN, "pp": 2, "layers": [[0, 3], [3, 8]], "recompute": "full", "recompute_layers": 1},
     "llama_interleaved_pp2_v2": {**LLAMA_RUN, "pp": 2, "virtual_stages": 2, "schedule": "interleaved"},
-    "llama_tied_tp2": {**LLAMA_RUN, "model": "llama-tiny-tied", "tp": 2, "micro_batch": 4, "num_microbatches": 2},
+    "llama_tied_tp2": {**LLAMA_RUN, "model": "llama-test-tied", "tp": 2, "micro_batch": 4, "num_microbatches": 2},
 }
 FOUR_RANK_PARITY = {
     "tp2_pp2_sp": {**GPT_RUN, "tp": 2, "pp": 2, "sequence_parallel": True},
@@ -173,7 +174,7 @@ FOUR_RANK_PARITY = {
 
 @pytest.fixture(scope="module")
 def short_reference(tmp_path_factory):
-    return run_layout(tmp_path_factory.mktemp("ref"), steps=SHORT_STEPS, extra=SHORT_FLAGS, model="llama-tiny",
+    return run_layout(tmp_path_factory.mktemp("ref"), steps=SHORT_STEPS, extra=SHORT_FLAGS, model="llama-test",
                       micro_batch=1, num_microbatches=4)
 
 
