@@ -1,11 +1,11 @@
 """Given a seed, every parallel layout computes the losses and gradient norms one process computes (fp32, relative
-difference <= 1e-4), for the same global batch of 8 sequences, in both model families: test-tiny (GPT) and
-llama-test (planfiles.LLAMA_TEST: llama-tiny at half its width; GQA, SwiGLU, RMSNorm, RoPE, no biases). The gradient
-norm is the whole model's, before clipping at 1.0, so equal norms show it is taken over every stage and shard. The
-layouts of one world size share one spawn of their gloo ranks on CPU (two_rank_layouts, four_rank_layouts), each run
-with a process group of its own.
+difference <= 1e-4), for the same global batch of 8 sequences, in both model families: test-tiny (GPT) and the
+Llama family (GQA, SwiGLU, RMSNorm, RoPE, no biases): llama-tiny in the 5-step tensor-parallel layouts, llama-test
+(planfiles.LLAMA_TEST: llama-tiny at half its width) in the others. The gradient norm is the whole model's, before
+clipping at 1.0, so equal norms show it is taken over every stage and shard. The layouts of one world size share one
+spawn of their gloo ranks on CPU (two_rank_layouts, four_rank_layouts), each run with a process group of its own.
 
-llama-test covers every layout of the issue with every recompute policy spread over them (tp2 x pp2 selective,
+The Llama family covers every layout of the issue with every recompute policy spread over them (tp2 x pp2 selective,
 tp2 full, dp2 DDP none, FSDP2 selective, pp2 uneven full-of-one, interleaved none), and its loss falls in each."""
 
 from __future__ import annotations
@@ -106,11 +106,11 @@ def test_full_recompute_of_first_layer_per_stage_loss_matches_single_process(two
 
 
 def test_llama_tp2_pp2_sequence_parallel_selective_recompute_matches_single_process_and_loss_falls(four_rank_layouts):
-    assert_llama_matches_and_falls(four_rank_layouts["llama_tp2_pp2_sp_selective"])
+    assert_llama_matches_and_falls(four_rank_layouts["llama_tp2_pp2_sp_selective"], "llama-tiny")
 
 
 def test_llama_tp2_full_recompute_matches_single_process_and_loss_falls(two_rank_layouts):
-    assert_llama_matches_and_falls(two_rank_layouts["llama_tp2_full"])
+    assert_llama_matches_and_falls(two_rank_layouts["llama_tp2_full"], "llama-tiny")
 
 
 def test_llama_dp2_ddp_matches_single_process_and_loss_falls(two_rank_layouts):
@@ -131,7 +131,7 @@ def test_llama_interleaved_pp2_v2_matches_single_process_and_loss_falls(two_rank
 
 def test_llama_tied_embeddings_under_tp2_match_single_process_and_loss_falls(two_rank_layouts):
     # The vocab-parallel embedding and the column-parallel head share one DTensor (GPT.tie_weights after apply_tp).
-    assert_llama_matches_and_falls(two_rank_layouts["llama_tied_tp2"], "llama-test-tied")
+    assert_llama_matches_and_falls(two_rank_layouts["llama_tied_tp2"], "llama-tiny-tied")
 
 
 # ---------------------------------------------------------------- cp, ZeRO stages and compile (llama-test, 3 steps)
@@ -146,6 +146,7 @@ LLAMA = {"model": "llama-test"}
 # The layouts of the tests above: test-tiny for PARITY_STEPS, llama-test for LLAMA_STEPS, with launch's defaults.
 GPT_RUN = {"steps": PARITY_STEPS, "flags": ()}
 LLAMA_RUN = {**LLAMA, "steps": LLAMA_STEPS, "flags": ()}
+LLAMA_TINY_RUN = {**LLAMA_RUN, "model": "llama-tiny"}  # the 5-step tensor-parallel layouts (planfiles.LLAMA_TEST says why)
 TWO_RANK_PARITY = {
     "tp2": {**GPT_RUN, "tp": 2, "micro_batch": 4, "num_microbatches": 2},
     "dp2_ddp": {**GPT_RUN, "dp": 2, "num_microbatches": 2},
@@ -157,18 +158,18 @@ TWO_RANK_PARITY = {
     "pp2_selective": {**GPT_RUN, "pp": 2, "recompute": "selective"},
     "pp2_full_of_first_layer": {**GPT_RUN, "pp": 2, "recompute": "full", "recompute_layers": 1, "layers": [[0, 3], [3, 4]]},
     # llama-test: every recompute policy spread over the layouts.
-    "llama_tp2_full": {**LLAMA_RUN, "tp": 2, "micro_batch": 4, "num_microbatches": 2, "recompute": "full"},
+    "llama_tp2_full": {**LLAMA_TINY_RUN, "tp": 2, "micro_batch": 4, "num_microbatches": 2, "recompute": "full"},
     "llama_dp2_ddp": {**LLAMA_RUN, "dp": 2, "num_microbatches": 2},
     "llama_dp2_zero2_selective": {**LLAMA_RUN, "dp": 2, "num_microbatches": 2, "zero": 2, "recompute": "selective"},
     "llama_pp2_uneven_full_of_one": {**LLAMA_RUN, "pp": 2, "layers": [[0, 3], [3, 8]], "recompute": "full", "recompute_layers": 1},
     "llama_interleaved_pp2_v2": {**LLAMA_RUN, "pp": 2, "virtual_stages": 2, "schedule": "interleaved"},
-    "llama_tied_tp2": {**LLAMA_RUN, "model": "llama-test-tied", "tp": 2, "micro_batch": 4, "num_microbatches": 2},
+    "llama_tied_tp2": {**LLAMA_TINY_RUN, "model": "llama-tiny-tied", "tp": 2, "micro_batch": 4, "num_microbatches": 2},
 }
 FOUR_RANK_PARITY = {
     "tp2_pp2_sp": {**GPT_RUN, "tp": 2, "pp": 2, "sequence_parallel": True},
     "tp2_dp2": {**GPT_RUN, "tp": 2, "dp": 2, "micro_batch": 4, "num_microbatches": 1},
     "pp2_dp2": {**GPT_RUN, "pp": 2, "dp": 2, "num_microbatches": 2},
-    "llama_tp2_pp2_sp_selective": {**LLAMA_RUN, "tp": 2, "pp": 2, "sequence_parallel": True, "recompute": "selective"},
+    "llama_tp2_pp2_sp_selective": {**LLAMA_TINY_RUN, "tp": 2, "pp": 2, "sequence_parallel": True, "recompute": "selective"},
 }
 
 
