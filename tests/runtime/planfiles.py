@@ -63,7 +63,7 @@ def write_plan(path: Path, **knobs) -> Path:
 PARITY_STEPS = 4
 """Steps each parallel layout of test-tiny runs in the parity tests."""
 LLAMA_STEPS = 5
-"""Steps each parallel layout of llama-test runs."""
+"""Steps each parallel layout of the Llama family (llama-tiny, llama-test) runs."""
 REFERENCE_STEPS = 30
 """Steps of the single-process run that shows the loss falling a long way on the synthetic stream."""
 SMALL_VOCAB = 64

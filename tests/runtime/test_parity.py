@@ -102,7 +102,7 @@ def test_full_recompute_of_first_layer_per_stage_loss_matches_single_process(two
     assert_matches_single_process(two_rank_layouts["pp2_full_of_first_layer"])
 
 
-# ---------------------------------------------------------------- llama-test
+# ---------------------------------------------------------------- the Llama family
 
 
 def test_llama_tp2_pp2_sequence_parallel_selective_recompute_matches_single_process_and_loss_falls(four_rank_layouts):
