@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit ru
 from dashboard import charts, compare_view, data  # noqa: E402
 from planner.compare import check_tokens, plan_training_cost  # noqa: E402
 from planner.errors import MeshplanError  # noqa: E402
-from planner.frameworks import EXPORT_TARGETS, FRAMEWORKS, LABELS  # noqa: E402
+from planner.frameworks import FRAMEWORKS, LABELS, priced_elsewhere  # noqa: E402
 from planner.plan import Plan  # noqa: E402
 from planner.report import schedule_label, tokens_label, torchrun_command  # noqa: E402
 from planner.search import search  # noqa: E402
@@ -158,11 +158,8 @@ def plan_tab(plan: Plan, device: DeviceProfile, usable_gib: float) -> None:
     st.subheader("Run it")
     st.download_button("Download plan.json", data.plan_json(plan), file_name="plan.json",
                        mime="application/json", key="download_plan")
-    if plan.framework != "meshplan":
-        export = (f"`planner export plan.json --to {EXPORT_TARGETS[plan.framework]}` writes its arguments for Megatron-LM"
-                  if plan.framework in EXPORT_TARGETS else "meshplan exports no DeepSpeed configuration")
-        st.caption(f"Priced for {LABELS[plan.framework]}: {export}. The command below runs it on meshplan's runtime "
-                   "instead, at the speed the sidebar prices for framework meshplan.")
+    if elsewhere := priced_elsewhere(plan.framework, "plan.json"):
+        st.caption(elsewhere)
     st.code(torchrun_command(plan, "plan.json"), language="bash", wrap_lines=True)
     if plan.cluster.nodes > 1:
         st.caption("Run it on every node; HOST is the first node's address. Add --results results/NAME.jsonl to measure it.")

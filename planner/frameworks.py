@@ -107,3 +107,15 @@ LABELS = {"meshplan": "meshplan's runtime", "megatron": "Megatron-LM as in Naray
 EXPORT_TARGETS = {"megatron": "megatron", "megatron-core": "megatron"}
 """The `planner export --to` target that writes a plan's arguments for each framework that has one (DeepSpeed and
 meshplan's runtime have none)."""
+
+
+def priced_elsewhere(framework: str, plan_file: str = "PLAN") -> str:
+    """What a plan priced for another framework than meshplan's runtime says wherever it is started (planner
+    launch's commands and script, runtime.launch's summary, the dashboard's 'Run it'), one sentence for all three;
+    empty for a plan priced for meshplan's runtime."""
+    if framework == "meshplan":
+        return ""
+    export = (f" `planner export {plan_file} --to {EXPORT_TARGETS[framework]}` gives its Megatron-LM arguments."
+              if framework in EXPORT_TARGETS else " meshplan exports no configuration for it.")
+    return (f"Its prediction is for {LABELS[framework]} (--framework {framework}); meshplan's runtime runs it at the "
+            f"speed `planner predict` gives without --framework, and `planner validate` compares a run with that.{export}")

@@ -10,6 +10,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from planner.frameworks import priced_elsewhere
+
 # Piped output (make run, CI logs) gets a wide table instead of rich's 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else shutil.get_terminal_size((180, 24)).columns)
 
@@ -206,6 +208,8 @@ def print_written(plan, out: str) -> None:
     else:
         console.print(f"Wrote {out}. Run it with:\n  {torchrun_prefix()} --nproc-per-node {plan.world_size} -m runtime.launch {out}",
                       soft_wrap=True)
+    if elsewhere := priced_elsewhere(plan.framework, out):
+        console.print(elsewhere)
 
 
 def print_prediction(plan, cost=None) -> None:

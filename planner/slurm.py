@@ -10,9 +10,11 @@ import importlib.util
 import os
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 from planner.errors import SpecError
+from planner.frameworks import priced_elsewhere
 from planner.plan import Plan
 
 DEFAULT_PORT = 29500
@@ -54,17 +56,10 @@ def torchrun_argv(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, en
     return ["--nnodes", str(nodes), "--nproc-per-node", str(gpus_per_node), *rdzv, "-m", "runtime.launch", plan_path, *extra]
 
 
-def priced_elsewhere(plan: Plan) -> list[str]:
-    """Comment lines for a plan priced for another framework than the runtime these commands start (none for one
-    priced for meshplan's runtime), as runtime.launch's summary says it too."""
-    if plan.framework == "meshplan":
-        return []
-    from planner.frameworks import EXPORT_TARGETS, LABELS
-
-    export = (f" `planner export PLAN --to {EXPORT_TARGETS[plan.framework]}` gives its Megatron-LM arguments."
-              if plan.framework in EXPORT_TARGETS else "")
-    return [f"# Its prediction is for {LABELS[plan.framework]} (--framework {plan.framework}); this runs it on meshplan's",
-            f"# runtime, at the speed `planner predict` gives without --framework.{export}"]
+def priced_elsewhere_comment(plan: Plan, plan_path: str) -> list[str]:
+    """planner.frameworks.priced_elsewhere as comment lines (none for a plan priced for meshplan's runtime)."""
+    text = priced_elsewhere(plan.framework, plan_path)
+    return [f"# {line}" for line in textwrap.wrap(text, 110, break_long_words=False, break_on_hyphens=False)] if text else []
 
 
 def node_commands(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, python: str | None = None,
@@ -73,7 +68,7 @@ def node_commands(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, py
     check_nodes(plan, nodes, gpus_per_node)
     argv = torchrun_argv(plan, plan_path, nodes, gpus_per_node, f"MASTER_ADDR:{port}", plan.id or "meshplan", list(extra))
     lines = [f"# plan {plan.id}: tp {plan.tp} x pp {plan.pp} x dp {plan.dp} on {nodes} node(s) x {gpus_per_node} devices",
-             *priced_elsewhere(plan)]
+             *priced_elsewhere_comment(plan, plan_path)]
     if nodes > 1:
         lines += [f"# Run this same command on each of the {nodes} nodes (torchrun's c10d rendezvous gives each its node rank).",
                   "# MASTER_ADDR: the host name or IP address of one of these nodes that all of them can reach, the same on",
@@ -98,7 +93,7 @@ def sbatch_script(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, py
         "#!/bin/bash",
         f"# meshplan plan {plan.id}: {plan.model.name}, tp {plan.tp} x pp {plan.pp} x dp {plan.dp} on {nodes} node(s) x "
         f"{gpus_per_node} GPUs. Submit it with sbatch.",
-        *priced_elsewhere(plan),
+        *priced_elsewhere_comment(plan, plan_path),
         f"#SBATCH --job-name=meshplan-{plan.id or 'plan'}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",

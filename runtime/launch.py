@@ -29,6 +29,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from planner import __version__
 from planner.errors import MeshplanError, PlanError, SpecError
 from planner.cost import model_flops
+from planner.frameworks import priced_elsewhere
 from planner.plan import Plan, load_plan, plan_id, plan_to_dict
 from planner.results import RunResult, append_result, median_tokens_per_s, timed_steps
 from planner.specs import load_device
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if dist.get_rank() == 0 and step_s:
         memory_step = counted_step - start if counter is not None and counted_step - start > warmup else None
         result = make_result(plan, everyone, step_s, warmup, started_at, device, grad_norms, memory_step)
-        print_summary(result, start)
+        print_summary(result, start, args.plan)
         if args.results:
             append_result(args.results, result)
     elif dist.get_rank() == 0:
@@ -352,7 +353,7 @@ def block_groups(everyone: list[dict]) -> list[list[int]]:
     return list(groups.values())
 
 
-def print_summary(result: RunResult, first_step: int) -> None:
+def print_summary(result: RunResult, first_step: int, plan_file: str = "PLAN") -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -367,9 +368,9 @@ def print_summary(result: RunResult, first_step: int) -> None:
     console.print(f"{result.device}: {result.tokens_per_s:,.0f} tokens/s (median step after warm-up); "
                   f"peak memory per rank {', '.join(f'{m:.2f}' for m in result.peak_memory_gib)} GiB")
     if result.predicted:
-        framework = result.plan.get("framework", "meshplan")
-        priced = "" if framework == "meshplan" else f" (priced for {framework}, not for this runtime: `planner validate` prices it for this one)"
-        console.print(f"predicted tokens/s: {result.predicted['tokens_per_s']:,.0f}{priced}")
+        console.print(f"predicted tokens/s: {result.predicted['tokens_per_s']:,.0f}")
+        if elsewhere := priced_elsewhere(result.plan.get("framework", "meshplan"), plan_file):
+            console.print(elsewhere)
 
 
 def cli(argv: list[str] | None = None) -> int:

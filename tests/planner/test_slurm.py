@@ -92,6 +92,7 @@ def test_arguments_after_the_separator_are_only_for_launch(capsys):
 def test_a_plan_priced_for_another_framework_says_so_in_its_commands_and_script(tmp_path, capsys):
     import dataclasses
 
+    from planner.frameworks import priced_elsewhere
     from planner.plan import load_plan
 
     path = tmp_path / "p.json"
@@ -101,8 +102,19 @@ def test_a_plan_priced_for_another_framework_says_so_in_its_commands_and_script(
     assert main(["launch", str(path), "--slurm", "--print"]) == 0
     printed = capsys.readouterr().out
     script = path.with_suffix(".sbatch").read_text()
-    for text in (printed, script):
-        assert "# Its prediction is for Megatron-Core as NVIDIA benchmarks it on H100 (--framework megatron-core)" in text
-        assert "--to megatron" in text
+    for text in (printed, script):  # the one sentence (planner.frameworks.priced_elsewhere), as wrapped comment lines
+        comments = " ".join(line[2:] for line in text.splitlines() if line.startswith("# "))
+        assert priced_elsewhere("megatron-core", str(path)) in comments and f"planner export {path} --to megatron" in comments
     write_plan(path, plan)  # priced for meshplan's runtime: nothing to say
     assert main(["launch", str(path), "--print"]) == 0 and "Its prediction is for" not in capsys.readouterr().out
+
+
+def test_plan_out_of_a_plan_priced_for_another_framework_says_so_under_its_torchrun_command(tmp_path, capsys):
+    from planner.frameworks import priced_elsewhere
+
+    out = str(tmp_path / "p.json")
+    tiny = ["plan", "--model", "gpt-tiny", "--cluster", "local-cpu", "--gpus-per-node", "2", "--global-batch", "16", "--out", out]
+    assert main([*tiny, "--framework", "megatron-core"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "-m runtime.launch" in said and " ".join(priced_elsewhere("megatron-core", out).split()) in said
+    assert main(tiny) == 0 and "Its prediction is for" not in capsys.readouterr().out

@@ -214,6 +214,7 @@ def test_the_summary_says_when_the_plans_prediction_was_priced_for_another_frame
     # tokens/s is Megatron-Core's, and the summary must not pass it off as this run's prediction.
     import dataclasses
 
+    from planner.frameworks import priced_elsewhere
     from runtime.launch import print_summary
     from tests.dashboard.runs import run_line, tiny_plan
 
@@ -222,6 +223,7 @@ def test_the_summary_says_when_the_plans_prediction_was_priced_for_another_frame
     ours = result_from_dict(run_line(plan, [3.1, 2.8, 2.7], None), "a results line")
     theirs = result_from_dict(run_line(dataclasses.replace(plan, framework="megatron-core"), [3.1, 2.8, 2.7], None), "another")
     print_summary(ours, 0)
-    assert "predicted tokens/s" in (out := capsys.readouterr().out) and "priced for" not in out
+    assert "predicted tokens/s" in (out := capsys.readouterr().out) and "Its prediction is for" not in out
     print_summary(theirs, 0)
-    assert "priced for megatron-core, not for this runtime" in " ".join(capsys.readouterr().out.split())  # rich wraps
+    said = " ".join(capsys.readouterr().out.split())  # rich wraps
+    assert " ".join(priced_elsewhere("megatron-core", "PLAN").split()) in said and "--to megatron" in said
