@@ -45,6 +45,10 @@ def example_plans() -> dict[str, Plan]:
         # uneven inside the pipeline and interleaved: only a layout string says it
         "pp2-v2-uneven-layout": priced("gpt3-1.3b", "dgx-a100-80gb", 1, Knobs(1, 2, 4, 1, "interleaved", 2, "full"), 64,
                                        blocks=[5, 7, 6, 6]),
+        # a Llama-family model (GQA, SwiGLU, RMSNorm, RoPE, untied, no biases) with context parallelism, the
+        # distributed optimizer and FP8 on H100s
+        "llama3-8b-tp2-cp2-fp8": priced("llama3-8b", "dgx-h100-80gb", 1, Knobs(2, 1, 2, 1, "1f1b", 1, "selective", True, 1, cp=2,
+                                                                               precision="fp8"), 64),
     }
 
 
