@@ -97,14 +97,30 @@ def megatron_argv(plan: Plan) -> list[str]:
     return _megatron(plan)[0]
 
 
+def megatron_environment(plan: Plan) -> tuple[dict[str, str | None], list[str]]:
+    """(environment, comments): what Megatron-LM's validate_args asks of the environment for this plan on GPUs before
+    Blackwell (None: must not be set to 1), and the comment saying so. tp or cp > 1 needs CUDA_DEVICE_MAX_CONNECTIONS=1
+    (one hardware queue, so that a GEMM cannot overtake the collective it waits for), except under Megatron-FSDP
+    (ZeRO 2 and 3 here), which refuses 1 and warns that tp or cp beside it overlap less well."""
+    if plan.zero >= 2:
+        mixed = (" With tp or cp > 1 beside it, Megatron-LM warns that their communication then overlaps less well "
+                 "(they want 1)" if plan.tp > 1 or plan.cp > 1 else "")
+        return ({"CUDA_DEVICE_MAX_CONNECTIONS": None},
+                [f"zero {plan.zero} (Megatron-FSDP): leave CUDA_DEVICE_MAX_CONNECTIONS unset or above 1 (Megatron-LM "
+                 f"refuses 1 with FSDP).{mixed}"])
+    if plan.tp > 1 or plan.cp > 1:
+        return ({"CUDA_DEVICE_MAX_CONNECTIONS": "1"},
+                ["tp or cp > 1: export CUDA_DEVICE_MAX_CONNECTIONS=1 before starting it (Megatron-LM requires it before Blackwell)"])
+    return {}, []
+
+
 def _megatron(plan: Plan) -> tuple[list[str], list[str]]:
     _unmapped(plan, PLAN_FIELDS, "plan", "Megatron-LM")
     _unmapped(plan.model, MODEL_FIELDS, "model", "Megatron-LM")
     m = plan.model
     argv = [_meg("tp"), str(plan.tp), _meg("pp"), str(plan.pp)]
     comments = [f"dp {plan.dp}: Megatron-LM takes it from the world size; start it on tp x cp x pp x dp = {plan.world_size} GPUs"]
-    if plan.tp > 1:  # validate_args asserts it on GPUs before Blackwell
-        comments.append("tp > 1: export CUDA_DEVICE_MAX_CONNECTIONS=1 before starting it (Megatron-LM requires it before Blackwell)")
+    comments += megatron_environment(plan)[1]
     split, notes = _megatron_split(plan)
     argv += split
     comments += notes
@@ -112,7 +128,8 @@ def _megatron(plan: Plan) -> tuple[list[str], list[str]]:
         comments.append("schedule gpipe: Megatron-LM has no GPipe schedule and runs 1F1B (same bubble, less activation memory)")
     argv += [_meg("sequence_parallel")] * plan.sequence_parallel + [_meg("distributed_optimizer")] * plan.distributed_optimizer
     if plan.zero >= 2:  # Megatron-FSDP's strategies are ZeRO's stages: gradients too (2), and weights (3)
-        argv += ["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads" if plan.zero == 2 else "optim_grads_params"]
+        argv += ["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads" if plan.zero == 2 else "optim_grads_params",
+                 "--ckpt-format", "fsdp_dtensor"]  # the one checkpoint format validate_args allows Megatron-FSDP
     if plan.cp > 1:
         argv += [_meg("cp"), str(plan.cp)]
     if plan.precision == "fp8":

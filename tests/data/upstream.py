@@ -67,7 +67,8 @@ def write_torchtitan_names(torchtitan_dir: str) -> None:
 
 
 def plans():
-    """The exports checked: the README's gpt3-175b plan, a tp2 x pp2 interleaved plan, uneven-stage plans."""
+    """The exports checked: the README's gpt3-175b plan, a tp2 x pp2 interleaved plan, uneven-stage plans, a
+    Llama-family plan with context parallelism and FP8."""
     from tests.planner.export_plans import example_plans
 
     return example_plans().items()
@@ -77,17 +78,26 @@ def check_megatron(megatron_dir: str) -> None:
     parser = megatron_parser(megatron_dir)
     from megatron.training import arguments
 
-    # validate_args asks the GPU's architecture (for a CUDA_DEVICE_MAX_CONNECTIONS hint with tp > 1); with no GPU
-    # here, answer as an H100 (sm_90) would. Nothing else of it is replaced.
+    # validate_args asks the GPU's architecture (for the CUDA_DEVICE_MAX_CONNECTIONS rule with tp or cp > 1); with no GPU
+    # here, answer as an H100 (sm_90) would.
     arguments.get_device_arch_version = lambda: 9
+    # TransformerConfig refuses RoPE fusion (on by default with --position-embedding-type rope, as the Llama-family
+    # exports leave it: Megatron-Core as priced fuses its elementwise kernels) where Transformer Engine >= 1.4, which
+    # provides the fused kernel, is not installed, as here; answer as a machine with it would.
+    from megatron.core.models.common.embeddings import rope_utils
+
+    rope_utils.fused_apply_rotary_pos_emb = rope_utils.fused_apply_rotary_pos_emb or (lambda *a, **k: None)
 
     for name, plan in plans():
         argv = export.megatron_argv(plan)
         args = parser.parse_args(argv)  # exits on an unknown flag or a value outside its choices
         args.rank, args.world_size = 0, plan.world_size
         os.environ["WORLD_SIZE"] = str(plan.world_size)
-        if plan.tp > 1:  # as the export's comment line says
-            os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+        for key, value in export.megatron_environment(plan)[0].items():  # as the export's comment line says
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         try:
             arguments.validate_args(args)
             config = arguments.core_transformer_config_from_args(args)  # TransformerConfig checks the stage split

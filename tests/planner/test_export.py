@@ -132,6 +132,24 @@ def test_per_stage_recompute_counts_become_the_most_with_a_comment():
     assert 'mode = "full"' in titan and "# recompute: the plan recomputes some blocks per stage" in titan
 
 
+def test_cuda_device_max_connections_is_1_for_tp_or_cp_and_left_above_1_for_megatron_fsdp():
+    # Megatron-LM core_v0.16.1 validate_args before Blackwell: tp or cp > 1 asserts CUDA_DEVICE_MAX_CONNECTIONS == "1"
+    # unless FSDP is on; Megatron-FSDP asserts != "1" and a checkpoint format of fsdp_dtensor
+    # (tests/data/upstream.py check runs the real validate_args on these plans).
+    tp = PLANS["tp2-pp2-interleaved"]
+    cp_only = without(PLANS["llama3-8b-tp2-cp2-fp8"], tp=1, dp=4, sequence_parallel=False)
+    fsdp = PLANS["gpt3-175b-best"]
+    assert fsdp.zero == 3 and fsdp.tp > 1
+    for plan in (tp, cp_only):
+        assert export.megatron_environment(plan)[0] == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+        assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in export.megatron_text(plan)
+    assert export.megatron_environment(fsdp)[0] == {"CUDA_DEVICE_MAX_CONNECTIONS": None}
+    text = " ".join(line.lstrip("# ") for line in export.megatron_text(fsdp).splitlines())
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" not in text and "leave CUDA_DEVICE_MAX_CONNECTIONS unset or above 1" in text
+    assert flags(fsdp)["--ckpt-format"] == "fsdp_dtensor" and "--ckpt-format" not in flags(tp)
+    assert export.megatron_environment(PLANS["pp2-v2-uneven-layout"]) == ({}, [])  # tp 1, cp 1: nothing asked
+
+
 def test_gpipe_has_no_megatron_schedule_and_says_so():
     plan = without(PLANS["pp4-uneven-first-last"], schedule="gpipe")
     assert "# schedule gpipe: Megatron-LM has no GPipe schedule" in export.megatron_text(plan)
