@@ -146,7 +146,7 @@ def _add_compare(sub) -> None:
     _add_memory_headroom(p)
     _add_knobs(p, required=False)
     p.add_argument("--time-limit", type=_non_negative_float, default=None, metavar="SECONDS",
-                   help="stop each cluster's search after this long (default: none)")
+                   help="stop each cluster's search after this long, once every configuration is bounded (default: none)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
     out.add_argument("--markdown", action="store_true", help="print a Markdown table, as in the README (default: a table)")
@@ -162,8 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(p)
     p.add_argument("--top", type=_positive_int, default=5, help="plans to show (default 5)")
     p.add_argument("--time-limit", type=_non_negative_float, default=None, metavar="SECONDS",
-                   help="stop the search after this long and say how far from proven the answer is "
-                        "(default: none; the search runs until its best plans are proven the fastest under the model)")
+                   help="stop the search after this long and say how far from proven the answer is; every "
+                        "configuration is bounded first whatever the limit, and the limit cuts the layer splits and "
+                        "simulations after that (default: none; the search runs until its best plans are proven the "
+                        "fastest under the model)")
     p.add_argument("--out", default=None, help="write the best plan here, plan.json format (default: write nothing)")
     p = sub.add_parser("predict", help="price one configuration")
     _add_common(p)

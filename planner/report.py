@@ -170,6 +170,24 @@ def print_training(plans, costs) -> None:
     console.print(COST_NOTE)
 
 
+def time_limit_note(result) -> str:
+    """What a search cut short by its time limit did not prove (planner.search.SearchResult with complete False)."""
+    fitting = sum(p.prediction.fits for p in result.plans)
+    if result.gap_pct > 0:
+        text = (f"The time limit stopped the search before its ranking was proven: the best plan may be up to "
+                f"{result.gap_pct:.1f}% faster than the one shown.")
+    else:
+        more = (f"{fitting - 1} more of the {result.top} asked for were priced in time, not proven the next fastest"
+                if fitting > 1 else f"no more of the {result.top} asked for were priced in time")
+        text = (f"The time limit stopped the search early. The first plan is proven the fastest (no configuration left "
+                f"unpriced can beat it); {more}.")
+    limit, bound = result.time_limit_s, result.phases_s["bound"]
+    if limit is not None and bound > limit:
+        text += (f" Every configuration is bounded first, whatever the limit (that took {bound:.1f} s here, over the "
+                 f"{limit:g} s limit); the limit cuts the layer splits and simulations after it.")
+    return text
+
+
 def print_plans(result, out: str | None, training: tuple[int, float | None] | None = None) -> None:
     plans = result.plans
     best = plans[0]
@@ -180,8 +198,7 @@ def print_plans(result, out: str | None, training: tuple[int, float | None] | No
                   f"{result.split:,} layer splits solved, {result.priced:,} priced by simulation "
                   f"(bounds {ph['bound']:.2f} s, splits {ph['split']:.2f} s, simulation {ph['simulate']:.2f} s); profile: {best.profile}")
     if not result.complete:
-        console.print(f"[yellow]The time limit stopped the search before its ranking was proven: the best plan may be up to "
-                      f"{result.gap_pct:.1f}% faster than the one shown.[/yellow]")
+        console.print(f"[yellow]{time_limit_note(result)}[/yellow]")
     fitting = [p for p in plans if p.prediction.fits]
     console.print(plans_table(plans, "Ranked plans (fastest first)" if fitting else "No plan fits; the closest configurations"))
     if not fitting:

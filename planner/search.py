@@ -73,6 +73,11 @@ class SearchResult:
     """False when a time limit stopped the search before the ranking was proven."""
     gap_pct: float = 0.0
     """With complete=False: how much faster than the best plan returned an unpriced candidate may still be."""
+    top: int = 5
+    """How many plans were asked for."""
+    time_limit_s: float | None = None
+    """The time limit the search ran under (None: none). Every configuration is bounded first, whatever it is:
+    the gap is measured against those bounds; the limit stops the layer splits and simulations that follow."""
     plan_knobs: tuple[Knobs, ...] = ()
     """The knobs each of plans was searched as (Plan.knobs reads recompute off the first stage, which a split
     that recomputes some blocks of a 'none' candidate sets to 'full')."""
@@ -352,7 +357,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
     elapsed = time.perf_counter() - start
     knobs = tuple(cands[i].knobs for i in ranked) if ranked else tuple(cands[i].knobs for i in closest)
     return SearchResult(tuple(plans), tuple(cands), len(cands), elapsed, timings, split=len(solved_of), priced=len(priced),
-                        complete=complete, gap_pct=gap, plan_knobs=knobs)
+                        complete=complete, gap_pct=gap, top=top, time_limit_s=time_limit_s, plan_knobs=knobs)
 
 
 def _priced_candidate(plan: Plan, knobs: Knobs) -> Candidate:

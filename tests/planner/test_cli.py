@@ -199,6 +199,19 @@ def test_a_search_cut_short_says_how_much_faster_the_best_plan_may_be(capsys):
     assert "may be up to 12.3% faster" in capsys.readouterr().out
 
 
+def test_a_search_cut_short_with_its_best_plan_proven_says_so_and_not_that_it_may_be_0_percent_faster(capsys):
+    from planner.search import search
+    from planner.specs import load_cluster, load_device, load_model
+
+    args = (load_model("gpt3-13b"), load_cluster("dgx-a100-80gb", nodes=4), load_device("a100-sxm4-80gb"), 256)
+    assert main(["plan", "--model", "gpt3-13b", "--cluster", "dgx-a100-80gb", "--nodes", "4", "--global-batch", "256",
+                 "--time-limit", "0"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "The first plan is proven the fastest" in said and "0.0% faster" not in said
+    assert "Every configuration is bounded first, whatever the limit" in said and "over the 0 s limit" in said
+    assert search(*args, top=1).plans[0].id in said  # the proven best is the one shown
+
+
 def test_a_device_override_is_the_device_the_plan_records_so_validate_prices_it_on_that_device(tmp_path, capsys):
     from planner.specs import PROFILES_DIR, load_device
 
