@@ -45,6 +45,20 @@ class StageCost:
         return self.forward_s + self.backward_s + self.recompute_s
 
 
+def compile_problem(*, tp: int, sequence_parallel: bool) -> str | None:
+    """Why meshplan's runtime cannot compile a plan's blocks (runtime/parallel/compile.py), or None; predict and the
+    search refuse what it refuses. Checked on torch 2.13 (CPU, inductor), each against one process's losses:
+    compile alone, with selective and full recomputation, DDP, FSDP2 zero 2 and 3, 1F1B and interleaved
+    pipelining, cp, and tp with sequence parallelism (with cp, pp or FSDP2 too) all train as eager does. tp without
+    sequence parallelism does not: its first backward fails in an eager DTensor redistribute that the compiled
+    blocks hand a plain tensor gradient ('Tensor' object has no attribute '_local_tensor')."""
+    if tp > 1 and not sequence_parallel:
+        return ("compile with tp > 1 needs sequence_parallel: without it the backward fails on torch 2.13 (a DTensor "
+                "redistribute is handed a plain tensor gradient by the compiled blocks); turn sequence_parallel on or "
+                "compile off")
+    return None
+
+
 def check_knobs(model: ModelSpec, cluster: ClusterSpec, knobs: Knobs, global_batch: int) -> None:
     """Bad combinations of user-given knobs: one error naming the field."""
     src = "configuration"
@@ -75,6 +89,14 @@ def check_knobs(model: ModelSpec, cluster: ClusterSpec, knobs: Knobs, global_bat
     if model.tie_embeddings and knobs.pp * knobs.virtual_stages > 1:
         raise SpecError(src, "pp", f"{model.name} ties its embedding and head, which meshplan's runtime keeps on one stage; "
                                    f"use pp 1 (got pp {knobs.pp} x virtual_stages {knobs.virtual_stages})")
+    if knobs.sequence_parallel and knobs.tp == 1:
+        raise SpecError(src, "sequence_parallel", "shards the norms and dropout over the tp group, so it needs tp > 1; "
+                                                  "got tp 1: turn it off or raise tp")
+    if knobs.schedule == "interleaved" and knobs.pp == 1:
+        raise SpecError(src, "schedule", "interleaved deals chunks of layers round the pipeline's devices, so it needs "
+                                         "pp > 1; got pp 1: use 1f1b, or raise pp")
+    if knobs.compile and (why := compile_problem(tp=knobs.tp, sequence_parallel=knobs.sequence_parallel)):
+        raise SpecError(src, "compile", why)
     if knobs.schedule != "interleaved" and knobs.virtual_stages != 1:
         raise SpecError(src, "virtual_stages", f"only the interleaved schedule takes virtual stages, got {knobs.virtual_stages} with {knobs.schedule}")
     if model.layers < knobs.pp * knobs.virtual_stages:

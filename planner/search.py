@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import time
 from dataclasses import dataclass
 
 from planner import schedule
 from planner.bounds import every_split_bound_s, split_bound_s
-from planner.cost import (DEFAULT_MEMORY_HEADROOM_GIB, MESHPLAN, CostModel, Framework, check_knobs, device_memories, fits_bytes,
-                          model_flops, predict, stage_cost_list, stage_fixed_busy_s, uniform_stages)
+from planner.cost import (DEFAULT_MEMORY_HEADROOM_GIB, MESHPLAN, CostModel, Framework, check_knobs, compile_problem, device_memories,
+                          fits_bytes, model_flops, predict, stage_cost_list, stage_fixed_busy_s, uniform_stages)
 from planner.errors import PlanError, SpecError
 from planner.ilp import Assignment, device_terms, solve_split, split_chunks
 from planner.memory import GIB
@@ -140,6 +141,8 @@ def enumerate_knobs(model: ModelSpec, cluster: ClusterSpec, global_batch: int, p
                     for sched, v in _schedules(p, m, model.layers, pins):
                         for rc in ([pins["recompute"]] if "recompute" in pins else RECOMPUTE):
                             for sp in ([pins["sequence_parallel"]] if "sequence_parallel" in pins else ([False, True] if t > 1 else [False])):
+                                if (sp and t == 1) or (compile_ and compile_problem(tp=t, sequence_parallel=sp)):
+                                    continue  # check_knobs refuses these pinned; unpinned they are not candidates
                                 for z in zeros:
                                     out.append(Knobs(t, p, d, b, sched, v, rc, sp, z, cp, precision, compile_))
     return out
@@ -383,6 +386,15 @@ def exhaustive_search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProf
 def _explain_empty(model: ModelSpec, cluster: ClusterSpec, global_batch: int, pins: dict) -> None:
     """No configuration is consistent with the pins: say which constraint rules them out."""
     pins = zero_pins(pins)
+    given = {k: pins[k] for k in ("tp", "cp", "pp", "dp") if k in pins}  # named as given, none filled in
+    product, every = math.prod(given.values()), len(given) == 4
+    if given and (cluster.gpus % product or (every and product != cluster.gpus)):
+        names = " x ".join(f"{k} {v}" for k, v in given.items()) + (f" = {product}" if len(given) > 1 else "")
+        raise PlanError(f"{names} does not {'equal' if every else 'divide'} the cluster's {cluster.gpus} devices ({cluster.nodes} "
+                        f"nodes x {cluster.gpus_per_node}); pin degrees whose product {'is' if every else 'divides'} {cluster.gpus}")
+    if "micro_batch" in pins and global_batch % pins["micro_batch"]:
+        raise SpecError("configuration", "micro_batch", f"global batch {global_batch} is not divisible by micro_batch "
+                                                        f"{pins['micro_batch']}; pick a micro-batch that divides it")
     tp, cp, pp = pins.get("tp", 1), pins.get("cp", 1), pins.get("pp", 1)
     knobs = Knobs(tp, pp, pins.get("dp", cluster.gpus // (tp * cp * pp) or 1),
                   pins.get("micro_batch", 1), pins.get("schedule", "1f1b"), pins.get("virtual_stages", 1),

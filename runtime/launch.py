@@ -28,7 +28,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from planner import __version__
 from planner.errors import MeshplanError, PlanError, SpecError
-from planner.cost import model_flops
+from planner.cost import compile_problem, model_flops
 from planner.frameworks import priced_elsewhere
 from planner.plan import Plan, load_plan, plan_id, plan_to_dict
 from planner.results import RunResult, append_result, median_tokens_per_s, timed_steps
@@ -39,7 +39,7 @@ from runtime.memory import LiveTensorBytes
 from runtime.mesh import build_mesh
 from runtime.model import GPT, Block, GPTConfig
 from runtime.parallel.clip import clip_grad_norm_
-from runtime.parallel.compile import apply_compile, compile_problem
+from runtime.parallel.compile import apply_compile
 from runtime.parallel.context import apply_cp
 from runtime.parallel.data import all_reduce_gradients, apply_data_parallel, finish_step, reduces_by_hand, zero_grad_to_none
 from runtime.parallel.optimizer import build_optimizer

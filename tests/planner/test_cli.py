@@ -8,6 +8,7 @@ import pytest
 
 from planner.cli import main
 from planner.plan import load_plan
+from tests.planner.refusals import refused
 
 
 def run(capsys, *argv):
@@ -234,3 +235,13 @@ def test_every_framework_has_a_label_and_is_a_choice_of_the_framework_flag(capsy
     assert set(EXPORT_TARGETS) <= set(FRAMEWORKS) and set(EXPORT_TARGETS.values()) <= set(EXPORTERS)
     code, err = run_argparse(capsys, "plan", *TINY, "--framework", "no-such")
     assert code == 2 and all(name in err for name in FRAMEWORKS)
+
+
+@pytest.mark.parametrize("pins, said", [
+    (("--tp", "3"), "tp 3 does not divide the cluster's 512 devices"),
+    (("--tp", "8", "--pp", "128"), "tp 8 x pp 128 = 1024 does not divide the cluster's 512 devices"),
+    (("--tp", "2", "--cp", "2", "--pp", "2", "--dp", "2"), "tp 2 x cp 2 x pp 2 x dp 2 = 16 does not equal the cluster's 512"),
+    (("--micro-batch", "7"), "micro_batch: global batch 1536 is not divisible by micro_batch 7")])
+def test_pins_no_configuration_satisfies_are_named_as_given_without_degrees_the_user_did_not_give(capsys, pins, said):
+    err = refused(capsys, "plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb", "--global-batch", "1536", *pins)
+    assert said in err and "dp 170" not in err and "dp 512" not in err

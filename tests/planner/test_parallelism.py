@@ -77,3 +77,26 @@ def test_the_search_cuts_a_long_sequence_over_context_parallel_ranks():
     assert best.prediction.fits and best.cp > 1
     assert search(long, load_cluster("dgx-h100-80gb", nodes=4), H100, 16, {"cp": 1}, top=1).plans[0].prediction.iteration_s \
         >= best.prediction.iteration_s
+
+
+def test_compile_with_tp_and_no_sequence_parallelism_is_refused_and_never_searched_as_the_runtime_refuses_it():
+    # runtime.launch refuses these plans (planner.cost.compile_problem, the one rule): the planner must not write one.
+    with pytest.raises(SpecError, match="compile: compile with tp > 1 needs sequence_parallel"):
+        price(LLAMA8, Knobs(2, 1, 32, 1, "1f1b", 1, "none", False, 3, compile=True))
+    price(LLAMA8, Knobs(2, 1, 32, 1, "1f1b", 1, "none", True, 3, compile=True))  # with SP it compiles
+    cluster = load_cluster("local-cpu", gpus_per_node=2)
+    r = search(load_model("gpt-tiny"), cluster, load_device("cpu"), 32, {"compile": True, "tp": 2}, top=50)
+    assert r.plans and all(p.sequence_parallel for p in r.plans)
+    assert all(c.knobs.sequence_parallel for c in r.candidates)
+
+
+@pytest.mark.parametrize("knobs, field", [(Knobs(1, 8, 8, 1, sequence_parallel=True), "sequence_parallel"),
+                                          (Knobs(8, 1, 8, 1, "interleaved", 2), "schedule")])
+def test_a_knob_that_means_nothing_at_its_degree_is_refused_not_shown(knobs, field):
+    # sequence parallelism shards over tp, interleaving deals chunks over pp: at 1 they would be shown as 'yes' and
+    # 'interleaved v=2' while nothing is sharded or interleaved.
+    with pytest.raises(SpecError, match=f"{field}: .* needs (tp|pp) > 1"):
+        price(LLAMA8, knobs)
+    pins = {"sequence_parallel": True} if field == "sequence_parallel" else {"schedule": "interleaved"}
+    r = search(LLAMA8, load_cluster("dgx-h100-80gb", nodes=1), H100, 64, pins, top=3)
+    assert all((c.knobs.tp > 1) if field == "sequence_parallel" else (c.knobs.pp > 1) for c in r.candidates)
