@@ -306,6 +306,8 @@ def plan_from_dict(d: dict, source: str) -> Plan:
     if not isinstance(d, dict):
         raise SpecError(source, "(top level)", "expected a JSON object")
     version = d.get("version")
+    if version is None:
+        raise SpecError(source, "version", "no version field: not a meshplan plan file; write one with `planner plan --out plan.json`")
     if version != PLAN_VERSION:
         raise SpecError(source, "version", f"plan version {version!r} is not supported (this meshplan reads version {PLAN_VERSION}); re-create it with `planner plan --out`")
     d = dict(d)
@@ -371,6 +373,8 @@ def load_plan(path: str | Path, warn=lambda message: print(f"warning: {message}"
     edited by hand) is still loaded, with the new id, and `warn` says so: its prediction is for the old plan.
     (Refusing would stop a legitimate hand edit; keeping the old id would pool its results with another plan's.)"""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(str(path), "(file)", "is a directory, not a plan file; give the plan.json that `planner plan --out` wrote")
     if not path.is_file():
         raise SpecError(str(path), "(file)", "no such plan file; write one with `planner plan --out plan.json`")
     try:

@@ -13,7 +13,15 @@ from rich.table import Table
 from planner.frameworks import priced_elsewhere
 
 # Piped output (make run, CI logs) gets a wide table instead of rich's 80-column default.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else shutil.get_terminal_size((180, 24)).columns)
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader of stdout has gone (`planner plan ... | head`): rich would exit at once; raise BrokenPipeError
+        instead, so that the CLI stops printing but still writes --out (planner.io.stdout_reader_may_go)."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
+console = _Console(highlight=False, width=None if sys.stdout.isatty() else shutil.get_terminal_size((180, 24)).columns)
 
 
 def _recompute_label(plan) -> str:
@@ -104,15 +112,15 @@ def compact_plans_table(plans, title: str) -> Table:
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0,
               caption=FLOPS_NOTE + " SP/Zn: sequence parallel / ZeRO stage n; fp8, cc: Float8 linears, compiled; "
                                    "cN: context parallel over N ranks.", caption_justify="left")
-    for col in ("tp×pp×dp", "mbs", "sched", "recompute", "SP/Zn", "blocks", "iter s", "tok/s", "TF/s", "MFU", "GiB"):
+    for col in ("#", "tp×pp×dp", "mbs", "sched", "recompute", "SP/Zn", "blocks", "iter s", "tok/s", "TF/s", "MFU", "GiB"):
         t.add_column(col, justify="left" if col in ("sched", "recompute", "SP/Zn", "blocks") else "right", no_wrap=True)
-    for p in plans:
+    for i, p in enumerate(plans, 1):
         pr = p.prediction
         sched = f"int v={p.virtual_stages}" if p.schedule == "interleaved" else p.schedule
         knobs = "/".join(k for k, on in (("SP", p.sequence_parallel), (f"Z{p.zero}", p.zero > 0), ("fp8", p.precision == "fp8"),
                                          ("cc", p.compile)) if on) or "-"
         gib = f"{pr.peak_memory_gib:.0f}" if pr.peak_memory_gib >= 100 else f"{pr.peak_memory_gib:.1f}"
-        t.add_row(degrees_label(p, compact=True), str(p.micro_batch), sched, _recompute_label(p).replace("selective", "sel"), knobs,
+        t.add_row(str(i), degrees_label(p, compact=True), str(p.micro_batch), sched, _recompute_label(p).replace("selective", "sel"), knobs,
                   blocks_label(p, 10), f"{pr.iteration_s:.3g}", _count(pr.tokens_per_s), f"{pr.tflops_per_gpu:.3g}",
                   f"{100 * pr.mfu:.1f}%", gib if pr.fits else f"[red]{gib}![/red]")
     return t
@@ -164,7 +172,7 @@ def print_training(plans, costs) -> None:
     for col in ("#", "tp×pp×dp", "tokens/s", "days", "GPU-hours", "cost"):
         t.add_column(col, justify="right", no_wrap=True)
     for i, (p, c) in enumerate(zip(plans, costs), 1):
-        t.add_row(str(i), f"{p.tp}×{p.pp}×{p.dp}", f"{c.tokens_per_s:,.0f}", _days(c.days), _count(c.gpu_hours), _usd(c.cost_usd))
+        t.add_row(str(i), degrees_label(p), f"{c.tokens_per_s:,.0f}", _days(c.days), _count(c.gpu_hours), _usd(c.cost_usd))
     console.print(training_title(costs[0].tokens, costs[0].gpu_hour_price_usd))
     console.print(t)
     console.print(COST_NOTE)

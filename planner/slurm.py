@@ -18,6 +18,7 @@ from planner.frameworks import priced_elsewhere
 from planner.plan import Plan
 
 DEFAULT_PORT = 29500
+NO_TORCH = "torch is not installed for this Python: pip install 'meshplan[runtime]'"
 
 
 def torchrun_prefix(python: str | None = None) -> str:
@@ -58,7 +59,25 @@ def torchrun_argv(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, en
 
 def priced_elsewhere_comment(plan: Plan, plan_path: str) -> list[str]:
     """planner.frameworks.priced_elsewhere as comment lines (none for a plan priced for meshplan's runtime)."""
-    text = priced_elsewhere(plan.framework, plan_path)
+    return _comment(priced_elsewhere(plan.framework, plan_path))
+
+
+def does_not_fit(plan: Plan) -> str | None:
+    """What a plan whose recorded prediction says it does not fit (planner predict --out writes those too) is warned
+    with; launching is not refused: the prediction may be stale or the user may know better."""
+    pr = plan.prediction
+    if pr is None or pr.fits:
+        return None
+    return (f"the plan's prediction says it does not fit: {pr.reason or 'no reason recorded'}; run as it is, it will likely "
+            "run out of memory (planner plan finds plans that fit)")
+
+
+def does_not_fit_comment(plan: Plan) -> list[str]:
+    """does_not_fit as comment lines (none for a plan that fits)."""
+    return _comment(f"warning: {text}" if (text := does_not_fit(plan)) else None)
+
+
+def _comment(text: str | None) -> list[str]:
     return [f"# {line}" for line in textwrap.wrap(text, 110, break_long_words=False, break_on_hyphens=False)] if text else []
 
 
@@ -68,14 +87,14 @@ def node_commands(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, py
     check_nodes(plan, nodes, gpus_per_node)
     argv = torchrun_argv(plan, plan_path, nodes, gpus_per_node, f"MASTER_ADDR:{port}", plan.id or "meshplan", list(extra))
     lines = [f"# plan {plan.id}: tp {plan.tp} x pp {plan.pp} x dp {plan.dp} on {nodes} node(s) x {gpus_per_node} devices",
-             *priced_elsewhere_comment(plan, plan_path)]
+             *priced_elsewhere_comment(plan, plan_path), *does_not_fit_comment(plan)]
     if nodes > 1:
         lines += [f"# Run this same command on each of the {nodes} nodes (torchrun's c10d rendezvous gives each its node rank).",
                   "# MASTER_ADDR: the host name or IP address of one of these nodes that all of them can reach, the same on",
                   f"# every node (e.g. the first node's); the rendezvous listens there on port {port}. The plan file and this",
                   "# Python must be at these paths on every node (a shared file system)."]
     if torch_missing(python):
-        lines.append("# torch is not installed for this Python: pip install 'meshplan[runtime]' (or pass --python)")
+        lines.append(f"# {NO_TORCH} (or pass --python)")
     lines.append(f"{torchrun_prefix(python)} {shlex.join(argv)}")
     return "\n".join(lines) + "\n"
 
@@ -94,6 +113,7 @@ def sbatch_script(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, py
         f"# meshplan plan {plan.id}: {plan.model.name}, tp {plan.tp} x pp {plan.pp} x dp {plan.dp} on {nodes} node(s) x "
         f"{gpus_per_node} GPUs. Submit it with sbatch.",
         *priced_elsewhere_comment(plan, plan_path),
+        *does_not_fit_comment(plan),
         f"#SBATCH --job-name=meshplan-{plan.id or 'plan'}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",

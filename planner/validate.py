@@ -7,7 +7,9 @@ model's error from the machine's noise. Bad lines are reported and skipped, neve
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 
 from planner.cost import predict
 from planner.errors import MeshplanError
@@ -48,6 +50,22 @@ def _measured_step_s(line: dict) -> float:
     return plan["global_batch"] * plan["model"]["seq_len"] / line["tokens_per_s"]
 
 
+def not_results(path: str) -> str | None:
+    """Why a file whose first line is not JSON is no results file at all, in one line instead of one per line: it is
+    one JSON document over many lines (a plan file, say), or not text. None when it is neither (a mangled results file)."""
+    results = "a results file (one JSON line per run, as runtime.launch --results writes them)"
+    try:
+        doc = json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        return f"{path}: not a text file, so not {results}"
+    except (OSError, ValueError):
+        return None
+    if isinstance(doc, dict) and "version" in doc and "stages" in doc:
+        return (f"{path}: a plan file (plan.json), not a results file; run the plan with --results FILE (e.g. "
+                f"`planner launch {path} -- --results run.jsonl`), then validate that file")
+    return f"{path}: one JSON document, not {results}"
+
+
 def load_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
     """Good results lines (with their parsed plan) and a message for each bad one."""
     good, skipped = [], []
@@ -56,6 +74,9 @@ def load_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
             lines = list(read_jsonl(path))
         except MeshplanError as e:
             skipped.append(str(e))
+            continue
+        if lines and lines[0][2] and (why := not_results(path)):
+            skipped.append(why)
             continue
         for n, obj, err in lines:
             where = f"{path}:{n}"

@@ -30,6 +30,7 @@ from planner import __version__
 from planner.errors import MeshplanError, PlanError, SpecError
 from planner.cost import compile_problem, model_flops
 from planner.frameworks import priced_elsewhere
+from planner.io import check_folder, check_target
 from planner.plan import Plan, load_plan, plan_id, plan_to_dict
 from planner.results import RunResult, append_result, median_tokens_per_s, timed_steps
 from planner.specs import load_device
@@ -95,6 +96,10 @@ def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> Non
         raise SpecError("--lr-min-ratio", "lr_min_ratio", f"must be at most 1 (a fraction of --lr), got {args.lr_min_ratio}")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise SpecError("--checkpoint-every", "checkpoint_every", "needs --checkpoint-dir to save into")
+    if args.results is not None:  # refused now, not when rank 0 writes it after training
+        check_target(args.results, "--results")
+    if args.checkpoint_dir is not None:
+        check_folder(args.checkpoint_dir, "--checkpoint-dir")
     m, pp = plan.num_microbatches, plan.pp
     if pp > 1 and plan.schedule == "1f1b" and m < pp:
         raise SpecError(args.plan, "num_microbatches", f"1F1B needs at least pp = {pp} microbatches, got {m}; use gpipe or more microbatches")

@@ -34,6 +34,17 @@ def test_planner_imports_no_torch_even_when_planning():
     assert r.returncode == 0, r.stderr
 
 
+def test_profile_without_torch_says_in_one_line_what_to_install(capsys, monkeypatch, tmp_path):
+    # As after `pip install .` without [runtime]: `import torch` fails inside runtime.profile's own import.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.delitem(sys.modules, "runtime.profile", raising=False)
+    from tests.planner.refusals import refused
+
+    err = refused(capsys, "profile", "--device", "cpu", "--quick", "--out", str(tmp_path / "p.json"))
+    assert "needs torch" in err and "pip install 'meshplan[runtime]'" in err
+    assert "runtime.profile" not in sys.modules and not any(tmp_path.iterdir())  # the real import failed; nothing written
+
+
 def test_plan_json_lists_ranked_plans_and_out_writes_a_loadable_plan(tmp_path, capsys):
     out = tmp_path / "plan.json"
     code, stdout, _ = run(capsys, "plan", *TINY, "--json", "--out", str(out))
@@ -147,6 +158,39 @@ def test_validate_with_a_missing_results_file_says_so(tmp_path, capsys):
     assert code == 1
 
 
+def test_validate_given_a_plan_file_says_so_in_one_line_and_how_to_get_a_results_file(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["plan", *TINY, "--out", str(plan)]) == 0 and plan.read_text().count("\n") > 10  # multi-line JSON
+    capsys.readouterr()
+    code, stdout, _ = run(capsys, "validate", str(plan), "--json")
+    assert code == 1
+    assert json.loads(stdout)["skipped"] == [f"{plan}: a plan file (plan.json), not a results file; run the plan with --results "
+                                             f"FILE (e.g. `planner launch {plan} -- --results run.jsonl`), then validate that file"]
+
+
+def test_validate_given_a_directory_or_a_binary_file_says_which_in_one_line(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.jsonl").write_text("")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blob").write_bytes(b"\xd0\xff\x00\n\xfe\n")
+    code, stdout, _ = run(capsys, "validate", str(tmp_path / "runs"), str(tmp_path / "empty"), str(tmp_path / "blob"), "--json")
+    runs, empty, blob = json.loads(stdout)["skipped"]
+    assert code == 1 and "no such results file" not in runs + empty
+    assert runs == f"{tmp_path / 'runs'}: a directory, not a results file; give the results files in it: {tmp_path / 'runs'}/*.jsonl (1 here)"
+    assert "a directory" in empty and "it holds no results files (*.jsonl)" in empty
+    assert blob.startswith(f"{tmp_path / 'blob'}: not a text file")
+
+
+@pytest.mark.parametrize("command", [("export", "--to", "megatron"), ("launch",)])
+def test_export_and_launch_given_a_directory_or_a_json_file_that_is_no_plan_say_which(tmp_path, capsys, command):
+    from tests.planner.refusals import refused
+
+    assert "is a directory, not a plan file" in refused(capsys, *command, str(tmp_path))
+    (tmp_path / "foo.json").write_text('{"foo": 1}')
+    err = refused(capsys, *command, str(tmp_path / "foo.json"))
+    assert "version: no version field: not a meshplan plan file" in err and "None" not in err
+
+
 def test_validate_skips_a_torn_line_and_a_plan_that_no_longer_parses_and_reports_the_rest(tmp_path, capsys):
     import dataclasses
 
@@ -183,6 +227,10 @@ def test_memory_headroom_decides_what_fits_and_its_default_is_in_the_help(capsys
     assert not tight["fits"] and "headroom" in tight["reason"]
     code, err = run_argparse(capsys, "plan", *TINY, "--memory-headroom", "-1")
     assert code == 2 and "--memory-headroom" in err
+    # A headroom of the whole device leaves no usable memory: refused, not priced as '-20 GiB usable'.
+    for command in (args[:-1], ("plan", *args[1:9])):
+        err = refused(capsys, *command, "--memory-headroom", "100")
+        assert "--memory-headroom" in err and "leaves nothing of the 80 GiB" in err
     with pytest.raises(SystemExit):
         main(["plan", "--help"])
     assert "default 2 GiB" in capsys.readouterr().out

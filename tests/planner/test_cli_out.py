@@ -63,3 +63,19 @@ def test_a_global_batch_above_the_limit_is_refused_at_once_naming_the_flag(capsy
     assert time.perf_counter() - t0 < 1.0
     assert f"--global-batch: global_batch: 1,000,000,000 sequences is above {MAX_GLOBAL_BATCH:,}" in err
     assert "above" in refused(capsys, *PREDICT[:-8], "--global-batch", str(MAX_GLOBAL_BATCH + 1), *PREDICT[-8:])
+
+
+@pytest.mark.parametrize("command", [("plan", *TINY), ("plan", *TINY, "--json"), PREDICT])
+def test_a_reader_of_stdout_that_goes_away_still_leaves_the_plan_written(tmp_path, command):
+    # `planner plan ... --out plan.json | head -1`: printing stops, the write that follows it does not.
+    import subprocess
+    import sys
+
+    out = tmp_path / "plan.json"
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    r = subprocess.run([sys.executable, "-m", "planner.cli", *command, "--out", str(out)], stdout=write,
+                       stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert json.loads(out.read_text())["id"]

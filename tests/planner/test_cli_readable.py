@@ -46,6 +46,15 @@ def test_the_ranked_plans_fit_80_columns_with_no_value_cut(argv):
     assert "…" not in table  # rich shortens a cell it cannot fit with an ellipsis
 
 
+def test_the_training_cost_table_names_each_plan_by_its_number_and_degrees_with_cp_as_the_ranked_table_does():
+    out = planner_at(80, "plan", "--model", "llama3-70b", "--cluster", "dgx-h100-80gb", "--nodes", "64", "--global-batch",
+                     "1024", "--tokens", "15T", "--top", "2")
+    ranked, cost = out[:out.index("Time and cost to train")], out[out.index("Time and cost to train"):]
+    header = next(line for line in ranked.splitlines() if "tp×pp×dp" in line)
+    assert header.split()[0] == "#" and "2×1×128c2" in ranked  # the 80-column table numbers its rows too
+    assert "2×1×128 cp 2" in cost
+
+
 def test_a_wide_terminal_gets_every_column_and_both_say_what_tflops_and_mfu_count():
     wide = planner_at(200, "plan", "--model", "gpt3-1.3b", "--cluster", "dgx-a100-80gb", "--nodes", "2", "--global-batch", "64")
     assert "ZeRO" in wide and "TFLOP/s/GPU" in wide and "blocks/stage" in wide

@@ -118,3 +118,26 @@ def test_plan_out_of_a_plan_priced_for_another_framework_says_so_under_its_torch
     said = " ".join(capsys.readouterr().out.split())
     assert "-m runtime.launch" in said and " ".join(priced_elsewhere("megatron-core", out).split()) in said
     assert main(tiny) == 0 and "Its prediction is for" not in capsys.readouterr().out
+
+
+def test_a_plan_predicted_not_to_fit_is_written_and_launched_with_a_warning_giving_its_reason(tmp_path, capsys):
+    from planner.plan import load_plan
+
+    path = tmp_path / "nofit.json"
+    predict = ["predict", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb", "--nodes", "64", "--global-batch", "1536",
+               "--tp", "1", "--pp", "1", "--dp", "512", "--micro-batch", "3", "--out", str(path)]
+    assert main(predict) == 0
+    reason = load_plan(str(path)).prediction.reason
+    assert reason and f"warning: wrote {path}, but the plan's prediction says it does not fit: {reason}" in capsys.readouterr().err
+    assert main(["launch", str(path), "--slurm", "--print"]) == 0  # warned, not refused
+    printed = capsys.readouterr()
+    assert f"does not fit: {reason}" in printed.err
+    for text in (printed.out, path.with_suffix(".sbatch").read_text()):  # as wrapped comment lines, before the commands
+        comments = " ".join(line[2:] for line in text.splitlines() if line.startswith("# "))
+        assert f"warning: the plan's prediction says it does not fit: {reason}" in comments
+    assert main([*predict[:-10], "--tp", "8", "--pp", "8", "--dp", "8", "--micro-batch", "1", "--recompute", "full",
+                 "--out", str(path)]) == 0  # one that fits: the usual line saying where it went and how to start it
+    written = capsys.readouterr()
+    assert "does not fit" not in written.err and f"Wrote {path}" in written.out
+    assert main(["launch", str(path), "--print"]) == 0
+    assert "does not fit" not in capsys.readouterr().out

@@ -64,6 +64,22 @@ def test_checkpoint_every_without_a_directory_is_refused(capsys, monkeypatch, tm
     assert "checkpoint_every: needs --checkpoint-dir" in err
 
 
+@pytest.mark.parametrize("flag,where,message", [("--results", "adir", "--results: {p} is a directory"),
+                                                ("--results", "keep.json/r.jsonl", "is a file, not a folder"),
+                                                ("--results", "", "--results: an empty path"),
+                                                ("--checkpoint-dir", "keep.json", "--checkpoint-dir: {p} is a file"),
+                                                ("--checkpoint-dir", "keep.json/ckpt", "is a file, not a folder")])
+def test_a_results_or_checkpoint_path_that_cannot_be_written_is_refused_before_training(capsys, monkeypatch, tmp_path,
+                                                                                        flag, where, message):
+    # Found only after training, these lost the run's results (a traceback from rank 0's write, or every rank's first save).
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "keep.json").write_text("{}")
+    p = str(tmp_path / where) if where else ""
+    err = refusal(capsys, monkeypatch, plan_dict(), tmp_path, flags=(flag, p))
+    assert message.format(p=p) in err
+    assert (tmp_path / "keep.json").read_text() == "{}" and not any((tmp_path / "adir").iterdir())
+
+
 def test_missing_plan_file_is_refused_without_a_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "runtime.launch", str(tmp_path / "nope.json")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
