@@ -210,8 +210,9 @@ def print_plans(result, out: str | None, training: tuple[int, float | None] | No
     fitting = [p for p in plans if p.prediction.fits]
     console.print(plans_table(plans, "Ranked plans (fastest first)" if fitting else "No plan fits; the closest configurations"))
     if not fitting:
-        for p in plans:
-            console.print(f"  tp {p.tp} pp {p.pp} dp {p.dp} mbs {p.micro_batch}: {p.prediction.reason}")
+        for i, p in enumerate(plans, 1):
+            console.print(f"  #{i} tp {p.tp}{f' cp {p.cp}' if p.cp > 1 else ''} pp {p.pp} dp {p.dp} mbs {p.micro_batch} "
+                          f"recompute {_recompute_label(p)}: {p.prediction.reason}")
         return
     if training:
         from planner.compare import plan_training_cost

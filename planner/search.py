@@ -357,6 +357,8 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
         # Nothing fits: show the configurations that come closest, each with its reason.
         closest = sorted(range(len(cands)), key=lambda i: (cands[i].peak_memory_gib, i))[:top]
         plans = [price(cm, cands[i].knobs, global_batch, timings) for i in closest]
+        order = sorted(range(len(plans)), key=lambda j: (plans[j].prediction.peak_memory_gib, j))  # priced, closest first
+        plans, closest = [plans[j] for j in order], [closest[j] for j in order]
     elapsed = time.perf_counter() - start
     knobs = tuple(cands[i].knobs for i in ranked) if ranked else tuple(cands[i].knobs for i in closest)
     return SearchResult(tuple(plans), tuple(cands), len(cands), elapsed, timings, split=len(solved_of), priced=len(priced),

@@ -87,6 +87,11 @@ def test_a_model_that_fits_nowhere_says_which_stage_and_how_much_over(capsys):
     code, stdout, err = run(capsys, "plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb", "--nodes", "1", "--global-batch", "8")
     assert code == 1
     assert "no plan fits" in err and "GiB over" in err
+    # The closest configurations come closest first, each reason says which one it is, and the error names the first.
+    reasons = [line.strip() for line in stdout.splitlines() if line.strip().startswith("#") and "GiB over" in line]
+    needs = [float(r.split(" needs ")[1].split(" GiB")[0]) for r in reasons]
+    assert len(reasons) == 5 and needs == sorted(needs) and all(" recompute " in r for r in reasons)
+    assert reasons[0].startswith("#1 ") and reasons[0].split(": ", 1)[1] in err
 
 
 @pytest.mark.parametrize("argv, field", [
