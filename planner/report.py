@@ -288,7 +288,9 @@ def print_validation(report: dict) -> None:
         if report.get("memory_mape_pct") is not None:
             worst = max((m for r in report["runs"] for m in r["memory"]), key=lambda m: abs(m["error_pct"]))
             console.print(f"Peak memory, every rank: mean absolute error {report['memory_mape_pct']:.1f}% "
-                          f"(worst rank {worst['rank']}: predicted {worst['predicted_gib']:.3f} GiB, measured {worst['measured_gib']:.3f})")
+                          f"(worst rank {worst['rank']}: predicted {worst['predicted_gib']:.3f} GiB, measured {worst['measured_gib']:.3f}). "
+                          "Both count tensors: the predicted figure is the plan's peak GiB less the profile's framework "
+                          "overhead (the CUDA context, or on CPU the process's own memory), which neither counter sees.")
     else:
         console.print("[red]No valid runs to compare.[/red]")
 

@@ -371,7 +371,8 @@ def print_summary(result: RunResult, first_step: int, plan_file: str = "PLAN") -
     console = Console()
     console.print(table)
     console.print(f"{result.device}: {result.tokens_per_s:,.0f} tokens/s (median step after warm-up); "
-                  f"peak memory per rank {', '.join(f'{m:.2f}' for m in result.peak_memory_gib)} GiB")
+                  f"peak memory per rank {', '.join(f'{m:.2f}' for m in result.peak_memory_gib)} GiB of tensors (a plan's peak GiB "
+                  "adds its device's framework overhead, which this does not count)")
     if result.predicted:
         console.print(f"predicted tokens/s: {result.predicted['tokens_per_s']:,.0f}")
         if elsewhere := priced_elsewhere(result.plan.get("framework", "meshplan"), plan_file):

@@ -46,6 +46,20 @@ def test_validate_compares_every_ranks_peak_memory_with_its_pipeline_devices(tmp
     assert report["memory_mape_pct"] == pytest.approx((abs(errs[0]) + abs(errs[1])) / 2)
 
 
+def test_validate_says_its_predicted_memory_is_the_plans_peak_less_the_framework_overhead(tmp_path, monkeypatch, capsys):
+    # planner plan's table shows the peak with the overhead, the run and validate without it: the table says why.
+    from planner.report import print_validation
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    plan = _plan("llama-tiny", 2, 1, 1)
+    line = run_line(plan, [plan.prediction.iteration_s] * 3, None)
+    line["peak_memory_gib"] = [0.2, 0.2]
+    (path := tmp_path / "runs.jsonl").write_text(json.dumps(line) + "\n")
+    print_validation(validate([str(path)]))
+    said = " ".join(capsys.readouterr().out.split())
+    assert "the predicted figure is the plan's peak GiB less the profile's framework overhead" in said
+
+
 def test_validate_scales_each_prediction_by_how_much_slower_the_reference_block_ran_than_when_profiled(tmp_path, monkeypatch, capsys):
     from planner.report import print_validation
 
