@@ -36,6 +36,7 @@ from planner.results import RunResult, append_result, median_tokens_per_s, timed
 from planner.specs import load_device
 from planner.slurm import torchrun_prefix
 from runtime import checkpoint, data, machine
+from runtime.args import parse_args
 from runtime.memory import LiveTensorBytes
 from runtime.mesh import build_mesh
 from runtime.model import GPT, Block, GPTConfig
@@ -49,31 +50,6 @@ from runtime.parallel.recompute import apply_recompute
 from runtime.parallel.tensor import apply_tp, cross_entropy
 from runtime.precision import apply_fp8, fp8_problem
 from runtime.train import lr_at, pipeline_step, plain_step, synchronize, time_stage_calls
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m runtime.launch",
-                                description="Train a GPT exactly as plan.json says and measure it.")
-    p.add_argument("plan", help="plan.json (version 1), as `planner plan --out` writes it")
-    p.add_argument("--steps", type=int, default=10, help="train until this many steps are done (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data (default 0)")
-    p.add_argument("--results", help="append one JSON line with the measurements to this file")
-    p.add_argument("--checkpoint-dir", help="save checkpoints here; a run started again with it resumes")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save every K steps (default: only at the end)")
-    p.add_argument("--data", help="flat uint16 token file (nanoGPT's train.bin); default: a seeded synthetic stream")
-    p.add_argument("--warmup", type=int, default=1, help="steps left out of tokens/s and stage timings (default 1; at least 1 under "
-                   "pipelining; on CPU the last step, which counts memory, is left out too)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default 1e-3)")
-    p.add_argument("--lr-warmup-steps", type=int, default=None,
-                   help="steps of linear warm-up to --lr (default: a tenth of --steps, at least 1)")
-    p.add_argument("--lr-decay-steps", type=int, default=None,
-                   help="cosine decay from the end of warm-up to --lr-min-ratio * --lr at this step (default: --steps; give it, "
-                        "and --lr-warmup-steps, when a run is stopped early by a smaller --steps and resumed)")
-    p.add_argument("--lr-min-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr (default 0.1)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0,
-                   help="clip the whole model's gradient to this 2-norm (default 1.0; 0 turns clipping off)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per CPU rank (default 1)")
-    return p.parse_args(argv)
 
 
 def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> None:

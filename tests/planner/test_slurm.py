@@ -141,3 +141,15 @@ def test_a_plan_predicted_not_to_fit_is_written_and_launched_with_a_warning_givi
     assert "does not fit" not in written.err and f"Wrote {path}" in written.out
     assert main(["launch", str(path), "--print"]) == 0
     assert "does not fit" not in capsys.readouterr().out
+
+
+def test_launch_refuses_runtime_arguments_runtime_launch_would_refuse_before_it_writes_anything(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    write_plan(path, priced("gpt3-1.3b", "dgx-a100-80gb", 2, Knobs(2, 4, 2, 1), 64))
+    for extra, said in ((["--stepz", "3"], "unrecognized arguments: --stepz 3"), (["--steps", "x"], "invalid int value: 'x'"),
+                        (["--help"], "--help prints runtime.launch's flags")):
+        err = refused(capsys, "launch", str(path), "--slurm", "--", *extra)
+        assert "runtime.launch arguments" in err and said in err
+    assert not path.with_suffix(".sbatch").exists()
+    assert main(["launch", str(path), "--print", "--", "--steps", "3", "--results", "r.jsonl"]) == 0
+    assert "-m runtime.launch " + str(path) + " --steps 3 --results r.jsonl" in capsys.readouterr().out
