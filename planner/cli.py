@@ -211,7 +211,8 @@ def cmd_launch(args) -> int:
         print(node_commands(plan, args.plan, nodes, gpus, **common), end="")
     if args.slurm:
         atomic_write_text(out, script)
-        print(f"Wrote {out}: {nodes} node(s) x {gpus} GPUs, one torchrun per node. Submit it with: sbatch {out}")
+        print(f"Wrote {out}: {nodes} node(s) x {gpus} {'CPU ranks' if plan.cluster.device == 'cpu' else 'GPUs'}, one torchrun "
+              f"per node. Submit it with: sbatch {out}")
         if warning := does_not_fit(plan):  # in the script as a comment too, where it is easily missed
             print(f"warning: {warning}", file=sys.stderr)
     return 0

@@ -111,13 +111,14 @@ def sbatch_script(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, py
     lines = [
         "#!/bin/bash",
         f"# meshplan plan {plan.id}: {plan.model.name}, tp {plan.tp} x pp {plan.pp} x dp {plan.dp} on {nodes} node(s) x "
-        f"{gpus_per_node} GPUs. Submit it with sbatch.",
+        f"{gpus_per_node} {'CPU ranks' if plan.cluster.device == 'cpu' else 'GPUs'}. Submit it with sbatch.",
         *priced_elsewhere_comment(plan, plan_path),
         *does_not_fit_comment(plan),
         f"#SBATCH --job-name=meshplan-{plan.id or 'plan'}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gpus-per-node={gpus_per_node}",
+        # a CPU cluster's ranks are processes, not GPUs to reserve (torchrun's gloo backend)
+        *([f"#SBATCH --cpus-per-task={gpus_per_node}"] if plan.cluster.device == "cpu" else [f"#SBATCH --gpus-per-node={gpus_per_node}"]),
         f"#SBATCH --chdir={workdir or os.getcwd()}",
         "#SBATCH --output=meshplan-%j.out",
         "set -euo pipefail",

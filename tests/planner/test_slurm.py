@@ -153,3 +153,12 @@ def test_launch_refuses_runtime_arguments_runtime_launch_would_refuse_before_it_
     assert not path.with_suffix(".sbatch").exists()
     assert main(["launch", str(path), "--print", "--", "--steps", "3", "--results", "r.jsonl"]) == 0
     assert "-m runtime.launch " + str(path) + " --steps 3 --results r.jsonl" in capsys.readouterr().out
+
+
+def test_a_cpu_plans_sbatch_script_reserves_cpus_for_its_ranks_not_gpus(tmp_path, capsys):
+    path = tmp_path / "tiny.json"
+    assert main(["plan", "--model", "gpt-tiny", "--cluster", "local-cpu", "--gpus-per-node", "2", "--global-batch", "16",
+                 "--out", str(path)]) == 0
+    assert main(["launch", str(path), "--slurm"]) == 0 and "2 CPU ranks" in capsys.readouterr().out
+    script = path.with_suffix(".sbatch").read_text()
+    assert "#SBATCH --cpus-per-task=2" in script and "--gpus-per-node" not in script.split("set -euo")[0]
