@@ -169,7 +169,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from planner.report import print_validation
+    from planner.report_validation import print_validation
     from planner.validate import validate
 
     report = validate(args.results)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from planner.errors import MeshplanError
 from planner.plan import write_plan
-from planner.report import console, plans_table, print_validation
+from planner.report import console, plans_table
+from planner.report_validation import print_validation
 from planner.search import search
 from planner.specs import load_cluster, load_device, load_model, measured_profile_path
 from planner.validate import validate

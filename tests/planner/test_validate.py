@@ -48,7 +48,7 @@ def test_validate_compares_every_ranks_peak_memory_with_its_pipeline_devices(tmp
 
 def test_validate_says_its_predicted_memory_is_the_plans_peak_less_the_framework_overhead(tmp_path, monkeypatch, capsys):
     # planner plan's table shows the peak with the overhead, the run and validate without it: the table says why.
-    from planner.report import print_validation
+    from planner.report_validation import print_validation
 
     monkeypatch.delenv("FORCE_COLOR", raising=False)
     plan = _plan("llama-tiny", 2, 1, 1)
@@ -61,7 +61,7 @@ def test_validate_says_its_predicted_memory_is_the_plans_peak_less_the_framework
 
 
 def test_validate_scales_each_prediction_by_how_much_slower_the_reference_block_ran_than_when_profiled(tmp_path, monkeypatch, capsys):
-    from planner.report import print_validation
+    from planner.report_validation import print_validation
 
     from tests.planner.test_measured import _device
 
@@ -113,7 +113,7 @@ def test_a_profile_without_a_reference_for_the_model_claims_no_drift(tmp_path, m
 
 
 def test_validate_takes_each_step_less_the_time_its_slowest_rank_waited_for_a_core(tmp_path, capsys):
-    from planner.report import print_validation
+    from planner.report_validation import print_validation
 
     plan = _plan("gpt-tiny", 1, 2, 8)
     line = run_line(plan, [9.0, 2.0, 2.2, 7.0], None)
@@ -164,3 +164,19 @@ def test_a_results_line_whose_waits_do_not_match_its_steps_and_ranks_is_skipped_
     path.write_text(json.dumps(line) + "\n")
     report = validate([str(path)])
     assert not report["runs"] and "machine.step_wait_s" in report["skipped"][0] and "3 lists" in report["skipped"][0]
+
+
+def test_the_run_column_gives_line_numbers_under_a_title_naming_the_file_when_every_run_is_in_one(tmp_path, monkeypatch, capsys):
+    # A whole path per row (two runs each) was cut to 'docs/meas…' over two lines in a 200-column terminal.
+    from planner.report_validation import print_validation
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+    plan = _plan("llama-tiny", 2, 1, 1)
+    line = json.dumps(run_line(plan, [plan.prediction.iteration_s] * 3, None))
+    (path := tmp_path / "deep" / "folder" / "runs.jsonl").parent.mkdir(parents=True)
+    path.write_text(line + "\n" + line + "\n")
+    print_validation(validate([str(path)]))
+    out = capsys.readouterr().out
+    assert f"Predicted vs measured ({path}; run: its lines)" in out
+    assert any(row.startswith("│ 1, 2 ") for row in out.splitlines())
