@@ -197,10 +197,10 @@ def cmd_launch(args) -> int:
 
     if args.out is not None and not args.slurm:
         raise SpecError("--out", "out", "names the sbatch script, so it needs --slurm")
-    from runtime.args import problem  # runtime.launch's flags, without torch
+    from planner.runtime_args import problem  # runtime.launch's flags, without torch
 
     if args.runtime_args and (why := problem(args.runtime_args)):  # refused here, not on every node at start
-        raise SpecError("--", "runtime.launch arguments", f"{why} (`python -m runtime.args` lists runtime.launch's flags)")
+        raise SpecError("--", "runtime.launch arguments", f"{why} (`python -m planner.runtime_args` lists runtime.launch's flags)")
     plan = load_plan(args.plan)
     nodes, gpus = args.nodes or plan.cluster.nodes, args.gpus_per_node or plan.cluster.gpus_per_node
     common = dict(python=args.python, port=args.port, extra=tuple(args.runtime_args))

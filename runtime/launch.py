@@ -36,7 +36,7 @@ from planner.results import RunResult, append_result, median_tokens_per_s, timed
 from planner.specs import load_device
 from planner.slurm import torchrun_prefix
 from runtime import checkpoint, data, machine
-from runtime.args import parse_args
+from planner.runtime_args import parse_args
 from runtime.memory import LiveTensorBytes
 from runtime.mesh import build_mesh
 from runtime.model import GPT, Block, GPTConfig

@@ -1,5 +1,6 @@
-"""runtime.launch's flags, apart from it and from torch, so that `planner launch plan.json -- FLAGS` can check the
-flags it passes on before it writes commands or a script that would fail on every node."""
+"""runtime.launch's flags, in the planner (no torch here; the runtime imports them, never the reverse), so that
+`planner launch plan.json -- FLAGS` can check the flags it passes on before it writes commands or a script that would
+fail on every node."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def problem(argv: list[str]) -> str | None:
     """What argparse would refuse in runtime.launch's arguments (after the plan), or None."""
     if {"-h", "--help"} & set(argv):
-        return "--help prints runtime.launch's flags and exits instead of training; `python -m runtime.args` prints them"
+        return "--help prints runtime.launch's flags and exits instead of training; `python -m planner.runtime_args` prints them"
     p = parser()
 
     def refuse(message: str):
