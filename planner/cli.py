@@ -102,7 +102,7 @@ def cmd_predict(args) -> int:
     from planner.compare import cost_to_dict, plan_training_cost
     from planner.cost import FRAMEWORKS, predict
     from planner.plan import Knobs, write_plan
-    from planner.search import zero_pins
+    from planner.pins import zero_pins
     from planner.report import print_prediction, print_written
     from planner.slurm import does_not_fit
 

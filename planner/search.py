@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import math
 import time
 from dataclasses import dataclass
 
 from planner import schedule
 from planner.bounds import every_split_bound_s, split_bound_s
-from planner.cost import (DEFAULT_MEMORY_HEADROOM_GIB, MESHPLAN, CostModel, Framework, check_knobs, compile_problem, device_memories,
+from planner.cost import (DEFAULT_MEMORY_HEADROOM_GIB, MESHPLAN, CostModel, Framework, compile_problem, device_memories,
                           fits_bytes, model_flops, predict, stage_cost_list, stage_fixed_busy_s, uniform_stages)
-from planner.errors import PlanError, SpecError
 from planner.ilp import Assignment, device_terms, solve_split, split_chunks
 from planner.memory import GIB
+from planner.pins import explain_empty, zero_pins
 from planner.plan import RECOMPUTE, Knobs, Plan, Stage
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec
 
@@ -148,19 +147,6 @@ def enumerate_knobs(model: ModelSpec, cluster: ClusterSpec, global_batch: int, p
     return out
 
 
-def zero_pins(pins: dict) -> dict:
-    """The pins with distributed_optimizer (the flag of old) as the ZeRO stage it means: on is 1, off is 0."""
-    if "distributed_optimizer" not in pins:
-        return pins
-    pins = dict(pins)
-    dist_opt = pins.pop("distributed_optimizer")
-    if "zero" in pins and (pins["zero"] >= 1) != dist_opt:
-        raise SpecError("--distributed-optimizer", "distributed_optimizer", f"{'on' if dist_opt else 'off'} contradicts --zero "
-                        f"{pins['zero']} (it means --zero 1, or --zero 0 when off); give one of them")
-    pins.setdefault("zero", 1 if dist_opt else 0)
-    return pins
-
-
 def _schedules(p: int, m: int, layers: int, pins: dict) -> list[tuple[str, int]]:
     if p == 1:
         options = [("1f1b", 1)]  # one stage: no pipeline, the schedule does not matter
@@ -259,7 +245,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
     start = time.perf_counter()
     knobs = enumerate_knobs(model, cluster, global_batch, pins)
     if not knobs:
-        _explain_empty(model, cluster, global_batch, pins)
+        explain_empty(model, cluster, global_batch, pins)
     cm = CostModel(model, cluster, device, framework, memory_headroom_gib)
     cap = cm.capacity_gib
     flops = {full: model_flops(model, global_batch, 1.0 if full else 0.0) for full in (False, True)}
@@ -383,26 +369,3 @@ def exhaustive_search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProf
             out.append((plan.prediction.iteration_s, idx, k, plan))
     out.sort(key=lambda x: (x[0], x[1]))
     return [(k, plan) for _, _, k, plan in out]
-
-
-def _explain_empty(model: ModelSpec, cluster: ClusterSpec, global_batch: int, pins: dict) -> None:
-    """No configuration is consistent with the pins: say which constraint rules them out."""
-    pins = zero_pins(pins)
-    given = {k: pins[k] for k in ("tp", "cp", "pp", "dp") if k in pins}  # named as given, none filled in
-    product, every = math.prod(given.values()), len(given) == 4
-    if given and (cluster.gpus % product or (every and product != cluster.gpus)):
-        names = " x ".join(f"{k} {v}" for k, v in given.items()) + (f" = {product}" if len(given) > 1 else "")
-        raise PlanError(f"{names} does not {'equal' if every else 'divide'} the cluster's {cluster.gpus} devices ({cluster.nodes} "
-                        f"nodes x {cluster.gpus_per_node}); pin degrees whose product {'is' if every else 'divides'} {cluster.gpus}")
-    if "micro_batch" in pins and global_batch % pins["micro_batch"]:
-        raise SpecError("configuration", "micro_batch", f"global batch {global_batch} is not divisible by micro_batch "
-                                                        f"{pins['micro_batch']}; pick a micro-batch that divides it")
-    tp, cp, pp = pins.get("tp", 1), pins.get("cp", 1), pins.get("pp", 1)
-    knobs = Knobs(tp, pp, pins.get("dp", cluster.gpus // (tp * cp * pp) or 1),
-                  pins.get("micro_batch", 1), pins.get("schedule", "1f1b"), pins.get("virtual_stages", 1),
-                  pins.get("recompute", "none"), pins.get("sequence_parallel", False), pins.get("zero", 0), cp,
-                  pins.get("precision", "bf16"), pins.get("compile", False))
-    check_knobs(model, cluster, knobs, global_batch)
-    raise PlanError(f"no configuration of {model.name} on {cluster.gpus} devices with global batch {global_batch} satisfies "
-                    f"{', '.join(f'{k}={v}' for k, v in pins.items()) or 'the constraints'}: the global batch must divide by "
-                    f"micro_batch x dp, and tp x cp x pp x dp must equal the device count")
