@@ -193,7 +193,7 @@ def cmd_launch(args) -> int:
 
     from planner.io import atomic_write_text, check_target
     from planner.plan import load_plan
-    from planner.slurm import does_not_fit, node_commands, sbatch_script
+    from planner.slurm import devices_word, does_not_fit, node_commands, sbatch_script
 
     if args.out is not None and not args.slurm:
         raise SpecError("--out", "out", "names the sbatch script, so it needs --slurm")
@@ -211,7 +211,7 @@ def cmd_launch(args) -> int:
         print(node_commands(plan, args.plan, nodes, gpus, **common), end="")
     if args.slurm:
         atomic_write_text(out, script)
-        print(f"Wrote {out}: {nodes} node(s) x {gpus} {'CPU ranks' if plan.cluster.device == 'cpu' else 'GPUs'}, one torchrun "
+        print(f"Wrote {out}: {nodes} node(s) x {gpus} {devices_word(plan)}, one torchrun "
               f"per node. Submit it with: sbatch {out}")
         if warning := does_not_fit(plan):  # in the script as a comment too, where it is easily missed
             print(f"warning: {warning}", file=sys.stderr)
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except MeshplanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout's reader went away (`planner validate ... | head`): nothing more to say
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -92,9 +92,9 @@ def check_knobs(model: ModelSpec, cluster: ClusterSpec, knobs: Knobs, global_bat
     if knobs.sequence_parallel and knobs.tp == 1:
         raise SpecError(src, "sequence_parallel", "shards the norms and dropout over the tp group, so it needs tp > 1; "
                                                   "got tp 1: turn it off or raise tp")
-    if knobs.schedule == "interleaved" and knobs.pp == 1:
-        raise SpecError(src, "schedule", "interleaved deals chunks of layers round the pipeline's devices, so it needs "
-                                         "pp > 1; got pp 1: use 1f1b, or raise pp")
+    if knobs.schedule == "interleaved" and knobs.pp == 1:  # named by virtual_stages, which predict's flags infer it from
+        raise SpecError(src, "virtual_stages", f"{knobs.virtual_stages} (interleaved) deals chunks of layers round the "
+                                               "pipeline's devices, so it needs pp > 1; got pp 1: use 1, or raise pp")
     if knobs.compile and (why := compile_problem(tp=knobs.tp, sequence_parallel=knobs.sequence_parallel)):
         raise SpecError(src, "compile", why)
     if knobs.schedule != "interleaved" and knobs.virtual_stages != 1:

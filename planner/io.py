@@ -44,7 +44,7 @@ def _check_path(path: str | os.PathLike, source: str, *, folder: bool) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to path via a temp file in the same directory and os.replace: never half-written.
     Bad targets (see check_target) and failed writes are a MeshplanError naming the path."""
-    path = check_target(path, str(path))
+    path = check_target(path, "results file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

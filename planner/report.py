@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 
@@ -15,8 +16,10 @@ from planner.frameworks import priced_elsewhere
 class _Console(Console):
     def on_broken_pipe(self) -> None:
         """The reader of stdout has gone (`planner plan ... | head`): rich would exit at once; raise BrokenPipeError
-        instead, so that the CLI stops printing but still writes --out (planner.io.stdout_reader_may_go)."""
+        instead, so that plan and predict stop printing but still write --out (planner.io.stdout_reader_may_go); the
+        other commands end there (planner.cli.main)."""
         self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as rich does: later output goes nowhere
         raise BrokenPipeError
 
 

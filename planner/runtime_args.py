@@ -37,15 +37,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def problem(argv: list[str]) -> str | None:
-    """What argparse would refuse in runtime.launch's arguments (after the plan), or None."""
-    if {"-h", "--help"} & set(argv):
-        return "--help prints runtime.launch's flags and exits instead of training; `python -m planner.runtime_args` prints them"
+    """What argparse would refuse in runtime.launch's arguments (after the plan), or None. --help (or any prefix of
+    it argparse takes) is refused too: it would print the flags and exit instead of training."""
     p = parser()
 
     def refuse(message: str):
         raise ValueError(message)
 
-    p.error = refuse
+    def help_instead_of_training(*_):
+        raise ValueError("--help prints runtime.launch's flags and exits instead of training")
+
+    p.error, p.print_help = refuse, help_instead_of_training
     try:
         p.parse_args(["plan.json", *argv])
     except ValueError as e:

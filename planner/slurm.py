@@ -62,6 +62,15 @@ def priced_elsewhere_comment(plan: Plan, plan_path: str) -> list[str]:
     return _comment(priced_elsewhere(plan.framework, plan_path))
 
 
+def on_cpu(plan: Plan) -> bool:
+    """A CPU cluster's plan (local-cpu): its ranks are gloo processes, not GPUs to reserve."""
+    return plan.cluster.device == "cpu"
+
+
+def devices_word(plan: Plan) -> str:
+    return "CPU ranks" if on_cpu(plan) else "GPUs"
+
+
 def does_not_fit(plan: Plan) -> str | None:
     """What a plan whose recorded prediction says it does not fit (planner predict --out writes those too) is warned
     with; launching is not refused: the prediction may be stale or the user may know better."""
@@ -111,14 +120,14 @@ def sbatch_script(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, py
     lines = [
         "#!/bin/bash",
         f"# meshplan plan {plan.id}: {plan.model.name}, tp {plan.tp} x pp {plan.pp} x dp {plan.dp} on {nodes} node(s) x "
-        f"{gpus_per_node} {'CPU ranks' if plan.cluster.device == 'cpu' else 'GPUs'}. Submit it with sbatch.",
+        f"{gpus_per_node} {devices_word(plan)}. Submit it with sbatch.",
         *priced_elsewhere_comment(plan, plan_path),
         *does_not_fit_comment(plan),
         f"#SBATCH --job-name=meshplan-{plan.id or 'plan'}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",
         # a CPU cluster's ranks are processes, not GPUs to reserve (torchrun's gloo backend)
-        *([f"#SBATCH --cpus-per-task={gpus_per_node}"] if plan.cluster.device == "cpu" else [f"#SBATCH --gpus-per-node={gpus_per_node}"]),
+        *([f"#SBATCH --cpus-per-task={gpus_per_node}"] if on_cpu(plan) else [f"#SBATCH --gpus-per-node={gpus_per_node}"]),
         f"#SBATCH --chdir={workdir or os.getcwd()}",
         "#SBATCH --output=meshplan-%j.out",
         "set -euo pipefail",

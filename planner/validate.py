@@ -51,7 +51,7 @@ def _measured_step_s(line: dict) -> float:
 
 
 def not_results(path: str) -> str | None:
-    """Why a file whose first line is not JSON is no results file at all, in one line instead of one per line: it is
+    """Why a file none of whose lines is JSON is no results file at all, in one line instead of one per line: it is
     one JSON document over many lines (a plan file, say), or not text. None when it is neither (a mangled results file)."""
     results = "a results file (one JSON line per run, as runtime.launch --results writes them)"
     try:
@@ -75,7 +75,7 @@ def load_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
         except MeshplanError as e:
             skipped.append(str(e))
             continue
-        if lines and lines[0][2] and (why := not_results(path)):
+        if lines and all(err for _, _, err in lines) and (why := not_results(path)):
             skipped.append(why)
             continue
         for n, obj, err in lines:
@@ -119,7 +119,11 @@ def validate(paths: list[str]) -> dict:
         if isinstance(device, MeshplanError):
             skipped.extend(f"{g['where']}: its device {name!r} has no profile here ({device}); profile it or copy its profile" for g in group)
             continue
-        priced, _ = predict(plan.model, plan.cluster, device, plan.knobs, plan.global_batch, plan.stages)
+        try:
+            priced, _ = predict(plan.model, plan.cluster, device, plan.knobs, plan.global_batch, plan.stages)
+        except MeshplanError as e:  # a plan an older meshplan wrote and ran, which this one no longer prices
+            skipped.extend(f"{g['where']}: this meshplan does not price its plan: {e}" for g in group)
+            continue
         measured = [_measured_step_s(g["line"]) for g in group]
         med = statistics.median(measured)
         if len(measured) > 1:

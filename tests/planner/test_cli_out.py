@@ -79,3 +79,19 @@ def test_a_reader_of_stdout_that_goes_away_still_leaves_the_plan_written(tmp_pat
     os.close(write)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert json.loads(out.read_text())["id"]
+
+
+def test_a_reader_of_stdout_that_goes_away_ends_validate_quietly():
+    # `planner validate results/*.jsonl | head -1`: no traceback from the rest of its tables.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "docs/measurements/2026-12-01/make-run-quiet.jsonl"
+    read, write = os.pipe()
+    os.close(read)
+    r = subprocess.run([sys.executable, "-m", "planner.cli", "validate", str(results)], stdout=write, stderr=subprocess.PIPE,
+                       text=True, timeout=120)
+    os.close(write)
+    assert r.returncode == 1 and r.stderr == "", r.stderr
+

@@ -91,12 +91,14 @@ def test_compile_with_tp_and_no_sequence_parallelism_is_refused_and_never_search
 
 
 @pytest.mark.parametrize("knobs, field", [(Knobs(1, 8, 8, 1, sequence_parallel=True), "sequence_parallel"),
-                                          (Knobs(8, 1, 8, 1, "interleaved", 2), "schedule")])
+                                          (Knobs(8, 1, 8, 1, "interleaved", 2), "virtual_stages")])
 def test_a_knob_that_means_nothing_at_its_degree_is_refused_not_shown(knobs, field):
     # sequence parallelism shards over tp, interleaving deals chunks over pp: at 1 they would be shown as 'yes' and
     # 'interleaved v=2' while nothing is sharded or interleaved.
     with pytest.raises(SpecError, match=f"{field}: .* needs (tp|pp) > 1"):
         price(LLAMA8, knobs)
-    pins = {"sequence_parallel": True} if field == "sequence_parallel" else {"schedule": "interleaved"}
-    r = search(LLAMA8, load_cluster("dgx-h100-80gb", nodes=1), H100, 64, pins, top=3)
-    assert all((c.knobs.tp > 1) if field == "sequence_parallel" else (c.knobs.pp > 1) for c in r.candidates)
+
+
+def test_sequence_parallelism_pinned_on_is_searched_only_where_tp_is_above_1():
+    r = search(LLAMA8, load_cluster("dgx-h100-80gb", nodes=1), H100, 64, {"sequence_parallel": True}, top=3)
+    assert r.candidates and all(c.knobs.tp > 1 and c.knobs.sequence_parallel for c in r.candidates)

@@ -147,7 +147,8 @@ def test_launch_refuses_runtime_arguments_runtime_launch_would_refuse_before_it_
     path = tmp_path / "p.json"
     write_plan(path, priced("gpt3-1.3b", "dgx-a100-80gb", 2, Knobs(2, 4, 2, 1), 64))
     for extra, said in ((["--stepz", "3"], "unrecognized arguments: --stepz 3"), (["--steps", "x"], "invalid int value: 'x'"),
-                        (["--help"], "--help prints runtime.launch's flags")):
+                        (["--help"], "--help prints runtime.launch's flags"), (["--hel"], "--help prints runtime.launch's flags"),
+                        (["--results", "-h"], "argument --results: expected one argument")):
         err = refused(capsys, "launch", str(path), "--slurm", "--", *extra)
         assert "runtime.launch arguments" in err and said in err
     assert not path.with_suffix(".sbatch").exists()

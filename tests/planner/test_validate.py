@@ -180,3 +180,25 @@ def test_the_run_column_gives_line_numbers_under_a_title_naming_the_file_when_ev
     out = capsys.readouterr().out
     assert f"Predicted vs measured ({path}; run: its lines)" in out
     assert any(row.startswith("│ 1, 2 ") for row in out.splitlines())
+
+
+def test_a_results_line_whose_plan_this_meshplan_no_longer_prices_is_skipped_not_the_whole_report(tmp_path):
+    # An older meshplan wrote (and its runtime ran) sequence parallelism at tp 1, which predict now refuses.
+    import dataclasses
+
+    plan = _plan("llama-tiny", 2, 1, 1)
+    old = dataclasses.replace(_plan("gpt-tiny", 1, 2, 1), sequence_parallel=True)
+    lines = [run_line(plan, [plan.prediction.iteration_s] * 3, None), run_line(old, [old.prediction.iteration_s] * 3, None)]
+    (path := tmp_path / "runs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = validate([str(path)])
+    assert [r["model"] for r in report["runs"]] == ["llama-tiny"]
+    assert any("runs.jsonl:2: this meshplan does not price its plan" in w and "sequence_parallel" in w for w in report["skipped"])
+
+
+def test_a_results_file_with_one_binary_line_keeps_its_good_lines(tmp_path):
+    plan = _plan("llama-tiny", 2, 1, 1)
+    good = json.dumps(run_line(plan, [plan.prediction.iteration_s] * 3, None)).encode()
+    (path := tmp_path / "runs.jsonl").write_bytes(b"\xd0\xff\n" + good + b"\n")
+    report = validate([str(path)])
+    assert len(report["runs"]) == 1 and any("line 1 is not valid JSON" in w for w in report["skipped"])
+
