@@ -59,6 +59,13 @@ def compile_problem(*, tp: int, sequence_parallel: bool) -> str | None:
     return None
 
 
+def sequence_parallel_problem(*, tp: int, sequence_parallel: bool) -> str | None:
+    """Why sequence parallelism means nothing here, or None: predict refuses it pinned, the search does not make it."""
+    if sequence_parallel and tp == 1:
+        return "shards the norms and dropout over the tp group, so it needs tp > 1; got tp 1: turn it off or raise tp"
+    return None
+
+
 def check_knobs(model: ModelSpec, cluster: ClusterSpec, knobs: Knobs, global_batch: int) -> None:
     """Bad combinations of user-given knobs: one error naming the field."""
     src = "configuration"
@@ -89,9 +96,8 @@ def check_knobs(model: ModelSpec, cluster: ClusterSpec, knobs: Knobs, global_bat
     if model.tie_embeddings and knobs.pp * knobs.virtual_stages > 1:
         raise SpecError(src, "pp", f"{model.name} ties its embedding and head, which meshplan's runtime keeps on one stage; "
                                    f"use pp 1 (got pp {knobs.pp} x virtual_stages {knobs.virtual_stages})")
-    if knobs.sequence_parallel and knobs.tp == 1:
-        raise SpecError(src, "sequence_parallel", "shards the norms and dropout over the tp group, so it needs tp > 1; "
-                                                  "got tp 1: turn it off or raise tp")
+    if why := sequence_parallel_problem(tp=knobs.tp, sequence_parallel=knobs.sequence_parallel):
+        raise SpecError(src, "sequence_parallel", why)
     if knobs.schedule == "interleaved" and knobs.pp == 1:  # named by virtual_stages, which predict's flags infer it from
         raise SpecError(src, "virtual_stages", f"{knobs.virtual_stages} (interleaved) deals chunks of layers round the "
                                                "pipeline's devices, so it needs pp > 1; got pp 1: use 1, or raise pp")

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from planner import schedule
 from planner.bounds import every_split_bound_s, split_bound_s
 from planner.cost import (DEFAULT_MEMORY_HEADROOM_GIB, MESHPLAN, CostModel, Framework, compile_problem, device_memories,
-                          fits_bytes, model_flops, predict, stage_cost_list, stage_fixed_busy_s, uniform_stages)
+                          fits_bytes, model_flops, predict, sequence_parallel_problem, stage_cost_list, stage_fixed_busy_s,
+                          uniform_stages)
 from planner.ilp import Assignment, device_terms, solve_split, split_chunks
 from planner.memory import GIB
 from planner.pins import explain_empty, zero_pins
@@ -139,9 +140,10 @@ def enumerate_knobs(model: ModelSpec, cluster: ClusterSpec, global_batch: int, p
                     m = per_replica // b
                     for sched, v in _schedules(p, m, model.layers, pins):
                         for rc in ([pins["recompute"]] if "recompute" in pins else RECOMPUTE):
-                            for sp in ([pins["sequence_parallel"]] if "sequence_parallel" in pins else ([False, True] if t > 1 else [False])):
-                                if (sp and t == 1) or (compile_ and compile_problem(tp=t, sequence_parallel=sp)):
-                                    continue  # check_knobs refuses these pinned; unpinned they are not candidates
+                            for sp in ([pins["sequence_parallel"]] if "sequence_parallel" in pins else [False, True]):
+                                if sequence_parallel_problem(tp=t, sequence_parallel=sp) or (
+                                        compile_ and compile_problem(tp=t, sequence_parallel=sp)):
+                                    continue  # check_knobs refuses these pinned (the same rules); unpinned they are not candidates
                                 for z in zeros:
                                     out.append(Knobs(t, p, d, b, sched, v, rc, sp, z, cp, precision, compile_))
     return out

@@ -51,7 +51,7 @@ def _measured_step_s(line: dict) -> float:
 
 
 def not_results(path: str) -> str | None:
-    """Why a file none of whose lines is JSON is no results file at all, in one line instead of one per line: it is
+    """Why a file none of whose lines is a JSON object is no results file at all, in one line instead of one per line: it is
     one JSON document over many lines (a plan file, say), or not text. None when it is neither (a mangled results file)."""
     results = "a results file (one JSON line per run, as runtime.launch --results writes them)"
     try:
@@ -75,7 +75,7 @@ def load_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
         except MeshplanError as e:
             skipped.append(str(e))
             continue
-        if lines and all(err for _, _, err in lines) and (why := not_results(path)):
+        if lines and not any(isinstance(obj, dict) for _, obj, _ in lines) and (why := not_results(path)):
             skipped.append(why)
             continue
         for n, obj, err in lines:
