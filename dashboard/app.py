@@ -25,7 +25,7 @@ from planner.plan import Plan  # noqa: E402
 from planner.report import schedule_label, tokens_label, torchrun_command  # noqa: E402
 from planner.search import search  # noqa: E402
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, load_device  # noqa: E402
-from planner.memory import DEFAULT_MEMORY_HEADROOM_GIB  # noqa: E402
+from planner.memory import DEFAULT_MEMORY_HEADROOM_GIB, check_headroom  # noqa: E402
 
 DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_NODES, DEFAULT_BATCH = "gpt-39.1b", "dgx-a100-80gb", 8, 512
 TABS = ["Plans", "Selected plan", "Predicted vs measured", "Compare clusters"]
@@ -260,6 +260,7 @@ def main() -> None:
         model, cluster, batch, pins, headroom, framework = sidebar()
         tokens, price = training_sidebar()
         device = load_device(cluster.device)
+        check_headroom(headroom, device, "Memory headroom per device")
         usable = device.memory_gib - headroom
         if bad_link:
             raise _NoSearch

@@ -10,7 +10,7 @@ import sys
 from planner.errors import MeshplanError, SpecError
 from planner.flags import KNOB_FLAGS, build_parser  # noqa: F401 (build_parser: planner.cli's parser, for its callers)
 from planner.io import stdout_reader_may_go
-from planner.memory import DEFAULT_MEMORY_HEADROOM_GIB
+from planner.memory import DEFAULT_MEMORY_HEADROOM_GIB, check_headroom
 
 
 def _headroom(args) -> float:
@@ -31,11 +31,9 @@ def _training(args, model) -> tuple[int, float | None] | None:
 
 
 def _check_headroom(args, *devices) -> None:
-    """A --memory-headroom that leaves nothing usable is refused, not priced as negative GiB usable."""
     for d in devices:
-        if args.memory_headroom is not None and args.memory_headroom >= d.memory_gib:
-            raise SpecError("--memory-headroom", "memory_headroom_gib", f"{args.memory_headroom:g} GiB leaves nothing of the "
-                                                                        f"{d.memory_gib:g} GiB of one {d.name}; give less than that")
+        if args.memory_headroom is not None:
+            check_headroom(args.memory_headroom, d, "--memory-headroom")
 
 
 def _specs(args):

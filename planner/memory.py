@@ -7,12 +7,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.errors import SpecError
 from planner.specs import ModelSpec
 
 GIB = 1024**3
 DEFAULT_MEMORY_HEADROOM_GIB = 2.0
 """Space every device keeps free beyond the predicted peak (allocator fragmentation, NCCL's buffers, a
 spike the model does not see): a plan at 79.7 of 80 GiB is not a fit. `--memory-headroom` sets it."""
+
+
+def check_headroom(headroom_gib: float, device, source: str) -> None:
+    """A headroom that leaves nothing of a device's memory is refused (SpecError naming `source`: the flag or the
+    picker it came from), not priced as negative GiB usable."""
+    if headroom_gib >= device.memory_gib:
+        raise SpecError(source, "memory_headroom_gib", f"{headroom_gib:g} GiB leaves nothing of the {device.memory_gib:g} GiB "
+                                                       f"of one {device.name}; give less than that")
 
 
 @dataclass(frozen=True)

@@ -218,3 +218,9 @@ def test_plans_priced_for_another_framework_are_that_frameworks_search_and_say_s
     at.multiselect(key="compare_clusters").set_value(["dgx-h100-80gb"]).run()
     row = at.dataframe[0].value.iloc[0]  # the id leaves the framework out: the throughput is Megatron-Core's
     assert not at.exception and row["plan_id"] == want.id and row["tokens_per_s"] == pytest.approx(want.prediction.tokens_per_s)
+
+
+def test_a_headroom_over_the_devices_memory_is_refused_as_the_cli_refuses_it(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY, memory_headroom="500")
+    assert not at.exception
+    assert any("leaves nothing of the" in e.value and "Memory headroom per device" in e.value for e in at.error)
