@@ -78,7 +78,7 @@ def atomic_write_datasheet(path: str | os.PathLike, obj: Any) -> None:
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     """Append one JSON line. The line is built first and written with one O_APPEND write, so a
     concurrent reader sees either the whole line or nothing of it (a crash can still tear it:
-    read_jsonl tolerates a torn last line). Bad targets (see check_target) are a MeshplanError naming the path."""
+    read_jsonl tolerates a torn last line). A bad target (see check_target) is a MeshplanError naming the results file."""
     path = check_target(path, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
