@@ -63,9 +63,7 @@ def every_split_bound_s(cm, knobs: Knobs, m: int) -> tuple[float, float]:
     L, S = model.layers, p * v
     # The cheapest legal block: the knob's policy, no extra recomputation.
     c = tm.layer_forward_s + tm.layer_backward_s + tm.layer_recompute_s
-    mid = tm.fixed_forward_s(False, False) + tm.fixed_backward_s(False, False)
-    emb = tm.fixed_forward_s(True, False) + tm.fixed_backward_s(True, False) - mid
-    head = tm.fixed_forward_s(False, True) + tm.fixed_backward_s(False, True) - mid
+    mid, emb, head = tm.fixed_busy_s
     p2p = cm.p2p_s(knobs)
     blocking = cm.framework.p2p_blocking and p > 1
     # Blocking sends: each link's transfer sits in both neighbours' forward and backward.
@@ -113,6 +111,7 @@ def _memory_floor_gib(cm, knobs: Knobs, m: int, tm) -> float:
     knobs allow it; and the average device's state: a peak no split goes below."""
     model, p, v = cm.model, knobs.pp, knobs.virtual_stages
     sb, step_sb = tm.peak_state_bytes(m, knobs), tm.step_state_bytes
+    layer_b, layer_step_b = tm.layer_state_bytes(m, knobs), tm.layer_step_bytes
     a_min = tm.full_activation_bytes if knobs.recompute == "none" else tm.layer_activation_bytes
     floors = []
     for i in (0, p - 1) if p > 1 else (0,):
@@ -123,10 +122,9 @@ def _memory_floor_gib(cm, knobs: Knobs, m: int, tm) -> float:
                 + (tm.head_kept_bytes if h else 0.0))  # at least the microbatch whose loss runs backward
         ends = tm.end_params(model, knobs.tp, e, h)
         transient = sum(tm.peak_transient(h, ends, knobs.recompute == "full"))
-        floors.append(tm.overhead_bytes + max(v * tm.layer_state_bytes(m, knobs) + ends * sb + acts + transient,
-                                              v * tm.layer_step_bytes + ends * step_sb))
+        floors.append(tm.overhead_bytes + max(v * layer_b + ends * sb + acts + transient, v * layer_step_b + ends * step_sb))
     # The average device's state during the optimizer step (no activations then).
-    state = (model.layers * tm.layer_step_bytes + tm.end_params(model, knobs.tp, True, True) * step_sb) / p
+    state = (model.layers * layer_step_b + tm.end_params(model, knobs.tp, True, True) * step_sb) / p
     floors.append(tm.overhead_bytes + state)
     return max(floors) / GIB
 

@@ -244,8 +244,8 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     fwd = [c.forward_s for c in costs]
     bwd = [c.backward_s for c in costs]
     rc = [c.recompute_s for c in costs]
-    sim = schedule.simulate(knobs.schedule, p, m, v, fwd, bwd, p2p_s=p2p, recompute_s=rc, with_timeline=with_timeline)
-    sim0 = schedule.simulate(knobs.schedule, p, m, v, fwd, bwd, p2p_s=0.0, recompute_s=rc, with_timeline=False) if any(p2p) and exact_pp_comm else sim
+    sim = cm.simulate(knobs.schedule, p, m, v, fwd, bwd, p2p, rc, with_timeline)
+    sim0 = cm.simulate(knobs.schedule, p, m, v, fwd, bwd, 0.0, rc) if any(p2p) and exact_pp_comm else sim
 
     mem = device_memories(cm, knobs, stages, costs, m)
     ends, dp_exposed, opt = [], [], []

@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,9 +31,10 @@ TIME_TOLERANCE = 1e-9
 """Relative slack when comparing a device's time with T* (sums in another order differ in the last bits)."""
 
 
-@dataclass(frozen=True)
-class DeviceTerms:
-    """Linear coefficients of one pipeline device, per microbatch (from planner.terms.Terms)."""
+class DeviceTerms(NamedTuple):
+    """Linear coefficients of one pipeline device, per microbatch (from planner.terms.Terms). A named tuple, not a
+    dataclass: the search builds one per pipeline device for thousands of candidates, and reads them as rows of
+    one array."""
 
     fixed_s: float
     """Time that does not depend on the block count (embedding, head, pipelining's per-stage work,
@@ -103,26 +105,28 @@ def device_terms(tm, knobs, m: int, model, stage_fixed_s: list[float]) -> list[D
     inflight = inflight_by_stage(knobs.schedule, p, m, v)
     allow = knobs.recompute == "none"
     sb, step_sb = tm.peak_state_bytes(m, knobs), tm.step_state_bytes
+    shared = dict(layer_s=tm.layer_forward_s + tm.layer_backward_s + tm.layer_recompute_s,
+                  recompute_s=tm.full_recompute_s if allow else 0.0, layer_act_bytes=tm.layer_activation_bytes,
+                  full_act_bytes=tm.full_activation_bytes if allow else tm.layer_activation_bytes,
+                  layer_state_bytes=tm.layer_state_bytes(m, knobs), layer_step_bytes=tm.layer_step_bytes)
+    by_ends = {}  # the memory rows of a device with (embedding, head): the middle devices share one
     out = []
     for i in range(p):
         first, last = i == 0, i == p - 1
-        ends = tm.end_params(model, knobs.tp, first, last)
-        fixed_b = tm.overhead_bytes + ends * sb
-        step_b = tm.overhead_bytes + ends * step_sb
-        if first:
-            fixed_b += inflight[0] * tm.embedding_activation_bytes
-        if last:
-            fixed_b += inflight[p * v - 1] * tm.head_kept_bytes
-        transient = sum(tm.peak_transient(last, ends, knobs.recompute == "full"))
-        out.append(DeviceTerms(
-            fixed_s=sum(stage_fixed_s[c * p + i] for c in range(v)),
-            layer_s=tm.layer_forward_s + tm.layer_backward_s + tm.layer_recompute_s,
-            recompute_s=tm.full_recompute_s if allow else 0.0,
-            inflight=sum(inflight[c * p + i] for c in range(v)) / v,
-            layer_act_bytes=tm.layer_activation_bytes, full_act_bytes=tm.full_activation_bytes if allow else tm.layer_activation_bytes,
-            fixed_bytes=fixed_b, layer_state_bytes=tm.layer_state_bytes(m, knobs), transient_bytes=transient,
-            working_bytes=sum(tm.peak_transient(False, ends, True)) if allow else 0.0,
-            step_fixed_bytes=step_b, layer_step_bytes=tm.layer_step_bytes))
+        rows = by_ends.get((first, last))
+        if rows is None:
+            ends = tm.end_params(model, knobs.tp, first, last)
+            fixed_b = tm.overhead_bytes + ends * sb
+            if first:
+                fixed_b += inflight[0] * tm.embedding_activation_bytes
+            if last:
+                fixed_b += inflight[p * v - 1] * tm.head_kept_bytes
+            rows = by_ends[(first, last)] = dict(
+                fixed_bytes=fixed_b, transient_bytes=sum(tm.peak_transient(last, ends, knobs.recompute == "full")),
+                working_bytes=sum(tm.peak_transient(False, ends, True)) if allow else 0.0,
+                step_fixed_bytes=tm.overhead_bytes + ends * step_sb)
+        # Device i runs stages i, p + i, ... (one per chunk).
+        out.append(DeviceTerms(fixed_s=sum(stage_fixed_s[i::p]), inflight=sum(inflight[i::p]) / v, **shared, **rows))
     return out
 
 
@@ -130,19 +134,19 @@ def _device_times(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float
     """t[i, n-1]: device i's time holding n blocks with the fewest recomputed blocks that fit (inf: none fits);
     r[i, n-1]: that fewest number. All devices at once: (devices, blocks) arrays."""
     n = np.arange(1, n_layers + 1, dtype=float)[None, :]
-    col = lambda name: np.array([getattr(t, name) for t in terms], dtype=float)[:, None]  # noqa: E731
-    fixed_b, transient, state = col("fixed_bytes"), col("transient_bytes"), col("layer_state_bytes")
-    inflight, act, full = col("inflight"), col("layer_act_bytes"), col("full_act_bytes")
+    c = dict(zip(DeviceTerms._fields, np.array(terms, dtype=float).T[:, :, None]))  # each field: a (devices, 1) column
+    fixed_b, transient, state = c["fixed_bytes"], c["transient_bytes"], c["layer_state_bytes"]
+    inflight, act, full = c["inflight"], c["layer_act_bytes"], c["full_act_bytes"]
     cap = capacity_bytes * (1 + 1e-9)
     base = fixed_b + transient + (state + inflight * act) * n
     # The optimizer step's peak (no activations) does not depend on recomputation: it rules n out or not.
-    step_ok = col("step_fixed_bytes") + col("layer_step_bytes") * n <= cap
+    step_ok = c["step_fixed_bytes"] + c["layer_step_bytes"] * n <= cap
     ok0 = (base <= cap) & step_ok
     feasible, r = ok0, np.zeros_like(base)
     saving = inflight * (act - full)
     if allow_recompute:
         # With r > 0 the re-run block's working set joins: r >= (memory(n, 0) + extra - capacity) / saving.
-        extra = np.maximum(transient, col("working_bytes")) - transient
+        extra = np.maximum(transient, c["working_bytes"]) - transient
         with np.errstate(divide="ignore", invalid="ignore"):
             need = np.maximum(1.0, np.ceil((base + extra - cap) / saving - 1e-9))
         ok_r = ~ok0 & step_ok & (saving > 0) & (need <= n)
@@ -151,7 +155,7 @@ def _device_times(n_layers: int, terms: list[DeviceTerms], capacity_bytes: float
     # Nondecreasing in n: more blocks need more memory, so never fewer recomputed blocks; and once even
     # recomputing every block does not fit, more blocks do not fit either (each adds at least as many
     # bytes as recomputing one saves). So cap_i(T) = #{n: t_i(n) <= T} is a prefix.
-    T = np.where(feasible, col("fixed_s") + col("layer_s") * n + col("recompute_s") * r, np.inf)
+    T = np.where(feasible, c["fixed_s"] + c["layer_s"] * n + c["recompute_s"] * r, np.inf)
     return T, r
 
 

@@ -1,8 +1,9 @@
 """The search: enumerate tp*pp*dp = N and the other knobs, then branch and bound to the exact best plans.
 
 Every candidate gets a lower bound that holds for every layer split (planner/bounds.py); candidates are taken
-in bound order; the next one's layer split is solved (planner/ilp.py), which tightens its bound to that split's
-(and settles whether it fits); the next after that is priced (predict: the schedule simulated). A priced plan
+in bound order; the next one's layer split is solved (planner/ilp.py), which tightens its bound to the program's
+optimum, then to that split's stages (their costs), then settles whether it fits (their memory); the next after
+that is priced (predict: the schedule simulated). A priced plan
 that comes up first is final: every other candidate's bound, hence its price, is at least as high. The search
 stops when `top` plans are final; so its ranking is that of pricing every candidate (exhaustive_search), which
 tests/planner/test_search.py checks on hundreds of random instances.
@@ -191,30 +192,37 @@ def solve_layer_split(cm: CostModel, knobs: Knobs, m: int) -> Assignment | None:
     return solve_split(cm.model.layers, terms, tm.capacity_bytes, knobs.recompute == "none", min_layers=knobs.virtual_stages)
 
 
-def layer_split(cm: CostModel, knobs: Knobs, m: int, solved: Assignment | None | bool = False) -> tuple[tuple[Stage, ...], list, list]:
+def first_cut(cm: CostModel, knobs: Knobs, a: Assignment | None) -> tuple[tuple[Stage, ...], list]:
+    """The stages of the split program's optimum `a` (an even split when no split fits: None) and their costs,
+    before layer_split's repair (which only adds recomputation, so any bound on these stages holds after it)."""
+    v = knobs.virtual_stages
+    stages = uniform_stages(cm.model, knobs.pp * v, knobs.recompute) if a is None else stages_from_assignment(a, v, knobs.recompute)
+    return stages, stage_cost_list(cm, knobs, stages)
+
+
+def layer_split(cm: CostModel, knobs: Knobs, m: int, solved: Assignment | None | bool = False,
+                first: tuple[tuple[Stage, ...], list] | None = None) -> tuple[tuple[Stage, ...], list, list]:
     """The stages price() runs, their costs and their devices' memory: the split program's optimum (`solved`, when
-    the caller has it), or an even split when no split fits. With interleaving the program's memory rows average
-    each device's chunks; where the exact peak of the dealt chunks is over capacity, that device recomputes one
-    more block until it fits."""
+    the caller has it; `first`, its first_cut, when it has that too), or an even split when no split fits. With
+    interleaving the program's memory rows average each device's chunks; where the exact peak of the dealt chunks
+    is over capacity, that device recomputes one more block until it fits."""
     p, v = knobs.pp, knobs.virtual_stages
     tm = cm.terms(knobs)
     allow = knobs.recompute == "none"
     a = solve_layer_split(cm, knobs, m) if solved is False else solved
-    if a is None:
-        stages = uniform_stages(cm.model, p * v, knobs.recompute)
-        costs = stage_cost_list(cm, knobs, stages)
-        return stages, costs, device_memories(cm, knobs, stages, costs, m)
+    stages, costs = first or first_cut(cm, knobs, a)
     while True:
-        stages = stages_from_assignment(a, v, knobs.recompute)
-        costs = stage_cost_list(cm, knobs, stages)
         mem = device_memories(cm, knobs, stages, costs, m)
-        over = [i for i in range(p) if not fits_bytes(mem[i].total_gib * GIB, tm.capacity_bytes) and a.recomputed[i] < a.layers[i]]
+        over = [] if a is None else [i for i in range(p) if not fits_bytes(mem[i].total_gib * GIB, tm.capacity_bytes)
+                                     and a.recomputed[i] < a.layers[i]]
         if not (allow and v > 1 and over):
             return stages, costs, mem
         rec = list(a.recomputed)
         for i in over:
             rec[i] += 1
         a = dataclasses.replace(a, recomputed=tuple(rec))
+        stages = stages_from_assignment(a, v, knobs.recompute)
+        costs = stage_cost_list(cm, knobs, stages)
 
 
 def price(cm: CostModel, knobs: Knobs, global_batch: int, timings: dict | None = None, exact_pp_comm: bool = True) -> Plan:
@@ -264,6 +272,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
     heapq.heapify(heap)
     timings = {"bound": time.perf_counter() - start, "split": 0.0, "simulate": 0.0}
     solved_of: dict[int, Assignment | None] = {}
+    first_of: dict[int, tuple] = {}
     split_of: dict[int, tuple] = {}
     priced: dict[int, Plan] = {}
 
@@ -289,8 +298,18 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
             heapq.heappush(heap, (seconds, 0, idx))
             timings["split"] += time.perf_counter() - t0
             return None
+        if idx not in split_of and idx not in first_of and solved_of[idx] is not None:
+            # That split's stages and costs, and its bound (1)-(2), before their memory: most candidates stop here
+            # (their bound passes the plans already final), and the memory is the dearer half.
+            first_of[idx] = first_cut(cm, k, solved_of[idx])
+            lb = max(seconds, split_bound_s(cm, k, m, first_of[idx][1]))
+            c = cands[idx]
+            cands[idx] = _bounded(cm, k, global_batch, lb, c.peak_memory_gib, c.fits, c.reason, "bound", flops)
+            heapq.heappush(heap, (lb, 0, idx))
+            timings["split"] += time.perf_counter() - t0
+            return None
         if idx not in split_of:
-            stages, costs, mem = layer_split(cm, k, m, solved_of[idx])
+            stages, costs, mem = layer_split(cm, k, m, solved_of[idx], first_of.pop(idx, None))
             split_of[idx] = stages
             peak = max(x.total_gib for x in mem)
             fits = fits_bytes(peak, cap)

@@ -9,8 +9,9 @@ here), once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-from planner import comm
+from planner import comm, schedule
 from planner.compute import end_times, layer_times, memory_s, optimizer_step_s
 from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB,
                             activation_bytes_per_layer, cp_gathered_kv_bytes, embedding_activation_bytes, end_param_count,
@@ -131,6 +132,14 @@ class Terms:
         loss = max((self.head_transient_bytes, 0.0), (self.logit_bytes, end_params * self.end_gathered_bytes), key=sum)
         return max(loss, block, key=sum)
 
+    @cached_property
+    def fixed_busy_s(self) -> tuple[float, float, float]:
+        """A middle stage's block-independent forward + backward seconds, and what the embedding and the head add
+        to it (the search's bounds read these for every candidate)."""
+        mid = self.fixed_forward_s(False, False) + self.fixed_backward_s(False, False)
+        return (mid, self.fixed_forward_s(True, False) + self.fixed_backward_s(True, False) - mid,
+                self.fixed_forward_s(False, True) + self.fixed_backward_s(False, True) - mid)
+
     def fixed_forward_s(self, embedding: bool, head: bool) -> float:
         """A stage's forward seconds that do not depend on its blocks (sends aside)."""
         return self.stage_forward_s + (self.embedding_forward_s if embedding else 0.0) + (self.head_forward_s if head else 0.0)
@@ -161,6 +170,8 @@ class CostModel:
         self._links: dict = {}
         self._tails: dict = {}
         self._bases: dict = {}
+        self._sims: dict = {}
+        self._sharding: dict = {}
         self._stage_overhead = None
         self._world_link = cluster.inter_node if cluster.nodes > 1 else cluster.intra_node
 
@@ -278,6 +289,17 @@ class CostModel:
             got = self._p2p[key] = tuple(out)
         return got
 
+    def simulate(self, sched: str, p: int, m: int, v: int, fwd, bwd, p2p, rc, with_timeline: bool = False) -> schedule.SimResult:
+        """schedule.simulate, memoised without a timeline (the search simulates each plan it shows twice)."""
+        key = (sched, p, m, v, tuple(fwd), tuple(bwd), p2p if isinstance(p2p, (int, float)) else tuple(p2p), tuple(rc))
+        got = None if with_timeline else self._sims.get(key)
+        if got is None:
+            got = schedule.simulate(sched, p, m, v, fwd, bwd, p2p_s=p2p, recompute_s=rc, with_timeline=with_timeline)
+            if not with_timeline:
+                self._sims = self._sims if len(self._sims) < 4096 else {}  # bounded: an exhaustive search prices thousands
+                self._sims[key] = got
+        return got
+
     def _dp_group(self, k: Knobs):
         """The ranks that hold the same weights (dp x cp, stride tp) and the link their rings run at."""
         n = k.dp * k.cp
@@ -310,6 +332,13 @@ class CostModel:
         updated fp32 weights after the step (Megatron's distributed optimizer: inside dp_s)."""
         if k.zero == 0 or k.dp * k.cp == 1:
             return 0.0, 0.0, 0.0
+        key = (k.tp, k.dp * k.cp, k.zero, params)
+        got = self._sharding.get(key)
+        if got is None:
+            got = self._sharding[key] = self._sharding_s(k, params)
+        return got
+
+    def _sharding_s(self, k: Knobs, params: float) -> tuple[float, float, float]:
         n, link = self._dp_group(k)
         mode = ZERO_MODES[k.zero]
         compute_bytes = 2 if self.device.dtype_bytes == 2 or not self.framework.fp32_params else 4

@@ -1,7 +1,6 @@
 """The layer split: the direct solver reaches the integer program's optimum (brute force, and CBC on random
 instances), splits unevenly where that pays, and recomputes only what memory forces."""
 
-import dataclasses
 import itertools
 import random
 
@@ -112,7 +111,7 @@ def test_a_split_must_also_fit_while_the_optimizer_steps():
     # Activations and state fit 4 blocks on the first device (2 in flight: 3 bytes a block) and 6 on the second
     # (2 a block), 10 in all; the step's state (3 bytes a block, no activations) fits only 4 on either device of
     # 12: 8 blocks go 4 and 4, and 9, which would fit without the step, do not fit at all.
-    ts = [dataclasses.replace(t, layer_step_bytes=3.0) for t in terms(2, act=1.0, full_act=1.0, state=1.0)]
+    ts = [t._replace(layer_step_bytes=3.0) for t in terms(2, act=1.0, full_act=1.0, state=1.0)]
     a = solve_split(8, ts, 12.0, allow_recompute=True)
     assert a is not None and a.layers == (4, 4)
     assert solve_split(9, ts, 12.0, allow_recompute=True) is None
