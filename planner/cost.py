@@ -216,6 +216,13 @@ def device_stages(k: int, pp: int, v: int) -> list[int]:
     return [c * pp + k for c in range(v)]
 
 
+def check_precision(device: DeviceProfile, precision: str) -> None:
+    """fp8 only where the device has FP8 tensor cores (predict, and the search before it enumerates anything)."""
+    if precision == "fp8" and not device.fp8_peak_tflops:
+        raise SpecError("configuration", "precision", f"fp8 needs FP8 tensor cores (compute capability 8.9 or newer): "
+                                                      f"{device.name}'s profile has no fp8_peak_tflops; use bf16")
+
+
 def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs: Knobs, global_batch: int,
             stages: tuple[Stage, ...] | None = None, framework: Framework = MESHPLAN,
             with_timeline: bool = False, exact_pp_comm: bool = True, memory_headroom_gib: float = DEFAULT_MEMORY_HEADROOM_GIB,
@@ -229,9 +236,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     cm = cost_model or CostModel(model, cluster, device, framework, memory_headroom_gib)
     model, cluster, device = cm.model, cm.cluster, cm.device
     check_knobs(model, cluster, knobs, global_batch)
-    if knobs.precision == "fp8" and not device.fp8_peak_tflops:
-        raise SpecError("configuration", "precision", f"fp8 needs FP8 tensor cores (compute capability 8.9 or newer): "
-                                                      f"{device.name}'s profile has no fp8_peak_tflops; use bf16")
+    check_precision(device, knobs.precision)
     p, v, t = knobs.pp, knobs.virtual_stages, knobs.tp
     m = global_batch // (knobs.micro_batch * knobs.dp)
     stages = stages or uniform_stages(model, p * v, knobs.recompute)

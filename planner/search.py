@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from planner import schedule
 from planner.bounds import every_split_bound_s, split_bound_s
-from planner.cost import (DEFAULT_MEMORY_HEADROOM_GIB, MESHPLAN, CostModel, Framework, compile_problem, device_memories,
+from planner.cost import (DEFAULT_MEMORY_HEADROOM_GIB, MESHPLAN, CostModel, Framework, check_precision, compile_problem, device_memories,
                           fits_bytes, model_flops, predict, sequence_parallel_problem, stage_cost_list, stage_fixed_busy_s,
                           uniform_stages)
 from planner.ilp import Assignment, device_terms, solve_split, split_chunks
@@ -253,6 +253,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
     time_limit_s runs out first, the best found with how far from proven it is)."""
     pins = {k: v for k, v in (pins or {}).items() if v is not None}
     start = time.perf_counter()
+    check_precision(device, pins.get("precision", "bf16"))
     knobs = enumerate_knobs(model, cluster, global_batch, pins)
     if not knobs:
         explain_empty(model, cluster, global_batch, pins)

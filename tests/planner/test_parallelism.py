@@ -11,6 +11,8 @@ from planner.plan import Knobs
 from planner.search import search
 from planner.specs import load_cluster, load_device, load_model
 
+from tests.planner.refusals import refused
+
 H100, A100 = load_device("h100-sxm5-80gb"), load_device("a100-sxm4-80gb")
 LLAMA70, LLAMA8 = load_model("llama3-70b"), load_model("llama3-8b")
 
@@ -55,6 +57,15 @@ def test_fp8_runs_the_linears_at_the_fp8_peak_and_is_refused_without_fp8_tensor_
     assert te.breakdown.compute_s < torchao.breakdown.compute_s
     with pytest.raises(SpecError, match="precision: fp8 needs FP8 tensor cores"):
         predict(LLAMA70, load_cluster("dgx-a100-80gb", nodes=8), A100, Knobs(8, 1, 8, 1, precision="fp8"), 64)
+
+
+def test_fp8_pinned_on_a_device_without_fp8_tensor_cores_is_refused_by_the_search_as_by_predict(capsys):
+    # The search priced fp8 GEMMs at the device's fp8 peak of 0 TFLOP/s: a ZeroDivisionError in plan, compare and
+    # the dashboard, where predict already refused.
+    with pytest.raises(SpecError, match="precision: fp8 needs FP8 tensor cores"):
+        search(LLAMA8, load_cluster("dgx-a100-80gb", nodes=1), A100, 64, {"precision": "fp8"})
+    assert "fp8 needs FP8 tensor cores" in refused(capsys, "plan", "--model", "llama3-8b", "--cluster", "dgx-a100-80gb",
+                                                   "--global-batch", "64", "--precision", "fp8")
 
 
 def test_compile_prices_the_elementwise_work_as_fused():
