@@ -154,7 +154,11 @@ def _megatron(plan: Plan) -> tuple[list[str], list[str]]:
         raise MeshplanError("model.qkv_bias: false with bias: true (biases everywhere but q/k/v) has no Megatron-LM flag; "
                             "export it by hand")
     if m.position == "rope":
-        argv += ["--rotary-base", f"{m.rope_theta:g}"]
+        # Megatron-LM parses --rotary-base as an int: 1e+06 (Mistral, Qwen2) is refused by its parser.
+        if m.rope_theta != int(m.rope_theta):
+            raise MeshplanError(f"model.rope_theta: {m.rope_theta:g} is not a whole number, and Megatron-LM's "
+                                "--rotary-base takes an int; export it by hand")
+        argv += ["--rotary-base", str(int(m.rope_theta))]
     argv += ["--normalization", {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}[_model(plan, "norm")]]
     argv += ["--position-embedding-type", {"learned": "learned_absolute", "rope": "rope"}[_model(plan, "position")]]
     argv += ["--untie-embeddings-and-output-weights"] * (not _model(plan, "tie_embeddings"))
@@ -242,8 +246,11 @@ def torchtitan_keys(plan: Plan) -> tuple[dict[str, object], list[str]]:
                 + "): register one of these shapes under this name",
                 f"float8 {'on' if plan.precision == 'fp8' else 'off'}, compile {'on' if plan.compile else 'off'}: as meshplan priced this plan"]
     keys: dict[str, object] = {"model.name": "llama3" if flavor else m.name, "model.flavor": flavor or m.name, "model.converters": ["float8"] if plan.precision == "fp8" else [],
-                               # torchtitan's local batch is one dp rank's share of the global batch
-                               "training.local_batch_size": plan.global_batch // plan.dp, _tt("global_batch"): plan.global_batch,
+                               # torchtitan runs global / (local x dp) accumulation steps of local sequences per dp
+                               # rank, each split into local / micro_batch pipeline microbatches where pp > 1: so
+                               # one step of global / dp with pp, and micro_batch-sized steps without
+                               "training.local_batch_size": plan.global_batch // plan.dp if plan.pp > 1 else plan.micro_batch,
+                               _tt("global_batch"): plan.global_batch,
                                _tt("seq_len"): m.seq_len, "training.mixed_precision_param": "bfloat16",
                                _tt("tp"): plan.tp, _tt("pp"): plan.pp,
                                "parallelism.data_parallel_replicate_degree": 1 if plan.distributed_optimizer else plan.dp,

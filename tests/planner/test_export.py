@@ -170,6 +170,28 @@ def test_torchtitan_gets_degrees_schedule_stage_modules_batch_and_checkpointing(
     assert c["activation_checkpoint"] == {"mode": "full"} and c["compile"] == {"enable": False} and c["model"]["converters"] == []
 
 
+def test_torchtitan_runs_the_plans_micro_batch_per_forward_with_and_without_pipelining():
+    # torchtitan accumulates global / (local_batch_size x dp) steps of local_batch_size sequences per dp rank, and
+    # with pp splits each into local / pipeline_parallel_microbatch_size microbatches (train.py, pipeline_parallel.py
+    # @e347b1e). Without pp, local_batch_size is what one forward runs: global / dp ran 8-16x the planned micro-batch.
+    for plan in PLANS.values():
+        t = tomllib.loads(export.torchtitan_toml(plan))
+        local, dp = t["training"]["local_batch_size"], plan.dp
+        steps = t["training"]["global_batch_size"] // (local * dp)
+        per_forward = t["parallelism"]["pipeline_parallel_microbatch_size"] if plan.pp > 1 else local
+        assert per_forward == plan.micro_batch, plan.id
+        assert steps * (local // per_forward) == plan.num_microbatches, plan.id
+
+
+def test_rope_theta_exports_as_the_int_megatron_parses_and_a_fraction_is_refused():
+    plan = PLANS["llama3-8b-tp2-cp2-fp8"]
+    mistral = dataclasses.replace(plan, model=dataclasses.replace(plan.model, rope_theta=1e6))
+    argv = export.megatron_argv(mistral)
+    assert argv[argv.index("--rotary-base") + 1] == "1000000"  # was 1e+06: Megatron-LM's type=int refuses it
+    with pytest.raises(MeshplanError, match="model.rope_theta: 10000.5 is not a whole number"):
+        export.megatron_argv(dataclasses.replace(plan, model=dataclasses.replace(plan.model, rope_theta=10000.5)))
+
+
 def test_llama_family_fields_map_to_megatron_flags():
     plan = PLANS["tp2-pp2-interleaved"]
     llama = dataclasses.replace(plan.model, kv_heads=4, mlp="swiglu", norm="rmsnorm", position="rope", bias=False, qkv_bias=False)
