@@ -54,13 +54,6 @@ def _hop(cluster: ClusterSpec, a: int, b: int) -> tuple[float, float]:
     return min(e["bandwidth_GBps"] for e in edges), sum(e["latency_us"] for e in edges)
 
 
-def _canonical(cluster: ClusterSpec, a: int, b: int) -> tuple[int, int]:
-    # By symmetry, a hop depends only on the local indices and whether the nodes differ.
-    G = cluster.gpus_per_node
-    na, nb = a // G, b // G
-    return a % G, (b % G) + (G if na != nb else 0)
-
-
 def group_link(cluster: ClusterSpec, ranks: tuple[int, ...]) -> LinkSpec:
     """The link a ring over `ranks` runs at: its slowest hop's bandwidth and latency.
 
@@ -75,12 +68,12 @@ def group_link(cluster: ClusterSpec, ranks: tuple[int, ...]) -> LinkSpec:
         per_node[r // cluster.gpus_per_node] = per_node.get(r // cluster.gpus_per_node, 0) + 1
     nics = min(min(per_node.values()), cluster.gpus_per_node)
     bw, lat = float("inf"), 0.0
-    for a, b in zip(ranks, ranks[1:] + ranks[:1]):
-        ca, cb = _canonical(cluster, a, b)
-        hb, hl = _hop(cluster, ca, cb)
-        if a // cluster.gpus_per_node != b // cluster.gpus_per_node:
-            hb *= nics
-        bw, lat = min(bw, hb), max(lat, hl)
+    G = cluster.gpus_per_node
+    # By symmetry a hop depends only on the local indices and whether the nodes differ: a dp ring of thousands
+    # of ranks has a handful of kinds of hop.
+    for a, b, across in {(a % G, b % G, a // G != b // G) for a, b in zip(ranks, ranks[1:] + ranks[:1])}:
+        hb, hl = _hop(cluster, a, b + G * across)
+        bw, lat = min(bw, hb * nics if across else hb), max(lat, hl)
     return LinkSpec(bandwidth_GBps=bw, latency_us=lat)
 
 
@@ -97,16 +90,33 @@ def pp_pair(stage: int, tp: int, dp: int, pp: int) -> tuple[int, int]:
     return rank_of(stage % pp, 0, 0, dp, tp), rank_of((stage + 1) % pp, 0, 0, dp, tp)
 
 
-# The groups of one layout are alike up to a shift, so the first of each kind stands for all; the
-# search asks for the same few thousands of times.
+def _slowest(cluster: ClusterSpec, group: tuple[int, ...], shifts: set[int]) -> LinkSpec:
+    """The slowest of the groups `group` shifted by each of `shifts`: the groups of a kind run in step, so the
+    slowest sets the pace. A shift by a whole node changes no hop, so shifts are taken modulo gpus_per_node; the
+    first group alone stands for all only where the groups line up with the nodes (a tp 4 group on 6-GPU nodes,
+    or a dp 3 group of tp 2 on 8, straddles two nodes in some places and not others)."""
+    links = [group_link(cluster, tuple(r + s for r in group)) for s in sorted(shifts)]
+    return LinkSpec(bandwidth_GBps=min(x.bandwidth_GBps for x in links), latency_us=max(x.latency_us for x in links))
+
+
+def _shifts(cluster: ClusterSpec, steps: tuple[tuple[int, int], ...]) -> set[int]:
+    """Every start offset sum_i j_i * step_i (j_i < count_i), modulo gpus_per_node, for (count, step) pairs."""
+    G, out = cluster.gpus_per_node, {0}
+    for count, step in steps:
+        out = {(o + j * step) % G for o in out for j in range(min(count, G))}
+    return out
+
+
+# The search asks for the same links thousands of times.
 @lru_cache(maxsize=4096)
 def tp_link(cluster: ClusterSpec, tp: int) -> LinkSpec:
-    return group_link(cluster, tp_group(tp, 1))
+    return _slowest(cluster, tp_group(tp, 1), _shifts(cluster, ((cluster.gpus // tp, tp),)))
 
 
 @lru_cache(maxsize=4096)
 def dp_link(cluster: ClusterSpec, tp: int, dp: int) -> LinkSpec:
-    return group_link(cluster, dp_group(tp, dp))
+    """The ranks dp apart by tp: one group per tp rank (offset t) and per block of dp x tp ranks."""
+    return _slowest(cluster, dp_group(tp, dp), _shifts(cluster, ((tp, 1), (cluster.gpus // (dp * tp), dp * tp))))
 
 
 @lru_cache(maxsize=4096)
@@ -117,5 +127,6 @@ def cp_link(cluster: ClusterSpec, tp: int, cp: int) -> LinkSpec:
 
 @lru_cache(maxsize=4096)
 def pp_links(cluster: ClusterSpec, tp: int, dp: int, pp: int) -> tuple[LinkSpec, ...]:
-    """Link from pipeline device i to device i+1 (mod pp), for each i."""
-    return tuple(group_link(cluster, pp_pair(i, tp, dp, pp)) for i in range(pp))
+    """Link from pipeline device i to device i+1 (mod pp), for each i: the slowest over the dp x tp pipelines."""
+    shifts = _shifts(cluster, ((dp * tp, 1),))
+    return tuple(_slowest(cluster, pp_pair(i, tp, dp, pp), shifts) for i in range(pp))

@@ -8,7 +8,7 @@ import pytest
 from planner.cost import MEGATRON, model_flops, predict
 from planner.errors import SpecError
 from planner.plan import Knobs
-from planner.specs import load_cluster, load_device, load_model
+from planner.specs import cluster_from_dict, load_cluster, load_device, load_model
 from planner.topology import dp_link, pp_links, tp_link
 
 A100 = load_device("a100-sxm4-80gb")
@@ -40,6 +40,20 @@ def test_groups_inside_a_node_use_nvlink_and_across_nodes_use_the_nics():
     assert dp_link(c, 8, 4).bandwidth_GBps == 25          # one member per node: one NIC
     assert dp_link(c, 1, 32).bandwidth_GBps == 200        # 8 members per node: 8 NICs, under NVLink's 300
     assert pp_links(c, 8, 1, 4)[0].bandwidth_GBps == 25
+
+
+def test_a_group_that_straddles_two_nodes_somewhere_is_priced_at_the_nics_everywhere():
+    # The first group of a kind stood for all: tp 4 on 6-GPU nodes (ranks 4-7 cross nodes) was priced all on
+    # NVLink, and so was a dp 3 group of tp 2 on DGX nodes (ranks 6, 8, 10 cross). The slowest group sets the pace.
+    six = cluster_from_dict({"name": "six", "nodes": 2, "gpus_per_node": 6, "device": "h100-sxm5-80gb",
+                             "intra_node": {"bandwidth_GBps": 450, "latency_us": 4},
+                             "inter_node": {"bandwidth_GBps": 50, "latency_us": 8}}, "test")
+    assert tp_link(six, 4).bandwidth_GBps < 450 and tp_link(six, 3).bandwidth_GBps == 450
+    dgx = load_cluster("dgx-a100-80gb", nodes=3)
+    assert dp_link(dgx, 2, 3).bandwidth_GBps < 300 and dp_link(dgx, 2, 4).bandwidth_GBps == 300
+    # Pipeline devices 3 dp ranks apart: stage 1 -> 2 is ranks 3 -> 6 (one node) in the first pipeline, 5 -> 8 in the third.
+    assert pp_links(dgx, 1, 3, 8)[1].bandwidth_GBps < 300
+    assert pp_links(load_cluster("dgx-a100-80gb", nodes=2), 1, 2, 8)[0].bandwidth_GBps == 300  # 0 -> 2, 1 -> 3
 
 
 def test_model_flops_match_narayanan_formula_for_ffn_4h():
