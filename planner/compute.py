@@ -64,9 +64,9 @@ def memory_s(device: DeviceProfile, elements: float) -> float:
     return elements * device.dtype_bytes / (device.memory_bandwidth_GBps * 1e9 * device.memory_efficiency)
 
 
-def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float, cp: int = 1) -> tuple[float, float]:
+def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float, cp: int, fused: bool) -> tuple[float, float]:
     """(forward, backward) of softmax(QK^T)V for this shard's heads, b sequences' worth (b/cp under context
-    parallelism, where each rank's queries meet every key)."""
+    parallelism, where each rank's queries meet every key); fused: as one kernel (Framework.fuses_attention)."""
     s, d, heads = model.seq_len, model.hidden // model.heads, model.heads // tp
     # QK^T and AV: b*heads batched GEMMs of (s x d)@(d x s) and (s x s)@(s x d). Under context parallelism the
     # work is done chunk against chunk (2cp chunks of s/2cp tokens, Liu et al. 2023 'Ring Attention'), at the
@@ -74,7 +74,7 @@ def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float
     c = s // (2 * cp) if cp > 1 else s
     per = (s * s) / (c * c)
     gemms = gemm_s(device, c, c, d, batch=b * heads * per) + gemm_s(device, c, d, c, batch=b * heads * per)
-    if device.fused_attention:
+    if fused:
         # FlashAttention: the same FLOPs in one kernel, and with a causal mask only the tiles on or below the
         # diagonal run: half of them for s much longer than a tile (Dao 2023, FlashAttention-2, section 3.1.1);
         # the backward recomputes the scores (2.5x forward; Dao et al. 2022, FlashAttention, section 3.1).
@@ -117,9 +117,10 @@ def float8_casts_per_token(model: ModelSpec, tp: int) -> float:
 
 def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
                           precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
-                          fp8_weight_casts: bool = True, cp: int = 1) -> LayerTimes:
+                          fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None) -> LayerTimes:
     """One block on a tp shard for b sequences (a fraction with context parallelism: each cp rank holds s/cp of
-    each sequence and attends to all s keys, which is b/cp sequences' GEMM and attention work)."""
+    each sequence and attends to all s keys, which is b/cp sequences' GEMM and attention work); attention fused as
+    fused_attention says (None: as the device profile does)."""
     h, f, s, kv = model.hidden, model.ffn_hidden, model.seq_len, model.kv_dim
     tokens = b * s
     fp8 = precision == "fp8"
@@ -130,7 +131,8 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
     mlp_in = 2 if model.mlp == "swiglu" else 1
     gemm_fwd = (gemm_s(device, tokens, (h + 2 * kv) / tp, h, fp8=fp8) + gemm_s(device, tokens, h, h / tp, fp8=fp8)
                 + mlp_in * gemm_s(device, tokens, f / tp, h, fp8=fp8) + gemm_s(device, tokens, h, f / tp, fp8=fp8))
-    attn_fwd, attn_bwd = _attention_core_s(device, model, tp, b, cp)
+    fused = device.fused_attention if fused_attention is None else fused_attention
+    attn_fwd, attn_bwd = _attention_core_s(device, model, tp, b, cp, fused)
     elem = elementwise_per_token(model, tp, sequence_parallel, compiled)
     if fp8:
         # Scaling and casting the activations per token, and the weights once per microbatch (each matrix,
@@ -152,7 +154,7 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
 
 def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
                 precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
-                fp8_weight_casts: bool = True, cp: int = 1) -> LayerTimes:
+                fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None) -> LayerTimes:
     """A measured profile wins where it has this layer; the datasheet model otherwise. A measured profile times
     eager blocks: compiled, they save what elementwise_per_token says fusion saves, at the profile's own memory
     bandwidth (never below half the measurement)."""
@@ -167,7 +169,8 @@ def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequ
                                                          - elementwise_per_token(model, tp, sequence_parallel, True)))
             return LayerTimes(max(got.forward_s / 2, got.forward_s - saved), max(got.backward_s / 2, got.backward_s - 2 * saved),
                               got.selective_recompute_s, got.source)
-    return datasheet_layer_times(model, device, tp, b, sequence_parallel, precision, compiled, fp8_cast_passes, fp8_weight_casts, cp)
+    return datasheet_layer_times(model, device, tp, b, sequence_parallel, precision, compiled, fp8_cast_passes, fp8_weight_casts, cp,
+                                 fused_attention)
 
 
 def datasheet_end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float) -> EndTimes:

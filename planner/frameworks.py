@@ -58,10 +58,19 @@ class Framework:
     deepspeed_pipe: bool = False
     """DeepSpeed's pipeline engine and ZeRO-1: metadata per send and re-gathers of partitioned messages over tp,
     an all-reduce where dp_s prices a reduce-scatter, the tied-embedding reduction (planner/deepspeed.py)."""
+    fused_attention: bool | None = None
+    """Attention runs as one fused kernel (no s x s scores in memory, the causal half of the tiles run): True for
+    meshplan's runtime, whose scaled_dot_product_attention picks FlashAttention or the memory-efficient kernel on
+    every GPU (and a fused kernel on CPU), and Megatron-Core (Transformer Engine); None: as the device profile says,
+    which is how its curves were fitted (the A100's to Megatron-LM 2021, which had no FlashAttention)."""
     grad_buffers: bool = True
     """Gradients live in buffers made once (Megatron-LM's main_grad, DeepSpeed's, DDP's buckets) and so exist at
     every peak; False: autograd makes them in the backward (meshplan's runtime sets them to None after each step)
     except where DDP wraps the model (Terms.grads_at_peak)."""
+
+    def fuses_attention(self, device) -> bool:
+        """Whether attention runs fused on `device` under this framework (fused_attention, else the profile's)."""
+        return self.fused_attention if self.fused_attention is not None else device.fused_attention
 
     def overlaps_dp(self, knobs: Knobs) -> bool:
         """Whether the gradient reduction runs under the backward. meshplan's runtime: as planner/zero.py's table
@@ -75,9 +84,9 @@ class Framework:
 
 
 # meshplan's runtime: fp32 parameters (bf16 autocast on GPU), DDP/FSDP2 overlap the reduction,
-# torch.distributed.pipelining posts its sends and receives asynchronously.
+# torch.distributed.pipelining posts its sends and receives asynchronously, SDPA fuses attention.
 MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatter_gather=False, p2p_blocking=False,
-                     saved=RUNTIME_SAVED, fp32_params=True, grad_buffers=False)
+                     saved=RUNTIME_SAVED, fp32_params=True, grad_buffers=False, fused_attention=True)
 # Megatron-LM as in Narayanan et al. 2021: fp16 gradients all-reduced after the flush, no overlap;
 # blocking pipeline sends split over the node's NICs.
 MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True)
@@ -92,13 +101,14 @@ DEEPSPEED = Framework("deepspeed", grad_reduce_bytes=4, dp_overlap=False, p2p_sc
 # gradient buffer (grad_reduce_in_fp32 off, the default) reduce-scattered under the backward
 # (--overlap-grad-reduce) and the weight all-gather under the next
 # forward (--overlap-param-gather), tensor-parallel communication overlapped with GEMMs (--tp-comm-overlap),
-# asynchronous pipeline sends split over tp, FlashAttention (the device's fused_attention), FP8 through
+# asynchronous pipeline sends split over tp, FlashAttention (Transformer Engine's, on every GPU), FP8 through
 # Transformer Engine with FP8 primary weights (every FP8 recipe of NVIDIA's dgxc-benchmarking v24.11.1 sets
 # model.fp8_params: nemotron/configure.sh, llama3.1/configure.sh, nemo_megatron/gpt3_175b_hydra.yaml). The TP overlap share is fitted by bench/fit_calibration.py on the H100 runs in profiles/calibration/.
 MEGATRON_CORE_TP_OVERLAP = 0.633
 MEGATRON_CORE = Framework("megatron-core", grad_reduce_bytes=2, grad_bytes=2, dp_overlap=True, p2p_scatter_gather=True, p2p_blocking=False,
                           tp_overlap=MEGATRON_CORE_TP_OVERLAP, param_gather_overlap=True, fp8_cast_passes=1.0,
-                          fp8_weight_casts=False, fp8_primary_weights=True, fused_elementwise=True, saved=MEGATRON_CORE_SAVED)
+                          fp8_weight_casts=False, fp8_primary_weights=True, fused_elementwise=True, saved=MEGATRON_CORE_SAVED,
+                          fused_attention=True)
 FRAMEWORKS = {f.name: f for f in (MESHPLAN, MEGATRON, DEEPSPEED, MEGATRON_CORE)}
 LABELS = {"meshplan": "meshplan's runtime", "megatron": "Megatron-LM as in Narayanan et al. 2021",
           "deepspeed": "DeepSpeed's pipeline engine with ZeRO-1 as in Smith et al. 2022",

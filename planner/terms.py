@@ -184,7 +184,7 @@ class CostModel:
         if key not in self._layer:
             fw = self.framework
             self._layer[key] = layer_times(self.model, self.device, t, b, sp, precision, compiled, fw.fp8_cast_passes,
-                                           fw.fp8_weight_casts, cp)
+                                           fw.fp8_weight_casts, cp, fw.fuses_attention(self.device))
         return self._layer[key]
 
     def ends(self, t: int, b: float):
@@ -251,7 +251,7 @@ class CostModel:
         # The activation formulas (memory.py) are Korthikanti et al.'s bytes for a 2-byte dtype: scaled to the
         # device's training dtype here, and only here.
         scale = dev.dtype_bytes / 2
-        fused, saved, fp8 = dev.fused_attention, self.framework.saved, k.precision == "fp8"
+        fused, saved, fp8 = self.framework.fuses_attention(dev), self.framework.saved, k.precision == "fp8"
         gathered = cp_gathered_kv_bytes(model, t, k.micro_batch, k.cp) * scale
         return dict(
             layer_forward_s=f, layer_backward_s=bw, layer_recompute_s=rc, full_recompute_s=f, layer_tp_comm_s=4 * ar_exposed,

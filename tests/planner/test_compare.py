@@ -75,11 +75,12 @@ def test_without_tokens_plan_and_predict_print_what_they_printed_before(capsys):
 
 
 def test_the_tables_show_days_gpu_hours_and_cost_beside_tokens_per_s(capsys):
-    out = run(capsys, *PREDICT, "--tokens", "300B", "--gpu-hour-price", "1.30")[1]
-    d = json.loads(run(capsys, *PREDICT, "--json", "--tokens", "300B", "--gpu-hour-price", "1.30")[1])["training"]
-    assert "Time and cost to train 300B tokens at $1.3 per GPU-hour" in out
+    out = run(capsys, *PREDICT, "--tokens", "300B", "--gpu-hour-price", "1.40")[1]
+    d = json.loads(run(capsys, *PREDICT, "--json", "--tokens", "300B", "--gpu-hour-price", "1.40")[1])["training"]
+    assert "Time and cost to train 300B tokens at $1.4 per GPU-hour" in out
     row = next(line for line in out.splitlines() if "8×8×8" in line and "$" in line)
-    assert f"{d['tokens_per_s']:,.0f}" in row and f"{d['days']:.1f}" in row and "$1.02M" in row
+    assert 1e6 < d["cost_usd"] < 1.1e6  # shown in millions
+    assert f"{d['tokens_per_s']:,.0f}" in row and f"{d['days']:.1f}" in row and f"${d['cost_usd'] / 1e6:.2f}M" in row
 
 
 @pytest.mark.parametrize("text, tokens", [("15e12", 15 * 10**12), ("15T", 15 * 10**12), ("1.5e13", 15 * 10**12),

@@ -56,6 +56,20 @@ def test_a_group_that_straddles_two_nodes_somewhere_is_priced_at_the_nics_everyw
     assert pp_links(load_cluster("dgx-a100-80gb", nodes=2), 1, 2, 8)[0].bandwidth_GBps == 300  # 0 -> 2, 1 -> 3
 
 
+def test_meshplans_runtime_prices_attention_fused_on_the_a100_as_its_sdpa_runs_it_and_megatron_2021_does_not():
+    # The A100 datasheet says fused_attention false: its curves were fitted to Megatron-LM 2021, which had no
+    # FlashAttention. meshplan's runtime calls scaled_dot_product_attention, FlashAttention on an A100: priced
+    # unfused, llama2-7b under ZeRO-3 on 8 GPUs read 68.8 GiB and 10.2 s, where fused gives 36.8 GiB and 7.4 s.
+    assert not A100.fused_attention
+    cluster, knobs = load_cluster("dgx-a100-80gb", nodes=1), Knobs(1, 1, 8, 1, "1f1b", 1, "none", False, 3)
+    llama = load_model("llama2-7b")
+    ours = predict(llama, cluster, A100, knobs, 64)[0].prediction
+    as_fused = predict(llama, cluster, dataclasses_replace(A100, fused_attention=True), knobs, 64)[0].prediction
+    megatron_2021 = predict(llama, cluster, A100, knobs, 64, framework=MEGATRON)[0].prediction
+    assert (ours.iteration_s, ours.peak_memory_gib) == (as_fused.iteration_s, as_fused.peak_memory_gib)
+    assert megatron_2021.peak_memory_gib > ours.peak_memory_gib + 20  # the s x s scores, kept per block
+
+
 def test_model_flops_match_narayanan_formula_for_ffn_4h():
     m = load_model("gpt-1008.0b")
     B, s, l, h, V = 3072, 2048, 128, 25600, 51200
