@@ -71,8 +71,9 @@ def torchrun_command(plan, path: str) -> str:
     return f"torchrun --nproc-per-node {plan.world_size} -m runtime.launch {path}"
 
 
-FLOPS_NOTE = ("TFLOP/s per GPU counts the FLOPs run, recomputation included (Narayanan et al. 2021); MFU counts "
-              "model FLOPs without recomputation, over the device's peak.")
+FLOPS_NOTE = ("TFLOP/s per GPU counts the FLOPs run, recomputation included, by Narayanan et al. 2021's formula, which "
+              "counts attention's s x s products in full (a causal kernel runs about half); MFU counts model FLOPs "
+              "without recomputation, over the device's bf16 peak (fp8 plans too).")
 WIDE_COLUMNS = 120  # the full table needs about this many; narrower terminals get the compact one
 
 

@@ -58,8 +58,10 @@ def test_the_training_cost_table_names_each_plan_by_its_number_and_degrees_with_
 def test_a_wide_terminal_gets_every_column_and_both_say_what_tflops_and_mfu_count():
     wide = planner_at(200, "plan", "--model", "gpt3-1.3b", "--cluster", "dgx-a100-80gb", "--nodes", "2", "--global-batch", "64")
     assert "ZeRO" in wide and "TFLOP/s/GPU" in wide and "blocks/stage" in wide
-    note = "TFLOP/s per GPU counts the FLOPs run, recomputation included (Narayanan et al. 2021); MFU counts model FLOPs"
-    assert note in " ".join(wide.split())
+    from planner.report import FLOPS_NOTE
+
+    assert "attention's s x s products in full" in FLOPS_NOTE and "bf16 peak (fp8 plans too)" in FLOPS_NOTE
+    assert FLOPS_NOTE in " ".join(wide.split())
 
 
 def test_recompute_and_blocks_are_short_for_per_stage_choices():
