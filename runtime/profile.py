@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from planner import specs
+from planner.datasheets import datasheet_for
 from planner.errors import SpecError
 from planner.fit import Shapes, build_profile
 from planner.io import atomic_write_json
@@ -71,13 +72,13 @@ def choose_shapes(device_type: str, world: int, quick: bool, models: tuple[str, 
 
 
 def device_name(device_type: str) -> str:
-    """The profile's name: 'cpu', or this GPU's datasheet name (specs.datasheet_for: h200-sxm-141gb, ...), so
+    """The profile's name: 'cpu', or this GPU's datasheet name (planner.datasheets: h200-sxm-141gb, ...), so
     that the cluster presets use the measured profile; for a GPU with no datasheet, its own name."""
     if device_type == "cpu":
         return "cpu"
     gpu = torch.cuda.get_device_name(0)
     gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    return specs.datasheet_for(gpu, gib) or "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
+    return datasheet_for(gpu, gib) or "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
 
 
 def main(device: str | None = None, out: str | None = None, quick: bool = False, models: tuple[str, ...] | None = None) -> int:

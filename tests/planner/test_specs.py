@@ -93,6 +93,6 @@ def test_a_nan_peak_tflops_is_refused_before_the_solver_sees_it(tmp_path, capsys
     ("NVIDIA GeForce RTX 4090 D", 23.6, None),  # a slower variant of the chip
 ])
 def test_a_gpu_is_named_after_its_datasheet_so_the_presets_use_its_measured_profile(gpu, gib, name):
-    from planner.specs import datasheet_for
+    from planner.datasheets import datasheet_for
 
     assert datasheet_for(gpu, gib) == name
