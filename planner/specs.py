@@ -22,6 +22,7 @@ DEVICE_SCHEMA_VERSION = 1
 MLPS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
+DTYPES = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class DeviceProfile:
     source: str
     """'datasheet' (vendor numbers and a fitted efficiency curve) or 'measured' (planner profile)."""
     dtype: str
-    """Training dtype the numbers are for: bf16 on GPUs, fp32 on CPU."""
+    """Training dtype the numbers are for (one of DTYPES): bf16 on GPUs, fp32 on CPU."""
     peak_tflops: float
     """Peak dense matrix throughput in that dtype, TFLOP/s."""
     memory_gib: float
@@ -184,14 +185,14 @@ class DeviceProfile:
     memory_bandwidth_GBps: float
     """Main-memory bandwidth, GB/s."""
     gemm_efficiency: tuple[GemmPoint, ...]
-    """Efficiency curve by GEMM size (log-linear interpolation between points, flat outside)."""
+    """Efficiency curve by GEMM size, points by increasing gflop (log-linear interpolation between them, flat outside)."""
     fused_attention: bool = False
     """Attention runs as one fused kernel (FlashAttention through SDPA): no s x s scores in memory
     and no separate softmax pass. False models Megatron-LM 2021 (GEMM, fused softmax, GEMM)."""
     memory_efficiency: float = 0.7
-    """Fraction of memory_bandwidth_GBps that elementwise kernels reach."""
+    """Fraction of memory_bandwidth_GBps that elementwise kernels reach, 0 < it <= 1."""
     framework_overhead_gib: float = 2.0
-    """Memory the framework takes besides tensors (context, allocator slack)."""
+    """Memory the framework takes besides tensors (context, allocator slack), from 0 up to below memory_gib."""
     fp8_peak_tflops: float = 0.0
     """Peak dense FP8 (e4m3) matrix throughput, TFLOP/s; 0 where the device has no FP8 tensor cores (compute
     capability below 8.9), and `--precision fp8` is then refused."""
@@ -323,12 +324,25 @@ def device_from_dict(data: dict, source: str) -> DeviceProfile:
     _positive(source, d, ["peak_tflops", "memory_gib", "memory_bandwidth_GBps"])
     if d.source not in ("datasheet", "measured"):
         raise SpecError(source, "source", f"expected 'datasheet' or 'measured', got {d.source!r}")
+    if d.dtype not in DTYPES:
+        raise SpecError(source, "dtype", f"expected one of {', '.join(DTYPES)} (meshplan trains in bf16 on GPUs, fp32 on CPU), got {d.dtype!r}")
+    if not 0 < d.memory_efficiency <= 1:
+        raise SpecError(source, "memory_efficiency", f"expected the share of memory_bandwidth_GBps reached, 0 < it <= 1, got "
+                                                     f"{d.memory_efficiency:g}; give a fraction (0.7 when left out)")
+    if not 0 <= d.framework_overhead_gib < d.memory_gib:
+        raise SpecError(source, "framework_overhead_gib", f"expected GiB from 0 up to below memory_gib {d.memory_gib:g}, got "
+                                                          f"{d.framework_overhead_gib:g}; give what the framework takes besides tensors")
     if not d.gemm_efficiency:
         raise SpecError(source, "gemm_efficiency", "needs at least one point")
     for name in ("gemm_efficiency", "fp8_gemm_efficiency"):
-        for i, p in enumerate(getattr(d, name)):
+        pts = getattr(d, name)
+        for i, p in enumerate(pts):
             if not (0 < p.efficiency <= 1) or p.gflop <= 0:
                 raise SpecError(source, f"{name}[{i}]", f"expected gflop > 0 and 0 < efficiency <= 1, got {p}")
+            # compute.gemm_efficiency interpolates between neighbours: an unsorted curve would be misread, not refused.
+            if i and p.gflop <= pts[i - 1].gflop:
+                raise SpecError(source, f"{name}[{i}].gflop", f"{p.gflop:g} comes after {pts[i - 1].gflop:g}; list the points by "
+                                                             "increasing gflop, each size once")
     if d.fp8_peak_tflops < 0:
         raise SpecError(source, "fp8_peak_tflops", f"must be 0 (no FP8) or positive, got {d.fp8_peak_tflops}")
     return d

@@ -96,3 +96,38 @@ def test_a_gpu_is_named_after_its_datasheet_so_the_presets_use_its_measured_prof
     from planner.datasheets import datasheet_for
 
     assert datasheet_for(gpu, gib) == name
+
+
+def _device_file(tmp_path, **changes) -> str:
+    """The H100 datasheet with `changes`, as a device file."""
+    from planner.specs import PROFILES_DIR
+
+    data = {**json.loads((PROFILES_DIR / "devices" / "h100-sxm5-80gb.json").read_text()), **changes}
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"memory_efficiency": 0}, "memory_efficiency"),  # was a ZeroDivisionError in compute.memory_s
+    ({"memory_efficiency": 3.0}, "memory_efficiency"),
+    ({"framework_overhead_gib": -5}, "framework_overhead_gib"),
+    ({"framework_overhead_gib": 500}, "framework_overhead_gib"),  # more than the device's 79.6 GiB
+    ({"dtype": "fp16x"}, "dtype"),  # was priced as 2 bytes
+    ({"gemm_efficiency": [{"gflop": 1000, "efficiency": 0.5}, {"gflop": 0.1, "efficiency": 0.1}]}, "gemm_efficiency[1].gflop"),
+    ({"fp8_gemm_efficiency": [{"gflop": 1, "efficiency": 0.5}, {"gflop": 1, "efficiency": 0.6}]}, "fp8_gemm_efficiency[1].gflop"),
+])
+def test_a_device_file_with_memory_efficiency_0_or_another_field_out_of_range_is_refused_naming_the_field(tmp_path, capsys, changes, field):
+    path = _device_file(tmp_path, **changes)
+    err = refused(capsys, "predict", "--model", "gpt-tiny", "--cluster", "dgx-h100-80gb", "--nodes", "1", "--device", path,
+                  "--global-batch", "8", "--tp", "1", "--pp", "1", "--dp", "8", "--micro-batch", "1")
+    assert f"{path}: {field}: " in err
+
+
+def test_every_committed_device_profile_passes_the_checks_at_load():
+    from planner.specs import PROFILES_DIR, load_device
+
+    paths = sorted((PROFILES_DIR / "devices").glob("*.json"))
+    assert len(paths) >= 7
+    for path in paths:
+        assert load_device(str(path)).name == path.name.removesuffix(".json").removesuffix(".measured")
