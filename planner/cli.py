@@ -85,7 +85,7 @@ def cmd_plan(args) -> int:
             print(json.dumps(out, indent=1))
     else:
         with stdout_reader_may_go():
-            print_plans(result, out=args.out if fits else None, training=training)
+            print_plans(result, out=args.out if fits else None, training=training, device_name=device.name)
     if not fits:
         print(f"error: no plan fits: {best.prediction.reason if best else 'no candidate'}", file=sys.stderr)
         return 1

@@ -199,12 +199,14 @@ def time_limit_note(result) -> str:
     return text
 
 
-def print_plans(result, out: str | None, training: tuple[int, float | None] | None = None) -> None:
+def print_plans(result, out: str | None, training: tuple[int, float | None] | None = None, device_name: str | None = None) -> None:
+    """The search's ranked plans under a header; device_name (the profile's name) stands in for the cluster's device,
+    which may be a file's path."""
     plans = result.plans
     best = plans[0]
     c = best.cluster
     ph = result.phases_s
-    console.print(f"{best.model.name} on {c.gpus} x {c.device} ({c.nodes} nodes x {c.gpus_per_node}), global batch {best.global_batch}: "
+    console.print(f"{best.model.name} on {c.gpus} x {device_name or c.device} ({c.nodes} nodes x {c.gpus_per_node}), global batch {best.global_batch}: "
                   f"searched {result.searched:,} configurations in {result.search_s:.2f} s: every one bounded, "
                   f"{result.split:,} layer splits solved, {result.priced:,} priced by simulation "
                   f"(bounds {ph['bound']:.2f} s, splits {ph['split']:.2f} s, simulation {ph['simulate']:.2f} s); profile: {best.profile}")

@@ -151,7 +151,8 @@ class ClusterSpec:
     gpus_per_node: int
     """Devices per node (CPU ranks for local-cpu)."""
     device: str
-    """Device profile name: a file in profiles/devices/ (a measured profile beside it wins)."""
+    """Device profile name (a file in profiles/devices/; a measured profile beside it wins) or a JSON profile's path
+    (in a cluster file, relative to that file's folder)."""
     intra_node: LinkSpec
     """Link between two devices of one node (NVLink/NVSwitch; shared memory for CPU ranks)."""
     inter_node: LinkSpec
@@ -292,11 +293,19 @@ def load_cluster(arg: str, nodes: int | None = None, gpus_per_node: int | None =
 
     local-cpu's gpus_per_node defaults to this machine's core count. A --device override is the cluster's device
     from then on (a file as its absolute path), so a plan records the device it was priced on and whoever prices
-    it again (validate, runtime.launch, the dashboard) loads that one."""
+    it again (validate, runtime.launch, the dashboard) loads that one. A device file that the cluster file names
+    is read from the cluster file's folder (when relative) and kept as its absolute path too."""
     source, data = _resolve("clusters", "cluster", arg)
     data.setdefault("name", Path(arg).stem if _is_file_arg(arg) else arg)
     if device is not None:
         data["device"] = str(Path(device).resolve()) if _is_file_arg(device) else device
+    elif isinstance(data.get("device"), str) and _is_file_arg(data["device"]):
+        folder = Path(arg).parent if _is_file_arg(arg) else PROFILES_DIR / "clusters"
+        path = (folder / data["device"]).resolve()  # an absolute device path stays itself
+        if not path.is_file():
+            raise SpecError(source, "device", f"no device profile file {path} (a relative path is read from the cluster file's folder); "
+                                              f"give a device name ({', '.join(_presets('devices'))}) or the path of a JSON profile")
+        data["device"] = str(path)
     if data.get("gpus_per_node") == "auto" and gpus_per_node is None:
         if data.get("device") != "cpu":
             raise SpecError(source, "gpus_per_node", f"'auto' means this machine's CPU count, which only a cluster whose device is "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,22 @@ def test_every_committed_device_profile_passes_the_checks_at_load():
     assert len(paths) >= 7
     for path in paths:
         assert load_device(str(path)).name == path.name.removesuffix(".json").removesuffix(".measured")
+
+
+def test_a_cluster_files_relative_device_file_is_read_from_the_cluster_files_folder(tmp_path, monkeypatch, capsys):
+    from planner.cli import main
+
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "c.yaml").write_text(CLUSTER.replace("device: a100-sxm4-80gb", "device: mine.json"))
+    (folder / "mine.json").write_text(Path(_device_file(tmp_path, name="mine")).read_text())
+    monkeypatch.chdir(tmp_path)  # not the cluster file's folder
+    assert main(["plan", "--model", "gpt-tiny", "--cluster", "site/c.yaml", "--global-batch", "8", "--top", "1"]) == 0
+    assert capsys.readouterr().out.startswith("gpt-tiny on 8 x mine (")  # the device's name, not its path
+
+
+def test_a_cluster_files_missing_device_file_is_refused_naming_the_path_tried(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(CLUSTER.replace("device: a100-sxm4-80gb", "device: gone.json"))
+    err = plan_with(capsys, "gpt-tiny", str(path))
+    assert f"{path}: device: no device profile file {tmp_path.resolve() / 'gone.json'} (a relative path is read from the cluster file's folder)" in err
