@@ -44,6 +44,24 @@ def is_hf_config(data: dict) -> bool:
     return "architectures" in data or "model_type" in data
 
 
+_MESHPLAN_SIZES = ("layers", "hidden", "heads", "ffn_hidden", "seq_len", "vocab")
+_ARCHITECTURE_KEYS = (f'"architectures" (meshplan reads {", ".join(ARCHITECTURES)}) or "model_type" '
+                      f'({", ".join(ARCHITECTURES.values())})')
+
+
+def check_meshplan_model(data: dict, source: str) -> None:
+    """For a mapping that is no Hugging Face config (is_hf_config): one with keys that are no ModelSpec field and none of
+    a meshplan model file's sizes is neither format, and is refused saying so (not as its first unknown key)."""
+    if set(_MESHPLAN_SIZES) & set(data) or not set(data) - set(ModelSpec.__dataclass_fields__):
+        return  # a meshplan model file: ModelSpec's own checks name a wrong or missing key
+    hf_keys = sorted(set(data) & {*LLAMA_KEYS.values(), *GPT2_KEYS.values()})
+    what = (f"it has Hugging Face keys ({', '.join(hf_keys[:3])}, ...) but neither architectures nor model_type; add its "
+            if hf_keys else "it has none of these keys; give a meshplan model file's sizes, or a config.json's ")
+    raise SpecError(source, "architectures" if hf_keys else "(top level)",
+                    f"neither a meshplan model file (keys {', '.join(_MESHPLAN_SIZES)}, ...) nor a Hugging Face config "
+                    f"(keys architectures or model_type): {what}{_ARCHITECTURE_KEYS}")
+
+
 def model_name(path: Path) -> str:
     """A model's name from its file: the folder's name for .../NAME/config.json, else the file's stem."""
     return path.resolve().parent.name if path.name == "config.json" else path.stem
@@ -57,7 +75,7 @@ def load_hf_folder(folder: Path) -> ModelSpec:
                         "a config.json, a meshplan model YAML or a preset name")
     data = read_mapping(config)
     if not is_hf_config(data):
-        raise SpecError(str(config), "architectures", "not a Hugging Face model config (it has neither architectures nor model_type)")
+        raise SpecError(str(config), "architectures", f"not a Hugging Face model config (it has neither architectures nor model_type); add its {_ARCHITECTURE_KEYS}")
     return model_from_hf(data, str(config), folder.resolve().name)
 
 

@@ -114,6 +114,26 @@ def test_a_meshplan_model_json_is_still_a_meshplan_model(tmp_path):
     assert (m.name, m.mlp, m.layers) == ("mine", "swiglu", 2)
 
 
+def test_a_config_json_without_architectures_or_model_type_is_refused_as_neither_format_not_as_an_unknown_key(tmp_path):
+    config = {k: v for k, v in LLAMA3_8B.items() if k not in ("architectures", "model_type")}
+    path = tmp_path / "llama.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(SpecError) as e:
+        load_model(str(path))
+    assert e.value.field == "architectures", e.value  # was "attention_bias: unknown key"
+    assert "neither a meshplan model file (keys layers, hidden" in e.value.message
+    assert '"architectures" (meshplan reads LlamaForCausalLM' in e.value.message and "model_type" in e.value.message
+
+
+def test_a_json_file_of_neither_format_is_refused_naming_what_each_format_has(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"learning_rate": 3e-4}))
+    with pytest.raises(SpecError) as e:
+        load_model(str(path))
+    assert e.value.field == "(top level)" and "meshplan model file (keys layers" in e.value.message, e.value
+    assert "Hugging Face config (keys architectures or model_type)" in e.value.message
+
+
 def test_folder_without_config_json_is_refused_naming_it(tmp_path):
     with pytest.raises(SpecError) as e:
         load_model(str(tmp_path))
