@@ -118,8 +118,11 @@ def _refuse_sparse_attention_and_experts(data: dict, source: str, family: str, s
     if family == "qwen2" and not _get(data, source, "use_sliding_window", bool, False):
         window = None
     if window is not None and _get(data, source, "sliding_window", int, window) < seq_len:
+        # The fix is the architecture's own switch: Qwen2 turns its window off with use_sliding_window (as its released configs do).
+        fix = ("set use_sliding_window false, as Qwen2's released configs have it" if family == "qwen2"
+               else "use a config with sliding_window null (Mistral 7B v0.3, say)")
         raise SpecError(source, "sliding_window", f"attention over a {window}-token window shorter than the {seq_len}-token sequence "
-                        "is not modelled; use a config with sliding_window null (Mistral 7B v0.3, say)")
+                        f"is not modelled; {fix}")
 
 
 def _biases(data: dict, source: str, family: str) -> tuple[bool, bool | None]:

@@ -101,6 +101,13 @@ def test_config_that_cannot_be_represented_exactly_is_refused_naming_the_key(tmp
     assert e.value.field == field
 
 
+def test_a_qwen2_sliding_window_refusal_says_set_use_sliding_window_false_not_sliding_window_null(tmp_path):
+    with pytest.raises(SpecError) as e:
+        load_model(str(write(tmp_path, {**QWEN25_05B, "use_sliding_window": True, "sliding_window": 4096})))
+    assert e.value.field == "sliding_window" and "set use_sliding_window false" in e.value.message, e.value
+    assert "sliding_window null" not in e.value.message  # Mistral's switch; Qwen2's own is use_sliding_window
+
+
 def test_llama_with_both_attention_and_mlp_biases_is_every_linear_biased(tmp_path):
     m = load_model(str(write(tmp_path, {**LLAMA3_8B, "attention_bias": True, "mlp_bias": True})))
     assert m.bias and m.qkv_bias
