@@ -113,8 +113,8 @@ def _refuse_sparse_attention_and_experts(data: dict, source: str, family: str, s
     layer_types = data.get("layer_types")
     if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
         raise SpecError(source, "layer_types", "some layers do not use full attention (sliding windows); meshplan models full causal attention only")
-    # Mistral's default window is 4096 (MistralConfig); Qwen2 uses its window only with use_sliding_window.
-    window = data.get("sliding_window", 4096 if family == "mistral" else None)
+    # Mistral's and Qwen2's default window is 4096 (MistralConfig, Qwen2Config); Qwen2 uses its window only with use_sliding_window.
+    window = data.get("sliding_window", 4096 if family in ("mistral", "qwen2") else None)
     if family == "qwen2" and not _get(data, source, "use_sliding_window", bool, False):
         window = None
     if window is not None and _get(data, source, "sliding_window", int, window) < seq_len:

@@ -108,6 +108,13 @@ def test_a_qwen2_sliding_window_refusal_says_set_use_sliding_window_false_not_sl
     assert "sliding_window null" not in e.value.message  # Mistral's switch; Qwen2's own is use_sliding_window
 
 
+def test_a_qwen2_config_with_use_sliding_window_and_no_window_key_is_refused_at_qwen2s_default_4096_window(tmp_path):
+    config = {k: v for k, v in QWEN25_05B.items() if k != "sliding_window"}
+    with pytest.raises(SpecError) as e:  # was read as full attention
+        load_model(str(write(tmp_path, {**config, "use_sliding_window": True})))
+    assert e.value.field == "sliding_window" and "a 4096-token window" in e.value.message, e.value
+
+
 def test_llama_with_both_attention_and_mlp_biases_is_every_linear_biased(tmp_path):
     m = load_model(str(write(tmp_path, {**LLAMA3_8B, "attention_bias": True, "mlp_bias": True})))
     assert m.bias and m.qkv_bias
