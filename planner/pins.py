@@ -8,7 +8,7 @@ import math
 from planner.cost import check_knobs
 from planner.errors import PlanError, SpecError
 from planner.plan import Knobs
-from planner.specs import ClusterSpec, ModelSpec
+from planner.specs import ClusterSpec, ModelSpec, nodes_x
 
 
 def zero_pins(pins: dict) -> dict:
@@ -31,8 +31,8 @@ def explain_empty(model: ModelSpec, cluster: ClusterSpec, global_batch: int, pin
     product, every = math.prod(given.values()), len(given) == 4
     if given and (cluster.gpus % product or (every and product != cluster.gpus)):
         names = " x ".join(f"{k} {v}" for k, v in given.items()) + (f" = {product}" if len(given) > 1 else "")
-        raise PlanError(f"{names} does not {'equal' if every else 'divide'} the cluster's {cluster.gpus} devices ({cluster.nodes} "
-                        f"nodes x {cluster.gpus_per_node}); pin degrees whose product {'is' if every else 'divides'} {cluster.gpus}")
+        raise PlanError(f"{names} does not {'equal' if every else 'divide'} the cluster's {cluster.gpus} devices "
+                        f"({nodes_x(cluster.nodes, cluster.gpus_per_node)}); pin degrees whose product {'is' if every else 'divides'} {cluster.gpus}")
     if "micro_batch" in pins and global_batch % pins["micro_batch"]:
         raise SpecError("configuration", "micro_batch", f"global batch {global_batch} is not divisible by micro_batch "
                                                         f"{pins['micro_batch']}; pick a micro-batch that divides it")

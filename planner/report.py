@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from planner.frameworks import priced_elsewhere
+from planner.specs import nodes_x
 
 # Piped output (make run, CI logs) gets a wide table instead of rich's 80-column default.
 class _Console(Console):
@@ -206,7 +207,7 @@ def print_plans(result, out: str | None, training: tuple[int, float | None] | No
     best = plans[0]
     c = best.cluster
     ph = result.phases_s
-    console.print(f"{best.model.name} on {c.gpus} x {device_name or c.device} ({c.nodes} nodes x {c.gpus_per_node}), global batch {best.global_batch}: "
+    console.print(f"{best.model.name} on {c.gpus} x {device_name or c.device} ({nodes_x(c.nodes, c.gpus_per_node)}), global batch {best.global_batch}: "
                   f"searched {result.searched:,} configurations in {result.search_s:.2f} s: every one bounded, "
                   f"{result.split:,} layer splits solved, {result.priced:,} priced by simulation "
                   f"(bounds {ph['bound']:.2f} s, splits {ph['split']:.2f} s, simulation {ph['simulate']:.2f} s); profile: {best.profile}")

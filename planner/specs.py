@@ -163,6 +163,11 @@ class ClusterSpec:
         return self.nodes * self.gpus_per_node
 
 
+def nodes_x(nodes: int, per_node: int) -> str:
+    """A cluster's shape as headers and messages write it: '1 node x 8', '2 nodes x 8'."""
+    return f"{nodes} node{'' if nodes == 1 else 's'} x {per_node}"
+
+
 @dataclass(frozen=True)
 class GemmPoint:
     gflop: float

@@ -76,3 +76,15 @@ def test_recompute_and_blocks_are_short_for_per_stage_choices():
     assert blocks_label(plan) == "5+7x2+5"
     alternating = tuple(Stage((3 * i // 2, 3 * (i + 1) // 2), i == 0, i == 15) for i in range(16))  # 1, 2, 1, 2, ...
     assert blocks_label(dataclasses.replace(plan, stages=alternating)) == "1-2 on 16"
+
+
+def test_a_one_node_cluster_reads_1_node_not_1_nodes_in_the_plan_header_and_the_degree_refusals(capsys):
+    from planner.cli import main
+
+    one_node = ("--model", "gpt-tiny", "--cluster", "dgx-h100-80gb", "--nodes", "1", "--global-batch", "8")
+    assert main(["plan", *one_node, "--top", "1"]) == 0
+    assert "on 8 x h100-sxm5-80gb (1 node x 8), global batch 8" in capsys.readouterr().out
+    assert main(["plan", *one_node, "--tp", "3"]) == 2  # planner.pins
+    assert "the cluster's 8 devices (1 node x 8); pin" in capsys.readouterr().err
+    assert main(["predict", *one_node, "--tp", "2", "--pp", "1", "--dp", "2", "--micro-batch", "1"]) == 2  # planner.cost
+    assert "the cluster has 8 devices (1 node x 8); choose" in capsys.readouterr().err

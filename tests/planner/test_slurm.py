@@ -163,3 +163,8 @@ def test_a_cpu_plans_sbatch_script_reserves_cpus_for_its_ranks_not_gpus(tmp_path
     assert main(["launch", str(path), "--slurm"]) == 0 and "2 CPU ranks" in capsys.readouterr().out
     script = path.with_suffix(".sbatch").read_text()
     assert "#SBATCH --cpus-per-task=2" in script and "--gpus-per-node" not in script.split("set -euo")[0]
+
+
+def test_one_node_given_for_a_two_node_plan_is_refused_as_1_node_not_1_nodes(plan_file, capsys):
+    err = refused(capsys, "launch", str(plan_file), "--slurm", "--nodes", "1")
+    assert "--nodes: nodes: 1 node x 8 GPUs = 8, but the plan needs" in err
