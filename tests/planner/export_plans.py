@@ -49,6 +49,8 @@ def example_plans() -> dict[str, Plan]:
         # distributed optimizer and FP8 on H100s
         "llama3-8b-tp2-cp2-fp8": priced("llama3-8b", "dgx-h100-80gb", 1, Knobs(2, 1, 2, 1, "1f1b", 1, "selective", True, 1, cp=2,
                                                                                precision="fp8"), 64),
+        # rope_theta 1e6 (Mistral, Qwen2), pipelined with full recomputation: Megatron-LM's --rotary-base is an int
+        "mistral-7b-tp2-pp2": priced("mistral-7b", "dgx-h100-80gb", 1, Knobs(2, 2, 2, 1, "1f1b", 1, "full", True, 1), 64),
     }
 
 
