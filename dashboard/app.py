@@ -21,7 +21,7 @@ from dashboard import charts, compare_view, data  # noqa: E402
 from planner.compare import check_tokens, plan_training_cost  # noqa: E402
 from planner.errors import MeshplanError  # noqa: E402
 from planner.frameworks import FRAMEWORKS, LABELS, priced_elsewhere  # noqa: E402
-from planner.plan import Plan  # noqa: E402
+from planner.plan import Plan, degrees_text  # noqa: E402
 from planner.report import schedule_label, tokens_label, torchrun_command  # noqa: E402
 from planner.search import search  # noqa: E402
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, load_device  # noqa: E402
@@ -195,7 +195,7 @@ def validation_tab() -> None:
         c4.metric("Mean absolute error of peak memory", f"{report['memory_mape_pct']:.1f}%",
                   help="every rank of every run: predicted (less the framework overhead) against the runtime's peak")
         c5.plotly_chart(charts.memory_validation_figure(memory), key="memory_validation")
-    order = ["plan_id", "tp", "pp", "dp", "micro_batch", "schedule", "measured_step_s", "predicted_step_s", "error_pct",
+    order = ["plan_id", "tp", *(["cp"] if (df["cp"] > 1).any() else []), "pp", "dp", "micro_batch", "schedule", "measured_step_s", "predicted_step_s", "error_pct",
              "spread_pct", "machine_drift", "rescaled_error_pct", "waited_pct", "unloaded_error_pct", "measured_tokens_per_s", "predicted_tokens_per_s", "repeats",
              "model", "device", "run"]
     if report.get("rescaled_mape_pct") is not None:
@@ -290,7 +290,7 @@ def main() -> None:
                        f"Best: {best.prediction.reason}. Try more nodes, a smaller micro-batch, recomputation or a "
                        f"distributed optimizer.")
         pick = st.selectbox("Plan to inspect", range(len(result.plans)), key="plan_rank", format_func=lambda i: (
-            f"#{i + 1} · tp {result.plans[i].tp} × pp {result.plans[i].pp} × dp {result.plans[i].dp} · micro-batch "
+            f"#{i + 1} · {degrees_text(result.plans[i], '×')} · micro-batch "
             f"{result.plans[i].micro_batch} · {schedule_label(result.plans[i])} · "
             f"{result.plans[i].prediction.tokens_per_s:,.0f} tokens/s" + ("" if result.plans[i].prediction.fits else " · does not fit")))
         plan = result.plans[pick]

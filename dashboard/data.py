@@ -339,8 +339,8 @@ def load_validation(paths: list[str]) -> tuple[pd.DataFrame, dict, dict[str, Pla
     for r in report["runs"]:
         k = r["knobs"]
         rows.append({"run": r["run"], "plan_id": r["plan_id"], "model": r["model"], "device": r["device"],
-                     "tp": k["tp"], "pp": k["pp"], "dp": k["dp"], "micro_batch": k["micro_batch"],
-                     "schedule": k["schedule"], "repeats": r["repeats"], "predicted_step_s": r["predicted_step_s"],
+                     "tp": k["tp"], "cp": k["cp"], "pp": k["pp"], "dp": k["dp"],
+                     "micro_batch": k["micro_batch"], "schedule": k["schedule"], "repeats": r["repeats"], "predicted_step_s": r["predicted_step_s"],
                      "measured_step_s": r["measured_step_s"], "error_pct": r["error_pct"], "spread_pct": r["spread_pct"],
                      "predicted_tokens_per_s": r["predicted_tokens_per_s"], "measured_tokens_per_s": r["measured_tokens_per_s"],
                      "has_stage_timings": bool(r["stage_timings"]), "stage_timings": r["stage_timings"],

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from planner.errors import MeshplanError
 from planner.plan import write_plan
-from planner.report import console, plans_table
+from planner.report import console, degrees_label, plans_table
 from planner.report_validation import print_validation
 from planner.search import search
 from planner.specs import load_cluster, load_device, load_model, measured_profile_path
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             paths.append((p, path))
         for rep in range(args.repeats):
             for i, (p, path) in enumerate(paths, 1):
-                console.print(f"run {rep + 1}/{args.repeats}, plan {i}/{len(paths)} ({p.model.name} {p.tp}×{p.pp}×{p.dp}, micro-batch {p.micro_batch}, "
+                console.print(f"run {rep + 1}/{args.repeats}, plan {i}/{len(paths)} ({p.model.name} {degrees_label(p)}, micro-batch {p.micro_batch}, "
                               f"{p.schedule}{f' v={p.virtual_stages}' if p.virtual_stages > 1 else ''}) ...", end=" ")
                 console.print(f"{run_plan(path, p.world_size, args.steps, results, root):.1f} s")
         report = validate([str(results)])

@@ -12,7 +12,7 @@ from planner import schedule
 from planner.deepspeed import deepspeed_extras
 from planner.errors import PlanError, SpecError
 from planner.memory import MemoryBreakdown, device_memory
-from planner.plan import PRECISIONS, RECOMPUTE, SCHEDULES, Breakdown, Knobs, Plan, Prediction, Stage, with_id
+from planner.plan import PRECISIONS, RECOMPUTE, SCHEDULES, Breakdown, Knobs, Plan, Prediction, Stage, degrees_text, with_id
 from planner.zero import ZERO_STAGES
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, nodes_x
 from planner.terms import (DEEPSPEED, DEFAULT_MEMORY_HEADROOM_GIB, FRAMEWORKS, MEGATRON, MESHPLAN, CostModel,  # noqa: F401
@@ -86,8 +86,7 @@ def check_knobs(model: ModelSpec, cluster: ClusterSpec, knobs: Knobs, global_bat
         raise SpecError(src, "precision", f"expected one of {', '.join(PRECISIONS)}, got {knobs.precision!r}")
     world = knobs.tp * knobs.cp * knobs.pp * knobs.dp
     if world != cluster.gpus:
-        cp = f" x cp {knobs.cp}" if knobs.cp > 1 else ""
-        raise PlanError(f"tp {knobs.tp}{cp} x pp {knobs.pp} x dp {knobs.dp} = {world}, but the cluster has "
+        raise PlanError(f"{degrees_text(knobs)} = {world}, but the cluster has "
                         f"{cluster.gpus} devices ({nodes_x(cluster.nodes, cluster.gpus_per_node)}); choose degrees whose product is {cluster.gpus}")
     if knobs.cp > 1 and model.seq_len % (2 * knobs.cp):
         raise SpecError(src, "cp", f"seq_len {model.seq_len} does not split into 2 x cp = {2 * knobs.cp} equal chunks; pick a cp for which it does")

@@ -12,7 +12,7 @@ import shlex
 import textwrap
 
 from planner.errors import MeshplanError
-from planner.plan import MEGATRON_NAMES, TORCHTITAN_NAMES, Plan
+from planner.plan import MEGATRON_NAMES, TORCHTITAN_NAMES, Plan, degrees_text
 
 # The newest Megatron-LM release whose code runs on Python 3.10/3.11 as meshplan does (core_v0.17+ need 3.12).
 MEGATRON_LM_RELEASE = "core_v0.16.1"
@@ -39,10 +39,6 @@ def _unmapped(obj, known: set[str], what: str, target: str) -> None:
 
 def _model(plan: Plan, name: str) -> object:
     return getattr(plan.model, name, MODEL_DEFAULTS[name])
-
-
-def _degrees(plan: Plan) -> str:
-    return f"tp {plan.tp}" + (f" x cp {plan.cp}" if plan.cp > 1 else "") + f" x pp {plan.pp} x dp {plan.dp}"
 
 
 def _meg(ours: str) -> str:
@@ -180,7 +176,7 @@ def megatron_text(plan: Plan) -> str:
         lines.append(shlex.join(argv[i:j + 1]))  # a layout string holds | and *: quoted for the shell
         i = j + 1
     head = [f"# Megatron-LM {MEGATRON_LM_RELEASE} ({MEGATRON_LM_COMMIT[:7]}) arguments for meshplan plan {plan.id}: "
-            f"{plan.model.name}, {_degrees(plan)}"] + _comment_lines(comments)
+            f"{plan.model.name}, {degrees_text(plan)}"] + _comment_lines(comments)
     return "\n".join(head + [line + " \\" for line in lines[:-1]] + lines[-1:]) + "\n"
 
 
@@ -287,7 +283,7 @@ def torchtitan_keys(plan: Plan) -> tuple[dict[str, object], list[str]]:
 def torchtitan_toml(plan: Plan) -> str:
     keys, comments = torchtitan_keys(plan)
     lines = [f"# torchtitan (@{TORCHTITAN_COMMIT[:7]}) job config for meshplan plan {plan.id}: {plan.model.name}, "
-             f"{_degrees(plan)}"] + _comment_lines(comments)
+             f"{degrees_text(plan)}"] + _comment_lines(comments)
     sections: dict[str, list[str]] = {}
     for key, value in keys.items():
         head, name = key.rsplit(".", 1)

@@ -112,6 +112,12 @@ class Knobs:
         return self.zero >= 1
 
 
+def degrees_text(k, times: str = "x") -> str:
+    """A plan's or Knobs' parallel degrees in words, e.g. 'tp 2 x cp 2 x pp 1 x dp 4' (cp only when above 1)."""
+    cp = f" {times} cp {k.cp}" if k.cp > 1 else ""
+    return f"tp {k.tp}{cp} {times} pp {k.pp} {times} dp {k.dp}"
+
+
 @dataclass(frozen=True)
 class Stage:
     layers: tuple[int, int]

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from planner.frameworks import priced_elsewhere
 from planner.specs import nodes_x
+from planner.plan import degrees_text
 
 # Piped output (make run, CI logs) gets a wide table instead of rich's 80-column default.
 class _Console(Console):
@@ -217,7 +218,7 @@ def print_plans(result, out: str | None, training: tuple[int, float | None] | No
     console.print(plans_table(plans, "Ranked plans (fastest first)" if fitting else "No plan fits; the closest configurations"))
     if not fitting:
         for i, p in enumerate(plans, 1):
-            console.print(f"  #{i} tp {p.tp}{f' cp {p.cp}' if p.cp > 1 else ''} pp {p.pp} dp {p.dp} mbs {p.micro_batch} "
+            console.print(f"  #{i} {degrees_text(p)} mbs {p.micro_batch} "
                           f"recompute {_recompute_label(p)}: {p.prediction.reason}")
         return
     if training:

@@ -26,7 +26,8 @@ def print_validation(report: dict) -> None:
     t = Table(title=f"Predicted vs measured{where}", title_justify="left")
     drifted = any(r.get("machine_drift") is not None for r in report["runs"])
     waited = any(r.get("unloaded_error_pct") is not None for r in report["runs"])
-    for col in ("run", "model", "plan", "tp", "pp", "dp", "mbs", "schedule", "pred step s", "meas step s", "spread", "error",
+    cp = any(r["knobs"]["cp"] > 1 for r in report["runs"])  # a column only where some run split its sequences
+    for col in ("run", "model", "plan", "tp", *(("cp",) if cp else ()), "pp", "dp", "mbs", "schedule", "pred step s", "meas step s", "spread", "error",
                 *(("machine", "rescaled error") if drifted else ()), *(("waited", "error less waits") if waited else ()),
                 "pred tok/s", "meas tok/s", "memory error"):
         t.add_column(col, justify="right" if col not in ("run", "model", "plan", "schedule") else "left",
@@ -37,7 +38,7 @@ def print_validation(report: dict) -> None:
             f"×{r['machine_drift']:.2f}", f"{r['rescaled_error_pct']:+.1f}%")
         waits = () if not waited else ("-", "-") if r.get("unloaded_error_pct") is None else (
             f"{r['waited_pct']:.0f}%", f"{r['unloaded_error_pct']:+.1f}%")
-        t.add_row(label, r["model"], r["plan_id"], str(k["tp"]), str(k["pp"]), str(k["dp"]), str(k["micro_batch"]), k["schedule"],
+        t.add_row(label, r["model"], r["plan_id"], str(k["tp"]), *((str(k["cp"]),) if cp else ()), str(k["pp"]), str(k["dp"]), str(k["micro_batch"]), k["schedule"],
                   f"{r['predicted_step_s']:.4g}", f"{r['measured_step_s']:.4g}", f"±{r['spread_pct']:.0f}%",
                   f"{r['error_pct']:+.1f}%", *drift, *waits, f"{r['predicted_tokens_per_s']:,.0f}", f"{r['measured_tokens_per_s']:,.0f}",
                   "-" if r.get("memory_error_pct") is None else f"{r['memory_error_pct']:.1f}%")

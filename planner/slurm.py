@@ -15,7 +15,7 @@ from pathlib import Path
 
 from planner.errors import SpecError
 from planner.frameworks import priced_elsewhere
-from planner.plan import Plan
+from planner.plan import Plan, degrees_text
 from planner.specs import nodes_x
 
 DEFAULT_PORT = 29500
@@ -43,7 +43,7 @@ def torch_missing(python: str | None) -> bool:
 def check_nodes(plan: Plan, nodes: int, gpus_per_node: int) -> None:
     if nodes * gpus_per_node != plan.world_size:
         raise SpecError("--nodes", "nodes", f"{nodes_x(nodes, gpus_per_node)} GPUs = {nodes * gpus_per_node}, but the plan "
-                        f"needs tp {plan.tp} x pp {plan.pp} x dp {plan.dp} = {plan.world_size} devices; give --nodes "
+                        f"needs {degrees_text(plan)} = {plan.world_size} devices; give --nodes "
                         f"{plan.world_size // gpus_per_node if plan.world_size % gpus_per_node == 0 else '...'} "
                         f"(and --gpus-per-node) so that the product is {plan.world_size}")
 
@@ -96,7 +96,7 @@ def node_commands(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, py
     """The plain torchrun command to type on each node, with what MASTER_ADDR stands for."""
     check_nodes(plan, nodes, gpus_per_node)
     argv = torchrun_argv(plan, plan_path, nodes, gpus_per_node, f"MASTER_ADDR:{port}", plan.id or "meshplan", list(extra))
-    lines = [f"# plan {plan.id}: tp {plan.tp} x pp {plan.pp} x dp {plan.dp} on {nodes_x(nodes, gpus_per_node)} devices",
+    lines = [f"# plan {plan.id}: {degrees_text(plan)} on {nodes_x(nodes, gpus_per_node)} devices",
              *priced_elsewhere_comment(plan, plan_path), *does_not_fit_comment(plan)]
     if nodes > 1:
         lines += [f"# Run this same command on each of the {nodes} nodes (torchrun's c10d rendezvous gives each its node rank).",
@@ -120,7 +120,7 @@ def sbatch_script(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, py
     words = " ".join(a if a.startswith('"$') else shlex.quote(a) for a in argv)
     lines = [
         "#!/bin/bash",
-        f"# meshplan plan {plan.id}: {plan.model.name}, tp {plan.tp} x pp {plan.pp} x dp {plan.dp} on {nodes} node(s) x "
+        f"# meshplan plan {plan.id}: {plan.model.name}, {degrees_text(plan)} on {nodes} node(s) x "
         f"{gpus_per_node} {devices_word(plan)}. Submit it with sbatch.",
         *priced_elsewhere_comment(plan, plan_path),
         *does_not_fit_comment(plan),

@@ -47,6 +47,12 @@ def test_selected_plan_shows_timeline_breakdown_memory_stages_and_the_torchrun_c
     assert at.code[0].value == "torchrun --nproc-per-node 2 -m runtime.launch plan.json"
 
 
+def test_the_plan_picker_names_a_context_parallel_plans_cp_degree(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY, cp="2")
+    assert not at.exception and not at.error
+    assert at.selectbox(key="plan_rank").options[0].startswith("#1 · tp 1 × cp 2 × pp 1 × dp 1 · micro-batch")
+
+
 def test_pinned_knobs_constrain_every_ranked_plan(monkeypatch, tmp_path):
     at = open_app(monkeypatch, tmp_path, **TINY, pp="2", schedule="gpipe", micro_batch="2")
     assert not at.exception and not at.error

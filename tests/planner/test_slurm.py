@@ -168,3 +168,14 @@ def test_a_cpu_plans_sbatch_script_reserves_cpus_for_its_ranks_not_gpus(tmp_path
 def test_one_node_given_for_a_two_node_plan_is_refused_as_1_node_not_1_nodes(plan_file, capsys):
     err = refused(capsys, "launch", str(plan_file), "--slurm", "--nodes", "1")
     assert "--nodes: nodes: 1 node x 8 GPUs = 8, but the plan needs" in err
+
+
+def test_a_cp_plans_device_count_names_cp_in_the_refusal_and_both_headers(tmp_path, capsys):
+    path = tmp_path / "cp.json"
+    write_plan(path, priced("gpt3-1.3b", "dgx-a100-80gb", 2, Knobs(2, 1, 4, 1, cp=2), 64))
+    degrees = "tp 2 x cp 2 x pp 1 x dp 4"
+    assert f"the plan needs {degrees} = 16 devices" in refused(capsys, "launch", str(path), "--slurm", "--nodes", "3")
+    assert main(["launch", str(path), "--slurm", "--print"]) == 0
+    assert f"{degrees} on 2 nodes x 8" in capsys.readouterr().out.splitlines()[0]
+    assert f"{degrees} on 2 nodes x 8" in path.with_suffix(".sbatch").read_text().splitlines()[1]
+

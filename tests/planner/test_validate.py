@@ -202,3 +202,17 @@ def test_a_results_file_with_one_binary_line_keeps_its_good_lines(tmp_path):
     report = validate([str(path)])
     assert len(report["runs"]) == 1 and any("line 1 is not valid JSON" in w for w in report["skipped"])
 
+
+
+def test_a_context_parallel_runs_table_shows_its_cp_degree(tmp_path, monkeypatch, capsys):
+    from planner.report_validation import print_validation
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.setenv("COLUMNS", "220")
+    plan, _ = predict(load_model("gpt-tiny"), load_cluster("local-cpu", gpus_per_node=2), load_device("cpu"),
+                      Knobs(1, 1, 1, 4, cp=2), 16)
+    (path := tmp_path / "runs.jsonl").write_text(json.dumps(run_line(plan, [plan.prediction.iteration_s] * 3, None)) + "\n")
+    print_validation(validate([str(path)]))
+    header, row = [line for line in capsys.readouterr().out.splitlines() if "┃ tp" in line or "│ 1 " in line][:2]
+    cells = dict(zip([c.strip() for c in header.split("┃")], [c.strip() for c in row.split("│")]))
+    assert (cells["tp"], cells["cp"], cells["pp"], cells["dp"]) == ("1", "2", "1", "1")
