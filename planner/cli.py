@@ -191,7 +191,7 @@ def cmd_launch(args) -> int:
 
     from planner.io import atomic_write_text, check_target
     from planner.plan import load_plan
-    from planner.slurm import devices_word, does_not_fit, node_commands, sbatch_script
+    from planner.slurm import devices_word, launch_warnings, node_commands, sbatch_script
     from planner.specs import nodes_x
 
     if args.out is not None and not args.slurm:
@@ -212,8 +212,8 @@ def cmd_launch(args) -> int:
         atomic_write_text(out, script)
         print(f"Wrote {out}: {nodes_x(nodes, gpus)} {devices_word(plan)}, one torchrun "
               f"per node. Submit it with: sbatch {out}")
-        if warning := does_not_fit(plan):  # in the script as a comment too, where it is easily missed
-            print(f"warning: {warning}", file=sys.stderr)
+    for warning in launch_warnings(plan, nodes, gpus):  # comments above the commands too, where they are easily missed
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -82,9 +82,27 @@ def does_not_fit(plan: Plan) -> str | None:
             "run out of memory (planner plan finds plans that fit)")
 
 
-def does_not_fit_comment(plan: Plan) -> list[str]:
-    """does_not_fit as comment lines (none for a plan that fits)."""
-    return _comment(f"warning: {text}" if (text := does_not_fit(plan)) else None)
+def other_topology(plan: Plan, nodes: int, gpus_per_node: int) -> str | None:
+    """What launching a plan on as many devices as it needs, but laid out on other nodes than those it was priced for
+    (2 x 8 priced, 1 x 16 launched), is warned with; None on the plan's own layout. Its tensor-, context- and
+    data-parallel groups and its pipeline then meet node boundaries elsewhere, so its predicted time no longer holds."""
+    c = plan.cluster
+    if (nodes, gpus_per_node) == (c.nodes, c.gpus_per_node):
+        return None
+    return (f"the plan was priced for {nodes_x(c.nodes, c.gpus_per_node)} {devices_word(plan)}, not {nodes} x {gpus_per_node}: "
+            "its parallel groups would run over other links (inside a node or across the network) than it was priced "
+            "with, so its predicted time no longer holds; plan again for this layout "
+            f"(planner plan ... --nodes {nodes} --gpus-per-node {gpus_per_node}) or launch it on the layout it was priced for")
+
+
+def launch_warnings(plan: Plan, nodes: int, gpus_per_node: int) -> list[str]:
+    """What planner launch warns of (on stderr, and as comments above the commands and in the script); launching
+    goes on: the user may know better."""
+    return [w for w in (does_not_fit(plan), other_topology(plan, nodes, gpus_per_node)) if w]
+
+
+def _warning_comments(plan: Plan, nodes: int, gpus_per_node: int) -> list[str]:
+    return [line for w in launch_warnings(plan, nodes, gpus_per_node) for line in _comment(f"warning: {w}")]
 
 
 def _comment(text: str | None) -> list[str]:
@@ -97,7 +115,7 @@ def node_commands(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, py
     check_nodes(plan, nodes, gpus_per_node)
     argv = torchrun_argv(plan, plan_path, nodes, gpus_per_node, f"MASTER_ADDR:{port}", plan.id or "meshplan", list(extra))
     lines = [f"# plan {plan.id}: {degrees_text(plan)} on {nodes_x(nodes, gpus_per_node)} devices",
-             *priced_elsewhere_comment(plan, plan_path), *does_not_fit_comment(plan)]
+             *priced_elsewhere_comment(plan, plan_path), *_warning_comments(plan, nodes, gpus_per_node)]
     if nodes > 1:
         lines += [f"# Run this same command on each of the {nodes} nodes (torchrun's c10d rendezvous gives each its node rank).",
                   "# MASTER_ADDR: the host name or IP address of one of these nodes that all of them can reach, the same on",
@@ -120,10 +138,10 @@ def sbatch_script(plan: Plan, plan_path: str, nodes: int, gpus_per_node: int, py
     words = " ".join(a if a.startswith('"$') else shlex.quote(a) for a in argv)
     lines = [
         "#!/bin/bash",
-        f"# meshplan plan {plan.id}: {plan.model.name}, {degrees_text(plan)} on {nodes} node(s) x "
-        f"{gpus_per_node} {devices_word(plan)}. Submit it with sbatch.",
+        f"# meshplan plan {plan.id}: {plan.model.name}, {degrees_text(plan)} on {nodes_x(nodes, gpus_per_node)} "
+        f"{devices_word(plan)}. Submit it with sbatch.",
         *priced_elsewhere_comment(plan, plan_path),
-        *does_not_fit_comment(plan),
+        *_warning_comments(plan, nodes, gpus_per_node),
         f"#SBATCH --job-name=meshplan-{plan.id or 'plan'}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",

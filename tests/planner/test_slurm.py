@@ -179,3 +179,14 @@ def test_a_cp_plans_device_count_names_cp_in_the_refusal_and_both_headers(tmp_pa
     assert f"{degrees} on 2 nodes x 8" in capsys.readouterr().out.splitlines()[0]
     assert f"{degrees} on 2 nodes x 8" in path.with_suffix(".sbatch").read_text().splitlines()[1]
 
+
+def test_launching_on_another_node_layout_than_the_plan_was_priced_for_is_warned_not_refused(plan_file, capsys):
+    assert main(["launch", str(plan_file), "--print", "--nodes", "1", "--gpus-per-node", "16"]) == 0
+    printed = capsys.readouterr()
+    said = "the plan was priced for 2 nodes x 8 GPUs, not 1 x 16"
+    assert f"warning: {said}" in printed.err and "--nodes 1 --gpus-per-node 16" in printed.err
+    assert f"warning: {said}" in " ".join(line[2:] for line in printed.out.splitlines() if line.startswith("# "))
+    assert main(["launch", str(plan_file), "--slurm", "--nodes", "1", "--gpus-per-node", "16"]) == 0
+    assert said in capsys.readouterr().err and said in " ".join(plan_file.with_suffix(".sbatch").read_text().split())
+    assert main(["launch", str(plan_file), "--print", "--nodes", "2", "--gpus-per-node", "8"]) == 0
+    assert "warning" not in capsys.readouterr().err  # its own layout: nothing to say
