@@ -24,6 +24,7 @@ from planner.frameworks import FRAMEWORKS, LABELS, priced_elsewhere  # noqa: E40
 from planner.plan import Plan, degrees_text  # noqa: E402
 from planner.report import schedule_label, tokens_label, torchrun_command  # noqa: E402
 from planner.search import search  # noqa: E402
+from planner.validate import priced_with  # noqa: E402
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, load_device  # noqa: E402
 from planner.memory import DEFAULT_MEMORY_HEADROOM_GIB, check_headroom  # noqa: E402
 
@@ -178,8 +179,10 @@ def validation_tab() -> None:
     if df.empty:
         st.info(f"No valid runs in {len(files)} results file(s) in {folder}.")
         return
+    for m in report["profile_mismatches"]:
+        st.warning(m["message"])
     st.caption(f"{len(files)} results file(s) in {folder}. Each run's plan is priced again with today's device profile; "
-               "repeated runs of a plan are pooled (median step time).")
+               f"repeated runs of a plan are pooled (median step time). {priced_with(report)}")
     rho = report["spearman"]
     c1, c2, c3 = st.columns(3)
     c1.metric("Plans measured", len(df), help=f"from {len(files)} file(s) in {folder}")

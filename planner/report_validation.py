@@ -9,6 +9,7 @@ import statistics
 from rich.table import Table
 
 from planner.report import console
+from planner.validate import priced_with
 
 
 def _run_labels(runs: list[dict]) -> tuple[list[str], str]:
@@ -46,6 +47,10 @@ def print_validation(report: dict) -> None:
     for w in report.get("skipped", []):
         console.print(f"[yellow]skipped[/yellow] {w}")
     if report["runs"]:
+        console.print(priced_with(report))
+        for m in report.get("profile_mismatches", []):
+            console.print(f"[yellow]warning[/yellow]: {m['message']}")
+
         def line(summary: dict, n: int, what: str) -> str:
             sp = summary["spearman"]
             return (f"{what}: mean absolute error of step time {summary['mape_pct']:.1f}% over {n} plan(s); Spearman rank "

@@ -1,7 +1,8 @@
 """Predicted vs measured: results/*.jsonl lines (runtime.launch --results) against the planner.
 
 Each run's plan is priced again with today's profile (a measured profile wins over the datasheet),
-so the error is the current model's. Repeated runs of one plan are pooled: the measured step time
+so the error is the current model's; the report names that profile, and says once when it is not the one
+the plans were made with (plan.profile, e.g. a fresh clone has no cpu.measured.json). Repeated runs of one plan are pooled: the measured step time
 is their median, and their spread is reported beside the error so that a reader can tell the
 model's error from the machine's noise. Bad lines are reported and skipped, never fatal."""
 
@@ -16,7 +17,7 @@ from planner.errors import MeshplanError
 from planner.io import read_jsonl
 from planner.plan import plan_from_dict
 from planner.results import result_from_dict
-from planner.specs import load_device
+from planner.specs import load_device, measured_profile_path
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -107,6 +108,7 @@ def validate(paths: list[str]) -> dict:
         by_plan.setdefault(r["plan"].id or r["result"].plan_id, []).append(r)
     rows = []
     devices: dict[str, object] = {}
+    mismatched: dict[tuple[str, str], list] = {}  # (planned, priced) profile labels -> [plans, the profile priced with]
     for pid, group in by_plan.items():
         plan = group[0]["plan"]
         name = plan.cluster.device
@@ -124,6 +126,8 @@ def validate(paths: list[str]) -> dict:
         except MeshplanError as e:  # a plan an older meshplan wrote and ran, which this one no longer prices
             skipped.extend(f"{g['where']}: this meshplan does not price its plan: {e}" for g in group)
             continue
+        if plan.profile and plan.profile != device.label:
+            mismatched.setdefault((plan.profile, device.label), [0, device])[0] += 1
         measured = [_measured_step_s(g["line"]) for g in group]
         med = statistics.median(measured)
         if len(measured) > 1:
@@ -145,7 +149,7 @@ def validate(paths: list[str]) -> dict:
                       "virtual_stages": k.virtual_stages, "recompute": k.recompute, "cp": k.cp, "zero": k.zero,
                       "precision": k.precision, "compile": k.compile},
             "model": plan.model.name, "device": group[0]["result"].device, "profile": device.label,
-            "predicted_step_s": pred, "measured_step_s": med, "measured_step_s_all": measured,
+            "planned_profile": plan.profile, "predicted_step_s": pred, "measured_step_s": med, "measured_step_s_all": measured,
             "spread_pct": spread, "error_pct": 100 * (pred - med) / med,
             "predicted_tokens_per_s": priced.prediction.tokens_per_s,
             "measured_tokens_per_s": plan.global_batch * plan.model.seq_len / med,
@@ -160,7 +164,29 @@ def validate(paths: list[str]) -> dict:
         })
     rows.sort(key=lambda r: r["measured_step_s"])
     by_model = {name: _summary([r for r in rows if r["model"] == name]) for name in sorted({r["model"] for r in rows})}
-    return {"runs": rows, **_summary(rows), "by_model": by_model, "skipped": skipped}
+    mismatches = [{"planned": planned, "priced": priced, "plans": n, "message": profile_mismatch(planned, device, n)}
+                  for (planned, priced), (n, device) in mismatched.items()]
+    return {"runs": rows, **_summary(rows), "by_model": by_model, "skipped": skipped,
+            "profiles": sorted({r["profile"] for r in rows}), "profile_mismatches": mismatches}
+
+
+def priced_with(report: dict) -> str:
+    """The sentence naming the device profile(s) a report priced its runs with (validate's "profiles")."""
+    return f"Priced with this machine's device profile: {', '.join(report['profiles'])}."
+
+
+def profile_mismatch(planned: str, device, plans: int) -> str:
+    """The warning for `plans` plans made with profile `planned` (their plan.profile) but priced with `device`, the
+    profile of that name this machine has now: their error is that profile's, and how to price them as planned."""
+    said = f"{plans} plan(s) were planned with the profile '{planned}' but are priced with '{device.label}'"
+    path = measured_profile_path(device.name)
+    if device.source == "measured":
+        return (f"{said}: this machine's measured profile, {path}, wins over the datasheet, so these errors are not the "
+                "ones they were planned with; move that file aside to price them as planned")
+    return (f"{said}, the only {device.name} profile on this machine, so these errors are not the ones they were planned "
+            f"with (the README's numbers use the measured profile); to price them as planned, copy the measured profile "
+            f"of the machine that ran them to {path}, or measure this one's with `planner profile --device "
+            f"{'cpu' if device.name == 'cpu' else 'cuda'}`")
 
 
 def _summary(rows: list[dict]) -> dict:

@@ -121,6 +121,18 @@ def test_with_results_files_shows_the_error_per_run_and_both_timelines(monkeypat
     assert "unloaded_error_pct" in at.dataframe[0].value.columns
 
 
+def test_runs_planned_with_another_profile_say_which_profile_priced_them_and_warn_once(monkeypatch, tmp_path):
+    from planner.validate import profile_mismatch
+
+    line = run_line(tiny_plan(pp=1, dp=2, micro_batch=8), [1.0, 1.0], None)
+    line["plan"]["profile"] = "cpu (measured)"
+    (tmp_path / "runs.jsonl").write_text((json.dumps(line) + "\n") * 2)
+    at = open_app(monkeypatch, tmp_path, **TINY, view="Predicted vs measured")
+    assert not at.exception and not at.error
+    assert [w.value for w in at.warning] == [profile_mismatch("cpu (measured)", data.load_device("cpu"), 1)]
+    assert any("Priced with this machine's device profile: cpu (datasheet)." in c.value for c in at.caption)
+
+
 def test_a_run_on_a_device_without_a_profile_is_skipped_with_a_warning(monkeypatch, tmp_path):
     line = run_line(tiny_plan(pp=1, dp=2, micro_batch=8), [1.0, 1.0], None)
     line["plan"]["cluster"]["device"] = "tpu-v9"

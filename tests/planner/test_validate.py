@@ -216,3 +216,46 @@ def test_a_context_parallel_runs_table_shows_its_cp_degree(tmp_path, monkeypatch
     header, row = [line for line in capsys.readouterr().out.splitlines() if "┃ tp" in line or "│ 1 " in line][:2]
     cells = dict(zip([c.strip() for c in header.split("┃")], [c.strip() for c in row.split("│")]))
     assert (cells["tp"], cells["cp"], cells["pp"], cells["dp"]) == ("1", "2", "1", "1")
+
+
+@pytest.fixture
+def datasheets_only(tmp_path_factory, monkeypatch):
+    """The project's profiles without this machine's measured one, as a fresh clone has them."""
+    import shutil
+
+    from planner import specs
+
+    copy = tmp_path_factory.mktemp("profiles")
+    shutil.copytree(specs.PROFILES_DIR, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.measured.json"))
+    monkeypatch.setattr(specs, "PROFILES_DIR", copy)
+    return copy
+
+
+def test_runs_planned_with_another_profile_than_this_machines_are_priced_with_a_warning_once_naming_both(
+        tmp_path, monkeypatch, capsys, datasheets_only):
+    from planner.report_validation import print_validation
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    lines = []
+    for plan in (_plan("gpt-tiny", 2, 1, 1), _plan("gpt-tiny", 1, 2, 8)):
+        line = run_line(plan, [plan.prediction.iteration_s] * 3, None)
+        line["plan"]["profile"] = "cpu (measured)"  # as make run planned them
+        lines += [line, line]
+    (path := tmp_path / "runs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = validate([str(path)])
+    assert report["profiles"] == ["cpu (datasheet)"] and [r["planned_profile"] for r in report["runs"]] == ["cpu (measured)"] * 2
+    [mismatch] = report["profile_mismatches"]
+    assert (mismatch["planned"], mismatch["priced"], mismatch["plans"]) == ("cpu (measured)", "cpu (datasheet)", 2)
+    print_validation(report)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "Priced with this machine's device profile: cpu (datasheet)." in said
+    assert said.count("warning:") == 1 and "2 plan(s) were planned with the profile 'cpu (measured)' but are priced " \
+                                              "with 'cpu (datasheet)'" in said
+    assert "`planner profile --device cpu`" in said and str(datasheets_only / "devices" / "cpu.measured.json") in said
+
+
+def test_runs_priced_with_the_profile_they_were_planned_with_warn_of_nothing(tmp_path, datasheets_only):
+    plan = _plan("gpt-tiny", 2, 1, 1)
+    (path := tmp_path / "runs.jsonl").write_text(json.dumps(run_line(plan, [plan.prediction.iteration_s] * 3, None)) + "\n")
+    report = validate([str(path)])
+    assert report["runs"][0]["planned_profile"] == "cpu (datasheet)" and report["profile_mismatches"] == []
