@@ -22,7 +22,8 @@ from planner.compare import check_tokens, plan_training_cost  # noqa: E402
 from planner.errors import MeshplanError  # noqa: E402
 from planner.frameworks import FRAMEWORKS, LABELS, priced_elsewhere  # noqa: E402
 from planner.plan import Plan, degrees_text  # noqa: E402
-from planner.report import schedule_label, tokens_label, torchrun_command  # noqa: E402
+from planner.report import schedule_label, tflops_format, tflops_text, tokens_label  # noqa: E402
+from planner.slurm import node_commands  # noqa: E402
 from planner.search import search  # noqa: E402
 from planner.validate import priced_with  # noqa: E402
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, load_device  # noqa: E402
@@ -138,7 +139,7 @@ def plans_tab(plans_df, cands_df, usable_gib: float) -> None:
         "rank": "#", "plan_id": "plan id", "micro_batch": "micro-batch", "num_microbatches": "microbatches",
         "sequence_parallel": "SP", "zero": "ZeRO", "cp": "cp", "layers_per_stage": "layers/stage",
         "iteration_s": st.column_config.NumberColumn("iteration (s)", format="%.3g"),
-        "tflops_per_gpu": st.column_config.NumberColumn("TFLOP/s per GPU", format="%.1f"),
+        "tflops_per_gpu": st.column_config.NumberColumn("TFLOP/s per GPU", format=tflops_format(plans_df["tflops_per_gpu"].min())),
         **compare_view.metric_columns(), "fits": "fits", "reason": "why it does not fit"})
     color_by = st.segmented_control("Colour the configurations by", ["schedule", "tp", "pp", "micro_batch", "recompute"],
                                     default="schedule", key="color_by") or "schedule"
@@ -161,9 +162,10 @@ def plan_tab(plan: Plan, device: DeviceProfile, usable_gib: float) -> None:
                        mime="application/json", key="download_plan")
     if elsewhere := priced_elsewhere(plan.framework, "plan.json"):
         st.caption(elsewhere)
-    st.code(torchrun_command(plan, "plan.json"), language="bash", wrap_lines=True)
-    if plan.cluster.nodes > 1:
-        st.caption("Run it on every node; HOST is the first node's address. Add --results results/NAME.jsonl to measure it.")
+    # planner launch plan.json --print: the same command, with its comments (MASTER_ADDR, on every node)
+    st.code(node_commands(plan, "plan.json", plan.cluster.nodes, plan.cluster.gpus_per_node), language="bash", wrap_lines=True)
+    st.caption("As `planner launch plan.json --print` prints it. Add --results results/NAME.jsonl after plan.json to "
+               "measure the run.")
 
 
 def validation_tab() -> None:
@@ -301,7 +303,7 @@ def main() -> None:
         cols = st.columns(5)
         cols[0].metric("Throughput (tokens/s)", f"{pr.tokens_per_s:,.0f}")
         cols[1].metric("Iteration (s)", f"{pr.iteration_s:.3g}")
-        cols[2].metric("TFLOP/s per GPU", f"{pr.tflops_per_gpu:.1f}")
+        cols[2].metric("TFLOP/s per GPU", tflops_text(pr.tflops_per_gpu))
         cols[3].metric("MFU", f"{100 * pr.mfu:.1f}%")
         cols[4].metric(f"Peak memory (GiB of {usable:g} usable)", f"{pr.peak_memory_gib:.1f}")
         if training and pr.fits:

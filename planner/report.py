@@ -66,11 +66,13 @@ def schedule_label(plan) -> str:
     return f"interleaved v={plan.virtual_stages}" if plan.schedule == "interleaved" else plan.schedule
 
 
-def torchrun_command(plan, path: str) -> str:
-    c = plan.cluster
-    if c.nodes > 1:
-        return f"torchrun --nnodes {c.nodes} --nproc-per-node {c.gpus_per_node} --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m runtime.launch {path}"
-    return f"torchrun --nproc-per-node {plan.world_size} -m runtime.launch {path}"
+def tflops_format(tflops: float) -> str:
+    """The printf format of a TFLOP/s figure: one decimal, or three for a CPU's (0.045 would read 0.0)."""
+    return "%.1f" if tflops >= 1 else "%.3f"
+
+
+def tflops_text(tflops: float) -> str:
+    return tflops_format(tflops) % tflops
 
 
 FLOPS_NOTE = ("TFLOP/s per GPU counts the FLOPs run, recomputation included, by Narayanan et al. 2021's formula, which "
@@ -106,7 +108,7 @@ def plans_table(plans, title: str) -> Table:
         pr = p.prediction
         t.add_row(str(i), degrees_label(p), str(p.micro_batch), schedule_label(p), _recompute_label(p),
                   "yes" if p.sequence_parallel else "no", str(p.zero), *((precision_label(p),) if extras else ()), blocks_label(p, 24),
-                  f"{pr.iteration_s:.3g}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu:.1f}" if pr.tflops_per_gpu >= 1 else f"{pr.tflops_per_gpu:.3f}",
+                  f"{pr.iteration_s:.3g}", f"{pr.tokens_per_s:,.0f}", tflops_text(pr.tflops_per_gpu),
                   f"{100 * pr.mfu:.1f}%", f"{pr.peak_memory_gib:.1f}", "yes" if pr.fits else "[red]no[/red]")
     return t
 

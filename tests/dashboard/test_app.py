@@ -4,6 +4,8 @@ message a user needs in the page and never a traceback. Small models keep this q
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,12 +41,36 @@ def test_default_inputs_render_plans_table_and_scatter(monkeypatch, tmp_path):
 
 
 def test_selected_plan_shows_timeline_breakdown_memory_stages_and_the_torchrun_command(monkeypatch, tmp_path):
+    from planner.search import search
+    from planner.slurm import node_commands
+    from planner.specs import load_cluster, load_device, load_model
+
     at = open_app(monkeypatch, tmp_path, **TINY, view="Selected plan")
     assert not at.exception and not at.error
     assert charts(at) == 3
     assert any(s.value == "Layers of each stage" for s in at.subheader)
     assert at.get("download_button")[0].label == "Download plan.json"
-    assert at.code[0].value == "torchrun --nproc-per-node 2 -m runtime.launch plan.json"
+    plan = search(load_model("gpt-tiny"), load_cluster("local-cpu", gpus_per_node=2), load_device("cpu"), 16).plans[0]
+    assert at.code[0].value == node_commands(plan, "plan.json", 1, 2).rstrip()  # planner launch --print's, written once
+
+
+def test_a_cpu_plans_tflops_per_gpu_shows_enough_digits_not_0_0(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path, **TINY)
+    assert not at.exception and at.metric[2].label == "TFLOP/s per GPU"
+    assert float(at.metric[2].value) > 0 and at.metric[2].value.startswith("0.0") and len(at.metric[2].value) == 5  # e.g. 0.045
+
+
+def test_a_multi_node_plans_run_it_command_is_planner_launchs_with_master_addr_and_this_pythons_torchrun(monkeypatch, tmp_path):
+    import shlex
+
+    at = open_app(monkeypatch, tmp_path, model="gpt3-1.3b", cluster="dgx-a100-80gb", nodes="2", global_batch="64",
+                  view="Selected plan")
+    assert not at.exception and not at.error
+    command = at.code[0].value.splitlines()[-1]
+    assert "MASTER_ADDR: the host name or IP address" in at.code[0].value and "HOST" not in command
+    argv = shlex.split(command)
+    assert os.path.abspath(argv[0]) == os.path.join(os.path.dirname(sys.executable), "torchrun")
+    assert "--rdzv-id" in argv and argv[argv.index("--rdzv-endpoint") + 1] == "MASTER_ADDR:29500"
 
 
 def test_the_plan_picker_names_a_context_parallel_plans_cp_degree(monkeypatch, tmp_path):
