@@ -67,9 +67,10 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float, str]:
     sb.header("Inputs")
     models = data.presets("models")
     model_name = sb.selectbox("Model preset", models, index=models.index(DEFAULT_MODEL), key="model", bind=QP)
-    with sb.expander("Edit or upload the model YAML"):
-        upload = st.file_uploader("Model YAML file (replaces the text below)", type=["yaml", "yml"], key="model_file")
-        text = st.text_area("Model YAML", data.preset_text("models", model_name), height=190, key=f"model_yaml_{model_name}")
+    with sb.expander("Edit or upload the model YAML (or a Hugging Face config.json)"):
+        upload = st.file_uploader("Model YAML or config.json (replaces the text below)", type=["yaml", "yml", "json"], key="model_file")
+        text = st.text_area("Model YAML", data.preset_text("models", model_name), height=190, key=f"model_yaml_{model_name}",
+                            help="a meshplan model YAML, or paste a Hugging Face config.json (read as `planner plan --model` reads one)")
     clusters = data.presets("clusters")
     cluster_name = sb.selectbox("Cluster preset", clusters, index=clusters.index(DEFAULT_CLUSTER), key="cluster",
                                 bind=QP, on_change=reset_cluster_fields)
@@ -275,7 +276,7 @@ def main() -> None:
     except MeshplanError as e:
         st.error(f"Cannot plan with these inputs: {e}")
     except UnicodeDecodeError:
-        st.error("The uploaded model file is not UTF-8 text; upload a YAML file.")
+        st.error("The uploaded model file is not UTF-8 text; upload a YAML file or a config.json.")
     except _NoSearch:
         pass  # the link's errors are shown above; plans for inputs it did not ask for would mislead
 

@@ -18,12 +18,13 @@ from planner.compare import parse_price, parse_tokens, plan_training_cost
 from planner.cost import memory_by_device, predict
 from planner.errors import SpecError
 from planner.frameworks import FRAMEWORKS
+from planner.hf import model_from_mapping
 from planner.plan import Plan, plan_to_dict
 from planner.report import cluster_label, plan_label, precision_label, schedule_label, stage_summary
 from planner.schedule import simulate
 from planner.plan import MAX_GLOBAL_BATCH
 from planner.parsing import parse_mapping_text
-from planner.specs import PROFILES_DIR, ClusterSpec, DeviceProfile, ModelSpec, cluster_from_dict, load_device, model_from_dict
+from planner.specs import PROFILES_DIR, ClusterSpec, DeviceProfile, ModelSpec, cluster_from_dict, load_device
 from planner.validate import load_runs, validate
 
 RESULTS_DIR_ENV = "MESHPLAN_RESULTS_DIR"
@@ -53,22 +54,24 @@ def preset_text(kind: str, name: str) -> str:
 
 
 def parse_yaml(text: str, source: str) -> dict:
-    """A YAML mapping, or a SpecError that names the line (the page shows it instead of a traceback)."""
+    """A YAML mapping (or JSON, for text that starts with '{': a pasted config.json, read as the CLI reads a .json
+    file), or a SpecError that names the line (the page shows it instead of a traceback)."""
     try:
-        data = parse_mapping_text(text, source, is_json=False)  # a key given twice is an error, as in the CLI
+        data = parse_mapping_text(text, source, is_json=text.lstrip().startswith("{"))  # a key given twice is an error, as in the CLI
     except yaml.YAMLError as e:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise SpecError(source, "(YAML)", f"malformed YAML{where}{f' ({problem})' if problem else ''}; fix the syntax") from None
+    except json.JSONDecodeError as e:
+        raise SpecError(source, "(JSON)", f"malformed JSON at line {e.lineno} ({e.msg}); fix the syntax") from None
     if not isinstance(data, dict):
         raise SpecError(source, "(top level)", "expected a mapping of field: value, e.g. 'layers: 24'")
     return data
 
 
 def model_from_yaml(text: str, source: str = "model YAML") -> ModelSpec:
-    data = parse_yaml(text, source)
-    data.setdefault("name", "custom")
-    return model_from_dict(data, source)
+    """A meshplan model YAML or a Hugging Face config.json, read as `planner plan --model FILE` reads them."""
+    return model_from_mapping(parse_yaml(text, source), source, "custom")
 
 
 def cluster_from_yaml(text: str, nodes: int, gpus_per_node: int, device: str, source: str = "cluster YAML") -> ClusterSpec:

@@ -62,6 +62,16 @@ def check_meshplan_model(data: dict, source: str) -> None:
                     f"(keys architectures or model_type): {what}{_ARCHITECTURE_KEYS}")
 
 
+def model_from_mapping(data: dict, source: str, name: str) -> ModelSpec:
+    """A model file's contents, a Hugging Face config.json (is_hf_config) or a meshplan model, named `name` unless
+    a meshplan model names itself (planner.specs.load_model reads files with it, the dashboard its text box)."""
+    if is_hf_config(data):
+        return model_from_hf(data, source, name)
+    check_meshplan_model(data, source)
+    data.setdefault("name", name)
+    return model_from_dict(data, source)
+
+
 def model_name(path: Path) -> str:
     """A model's name from its file: the folder's name for .../NAME/config.json, else the file's stem."""
     return path.resolve().parent.name if path.name == "config.json" else path.stem

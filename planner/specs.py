@@ -275,11 +275,7 @@ def load_model(arg: str) -> ModelSpec:
     if path.is_dir():
         return hf.load_hf_folder(path)
     source, data = _resolve("models", "model", arg)
-    if hf.is_hf_config(data):
-        return hf.model_from_hf(data, source, hf.model_name(path))
-    hf.check_meshplan_model(data, source)
-    data.setdefault("name", path.stem if _is_file_arg(arg) else arg)
-    return model_from_dict(data, source)
+    return hf.model_from_mapping(data, source, hf.model_name(path) if _is_file_arg(arg) else arg)
 
 
 def cluster_from_dict(data: dict, source: str) -> ClusterSpec:

@@ -121,6 +121,17 @@ def test_uploaded_model_yaml_replaces_the_preset(monkeypatch, tmp_path):
     assert not at.exception and "not UTF-8" in at.error[0].value
 
 
+def test_a_hugging_face_config_json_pasted_into_the_model_box_is_planned(monkeypatch, tmp_path):
+    from tests.planner.test_hf import LLAMA3_8B
+
+    tiny = dict(LLAMA3_8B, hidden_size=256, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=4,
+                intermediate_size=1024, max_position_embeddings=128, vocab_size=8192)
+    at = open_app(monkeypatch, tmp_path, **TINY)
+    at.text_area(key="model_yaml_gpt-tiny").set_value(json.dumps(tiny, indent=2)).run()
+    assert not at.exception and not at.error
+    assert at.caption[0].value.startswith("custom on 2 × cpu")
+
+
 def test_pins_that_no_configuration_satisfies_show_the_planner_message(monkeypatch, tmp_path):
     at = open_app(monkeypatch, tmp_path, **TINY, tp="2", pp="2")
     assert not at.exception

@@ -32,6 +32,23 @@ def test_model_yaml_with_a_bad_field_names_the_field():
         data.model_from_yaml("just a string")
 
 
+def test_a_pasted_hugging_face_config_json_is_the_model_the_cli_reads_from_that_file(tmp_path):
+    import dataclasses
+
+    from tests.planner.test_hf import LLAMA3_8B, MISTRAL_V01
+
+    (path := tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B, indent=2))
+    assert data.model_from_yaml(path.read_text()) == dataclasses.replace(load_model(str(path)), name="custom")
+    with pytest.raises(SpecError, match="sliding_window") as pasted:  # refused with the CLI's message too
+        data.model_from_yaml(json.dumps(MISTRAL_V01))
+    (path := tmp_path / "mistral.json").write_text(json.dumps(MISTRAL_V01))
+    with pytest.raises(SpecError) as read:
+        load_model(str(path))
+    assert str(pasted.value).split(": ", 1)[1] == str(read.value).split(": ", 1)[1]
+    with pytest.raises(SpecError, match="malformed JSON at line 1"):
+        data.model_from_yaml('{"architectures": ["LlamaForCausalLM"],')
+
+
 def test_cluster_yaml_takes_nodes_gpus_and_device_from_the_pickers():
     c = data.cluster_from_yaml(data.preset_text("clusters", "local-cpu"), nodes=3, gpus_per_node=4, device="a100-sxm4-80gb")
     assert (c.nodes, c.gpus_per_node, c.device, c.name) == (3, 4, "a100-sxm4-80gb", "local-cpu")
