@@ -37,12 +37,19 @@ def _check_headroom(args, *devices) -> None:
 
 
 def _specs(args):
-    from planner.specs import load_cluster, load_device, load_model
+    from planner.specs import load_cluster, load_device
 
-    model = load_model(args.model)
+    model = _model(args)
     cluster = load_cluster(args.cluster, args.nodes, args.gpus_per_node, args.device)
     device = load_device(cluster.device)
     return model, cluster, device
+
+
+def _model(args):
+    from planner.specs import load_model, with_seq_len
+
+    model = load_model(args.model)
+    return model if args.seq_len is None else with_seq_len(model, args.seq_len, "--seq-len")
 
 
 def _check_inputs(args) -> None:
@@ -134,10 +141,8 @@ def cmd_compare(args) -> int:
     from planner.cost import FRAMEWORKS
     from planner.plan import check_global_batch
     from planner.report import compare_markdown, print_compare
-    from planner.specs import load_model
-
     check_global_batch(args.global_batch, "--global-batch")
-    model = load_model(args.model)
+    model = _model(args)
     tokens = parse_tokens(args.tokens)
     check_tokens(tokens, model, args.global_batch)
     targets = targets_from_flags(args.per_cluster)

@@ -25,6 +25,7 @@ def _positive_int(text: str) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset name (e.g. gpt3-175b) or a model YAML file")
+    _add_seq_len(p)
     p.add_argument("--cluster", required=True, help="preset name (dgx-h100-80gb, ...: profiles/clusters/) or a cluster YAML file")
     p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per iteration (at most 65,536)")
     p.add_argument("--nodes", type=_positive_int, help="override the cluster's node count (default: the cluster file's)")
@@ -34,6 +35,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     _add_framework(p)
     _add_memory_headroom(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
+
+
+def _add_seq_len(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-len", type=_positive_int, metavar="TOKENS",
+                   help="train on sequences of this many tokens (default: the model's seq_len; a Hugging Face config's is "
+                        "its max_position_embeddings, the longest it was built for); RoPE models only")
 
 
 def _add_framework(p: argparse.ArgumentParser) -> None:
@@ -110,6 +117,7 @@ def _add_compare(sub) -> None:
                        usage="planner compare --model M --global-batch B --tokens N [--gpu-hour-price USD] "
                              "--cluster C [--nodes K] [--gpu-hour-price USD] [--cluster C2 ...] [options]")
     p.add_argument("--model", required=True, help="preset name (e.g. llama3-70b) or a model YAML file")
+    _add_seq_len(p)
     p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per iteration on every cluster (at most 65,536)")
     p.add_argument("--tokens", required=True, metavar="N", help=TOKENS_HELP)
     p.add_argument("--cluster", action=_PerCluster, required=True,

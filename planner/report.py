@@ -210,7 +210,8 @@ def print_plans(result, out: str | None, training: tuple[int, float | None] | No
     best = plans[0]
     c = best.cluster
     ph = result.phases_s
-    console.print(f"{best.model.name} on {c.gpus} x {device_name or c.device} ({nodes_x(c.nodes, c.gpus_per_node)}), global batch {best.global_batch}: "
+    console.print(f"{best.model.name} (seq {best.model.seq_len:,}) on {c.gpus} x {device_name or c.device} ({nodes_x(c.nodes, c.gpus_per_node)}), "
+                  f"global batch {best.global_batch}: "
                   f"searched {result.searched:,} configurations in {result.search_s:.2f} s: every one bounded, "
                   f"{result.split:,} layer splits solved, {result.priced:,} priced by simulation "
                   f"(bounds {ph['bound']:.2f} s, splits {ph['split']:.2f} s, simulation {ph['simulate']:.2f} s); profile: {best.profile}")
@@ -250,7 +251,7 @@ def print_written(plan, out: str) -> None:
 def print_prediction(plan, cost=None) -> None:
     """The priced plan; with cost (a planner.compare.TrainingCost), also the days, GPU-hours and cost to train."""
     pr = plan.prediction
-    console.print(plans_table([plan], f"{plan.model.name}: predicted with {plan.profile}"))
+    console.print(plans_table([plan], f"{plan.model.name} (seq {plan.model.seq_len:,}): predicted with {plan.profile}"))
     if cost is not None:
         print_training([plan], [cost])
     console.print(breakdown_table(plan))
@@ -289,7 +290,7 @@ def _compare_cells(row, exact: bool) -> list[str]:
 
 def print_compare(model, global_batch: int, tokens: int, rows) -> None:
     """planner compare: one row per cluster (planner.compare.CompareRow), and why nothing fits where it does not."""
-    console.print(f"{model.name}, global batch {global_batch} ({global_batch * model.seq_len:,} tokens an iteration), "
+    console.print(f"{model.name} (seq {model.seq_len:,}), global batch {global_batch} ({global_batch * model.seq_len:,} tokens an iteration), "
                   f"{tokens_label(tokens)} tokens: the fastest plan on each cluster")
     t = Table(title="Time and cost to train, per cluster", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0,
               caption=COST_NOTE + " Predictions from each device's profile. GPUs: nodes×GPUs per node; mb: micro-batch; "

@@ -266,6 +266,16 @@ def model_from_dict(data: dict, source: str) -> ModelSpec:
     return m
 
 
+def with_seq_len(model: ModelSpec, seq_len: int, source: str) -> ModelSpec:
+    """The model trained on seq_len-token sequences (--seq-len). RoPE has no parameters, so any length is the same
+    model; learned positions are a seq_len x hidden table, so another length is another model, refused."""
+    if model.position == "learned" and seq_len != model.seq_len:
+        raise SpecError(source, "seq_len", f"{model.name} has learned positions, a {model.seq_len:,} x hidden table that "
+                                           f"fixes its sequence length; for {seq_len:,} write a model file with seq_len "
+                                           f"{seq_len} (another model), or leave {source} out")
+    return dataclasses.replace(model, seq_len=seq_len)
+
+
 def load_model(arg: str) -> ModelSpec:
     """A preset name (profiles/models/NAME.yaml), a YAML/JSON file, or a Hugging Face config.json (or a
     folder holding one: planner.hf reads it offline)."""

@@ -298,3 +298,18 @@ def test_every_framework_has_a_label_and_is_a_choice_of_the_framework_flag(capsy
 def test_pins_no_configuration_satisfies_are_named_as_given_without_degrees_the_user_did_not_give(capsys, pins, said):
     err = refused(capsys, "plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb", "--global-batch", "1536", *pins)
     assert said in err and "dp 170" not in err and "dp 512" not in err
+
+
+def test_seq_len_trains_a_rope_model_on_shorter_sequences_shown_in_the_header_and_is_refused_for_learned_positions(capsys, tmp_path):
+    # A Hugging Face config's seq_len is max_position_embeddings (Qwen2-7B's 131,072) and nothing could override it.
+    code, out, _ = run(capsys, "plan", "--model", "llama3-8b", "--seq-len", "4096", "--cluster", "dgx-h100-80gb", "--nodes", "1",
+                       "--global-batch", "64", "--top", "1", "--out", str(tmp_path / "p.json"))
+    assert code == 0 and out.startswith("llama3-8b (seq 4,096) on 8 x h100-sxm5-80gb")
+    assert load_plan(str(tmp_path / "p.json")).model.seq_len == 4096
+    d = json.loads(run(capsys, "predict", "--model", "llama3-8b", "--seq-len", "4096", "--cluster", "dgx-h100-80gb", "--nodes", "1",
+                       "--global-batch", "64", "--tp", "1", "--pp", "1", "--dp", "8", "--micro-batch", "1", "--zero", "3", "--json")[1])
+    assert d["tokens_per_s"] * d["iteration_s"] == pytest.approx(64 * 4096)
+    err = refused(capsys, "plan", "--model", "gpt3-1.3b", "--seq-len", "4096", "--cluster", "dgx-a100-80gb", "--global-batch", "64")
+    assert "--seq-len: seq_len: gpt3-1.3b has learned positions, a 2,048 x hidden table" in err
+    assert refused(capsys, "compare", "--model", "gpt3-1.3b", "--seq-len", "1024", "--global-batch", "64", "--tokens", "1T",
+                   "--cluster", "dgx-a100-80gb")
