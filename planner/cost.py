@@ -271,6 +271,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, knobs
     sharding = m * sum(costs[k].dp_exposed_s for k in mine)
     pp_comm = max(0.0, sim.iteration_s - sim0.iteration_s) + io
     bubble = max(0.0, sim.finish_s[crit] - busy - max(0.0, sim.iteration_s - sim0.iteration_s))
+    bubble = bubble if bubble > 1e-12 * iteration else 0.0  # no pipeline: 8.9e-16 s of summation order, not a bubble
     breakdown = Breakdown(compute_s=busy - tpc - io - sharding, tp_comm_s=tpc, pp_comm_s=pp_comm, dp_comm_s=dp_exposed[crit] + sharding,
                           bubble_s=bubble, optimizer_s=opt[crit])
 

@@ -30,6 +30,13 @@ def test_more_microbatches_shrink_the_bubble_share():
     assert large.breakdown.bubble_s / large.iteration_s < small.breakdown.bubble_s / small.iteration_s
 
 
+def test_a_plan_without_a_pipeline_has_a_bubble_of_exactly_0_not_summation_noise():
+    # predict printed "pipeline bubble 8.882e-16" for a tp x dp plan (the finish time less the busy time, summed
+    # in another order).
+    for knobs in (Knobs(8, 1, 4, 1, "1f1b", 1, "selective", True, True), Knobs(4, 1, 8, 2, "1f1b", 1, "full", True, 3)):
+        assert price(knobs).breakdown.bubble_s == 0.0
+
+
 def test_tp1_has_no_tensor_parallel_communication():
     assert price(Knobs(1, 4, 8, 1, "1f1b", 1, "full")).breakdown.tp_comm_s == 0
 
