@@ -46,10 +46,9 @@ def _specs(args):
 
 
 def _model(args):
-    from planner.specs import load_model, with_seq_len
+    from planner.specs import load_model
 
-    model = load_model(args.model)
-    return model if args.seq_len is None else with_seq_len(model, args.seq_len, "--seq-len")
+    return load_model(args.model, args.seq_len)
 
 
 def _check_inputs(args) -> None:

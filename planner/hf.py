@@ -22,7 +22,7 @@ from typing import Any
 
 from planner.errors import SpecError
 from planner.parsing import read_mapping
-from planner.specs import ModelSpec, model_from_dict
+from planner.specs import ModelSpec, model_from_dict, with_seq_len
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "GPT2LMHeadModel": "gpt2"}
@@ -62,14 +62,16 @@ def check_meshplan_model(data: dict, source: str) -> None:
                     f"(keys architectures or model_type): {what}{_ARCHITECTURE_KEYS}")
 
 
-def model_from_mapping(data: dict, source: str, name: str) -> ModelSpec:
+def model_from_mapping(data: dict, source: str, name: str, seq_len: int | None = None) -> ModelSpec:
     """A model file's contents, a Hugging Face config.json (is_hf_config) or a meshplan model, named `name` unless
-    a meshplan model names itself (planner.specs.load_model reads files with it, the dashboard its text box)."""
+    a meshplan model names itself (planner.specs.load_model reads files with it, the dashboard its text box), on
+    seq_len-token sequences where given (--seq-len: specs.with_seq_len)."""
     if is_hf_config(data):
-        return model_from_hf(data, source, name)
+        return model_from_hf(data, source, name, seq_len)
     check_meshplan_model(data, source)
     data.setdefault("name", name)
-    return model_from_dict(data, source)
+    model = model_from_dict(data, source)
+    return model if seq_len is None else with_seq_len(model, seq_len, "--seq-len")
 
 
 def model_name(path: Path) -> str:
@@ -77,7 +79,7 @@ def model_name(path: Path) -> str:
     return path.resolve().parent.name if path.name == "config.json" else path.stem
 
 
-def load_hf_folder(folder: Path) -> ModelSpec:
+def load_hf_folder(folder: Path, seq_len: int | None = None) -> ModelSpec:
     """A Hugging Face model folder (as `huggingface-cli download` leaves it): its config.json."""
     config = folder / "config.json"
     if not config.is_file():
@@ -86,7 +88,7 @@ def load_hf_folder(folder: Path) -> ModelSpec:
     data = read_mapping(config)
     if not is_hf_config(data):
         raise SpecError(str(config), "architectures", f"not a Hugging Face model config (it has neither architectures nor model_type); add its {_ARCHITECTURE_KEYS}")
-    return model_from_hf(data, str(config), folder.resolve().name)
+    return model_from_hf(data, str(config), folder.resolve().name, seq_len)
 
 
 def _get(data: dict, source: str, key: str, kind: type, default: Any = _MISSING) -> Any:
@@ -116,7 +118,8 @@ def _family(data: dict, source: str) -> str:
     return model_type
 
 
-def _refuse_sparse_attention_and_experts(data: dict, source: str, family: str, seq_len: int) -> None:
+def _refuse_sparse_attention_and_experts(data: dict, source: str, family: str, seq_len: int, flag: bool) -> None:
+    """flag: seq_len is --seq-len's, not the config's own."""
     for key in MOE_KEYS:
         if data.get(key) not in (None, 0):
             raise SpecError(source, key, f"mixture-of-experts models are not modelled (got {data[key]!r}); meshplan plans dense models")
@@ -125,14 +128,16 @@ def _refuse_sparse_attention_and_experts(data: dict, source: str, family: str, s
         raise SpecError(source, "layer_types", "some layers do not use full attention (sliding windows); meshplan models full causal attention only")
     # Mistral's and Qwen2's default window is 4096 (MistralConfig, Qwen2Config); Qwen2 uses its window only with use_sliding_window.
     window = data.get("sliding_window", 4096 if family in ("mistral", "qwen2") else None)
-    if family == "qwen2" and not _get(data, source, "use_sliding_window", bool, False):
-        window = None
+    if family == "qwen2" and (not _get(data, source, "use_sliding_window", bool, False)
+                              or _get(data, source, "max_window_layers", int, 28) >= _get(data, source, "num_hidden_layers", int)):
+        window = None  # Qwen2's window is on only with use_sliding_window, and only for layers from max_window_layers on
     if window is not None and _get(data, source, "sliding_window", int, window) < seq_len:
         # The fix is the architecture's own switch: Qwen2 turns its window off with use_sliding_window (as its released configs do).
         fix = ("set use_sliding_window false, as Qwen2's released configs have it" if family == "qwen2"
                else "use a config with sliding_window null (Mistral 7B v0.3, say)")
-        raise SpecError(source, "sliding_window", f"attention over a {window}-token window shorter than the {seq_len}-token sequence "
-                        f"is not modelled; {fix}")
+        shorter = f"plan {window:,}-token sequences (--seq-len {window}), which the window covers whole"
+        raise SpecError(source, "sliding_window", f"attention over a {window}-token window shorter than the {seq_len}-token sequence"
+                        f"{' (--seq-len)' if flag else ''} is not modelled; {fix}, or {shorter}")
 
 
 def _biases(data: dict, source: str, family: str) -> tuple[bool, bool | None]:
@@ -186,13 +191,15 @@ def _gpt2(data: dict, source: str) -> dict:
             "bias": True, "tie_embeddings": _get(data, source, "tie_word_embeddings", bool, True)}
 
 
-def model_from_hf(data: dict, source: str, name: str) -> ModelSpec:
-    """The ModelSpec of a Hugging Face config mapping; SpecError naming the config key where it cannot be exact."""
+def model_from_hf(data: dict, source: str, name: str, seq_len: int | None = None) -> ModelSpec:
+    """The ModelSpec of a Hugging Face config mapping, on seq_len-token sequences where given (--seq-len; the
+    config's own is max_position_embeddings); SpecError naming the config key where it cannot be exact."""
     family = _family(data, source)
     spec = _gpt2(data, source) if family == "gpt2" else _llama_like(data, source, family)
-    _refuse_sparse_attention_and_experts(data, source, family, spec["seq_len"])
+    _refuse_sparse_attention_and_experts(data, source, family, seq_len or spec["seq_len"], seq_len is not None)
     keys = GPT2_KEYS if family == "gpt2" else LLAMA_KEYS
     try:
-        return model_from_dict({"name": name, **spec}, source)
+        model = model_from_dict({"name": name, **spec}, source)
     except SpecError as e:  # name the config.json key, not meshplan's field
         raise SpecError(source, keys.get(e.field, e.field), e.message) from None
+    return model if seq_len is None else with_seq_len(model, seq_len, "--seq-len")

@@ -276,16 +276,16 @@ def with_seq_len(model: ModelSpec, seq_len: int, source: str) -> ModelSpec:
     return dataclasses.replace(model, seq_len=seq_len)
 
 
-def load_model(arg: str) -> ModelSpec:
+def load_model(arg: str, seq_len: int | None = None) -> ModelSpec:
     """A preset name (profiles/models/NAME.yaml), a YAML/JSON file, or a Hugging Face config.json (or a
-    folder holding one: planner.hf reads it offline)."""
+    folder holding one: planner.hf reads it offline); on seq_len-token sequences where given (--seq-len)."""
     from planner import hf
 
     path = Path(arg)
     if path.is_dir():
-        return hf.load_hf_folder(path)
+        return hf.load_hf_folder(path, seq_len)
     source, data = _resolve("models", "model", arg)
-    return hf.model_from_mapping(data, source, hf.model_name(path) if _is_file_arg(arg) else arg)
+    return hf.model_from_mapping(data, source, hf.model_name(path) if _is_file_arg(arg) else arg, seq_len)
 
 
 def cluster_from_dict(data: dict, source: str) -> ClusterSpec:

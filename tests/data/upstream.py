@@ -67,11 +67,18 @@ def write_torchtitan_names(torchtitan_dir: str) -> None:
 
 
 def plans():
-    """The exports checked: the README's gpt3-175b plan, a tp2 x pp2 interleaved plan, uneven-stage plans, a
-    Llama-family plan with context parallelism and FP8."""
+    """The exports checked: tests/planner/export_plans.py's (the README's gpt3-175b plan, a tp2 x pp2 interleaved
+    plan, uneven-stage plans, a Llama-family plan with context parallelism and FP8, a Mistral plan), then the
+    README's two export examples, searched as the README's commands search them."""
+    from planner.search import search
+    from planner.specs import load_cluster, load_device, load_model
     from tests.planner.export_plans import example_plans
 
-    return example_plans().items()
+    yield from example_plans().items()
+    for model, cluster, nodes, batch, pins in (("llama3-70b", "dgx-h100-80gb", 64, 1024, {}), ("gpt3-175b", "dgx-a100-80gb", 64, 1536, {"pp": 8})):
+        c = load_cluster(cluster, nodes)
+        plan = search(load_model(model), c, load_device(c.device), batch, pins, top=1).plans[0]
+        yield f"README {model}{' --pp 8' if pins else ''} plan {plan.id}", plan
 
 
 def check_megatron(megatron_dir: str) -> None:

@@ -85,7 +85,7 @@ def test_mistral_v03_with_sliding_window_null_is_read(tmp_path):
 @pytest.mark.parametrize("config,field", [
     (MISTRAL_V01, "sliding_window"),                                   # 4096 < 32768 tokens
     ({**MISTRAL_V01, "sliding_window": 4096, "max_position_embeddings": 4096, "hidden_act": "gelu"}, "hidden_act"),
-    ({**QWEN25_05B, "use_sliding_window": True, "sliding_window": 4096}, "sliding_window"),
+    ({**QWEN25_05B, "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 12}, "sliding_window"),
     ({**LLAMA3_8B, "architectures": ["MixtralForCausalLM"]}, "architectures"),
     ({**LLAMA3_8B, "num_local_experts": 8, "num_experts_per_tok": 2}, "num_local_experts"),
     ({**LLAMA3_8B, "head_dim": 256}, "head_dim"),
@@ -103,7 +103,7 @@ def test_config_that_cannot_be_represented_exactly_is_refused_naming_the_key(tmp
 
 def test_a_qwen2_sliding_window_refusal_says_set_use_sliding_window_false_not_sliding_window_null(tmp_path):
     with pytest.raises(SpecError) as e:
-        load_model(str(write(tmp_path, {**QWEN25_05B, "use_sliding_window": True, "sliding_window": 4096})))
+        load_model(str(write(tmp_path, {**QWEN25_05B, "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 12})))
     assert e.value.field == "sliding_window" and "set use_sliding_window false" in e.value.message, e.value
     assert "sliding_window null" not in e.value.message  # Mistral's switch; Qwen2's own is use_sliding_window
 
@@ -111,8 +111,26 @@ def test_a_qwen2_sliding_window_refusal_says_set_use_sliding_window_false_not_sl
 def test_a_qwen2_config_with_use_sliding_window_and_no_window_key_is_refused_at_qwen2s_default_4096_window(tmp_path):
     config = {k: v for k, v in QWEN25_05B.items() if k != "sliding_window"}
     with pytest.raises(SpecError) as e:  # was read as full attention
-        load_model(str(write(tmp_path, {**config, "use_sliding_window": True})))
+        load_model(str(write(tmp_path, {**config, "use_sliding_window": True, "max_window_layers": 12})))
     assert e.value.field == "sliding_window" and "a 4096-token window" in e.value.message, e.value
+
+
+def test_a_qwen2_window_from_max_window_layers_on_is_no_window_when_that_is_past_the_last_layer(tmp_path):
+    # Qwen2 slides only layers max_window_layers and up (Qwen2Config.layer_types): 24 of 24 is full attention.
+    m = load_model(str(write(tmp_path, {**QWEN25_05B, "use_sliding_window": True, "sliding_window": 4096})))
+    assert m.seq_len == 32768
+
+
+def test_seq_len_applies_before_the_window_check_so_a_window_as_long_as_the_sequence_is_full_attention(tmp_path):
+    # Mistral v0.1: a 4096-token window on 32,768-token positions; at --seq-len 4096 it attends to the whole sequence.
+    path = str(write(tmp_path, MISTRAL_V01) / "config.json")
+    assert load_model(path, seq_len=4096).seq_len == 4096
+    with pytest.raises(SpecError) as e:
+        load_model(path, seq_len=8192)
+    assert e.value.field == "sliding_window" and "8192-token sequence (--seq-len)" in e.value.message
+    assert "--seq-len 4096" in e.value.message
+    with pytest.raises(SpecError, match="has learned positions"):
+        load_model(str(write(tmp_path, GPT2) / "config.json"), seq_len=512)
 
 
 def test_llama_with_both_attention_and_mlp_biases_is_every_linear_biased(tmp_path):

@@ -143,7 +143,7 @@ def test_a_cluster_files_relative_device_file_is_read_from_the_cluster_files_fol
     (folder / "mine.json").write_text(Path(_device_file(tmp_path, name="mine")).read_text())
     monkeypatch.chdir(tmp_path)  # not the cluster file's folder
     assert main(["plan", "--model", "gpt-tiny", "--cluster", "site/c.yaml", "--global-batch", "8", "--top", "1"]) == 0
-    assert capsys.readouterr().out.startswith("gpt-tiny on 8 x mine (")  # the device's name, not its path
+    assert capsys.readouterr().out.startswith("gpt-tiny (seq 128) on 8 x mine (")  # the device's name, not its path
 
 
 def test_a_cluster_files_missing_device_file_is_refused_naming_the_path_tried(tmp_path, capsys):
