@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from planner.parsing import read_mapping
-from planner.specs import PROFILES_DIR
+from planner import specs
 
 GPU_FORMS = ("sxm", "pcie", "nvl")
 """Form factors a GPU's name may give (NVIDIA A100-SXM4-80GB, H100 PCIe, H200 NVL): one that differs from a
@@ -28,7 +28,7 @@ def datasheet_for(gpu_name: str, memory_gib: float) -> str | None:
     names = ({a for a, nxt in zip(words, words[1:]) if nxt not in GPU_VARIANTS}
              | {a + b for a, b, nxt in zip(words, words[1:], words[2:]) if nxt not in GPU_VARIANTS})
     forms = [f for f in GPU_FORMS if any(w.startswith(f) for w in words)]
-    for path in sorted((PROFILES_DIR / "devices").glob("*.json")):
+    for path in sorted((specs.PROFILES_DIR / "devices").glob("*.json")):
         name = path.name.removesuffix(".json")
         if name.endswith(".measured") or "-" not in name:
             continue

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,9 +163,9 @@ class ClusterSpec:
         return self.nodes * self.gpus_per_node
 
 
-def nodes_x(nodes: int, per_node: int) -> str:
-    """A cluster's shape as headers and messages write it: '1 node x 8', '2 nodes x 8'."""
-    return f"{nodes} node{'' if nodes == 1 else 's'} x {per_node}"
+def nodes_x(nodes: int, per_node: int, times: str = "x") -> str:
+    """A cluster's shape as headers and messages write it: '1 node x 8', '2 nodes x 8' (the dashboard: times '×')."""
+    return f"{nodes} node{'' if nodes == 1 else 's'} {times} {per_node}"
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def validate(paths: list[str]) -> dict:
             skipped.extend(f"{g['where']}: this meshplan does not price its plan: {e}" for g in group)
             continue
         if plan.profile and plan.profile != device.label:
-            mismatched.setdefault((plan.profile, device.label), [0, device])[0] += 1
+            mismatched.setdefault((plan.profile, device.label), [0, device, name])[0] += 1
         measured = [_measured_step_s(g["line"]) for g in group]
         med = statistics.median(measured)
         if len(measured) > 1:
@@ -164,8 +164,8 @@ def validate(paths: list[str]) -> dict:
         })
     rows.sort(key=lambda r: r["measured_step_s"])
     by_model = {name: _summary([r for r in rows if r["model"] == name]) for name in sorted({r["model"] for r in rows})}
-    mismatches = [{"planned": planned, "priced": priced, "plans": n, "message": profile_mismatch(planned, device, n)}
-                  for (planned, priced), (n, device) in mismatched.items()]
+    mismatches = [{"planned": planned, "priced": priced, "plans": n, "message": profile_mismatch(planned, device, n, name)}
+                  for (planned, priced), (n, device, name) in mismatched.items()]
     return {"runs": rows, **_summary(rows), "by_model": by_model, "skipped": skipped,
             "profiles": sorted({r["profile"] for r in rows}), "profile_mismatches": mismatches}
 
@@ -175,10 +175,13 @@ def priced_with(report: dict) -> str:
     return f"Priced with this machine's device profile: {', '.join(report['profiles'])}."
 
 
-def profile_mismatch(planned: str, device, plans: int) -> str:
+def profile_mismatch(planned: str, device, plans: int, where: str = "") -> str:
     """The warning for `plans` plans made with profile `planned` (their plan.profile) but priced with `device`, the
     profile of that name this machine has now: their error is that profile's, and how to price them as planned."""
     said = f"{plans} plan(s) were planned with the profile '{planned}' but are priced with '{device.label}'"
+    if where.endswith(".json"):  # the plan's cluster names a device file: that file is what prices it, wherever it is
+        return (f"{said}, read from the device file {where} that the plan names, so these errors are not the ones they "
+                "were planned with; put the profile they were planned with in that file to price them as planned")
     path = measured_profile_path(device.name)
     if device.source == "measured":
         return (f"{said}: this machine's measured profile, {path}, wins over the datasheet, so these errors are not the "

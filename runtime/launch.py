@@ -31,7 +31,7 @@ from planner.errors import MeshplanError, PlanError, SpecError
 from planner.cost import compile_problem, model_flops
 from planner.frameworks import priced_elsewhere
 from planner.io import check_folder, check_target
-from planner.plan import Plan, load_plan, plan_id, plan_to_dict
+from planner.plan import Plan, degrees_text, load_plan, plan_id, plan_to_dict
 from planner.results import RunResult, append_result, median_tokens_per_s, timed_steps
 from planner.specs import load_device
 from planner.slurm import torchrun_prefix
@@ -59,7 +59,7 @@ def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> Non
     if plan.compile and (why := compile_problem(tp=plan.tp, sequence_parallel=plan.sequence_parallel)) is not None:
         raise SpecError(args.plan, "compile", why)
     if world_size != plan.world_size:
-        raise PlanError(f"{args.plan}: world_size: tp {plan.tp} x cp {plan.cp} x pp {plan.pp} x dp {plan.dp} = "
+        raise PlanError(f"{args.plan}: world_size: {degrees_text(plan)} = "
                         f"{plan.world_size} ranks, but {world_size} were started; run torchrun --nproc-per-node "
                         f"{plan.world_size} (times --nnodes) or re-plan for this many devices")
     for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),

@@ -259,3 +259,16 @@ def test_runs_priced_with_the_profile_they_were_planned_with_warn_of_nothing(tmp
     (path := tmp_path / "runs.jsonl").write_text(json.dumps(run_line(plan, [plan.prediction.iteration_s] * 3, None)) + "\n")
     report = validate([str(path)])
     assert report["runs"][0]["planned_profile"] == "cpu (datasheet)" and report["profile_mismatches"] == []
+
+
+def test_runs_whose_plan_names_a_device_file_are_told_that_file_prices_them_not_profiles_devices(tmp_path, datasheets_only):
+    # The advice named profiles/devices/cpu.measured.json, which does not price a plan whose cluster names a file.
+    device = tmp_path / "mine.json"
+    device.write_text((datasheets_only / "devices" / "cpu.json").read_text())
+    plan = _plan("gpt-tiny", 2, 1, 1)
+    line = run_line(plan, [plan.prediction.iteration_s] * 3, None)
+    line["plan"]["cluster"]["device"], line["plan"]["profile"] = str(device), "cpu (measured)"
+    (path := tmp_path / "runs.jsonl").write_text(json.dumps(line) + "\n")
+    [mismatch] = validate([str(path)])["profile_mismatches"]
+    assert f"read from the device file {device} that the plan names" in mismatch["message"]
+    assert "cpu.measured.json" not in mismatch["message"]

@@ -41,7 +41,7 @@ def test_unknown_plan_version_is_refused_naming_version(capsys, monkeypatch, tmp
 
 def test_world_size_other_than_tp_pp_dp_is_refused_naming_world_size(capsys, monkeypatch, tmp_path):
     err = refusal(capsys, monkeypatch, plan_dict(tp=2, pp=2), tmp_path, world_size=2)
-    assert "world_size: tp 2 x cp 1 x pp 2 x dp 1 = 4 ranks, but 2 were started" in err and "--nproc-per-node 4" in err
+    assert "world_size: tp 2 x pp 2 x dp 1 = 4 ranks, but 2 were started" in err and "--nproc-per-node 4" in err
 
 
 def test_heads_not_divisible_by_tp_is_refused_naming_tp(capsys, monkeypatch, tmp_path):
