@@ -17,7 +17,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
 
-from dashboard import charts, compare_view, data  # noqa: E402
+from dashboard import charts, compare_view, data, inputs  # noqa: E402
 from planner.compare import check_tokens, plan_training_cost  # noqa: E402
 from planner.errors import MeshplanError  # noqa: E402
 from planner.frameworks import FRAMEWORKS, LABELS, priced_elsewhere  # noqa: E402
@@ -26,7 +26,7 @@ from planner.report import schedule_label, tflops_format, tflops_text, tokens_la
 from planner.slurm import node_commands  # noqa: E402
 from planner.search import search  # noqa: E402
 from planner.validate import priced_with  # noqa: E402
-from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, load_device  # noqa: E402
+from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, load_device, nodes_x  # noqa: E402
 from planner.memory import DEFAULT_MEMORY_HEADROOM_GIB, check_headroom  # noqa: E402
 
 DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_NODES, DEFAULT_BATCH = "gpt-39.1b", "dgx-a100-80gb", 8, 512
@@ -55,38 +55,38 @@ def cached_validation(files: tuple, mtimes: tuple):
 
 def reset_cluster_fields() -> None:
     """A new cluster preset brings its own nodes, GPUs per node and device."""
-    text = data.preset_text("clusters", st.session_state["cluster"])
-    st.session_state["nodes"] = DEFAULT_NODES if st.session_state["cluster"] == DEFAULT_CLUSTER else data.parse_yaml(text, "preset")["nodes"]
-    st.session_state["gpus_per_node"] = data.default_gpus_per_node(text)
-    st.session_state["device"] = data.parse_yaml(text, "preset")["device"]
+    text = inputs.preset_text("clusters", st.session_state["cluster"])
+    st.session_state["nodes"] = DEFAULT_NODES if st.session_state["cluster"] == DEFAULT_CLUSTER else inputs.parse_yaml(text, "preset")["nodes"]
+    st.session_state["gpus_per_node"] = inputs.default_gpus_per_node(text)
+    st.session_state["device"] = inputs.parse_yaml(text, "preset")["device"]
 
 
 def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float, str]:
     """The pickers. Raises MeshplanError (or UnicodeDecodeError for an upload) on bad input."""
     sb = st.sidebar
     sb.header("Inputs")
-    models = data.presets("models")
+    models = inputs.presets("models")
     model_name = sb.selectbox("Model preset", models, index=models.index(DEFAULT_MODEL), key="model", bind=QP)
     with sb.expander("Edit or upload the model YAML (or a Hugging Face config.json)"):
         upload = st.file_uploader("Model YAML or config.json (replaces the text below)", type=["yaml", "yml", "json"], key="model_file")
-        text = st.text_area("Model YAML", data.preset_text("models", model_name), height=190, key=f"model_yaml_{model_name}",
+        text = st.text_area("Model YAML", inputs.preset_text("models", model_name), height=190, key=f"model_yaml_{model_name}",
                             help="a meshplan model YAML, or paste a Hugging Face config.json (read as `planner plan --model` reads one)")
-    clusters = data.presets("clusters")
+    clusters = inputs.presets("clusters")
     cluster_name = sb.selectbox("Cluster preset", clusters, index=clusters.index(DEFAULT_CLUSTER), key="cluster",
                                 bind=QP, on_change=reset_cluster_fields)
-    cluster_text = data.preset_text("clusters", cluster_name)
+    cluster_text = inputs.preset_text("clusters", cluster_name)
     c1, c2 = sb.columns(2)
-    nodes = c1.number_input("Nodes", *data.NODES_RANGE, DEFAULT_NODES, key="nodes", bind=QP)
-    gpus = c2.number_input("GPUs per node", *data.GPUS_PER_NODE_RANGE, data.default_gpus_per_node(cluster_text), key="gpus_per_node", bind=QP)
-    devices = data.device_names()
-    preset_device = data.parse_yaml(cluster_text, cluster_name)["device"]
+    nodes = c1.number_input("Nodes", *inputs.NODES_RANGE, DEFAULT_NODES, key="nodes", bind=QP)
+    gpus = c2.number_input("GPUs per node", *inputs.GPUS_PER_NODE_RANGE, inputs.default_gpus_per_node(cluster_text), key="gpus_per_node", bind=QP)
+    devices = inputs.device_names()
+    preset_device = inputs.parse_yaml(cluster_text, cluster_name)["device"]
     device = sb.selectbox("Device", devices, index=devices.index(preset_device) if preset_device in devices else 0,
                           key="device", bind=QP)
     with sb.expander("Edit the cluster YAML (links)"):
         st.caption("Nodes, GPUs per node and device come from the pickers above.")
         cluster_text = st.text_area("Cluster YAML", cluster_text, height=190, key=f"cluster_yaml_{cluster_name}")
-    batch = sb.number_input("Global batch (sequences)", *data.GLOBAL_BATCH_RANGE, DEFAULT_BATCH, key="global_batch", bind=QP)
-    headroom = sb.number_input("Memory headroom per device (GiB)", *data.HEADROOM_RANGE_GIB, DEFAULT_MEMORY_HEADROOM_GIB, step=0.5,
+    batch = sb.number_input("Global batch (sequences)", *inputs.GLOBAL_BATCH_RANGE, DEFAULT_BATCH, key="global_batch", bind=QP)
+    headroom = sb.number_input("Memory headroom per device (GiB)", *inputs.HEADROOM_RANGE_GIB, DEFAULT_MEMORY_HEADROOM_GIB, step=0.5,
                                key="memory_headroom", bind=QP,
                                help="Kept free beyond the predicted peak (allocator fragmentation, communication buffers); "
                                     f"default {DEFAULT_MEMORY_HEADROOM_GIB:g} GiB, as `planner plan --memory-headroom`.")
@@ -96,7 +96,7 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float, str]:
                                   "(overlap, fused kernels, gradient buffers); `planner export plan.json --to megatron` "
                                   "writes a plan's Megatron arguments.")
 
-    options = data.pin_options(int(nodes) * int(gpus), int(batch))
+    options = inputs.pin_options(int(nodes) * int(gpus), int(batch))
     choices = {}
     # Before its widget exists on a first load, a pin lives only in the URL.
     pinned = any(st.session_state.get(knob, st.query_params.get(knob, "auto")) != "auto" for knob in options)
@@ -105,9 +105,9 @@ def sidebar() -> tuple[ModelSpec, ClusterSpec, int, dict, float, str]:
             choices[knob] = st.selectbox(knob.replace("_", " "), ["auto"] + opts, key=knob, bind=QP)
 
     model_text = upload.getvalue().decode("utf-8") if upload is not None else text
-    model = data.model_from_yaml(model_text, upload.name if upload is not None else "model YAML")
-    cluster = data.cluster_from_yaml(cluster_text, int(nodes), int(gpus), device)
-    return model, cluster, int(batch), data.pins_from_choices(choices), float(headroom), framework
+    model = inputs.model_from_yaml(model_text, upload.name if upload is not None else "model YAML")
+    cluster = inputs.cluster_from_yaml(cluster_text, int(nodes), int(gpus), device)
+    return model, cluster, int(batch), inputs.pins_from_choices(choices), float(headroom), framework
 
 
 def training_sidebar() -> tuple[str, float | None]:
@@ -257,9 +257,9 @@ def main() -> None:
     found = None
     # Read the link before the widgets do: a widget drops a value it cannot take and shows its default instead.
     params = st.query_params.to_dict()
-    cluster_name = params.get("cluster") if params.get("cluster") in data.presets("clusters") else DEFAULT_CLUSTER
-    bad_link = data.link_errors(params, TABS, {"nodes": DEFAULT_NODES, "global_batch": DEFAULT_BATCH, "gpus_per_node":
-                                               data.default_gpus_per_node(data.preset_text("clusters", cluster_name))})
+    cluster_name = params.get("cluster") if params.get("cluster") in inputs.presets("clusters") else DEFAULT_CLUSTER
+    bad_link = inputs.link_errors(params, TABS, {"nodes": DEFAULT_NODES, "global_batch": DEFAULT_BATCH, "gpus_per_node":
+                                               inputs.default_gpus_per_node(inputs.preset_text("clusters", cluster_name))})
     for message in bad_link:
         st.error(f"Link parameter {message}. Nothing was planned; pick the value in the sidebar.")
     try:
@@ -285,7 +285,7 @@ def main() -> None:
         if training:
             plans_df = data.with_training(plans_df, result.plans, training)
         best = result.plans[0]
-        st.caption(f"{model.name} on {cluster.gpus:,} × {device.label} ({cluster.nodes} node{'s' if cluster.nodes > 1 else ''} × {cluster.gpus_per_node}), "
+        st.caption(f"{model.name} on {cluster.gpus:,} × {device.label} ({nodes_x(cluster.nodes, cluster.gpus_per_node, '×')}), "
                    f"global batch {batch}: searched {result.searched:,} configurations in {result.search_s:.2f} s "
                    f"(every one bounded, {result.split:,} layer splits solved, {result.priced:,} priced: the ranking is exact "
                    f"under the model); {headroom:g} GiB of headroom per device; priced for {LABELS[framework]}"

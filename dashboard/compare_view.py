@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import charts, data
+from dashboard import charts, data, inputs
 from planner.compare import CompareTarget, compare
 from planner.frameworks import FRAMEWORKS
 from planner.specs import ModelSpec, load_cluster, load_device
@@ -32,15 +32,15 @@ def metric_columns() -> dict:
 
 def _targets(default_nodes: int, price: float | None) -> list[CompareTarget]:
     """The clusters picked, each with its nodes and price (blank: the sidebar's price)."""
-    presets = data.presets("clusters")
+    presets = inputs.presets("clusters")
     picked = st.multiselect("Clusters to compare", presets, default=[c for c in DEFAULT_CLUSTERS if c in presets],
                             key="compare_clusters", help="Each is planned with the sidebar's model, batch, pins, headroom and framework.")
     targets = []
     for name in picked:
-        file_nodes = int(data.parse_yaml(data.preset_text("clusters", name), name)["nodes"])
+        file_nodes = int(inputs.parse_yaml(inputs.preset_text("clusters", name), name)["nodes"])
         left, right = st.columns(2)
         # A one-node preset (a workstation) stays one node; a GPU cluster starts at the sidebar's node count.
-        nodes = left.number_input(f"{name}: nodes", *data.NODES_RANGE, file_nodes if file_nodes == 1 else default_nodes,
+        nodes = left.number_input(f"{name}: nodes", *inputs.NODES_RANGE, file_nodes if file_nodes == 1 else default_nodes,
                                   key=f"compare_nodes_{name}")
         own = right.number_input(f"{name}: US$ per GPU-hour", min_value=0.01, value=None, step=0.1, key=f"compare_price_{name}",
                                  placeholder="the sidebar's price" if price is not None else "no price")

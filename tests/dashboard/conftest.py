@@ -24,7 +24,4 @@ def datasheet_profiles_only(tmp_path_factory, monkeypatch):
     copy = tmp_path_factory.getbasetemp() / "profiles-datasheets"
     if not copy.exists():
         shutil.copytree(specs.PROFILES_DIR, copy, ignore=shutil.ignore_patterns("*.measured.json"))
-    monkeypatch.setattr(specs, "PROFILES_DIR", copy)
-    import dashboard.data
-
-    monkeypatch.setattr(dashboard.data, "PROFILES_DIR", copy)
+    monkeypatch.setattr(specs, "PROFILES_DIR", copy)  # dashboard.inputs reads it at call time

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard import data
+from dashboard import data, inputs
 from tests.dashboard.runs import run_line, tiny_plan
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
@@ -107,13 +107,13 @@ def test_malformed_model_yaml_shows_an_error_naming_the_line(monkeypatch, tmp_pa
 
 def test_model_yaml_with_a_bad_value_names_the_field(monkeypatch, tmp_path):
     at = open_app(monkeypatch, tmp_path, **TINY)
-    at.text_area(key="model_yaml_gpt-tiny").set_value(data.preset_text("models", "gpt-tiny").replace("heads: 8", "heads: 3")).run()
+    at.text_area(key="model_yaml_gpt-tiny").set_value(inputs.preset_text("models", "gpt-tiny").replace("heads: 8", "heads: 3")).run()
     assert not at.exception and "heads: hidden 256 is not divisible by heads 3" in at.error[0].value
 
 
 def test_uploaded_model_yaml_replaces_the_preset(monkeypatch, tmp_path):
     at = open_app(monkeypatch, tmp_path, **TINY)
-    text = data.preset_text("models", "gpt-tiny").replace("name: gpt-tiny", "name: my-gpt").replace("layers: 8", "layers: 4")
+    text = inputs.preset_text("models", "gpt-tiny").replace("name: gpt-tiny", "name: my-gpt").replace("layers: 8", "layers: 4")
     at.file_uploader(key="model_file").set_value(("my-gpt.yaml", text.encode(), "application/x-yaml")).run()
     assert not at.exception and not at.error
     assert at.caption[0].value.startswith("my-gpt on 2 × cpu")

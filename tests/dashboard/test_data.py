@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from dashboard import data
+from dashboard import data, inputs
 from planner.errors import SpecError
 from planner.plan import Knobs, plan_from_dict
 from planner.schedule import simulate
@@ -20,16 +20,16 @@ TINY_YAML = "layers: 8\nhidden: 256\nheads: 8\nffn_hidden: 1024\nseq_len: 128\nv
 
 def test_malformed_model_yaml_is_a_spec_error_naming_the_line():
     with pytest.raises(SpecError, match=r"malformed YAML at line 3 \(mapping values are not allowed here\)"):
-        data.model_from_yaml("layers: 8\nhidden: 256\n  heads: 8\n")
+        inputs.model_from_yaml("layers: 8\nhidden: 256\n  heads: 8\n")
 
 
 def test_model_yaml_with_a_bad_field_names_the_field():
     with pytest.raises(SpecError, match="heads"):
-        data.model_from_yaml(TINY_YAML.replace("heads: 8", "heads: 7"))
+        inputs.model_from_yaml(TINY_YAML.replace("heads: 8", "heads: 7"))
     with pytest.raises(SpecError, match="layerz"):
-        data.model_from_yaml(TINY_YAML + "layerz: 3\n")
+        inputs.model_from_yaml(TINY_YAML + "layerz: 3\n")
     with pytest.raises(SpecError, match="top level"):
-        data.model_from_yaml("just a string")
+        inputs.model_from_yaml("just a string")
 
 
 def test_a_pasted_hugging_face_config_json_is_the_model_the_cli_reads_from_that_file(tmp_path):
@@ -38,36 +38,38 @@ def test_a_pasted_hugging_face_config_json_is_the_model_the_cli_reads_from_that_
     from tests.planner.test_hf import LLAMA3_8B, MISTRAL_V01
 
     (path := tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B, indent=2))
-    assert data.model_from_yaml(path.read_text()) == dataclasses.replace(load_model(str(path)), name="custom")
+    assert inputs.model_from_yaml(path.read_text()) == dataclasses.replace(load_model(str(path)), name="custom")
     with pytest.raises(SpecError, match="sliding_window") as pasted:  # refused with the CLI's message too
-        data.model_from_yaml(json.dumps(MISTRAL_V01))
+        inputs.model_from_yaml(json.dumps(MISTRAL_V01))
     (path := tmp_path / "mistral.json").write_text(json.dumps(MISTRAL_V01))
     with pytest.raises(SpecError) as read:
         load_model(str(path))
     assert str(pasted.value).split(": ", 1)[1] == str(read.value).split(": ", 1)[1]
     with pytest.raises(SpecError, match="malformed JSON at line 1"):
-        data.model_from_yaml('{"architectures": ["LlamaForCausalLM"],')
+        inputs.model_from_yaml('{"architectures": ["LlamaForCausalLM"],')
+    # A YAML flow mapping starts with '{' too: it is read as YAML, not refused as bad JSON.
+    assert inputs.model_from_yaml("{layers: 2, hidden: 64, heads: 4, ffn_hidden: 256, seq_len: 128, vocab: 512}").layers == 2
 
 
 def test_cluster_yaml_takes_nodes_gpus_and_device_from_the_pickers():
-    c = data.cluster_from_yaml(data.preset_text("clusters", "local-cpu"), nodes=3, gpus_per_node=4, device="a100-sxm4-80gb")
+    c = inputs.cluster_from_yaml(inputs.preset_text("clusters", "local-cpu"), nodes=3, gpus_per_node=4, device="a100-sxm4-80gb")
     assert (c.nodes, c.gpus_per_node, c.device, c.name) == (3, 4, "a100-sxm4-80gb", "local-cpu")
 
 
 def test_presets_and_devices_list_the_profiles():
-    assert {"gpt-tiny", "gpt3-175b"} <= set(data.presets("models"))
-    assert {"dgx-a100-80gb", "local-cpu"} <= set(data.presets("clusters"))
-    assert {"cpu", "a100-sxm4-80gb"} <= set(data.device_names())
+    assert {"gpt-tiny", "gpt3-175b"} <= set(inputs.presets("models"))
+    assert {"dgx-a100-80gb", "local-cpu"} <= set(inputs.presets("clusters"))
+    assert {"cpu", "a100-sxm4-80gb"} <= set(inputs.device_names())
 
 
 def test_divisors_are_every_divisor_in_order_even_for_a_huge_cluster():
-    assert data.divisors(1) == [1]
-    assert data.divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36]
-    assert data.divisors(100_000 * 1024)[-3:] == [25_600_000, 51_200_000, 102_400_000]
+    assert inputs.divisors(1) == [1]
+    assert inputs.divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36]
+    assert inputs.divisors(100_000 * 1024)[-3:] == [25_600_000, 51_200_000, 102_400_000]
 
 
 def test_pins_from_choices_drops_auto_and_types_the_values():
-    pins = data.pins_from_choices({"tp": "2", "pp": "auto", "schedule": "gpipe", "sequence_parallel": "on",
+    pins = inputs.pins_from_choices({"tp": "2", "pp": "auto", "schedule": "gpipe", "sequence_parallel": "on",
                                    "zero": "3", "virtual_stages": "4", "compile": "off", "cp": "2"})
     assert pins == {"tp": 2, "schedule": "gpipe", "sequence_parallel": True, "zero": 3, "virtual_stages": 4, "compile": False, "cp": 2}
 
@@ -218,8 +220,8 @@ def test_compare_frame_is_one_row_per_cluster_with_the_reason_where_nothing_fits
     ({"gpu_hour_price": "-1"}, "gpu_hour_price='-1' is not a price in US dollars per GPU-hour above 0"),
 ])
 def test_a_link_with_bad_training_inputs_is_reported(params, message):
-    assert data.link_errors(params, ["Plans"], {"nodes": 1, "gpus_per_node": 8, "global_batch": 64}) == [message]
-    assert data.link_errors({"tokens": "15T", "gpu_hour_price": "2.5"}, ["Plans"], {"nodes": 1, "gpus_per_node": 8, "global_batch": 64}) == []
+    assert inputs.link_errors(params, ["Plans"], {"nodes": 1, "gpus_per_node": 8, "global_batch": 64}) == [message]
+    assert inputs.link_errors({"tokens": "15T", "gpu_hour_price": "2.5"}, ["Plans"], {"nodes": 1, "gpus_per_node": 8, "global_batch": 64}) == []
 
 
 def test_a_plans_timeline_is_priced_for_its_framework_unless_told_otherwise():
