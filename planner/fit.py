@@ -22,6 +22,8 @@ from planner.cost import MESHPLAN, p2p_seconds, stage_costs
 from planner.measured import fit_links, layer_family
 from planner.plan import Knobs, Stage
 from planner.schedule import simulate
+from planner import specs
+from planner.parsing import read_mapping
 from planner.specs import ClusterSpec, LinkSpec, ModelSpec, device_from_dict
 
 FSDP_MICROBATCHES = (1, 3)
@@ -149,11 +151,25 @@ def build_profile(samples: dict[tuple, list[float]], facts: dict, shapes: Shapes
                   "memory_bandwidth_GBps the best copy rate (hence memory_efficiency 1); they serve shapes not in 'measured'."),
         "measured": measured,
     }
+    fp8 = _datasheet_fp8(name)
+    if fp8:
+        profile |= fp8
+        profile["notes"] += f" fp8_peak_tflops and fp8_gemm_efficiency are {name}.json's (the datasheet's), not measured."
     if any(k[0] == "pipe" for k in samples):
         measured["pipeline"], measured["stage_overhead_s"] = _stage_overhead(samples, shapes, profile)
     if any(k[0] == "fsdp" for k in samples):
         measured["fsdp"] = _fsdp_overhead(samples)
     return profile
+
+
+def _datasheet_fp8(name: str) -> dict:
+    """The datasheet's FP8 peak and curve for a GPU profiled under its name: the profile times bf16 only, and
+    without them a measured H100 refused --precision fp8 as a device without FP8 tensor cores."""
+    sheet = specs.PROFILES_DIR / "devices" / f"{name}.json"
+    data = read_mapping(sheet) if sheet.is_file() else {}
+    if not data.get("fp8_peak_tflops"):
+        return {}
+    return {"fp8_peak_tflops": data["fp8_peak_tflops"], "fp8_gemm_efficiency": data.get("fp8_gemm_efficiency", [])}
 
 
 def _stage_overhead(samples: dict, shapes: Shapes, profile: dict) -> tuple[list, dict]:

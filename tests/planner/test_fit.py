@@ -61,3 +61,24 @@ def test_no_planner_module_imports_the_runtime_except_the_profile_subcommand():
             found += [(path.name, n) for n in names if n == "runtime" or n.startswith("runtime.")]
     # `planner profile` runs the profiler, the one place torch is meant to load.
     assert found == [("cli.py", "runtime.profile")], found
+
+
+def test_a_gpu_profiled_under_its_datasheets_name_keeps_the_datasheets_fp8_peak_and_curve():
+    # The profile times bf16 GEMMs only: a measured H100 had no fp8_peak_tflops, so --precision fp8 was refused as on
+    # a device without FP8 tensor cores.
+    from planner.cost import check_precision
+    from planner.parsing import read_mapping
+    from planner.specs import PROFILES_DIR, device_from_dict
+
+    shapes = Shapes((TINY,), (1,), (1,), (), (256,), (), repeats=1, warmup=0)
+    layer, ends = (0.010, 0.020, 0.001), (0.001, 0.002, 0.008, 0.016)
+    facts = {"device_name": "NVIDIA H100 80GB HBM3", "torch_version": "x", "date": "today", "cpu_count": 2, "world_size": 2,
+             "backend": "nccl", "threads_per_rank": 1, "dtype": "bf16", "python": "3", "memory_gib": 79.1,
+             "framework_overhead_gib": 0.5, "name": "h100-sxm5-80gb", "profile_s": 1.0, "quick": True}
+    prof = build_profile(_synthetic_samples(shapes, layer, ends, None), facts, shapes, "cuda")
+    sheet = read_mapping(PROFILES_DIR / "devices" / "h100-sxm5-80gb.json")
+    assert prof["fp8_peak_tflops"] == sheet["fp8_peak_tflops"] == 1979.0 and "not measured" in prof["notes"]
+    assert prof["fp8_gemm_efficiency"] == sheet["fp8_gemm_efficiency"] != []
+    check_precision(device_from_dict(prof, "profile"), "fp8")  # no refusal
+    facts["name"] = "cpu"
+    assert "fp8_peak_tflops" not in build_profile(_synthetic_samples(shapes, layer, ends, None), facts, shapes, "cpu")
