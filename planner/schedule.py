@@ -267,9 +267,8 @@ def simulate(schedule: str, pp: int, num_microbatches: int, virtual_stages: int,
     # B(mb, k) on its device deadlocks, which is reported below.
     nm = n * m
     dur = [x for x in fwd for _ in range(m)] + [r + b for r, b in zip(rec, bwd) for _ in range(m)]
-    dep = list(range(-m, nm - m)) + list(range(nm + m, 2 * nm)) + list(range(nm - m, nm))
     lat = [0.0] * m + [x for x in link for _ in range(m)] + [x for x in link for _ in range(m)] + [0.0] * m
-    seqs = [[k * m + mb if kind == "F" else nm + k * m + mb for kind, mb, k in ops] for ops in order]
+    seqs, dep = _slots(schedule, pp, m, virtual_stages)
 
     # Advance a device while its next op's input has arrived; a blocked device registers on the slot it
     # waits for and is pushed back on the stack when that slot finishes. Each op settles once: O(ops).
@@ -305,10 +304,23 @@ def simulate(schedule: str, pp: int, num_microbatches: int, virtual_stages: int,
         d = stuck[0]
         raise ValueError(f"inconsistent order: no device can proceed; device {d} waits at "
                          f"{Op(*order[d][pos[d]])} ({len(stuck)} of {pp} devices blocked)")
-    busy = [sum(dur[s] for s in seq) for seq in seqs]
+    # Each device runs every microbatch of each of its stages once: m times their forward, recompute and backward.
+    busy = [m * sum(fwd[k] + rec[k] + bwd[k] for k in range(d, n, pp)) for d in range(pp)]
     iteration_s = max(free_s)
     timeline = _timeline(order, seqs, begin, end, rec, link) if with_timeline else ()
     return SimResult(iteration_s, timeline, tuple(busy), iteration_s - max(busy), tuple(free_s))
+
+
+@lru_cache(maxsize=256)
+def _slots(schedule: str, pp: int, m: int, v: int) -> tuple[list[list[int]], list[int]]:
+    """simulate's slot numbers of each device's ops (F(mb, k) is k*m + mb, B(mb, k) n*m + k*m + mb) and the slot
+    each one waits for (-1: none): they depend on the order only, so the search's many simulations of one
+    (schedule, pp, m, v) share them. Callers only read them."""
+    n = pp * v
+    nm = n * m
+    dep = list(range(-m, nm - m)) + list(range(nm + m, 2 * nm)) + list(range(nm - m, nm))
+    seqs = [[k * m + mb if kind == "F" else nm + k * m + mb for kind, mb, k in ops] for ops in _order(schedule, pp, m, v)]
+    return seqs, dep
 
 
 def _timeline(order: list[list[tuple[str, int, int]]], seqs: list[list[int]], begin: list[float],

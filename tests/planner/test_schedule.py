@@ -173,12 +173,13 @@ def test_an_inconsistent_order_raises_instead_of_hanging(monkeypatch, bad_rank):
     def swapped(rank, pp, m):
         return [("B", 0, rank), ("F", 0, rank)] if rank == bad_rank else [("F", 0, rank), ("B", 0, rank)]
     monkeypatch.setattr(schedule, "_1f1b_ops", swapped)
-    schedule._order.cache_clear()  # orders are cached; drop the good one (and the bad one afterwards)
+    clear = lambda: (schedule._order.cache_clear(), schedule._slots.cache_clear())  # noqa: E731
+    clear()  # orders and their slot numbers are cached; drop the good ones (and the bad ones afterwards)
     try:
         with pytest.raises(ValueError, match="inconsistent order"):
             simulate("1f1b", 2, 2, 1, [1.0, 1.0], [1.0, 1.0])
     finally:
-        schedule._order.cache_clear()
+        clear()
 
 
 def test_schedule_names_are_the_plan_file_spelling():
