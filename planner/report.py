@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 
@@ -236,14 +237,14 @@ def print_plans(result, out: str | None, training: tuple[int, float | None] | No
 
 
 def print_written(plan, out: str) -> None:
-    from planner.slurm import torchrun_prefix
+    from planner.slurm import torchrun_argv, torchrun_prefix
 
     if plan.cluster.nodes > 1:
         console.print(f"Wrote {out}. Start it on its {plan.cluster.nodes} nodes with: planner launch {out} --slurm "
                       "(an sbatch script), or --print (the torchrun command for each node)")
     else:
-        console.print(f"Wrote {out}. Run it with:\n  {torchrun_prefix()} --nproc-per-node {plan.world_size} -m runtime.launch {out}",
-                      soft_wrap=True)
+        argv = torchrun_argv(plan, out, 1, plan.world_size, "", "", [])  # planner launch --print's command, one node
+        console.print(f"Wrote {out}. Run it with:\n  {torchrun_prefix()} {shlex.join(argv)}", soft_wrap=True)
     if elsewhere := priced_elsewhere(plan.framework, out):
         console.print(elsewhere)
 

@@ -80,7 +80,9 @@ def test_table_output_names_the_best_plan_and_how_to_run_it(tmp_path, capsys):
     out = tmp_path / "p.json"
     code, stdout, _ = run(capsys, "plan", *TINY, "--out", str(out))
     assert code == 0
-    assert "Ranked plans" in stdout and "torchrun --nproc-per-node 2 -m runtime.launch" in stdout
+    assert "Ranked plans" in stdout and f"torchrun --nnodes 1 --nproc-per-node 2 --standalone -m runtime.launch {out}" in stdout
+    assert main(["launch", str(out), "--print"]) == 0  # the same command planner launch prints
+    assert f"--nnodes 1 --nproc-per-node 2 --standalone -m runtime.launch {out}" in capsys.readouterr().out
 
 
 def test_a_model_that_fits_nowhere_says_which_stage_and_how_much_over(capsys):
