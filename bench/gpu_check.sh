@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The GPU part of issue 13 in one command, for a machine with one CUDA GPU and no network (the device machine,
 # whose python3 holds torch but not this project: the checkout runs from PYTHONPATH, nothing is installed):
-#   1. profile the GPU (`planner profile --device cuda`; the quick profile if the full one overruns),
+#   1. profile the GPU (`planner profile --device cuda`; if it fails or overruns, the plans are priced from the
+#      datasheet instead: the quick profile's small GEMMs and micro-batches would price them worse than that),
 #   2. price single-GPU plans of a GPT (gpt3-1.3b) and a Llama-family model (llama-1b below) with `planner predict`
 #      on the measured profile (`--device NAME`, the name `planner profile` gave it, which the plans then record),
 #   3. run each with torchrun for STEPS steps, appending to one results file,
 #   4. `planner validate` the results (table and --json: step time and peak-memory error per plan).
 # $OUT gets at most 7 files: log.txt, profile.json, plans.txt, plans.tgz, results.jsonl, validate.txt, validate.json.
 # Commit them under docs/measurements/DATE/. One device call runs at most 600 s: the profile is cut at
-# PROFILE_TIMEOUT (270 s; then the quick profile, 90 s at most) and no run starts after DEADLINE (500 s) from the
-# start; the 6 runs take about 4 min (0.6-0.9 s a step on an H200 by the datasheet, plus start-up). Exit status 1
-# if anything failed. PHASE=profile, then PHASE=runs PROFILE=path/to/profile.json (what the first call brought
+# PROFILE_TIMEOUT (200 s), no run starts after DEADLINE (380 s) from the start and none runs past 540 s; the 6 runs
+# take about 4.5 min (0.6-0.9 s a step on an H200 by the datasheet, plus start-up). Killed at the device tool's
+# limit, it leaves plans.tgz (written before the runs) and results.jsonl (a line per finished run), from which
+# `planner validate` here gives the rest. Exit status 1 if anything failed. PHASE=profile, then PHASE=runs PROFILE=path/to/profile.json (what the first call brought
 # back, carried in an ignored folder) splits it into two calls.
 #
 #   bench/gpu_check.sh                          # on the GPU machine: writes to $OUT (the device tool's)
@@ -25,8 +27,9 @@ PY=${PY:-python3}
 STEPS=${STEPS:-8}
 PHASE=${PHASE:-all}
 PROFILE=${PROFILE:-}
-PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-270}
-DEADLINE=${DEADLINE:-500}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-200}
+DEADLINE=${DEADLINE:-380}
+LIMIT=${LIMIT:-540}  # no step runs past this many seconds from the start
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -41,8 +44,10 @@ finish() {
   wait "$TEE"
 }
 trap finish EXIT
+trap 'exit 143' TERM INT  # a TERM to this shell alone: finish, once the step it waits for ends
 log() { echo "[$(date +%T)] $*"; }
-planner() { timeout -k 15 120 "$PY" -m planner.cli "$@"; }
+left() { local n=$((LIMIT - SECONDS)); [ "$n" -gt "$1" ] && echo "$1" || echo $((n > 5 ? n : 5)); }  # a step's cap
+planner() { timeout -k 15 "$(left 120)" "$PY" -m planner.cli "$@"; }
 
 if [ "$DEVICE" = cuda ]; then
   CLUSTER=(--cluster dgx-h200-141gb --nodes 1 --gpus-per-node 1); GPT=gpt3-1.3b; LLAMA=$WORK/plans/llama-1b.yaml; BATCH=16
@@ -53,7 +58,9 @@ else
 fi
 log "$("$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")')"
-name=$("$PY" -c "from runtime.profile import device_name; print(device_name('$DEVICE'))") || exit 1
+# Every module a step imports, first: an API this torch lacks fails here in seconds, not after the profile.
+"$PY" -c "import runtime.launch, runtime.profile, planner.cli" || { log "the runtime does not import: stopping"; failed=1; exit 1; }
+name=$("$PY" -c "from runtime.profile import device_name; print(device_name('$DEVICE'))") || { failed=1; exit 1; }
 measured=profiles/devices/$name.measured.json
 
 log "1. profile ($DEVICE, named $name)"
@@ -62,10 +69,15 @@ if [ -n "$PROFILE" ]; then
 elif [ "$DEVICE" = cpu ] && [ -f "$measured" ]; then
   log "the dry run keeps this machine's cached profile (make run's): it checks the script, not the CPU"
 elif ! timeout -k 15 "$PROFILE_TIMEOUT" "$PY" -m planner.cli profile --device "$DEVICE"; then
-  log "the full profile failed or ran past ${PROFILE_TIMEOUT}s: the quick one"
-  timeout -k 15 90 "$PY" -m planner.cli profile --device "$DEVICE" --quick || { log "no profile: stopping"; failed=1; exit 1; }
+  log "the profile failed or ran past ${PROFILE_TIMEOUT}s"; failed=$((failed + 1))
 fi
-cp "$measured" "$OUT/profile.json" || { log "no profile at $measured: stopping"; failed=1; exit 1; }
+if [ -f "$measured" ]; then
+  cp "$measured" "$OUT/profile.json"
+elif [ -f "profiles/devices/$name.json" ] && [ "$PHASE" != profile ]; then
+  log "no measured profile: the plans are priced from the datasheet profiles/devices/$name.json"
+else
+  log "no profile at $measured and no datasheet of that name: stopping"; failed=$((failed + 1)); exit 1
+fi
 [ "$PHASE" = profile ] && exit 0
 
 log "2. plans (${#VARIANTS[@]} micro-batch and recompute settings of each model, global batch $BATCH)"
@@ -86,6 +98,7 @@ for model in "$GPT" "$LLAMA"; do
     fi
   done
 done
+tar -C "$WORK" -czf "$OUT/plans.tgz" plans  # now, in case the runs are cut short
 
 log "3. runs ($STEPS steps each)"
 for plan in "${plans[@]}"; do
@@ -93,7 +106,8 @@ for plan in "${plans[@]}"; do
     log "past ${DEADLINE}s: $plan and the rest not run"; failed=$((failed + 1)); break
   fi
   log "run $plan"
-  timeout -k 15 120 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m runtime.launch "$plan" \
+  # --local-addr: --standalone otherwise hands the workers this host's FQDN, which an offline machine may not resolve.
+  timeout -k 15 "$(left 120)" "$PY" -m torch.distributed.run --standalone --local-addr 127.0.0.1 --nproc-per-node 1 -m runtime.launch "$plan" \
     --steps "$STEPS" --warmup 2 --results "$OUT/results.jsonl" < /dev/null || { log "run failed: $plan"; failed=$((failed + 1)); }
 done
 

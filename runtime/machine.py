@@ -132,11 +132,25 @@ def run_queue_wait_s() -> float | None:
         return None
 
 
+def warm_gpu(dev: torch.device, seconds: float = 0.5) -> None:
+    """Matmuls for `seconds`: an idle GPU's clocks take a fraction of a second to rise to their loaded speed (an
+    H200's SM clock idles at 345 MHz and runs at 1,980 MHz under load), and the reference block, timed first in a
+    run and in a profile, takes milliseconds."""
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize(dev)
+
+
 def time_reference(model: ModelSpec, dev: torch.device) -> tuple[float, float | None]:
     """(median forward + backward seconds of the reference block, share of a core this rank got meanwhile;
     None on GPU). Builds the block, times it, frees it: a few tenths of a second for the tiny models."""
     from runtime.profile_cases import Clock, reference_case
 
+    if dev.type == "cuda":
+        warm_gpu(dev)
     case = reference_case(model, dev, Clock(dev))
     times, cpu0, wall0 = [], time.process_time(), time.perf_counter()
     for i in range(REFERENCE_WARMUP + REFERENCE_REPEATS):
