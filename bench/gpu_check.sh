@@ -49,12 +49,19 @@ log() { echo "[$(date +%T)] $*"; }
 left() { local n=$((LIMIT - SECONDS)); [ "$n" -gt "$1" ] && echo "$1" || echo $((n > 5 ? n : 5)); }  # a step's cap
 planner() { timeout -k 15 "$(left 120)" "$PY" -m planner.cli "$@"; }
 
+mkdir -p "$WORK/plans"
+# A Llama-family model of GPT-3 1.3B's size (GQA, SwiGLU, RMSNorm, RoPE, no biases): no preset is that small.
+printf '%s\n' "name: llama-1b" "layers: 16" "hidden: 2048" "heads: 32" "kv_heads: 8" "ffn_hidden: 8192" "seq_len: 2048" \
+  "vocab: 32000" "mlp: swiglu" "norm: rmsnorm" "position: rope" "bias: false" > "$WORK/plans/llama-1b.yaml"
 if [ "$DEVICE" = cuda ]; then
   CLUSTER=(--cluster dgx-h200-141gb --nodes 1 --gpus-per-node 1); GPT=gpt3-1.3b; LLAMA=$WORK/plans/llama-1b.yaml; BATCH=16
   VARIANTS=("4 none" "8 selective" "16 full")
+  # The profile times the blocks of both models the plans run (the measured layer times are per block shape).
+  PROFILE_MODELS=(--model gpt3-125m --model gpt3-350m --model "$GPT" --model "$LLAMA")
 else
   CLUSTER=(--cluster local-cpu --nodes 1 --gpus-per-node 1); GPT=gpt-tiny; LLAMA=llama-tiny; BATCH=8
   VARIANTS=("4 none" "8 full")
+  PROFILE_MODELS=()
 fi
 log "$("$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")')"
@@ -68,7 +75,7 @@ if [ -n "$PROFILE" ]; then
   cp "$PROFILE" "$measured" && log "the profile given: $PROFILE" || exit 1
 elif [ "$DEVICE" = cpu ] && [ -f "$measured" ]; then
   log "the dry run keeps this machine's cached profile (make run's): it checks the script, not the CPU"
-elif ! timeout -k 15 "$PROFILE_TIMEOUT" "$PY" -m planner.cli profile --device "$DEVICE"; then
+elif ! timeout -k 15 "$PROFILE_TIMEOUT" "$PY" -m planner.cli profile --device "$DEVICE" "${PROFILE_MODELS[@]}"; then
   log "the profile failed or ran past ${PROFILE_TIMEOUT}s"; failed=$((failed + 1))
 fi
 if [ -f "$measured" ]; then
@@ -81,10 +88,6 @@ fi
 [ "$PHASE" = profile ] && exit 0
 
 log "2. plans (${#VARIANTS[@]} micro-batch and recompute settings of each model, global batch $BATCH)"
-mkdir -p "$WORK/plans"
-# A Llama-family model of GPT-3 1.3B's size (GQA, SwiGLU, RMSNorm, RoPE, no biases): no preset is that small.
-printf '%s\n' "name: llama-1b" "layers: 16" "hidden: 2048" "heads: 32" "kv_heads: 8" "ffn_hidden: 8192" "seq_len: 2048" \
-  "vocab: 32000" "mlp: swiglu" "norm: rmsnorm" "position: rope" "bias: false" > "$WORK/plans/llama-1b.yaml"
 plans=()
 for model in "$GPT" "$LLAMA"; do
   for v in "${VARIANTS[@]}"; do

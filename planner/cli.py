@@ -167,7 +167,7 @@ def cmd_profile(args) -> int:
         from planner.slurm import NO_TORCH
 
         raise MeshplanError(f"planner profile needs torch to time the runtime's layers; {NO_TORCH}") from None
-    return profile_main(device=args.device, out=args.out, quick=args.quick)
+    return profile_main(device=args.device, out=args.out, quick=args.quick, models=tuple(args.model) if args.model else None)
 
 
 def cmd_validate(args) -> int:

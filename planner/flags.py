@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: profiles/devices/<name>.measured.json in a checkout, "
                                                "~/.local/share/meshplan/devices/ for an installed meshplan")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats, for tests (default: off)")
+    p.add_argument("--model", action="append", metavar="MODEL",
+                   help="a model whose blocks to time (preset or model file); repeat for several (default: gpt-tiny and "
+                        "llama-tiny on CPU, gpt3-125m, gpt3-350m and gpt3-1.3b on a GPU)")
     p = sub.add_parser("export", help="print a plan as Megatron-LM arguments or a torchtitan TOML job config")
     p.add_argument("plan", help="plan.json, as planner plan --out writes it")
     p.add_argument("--to", required=True, choices=("megatron", "torchtitan"),

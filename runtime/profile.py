@@ -65,7 +65,7 @@ def choose_shapes(device_type: str, world: int, quick: bool, models: tuple[str, 
     tps = tuple(t for t in (1, 2, 4, 8) if t <= world and world % t == 0)
     if quick:
         return Shapes(chosen, tps[:2], (1, 2), (1 << 12, 1 << 18, 1 << 22), (256, 512), (("1f1b", 1, 2),), repeats=2, warmup=1)
-    return Shapes(chosen, tps, (1, 2, 4, 8) if cuda else (1, 2, 4, 8, 16, 32),
+    return Shapes(chosen, tps, (1, 2, 4, 8, 16) if cuda else (1, 2, 4, 8, 16, 32),
                   tuple(1 << k for k in range(12, 27 if cuda else 25, 2)),
                   (1024, 2048, 4096, 8192) if cuda else (128, 256, 512, 1024),
                   (("1f1b", 1, 8), ("1f1b", 4, 4), ("gpipe", 2, 4)), repeats=5, warmup=2, layer_repeats=9)

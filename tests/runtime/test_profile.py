@@ -71,3 +71,16 @@ def test_a_gpu_profile_is_named_after_the_datasheet_the_cluster_presets_name(mon
 
     assert on("NVIDIA H200", 140.4) == "h200-sxm-141gb"  # dgx-h200-141gb's device, so the preset reads the measurement
     assert on("NVIDIA H100 PCIe", 79.6) == "nvidia-h100-pcie"
+
+
+def test_planner_profile_times_the_models_it_is_given(monkeypatch):
+    # bench/gpu_check.sh profiles the Llama-family model its plans run: measured layer times are per block shape.
+    import runtime.profile
+    from planner.cli import main
+
+    got = {}
+    monkeypatch.setattr(runtime.profile, "main", lambda **kw: got.update(kw) or 0)
+    assert main(["profile", "--device", "cpu", "--quick", "--model", "gpt-tiny", "--model", "mine.yaml"]) == 0
+    assert got["models"] == ("gpt-tiny", "mine.yaml")
+    assert main(["profile", "--device", "cpu", "--quick"]) == 0 and got["models"] is None
+    assert 16 in runtime.profile.choose_shapes("cuda", 1, False).micro_batches
