@@ -213,24 +213,40 @@ def optimizer_cases(shapes: Shapes, dev: torch.device, clock: Clock) -> list[Cas
     return [run]
 
 
+GPU_TIMED_FLOP = 1e12
+"""On a GPU a GEMM is run back to back until this much work lies between two clock readings (about 1.5 ms on an
+H200): one 1024^3 GEMM is a few microseconds, less than the synchronisation around it, and alone would read as a
+fraction of its rate. On CPU one GEMM is milliseconds already, and the profile stays as it was."""
+
+
+def timed_repeats(cuda: bool, flop: float) -> int:
+    """How many GEMMs of `flop` one reading times (GPU_TIMED_FLOP)."""
+    return max(1, round(GPU_TIMED_FLOP / flop)) if cuda else 1
+
+
 def gemm_cases(shapes: Shapes, dev: torch.device, clock: Clock) -> list[Case]:
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     cases = []
     for n in shapes.gemm_sizes:
         a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+        reps = timed_repeats(cuda, 2 * n**3)
 
-        def gemm(a=a, b=b, n=n) -> dict:
+        def gemm(a=a, b=b, n=n, reps=reps) -> dict:
             t0 = clock()
-            torch.mm(a, b)
-            return {("gemm", n, "s"): clock() - t0}
+            for _ in range(reps):
+                torch.mm(a, b)
+            return {("gemm", n, "s"): (clock() - t0) / reps}
         cases.append(gemm)
-    src = torch.randn(1 << (26 if dev.type == "cuda" else 24), device=dev)
+    src = torch.randn(1 << (26 if cuda else 24), device=dev)
     dst = torch.empty_like(src)
+    copies = 10 if cuda else 1  # 0.1 ms a copy on an H200: likewise
 
     def copy() -> dict:
         t0 = clock()
-        dst.copy_(src)
-        return {("copy", src.numel() * src.element_size(), "s"): clock() - t0}
+        for _ in range(copies):
+            dst.copy_(src)
+        return {("copy", src.numel() * src.element_size(), "s"): (clock() - t0) / copies}
     return cases + [copy]
 
 

@@ -84,3 +84,11 @@ def test_planner_profile_times_the_models_it_is_given(monkeypatch):
     assert got["models"] == ("gpt-tiny", "mine.yaml")
     assert main(["profile", "--device", "cpu", "--quick"]) == 0 and got["models"] is None
     assert 16 in runtime.profile.choose_shapes("cuda", 1, False).micro_batches
+
+
+def test_a_gpu_gemm_is_timed_over_about_a_teraflop_and_a_cpu_one_alone():
+    # One 1024^3 GEMM is a few microseconds on an H200, less than the synchronisation around its reading.
+    from runtime.profile_cases import timed_repeats
+
+    assert [timed_repeats(True, 2 * n**3) for n in (1024, 2048, 4096, 8192)] == [466, 58, 7, 1]
+    assert timed_repeats(False, 2 * 1024**3) == 1  # the CPU profile (make run's numbers) as it was
