@@ -310,11 +310,13 @@ def search(model: ModelSpec, cluster: ClusterSpec, device: DeviceProfile, global
             timings["split"] += time.perf_counter() - t0
             return None
         if idx not in split_of:
-            stages, costs, mem = layer_split(cm, k, m, solved_of[idx], first_of.pop(idx, None))
+            first = first_of.pop(idx, None)
+            stages, costs, mem = layer_split(cm, k, m, solved_of[idx], first)
             split_of[idx] = stages
             peak = max(x.total_gib for x in mem)
             fits = fits_bytes(peak, cap)
-            lb = max(seconds, split_bound_s(cm, k, m, costs))
+            # The first cut's bound is in `seconds` already; only a repaired split has costs of its own to bound.
+            lb = seconds if first is not None and costs is first[1] else max(seconds, split_bound_s(cm, k, m, costs))
             reason = "" if fits else f"no layer split fits: the best needs {peak:.1f} GiB, over the {cap:g} GiB usable on one {device.name}"
             cands[idx] = _bounded(cm, k, global_batch, lb, peak, fits, reason, "split", flops)
             if fits:
