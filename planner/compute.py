@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from planner.kernels import flash_efficiency
 from planner.specs import DeviceProfile, ModelSpec
 
 
@@ -64,14 +65,26 @@ def memory_s(device: DeviceProfile, elements: float) -> float:
     return elements * device.dtype_bytes / (device.memory_bandwidth_GBps * 1e9 * device.memory_efficiency)
 
 
-def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float, cp: int, fused: bool) -> tuple[float, float]:
+def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float, cp: int, fused: bool,
+                      flash: bool = False) -> tuple[float, float]:
     """(forward, backward) of softmax(QK^T)V for this shard's heads, b sequences' worth (b/cp under context
-    parallelism, where each rank's queries meet every key); fused: as one kernel (Framework.fuses_attention)."""
+    parallelism, where each rank's queries meet every key); fused: as one kernel (Framework.fuses_attention);
+    flash: that kernel is FlashAttention-2 (Framework.flash_attention), at the device's own rate for it."""
     s, d, heads = model.seq_len, model.hidden // model.heads, model.heads // tp
     # QK^T and AV: b*heads batched GEMMs of (s x d)@(d x s) and (s x s)@(s x d). Under context parallelism the
     # work is done chunk against chunk (2cp chunks of s/2cp tokens, Liu et al. 2023 'Ring Attention'), at the
     # efficiency of a chunk's GEMM, not of a whole sequence's.
     c = s // (2 * cp) if cp > 1 else s
+    if fused and flash and device.flash_attention_efficiency:
+        # FlashAttention-2 at its measured share of peak for a call of c queries (planner/kernels.py), on the
+        # causal FLOPs it runs: half of 4 s^2 d per head and sequence; the backward runs 2.5 times as many.
+        # meshplan's runtime passes a mask under context parallelism (runtime/parallel/context.py), which SDPA
+        # serves with its memory-efficient kernel; no measurement of that kernel on these devices is at hand, so
+        # the chunks are priced at FlashAttention-2's rate too (a lower bound on their time).
+        flops = 2.0 * b * heads * s * s * d
+        fwd_eff, bwd_eff = flash_efficiency(device.flash_attention_efficiency, c)
+        peak = device.peak_tflops * 1e12
+        return flops / (peak * fwd_eff), 2.5 * flops / (peak * bwd_eff)
     per = (s * s) / (c * c)
     gemms = gemm_s(device, c, c, d, batch=b * heads * per) + gemm_s(device, c, d, c, batch=b * heads * per)
     if fused:
@@ -117,10 +130,11 @@ def float8_casts_per_token(model: ModelSpec, tp: int) -> float:
 
 def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
                           precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
-                          fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None) -> LayerTimes:
+                          fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None,
+                          flash: bool = False) -> LayerTimes:
     """One block on a tp shard for b sequences (a fraction with context parallelism: each cp rank holds s/cp of
     each sequence and attends to all s keys, which is b/cp sequences' GEMM and attention work); attention fused as
-    fused_attention says (None: as the device profile does)."""
+    fused_attention says (None: as the device profile does), as FlashAttention-2 where flash (_attention_core_s)."""
     h, f, s, kv = model.hidden, model.ffn_hidden, model.seq_len, model.kv_dim
     tokens = b * s
     fp8 = precision == "fp8"
@@ -132,7 +146,7 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
     gemm_fwd = (gemm_s(device, tokens, (h + 2 * kv) / tp, h, fp8=fp8) + gemm_s(device, tokens, h, h / tp, fp8=fp8)
                 + mlp_in * gemm_s(device, tokens, f / tp, h, fp8=fp8) + gemm_s(device, tokens, h, f / tp, fp8=fp8))
     fused = device.fused_attention if fused_attention is None else fused_attention
-    attn_fwd, attn_bwd = _attention_core_s(device, model, tp, b, cp, fused)
+    attn_fwd, attn_bwd = _attention_core_s(device, model, tp, b, cp, fused, flash)
     elem = elementwise_per_token(model, tp, sequence_parallel, compiled)
     if fp8:
         # Scaling and casting the activations per token, and the weights once per microbatch (each matrix,
@@ -154,7 +168,8 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
 
 def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
                 precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
-                fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None) -> LayerTimes:
+                fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None,
+                flash: bool = False) -> LayerTimes:
     """A measured profile wins where it has this layer; the datasheet model otherwise. A measured profile times
     eager blocks: compiled, they save what elementwise_per_token says fusion saves, at the profile's own memory
     bandwidth (never below half the measurement)."""
@@ -170,7 +185,7 @@ def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequ
             return LayerTimes(max(got.forward_s / 2, got.forward_s - saved), max(got.backward_s / 2, got.backward_s - 2 * saved),
                               got.selective_recompute_s, got.source)
     return datasheet_layer_times(model, device, tp, b, sequence_parallel, precision, compiled, fp8_cast_passes, fp8_weight_casts, cp,
-                                 fused_attention)
+                                 fused_attention, flash)
 
 
 def datasheet_end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float) -> EndTimes:

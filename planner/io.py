@@ -69,9 +69,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def _one_line(m: re.Match) -> str:
+    return "{" + m.group(1) + m.group(2) + " " + re.sub(r",\s+", ", ", m.group(3)) + "}"
+
+
 def atomic_write_datasheet(path: str | os.PathLike, obj: Any) -> None:
     """atomic_write_json with each curve point on one line: datasheets are read and edited by hand."""
-    text = re.sub(r'\{\s*"gflop": ([^,]+),\s*"efficiency": ([^\s}]+)\s*\}', r'{"gflop": \1, "efficiency": \2}', json.dumps(obj, indent=1))
+    text = re.sub(r'\{\s*("gflop|"tokens)(": [^,]+,)\s*("[^}]+?)\s*\}', _one_line, json.dumps(obj, indent=1))
     atomic_write_text(path, text + "\n")
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planner.kernels import AttentionPoint, GemmPoint, check_attention_curve
 from planner.errors import SpecError
 from planner.parsing import from_dict, read_mapping
 
@@ -169,14 +170,6 @@ def nodes_x(nodes: int, per_node: int, times: str = "x") -> str:
 
 
 @dataclass(frozen=True)
-class GemmPoint:
-    gflop: float
-    """Size of one GEMM in GFLOP (2*m*n*k / 1e9)."""
-    efficiency: float
-    """Achieved fraction of peak_tflops at that size."""
-
-
-@dataclass(frozen=True)
 class DeviceProfile:
     name: str
     """Device name (a100-sxm4-80gb, h100-sxm5-80gb, cpu, ...)."""
@@ -204,6 +197,8 @@ class DeviceProfile:
     capability below 8.9), and `--precision fp8` is then refused."""
     fp8_gemm_efficiency: tuple[GemmPoint, ...] = ()
     """Efficiency curve of FP8 GEMMs by size (as gemm_efficiency, of fp8_peak_tflops); empty: gemm_efficiency's."""
+    flash_attention_efficiency: tuple[AttentionPoint, ...] = ()
+    """FlashAttention-2's share of peak_tflops by query length (planner/kernels.py); empty: the GEMM curve's."""
     version: int = DEVICE_SCHEMA_VERSION
     """Schema version of this file."""
     measured: dict | None = None
@@ -366,6 +361,7 @@ def device_from_dict(data: dict, source: str) -> DeviceProfile:
                                                              "increasing gflop, each size once")
     if d.fp8_peak_tflops < 0:
         raise SpecError(source, "fp8_peak_tflops", f"must be 0 (no FP8) or positive, got {d.fp8_peak_tflops}")
+    check_attention_curve(source, d.flash_attention_efficiency)
     return d
 
 

@@ -1,0 +1,61 @@
+"""A device's kernel efficiency curves: GEMMs by size, and FlashAttention-2 by sequence length.
+
+A device datasheet's GEMM curve prices a GEMM. FlashAttention is one kernel with its own ceiling, and on Hopper
+that ceiling is far below a GEMM's: FlashAttention-2 does not use Hopper's warpgroup MMA or TMA. Shah et al. 2024,
+"FlashAttention-3" (arXiv:2407.08608), figures 5 and 6, measured it on an H100 80GB SXM5 at head dim 128, with
+batch x sequence = 16k tokens. Forward, causal: 191, 260, 298, 319, 333 and 335 TFLOP/s at 512 to 16k tokens.
+Backward: 214, 260, 291, 310, 318 and 322 TFLOP/s. Causal FLOPs are counted as the kernel runs them (half). That
+is 34% of the 989 TFLOP/s peak, where cuDNN's kernel (Transformer Engine, Megatron-Core) reaches about 55%.
+
+torch's scaled_dot_product_attention tries its flash backend (FlashAttention-2) first on every CUDA GPU and cuDNN
+last (torch._C._get_sdp_priority_order() on torch 2.13: FLASH, EFFICIENT, MATH, CUDNN). So meshplan's runtime and
+torchtitan run FlashAttention-2 (Framework.flash_attention). A device file's `flash_attention_efficiency` gives its
+rate. Where a file has none, attention is priced at the GEMM curve as before: the A100's (FlashAttention-2 reaches
+50-73% of an A100's peak, Dao 2023's abstract, near that curve), and devices whose FlashAttention-2 rate no
+source at hand gives (B200, L40S, RTX 4090)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from planner.errors import SpecError
+
+
+@dataclass(frozen=True)
+class GemmPoint:
+    gflop: float
+    """Size of one GEMM in GFLOP (2*m*n*k / 1e9)."""
+    efficiency: float
+    """Achieved fraction of peak_tflops at that size."""
+
+
+@dataclass(frozen=True)
+class AttentionPoint:
+    tokens: int
+    """Query length of one kernel call (a whole sequence; a chunk of one under context parallelism)."""
+    forward: float
+    """Achieved fraction of the device's peak_tflops in the forward, causal FLOPs counted as run."""
+    backward: float
+    """The same for the backward (2.5 times the forward's FLOPs: it recomputes the scores)."""
+
+
+def check_attention_curve(source: str, points: tuple[AttentionPoint, ...]) -> None:
+    """Refuse a curve that compute would misread: each fraction in (0, 1], tokens positive and increasing."""
+    for i, p in enumerate(points):
+        if p.tokens <= 0 or not (0 < p.forward <= 1 and 0 < p.backward <= 1):
+            raise SpecError(source, f"flash_attention_efficiency[{i}]", f"expected tokens > 0 and 0 < forward, backward <= 1, got {p}")
+        if i and p.tokens <= points[i - 1].tokens:
+            raise SpecError(source, f"flash_attention_efficiency[{i}].tokens", f"{p.tokens} comes after {points[i - 1].tokens}; list "
+                                                                               "the points by increasing tokens, each length once")
+
+
+def flash_efficiency(points: tuple[AttentionPoint, ...], tokens: float) -> tuple[float, float]:
+    """(forward, backward) fraction of peak at this query length: log-linear between points, flat outside them."""
+    if tokens <= points[0].tokens:
+        return points[0].forward, points[0].backward
+    for a, b in zip(points, points[1:]):
+        if tokens <= b.tokens:
+            w = (math.log(tokens) - math.log(a.tokens)) / (math.log(b.tokens) - math.log(a.tokens))
+            return a.forward + w * (b.forward - a.forward), a.backward + w * (b.backward - a.backward)
+    return points[-1].forward, points[-1].backward
