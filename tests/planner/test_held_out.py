@@ -1,0 +1,34 @@
+"""Published runs held out of every fit (profiles/held_out/, bench/held_out.py) are priced as published."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from planner.cost import predict
+from planner.specs import PROFILES_DIR, load_cluster, load_device, load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _held_out():
+    spec = importlib.util.spec_from_file_location("held_out", ROOT / "bench" / "held_out.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_held_out_torchtitan_runs_are_priced_with_their_published_degrees_and_not_calibrated_on():
+    from planner.calibration import calibration_files
+
+    held = _held_out()
+    assert not any("held_out" in str(p) for p in calibration_files())
+    runs = json.loads((PROFILES_DIR / "held_out" / "torchtitan_llama3_h100_202412.json").read_text())["runs"]
+    rows = held.torchtitan_rows(load_device("h100-sxm5-80gb"))
+    assert [r["name"] for r in rows] == [r["name"] for r in runs]
+    for run, row in zip(runs, rows):
+        k = held.knobs_of(run)
+        assert k.tp * k.pp * k.dp * k.cp == run["gpus"]
+        assert row["fa2"] < row["gemm"]  # FlashAttention-2 on Hopper is slower than a GEMM-rate attention
+    plan, _ = predict(load_model("llama3-8b", 32768), load_cluster("dgx-h100-80gb", nodes=1), load_device("h100-sxm5-80gb"),
+                      held.knobs_of(runs[0]), 8)
+    assert (plan.tp, plan.dp, plan.cp, plan.zero, plan.precision) == (1, 8, 1, 3, "fp8")
