@@ -6,10 +6,9 @@ GEMMs run at peak * efficiency(size), elementwise kernels are memory-bound. A me
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from planner.kernels import flash_efficiency
+from planner.kernels import flash_efficiency, log_linear
 from planner.specs import DeviceProfile, ModelSpec
 
 
@@ -40,16 +39,10 @@ class EndTimes:
 
 
 def gemm_efficiency(device: DeviceProfile, gflop: float, fp8: bool = False) -> float:
-    """Log-linear interpolation of the device's efficiency curve (its FP8 curve for fp8, where it has one),
-    flat outside its points."""
+    """The device's efficiency curve at this GEMM size (its FP8 curve for fp8, where it has one): log-linear
+    between its points, flat outside them (kernels.log_linear)."""
     pts = device.fp8_gemm_efficiency if fp8 and device.fp8_gemm_efficiency else device.gemm_efficiency
-    if gflop <= pts[0].gflop:
-        return pts[0].efficiency
-    for a, b in zip(pts, pts[1:]):
-        if gflop <= b.gflop:
-            w = (math.log(gflop) - math.log(a.gflop)) / (math.log(b.gflop) - math.log(a.gflop))
-            return a.efficiency + w * (b.efficiency - a.efficiency)
-    return pts[-1].efficiency
+    return log_linear(pts, gflop, "gflop", "efficiency")[0]
 
 
 def gemm_s(device: DeviceProfile, m: float, n: float, k: float, batch: float = 1, fp8: bool = False) -> float:

@@ -50,12 +50,20 @@ def check_attention_curve(source: str, points: tuple[AttentionPoint, ...]) -> No
                                                                                "the points by increasing tokens, each length once")
 
 
-def flash_efficiency(points: tuple[AttentionPoint, ...], tokens: float) -> tuple[float, float]:
-    """(forward, backward) fraction of peak at this query length: log-linear between points, flat outside them."""
-    if tokens <= points[0].tokens:
-        return points[0].forward, points[0].backward
+def log_linear(points: tuple, x: float, at: str, *values: str) -> tuple[float, ...]:
+    """The curve's `values` fields at x along its `at` field: log-linear between neighbouring points (sorted by
+    `at`), flat outside them. One rule for the GEMM and the FlashAttention-2 curves."""
+    first, last = points[0], points[-1]
+    if x <= getattr(first, at):
+        return tuple(getattr(first, v) for v in values)
     for a, b in zip(points, points[1:]):
-        if tokens <= b.tokens:
-            w = (math.log(tokens) - math.log(a.tokens)) / (math.log(b.tokens) - math.log(a.tokens))
-            return a.forward + w * (b.forward - a.forward), a.backward + w * (b.backward - a.backward)
-    return points[-1].forward, points[-1].backward
+        xa, xb = getattr(a, at), getattr(b, at)
+        if x <= xb:
+            w = (math.log(x) - math.log(xa)) / (math.log(xb) - math.log(xa))
+            return tuple(getattr(a, v) + w * (getattr(b, v) - getattr(a, v)) for v in values)
+    return tuple(getattr(last, v) for v in values)
+
+
+def flash_efficiency(points: tuple[AttentionPoint, ...], tokens: float) -> tuple[float, float]:
+    """(forward, backward) fraction of peak at this query length (log_linear)."""
+    return log_linear(points, tokens, "tokens", "forward", "backward")
