@@ -19,8 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.errors import SpecError
-
 
 @dataclass(frozen=True)
 class GemmPoint:
@@ -38,16 +36,6 @@ class AttentionPoint:
     """Achieved fraction of the device's peak_tflops in the forward, causal FLOPs counted as run."""
     backward: float
     """The same for the backward (2.5 times the forward's FLOPs: it recomputes the scores)."""
-
-
-def check_attention_curve(source: str, points: tuple[AttentionPoint, ...]) -> None:
-    """Refuse a curve that compute would misread: each fraction in (0, 1], tokens positive and increasing."""
-    for i, p in enumerate(points):
-        if p.tokens <= 0 or not (0 < p.forward <= 1 and 0 < p.backward <= 1):
-            raise SpecError(source, f"flash_attention_efficiency[{i}]", f"expected tokens > 0 and 0 < forward, backward <= 1, got {p}")
-        if i and p.tokens <= points[i - 1].tokens:
-            raise SpecError(source, f"flash_attention_efficiency[{i}].tokens", f"{p.tokens} comes after {points[i - 1].tokens}; list "
-                                                                               "the points by increasing tokens, each length once")
 
 
 def log_linear(points: tuple, x: float, at: str, *values: str) -> tuple[float, ...]:

@@ -21,7 +21,7 @@ def check_headroom(headroom_gib: float, device, source: str) -> None:
     picker it came from), not priced as negative GiB usable."""
     if headroom_gib >= device.memory_gib:
         raise SpecError(source, "memory_headroom_gib", f"{headroom_gib:g} GiB leaves nothing of the {device.memory_gib:g} GiB "
-                                                       f"of one {device.name}; give less than that")
+                                                       f"of one {device.name}; give less than {device.memory_gib:g} GiB")
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def compact_plans_table(plans, title: str) -> Table:
                                          ("cc", p.compile)) if on) or "-"
         gib = f"{pr.peak_memory_gib:.0f}" if pr.peak_memory_gib >= 100 else f"{pr.peak_memory_gib:.1f}"
         t.add_row(str(i), degrees_label(p, compact=True), str(p.micro_batch), sched, _recompute_label(p).replace("selective", "sel"), knobs,
-                  blocks_label(p, 10), f"{pr.iteration_s:.3g}", _count(pr.tokens_per_s), f"{pr.tflops_per_gpu:.3g}",
+                  blocks_label(p, 10), f"{pr.iteration_s:.3g}", _count(pr.tokens_per_s), tflops_text(pr.tflops_per_gpu),
                   f"{100 * pr.mfu:.1f}%", gib if pr.fits else f"[red]{gib}![/red]")
     return t
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.kernels import AttentionPoint, GemmPoint, check_attention_curve
+from planner.device_checks import DTYPES, check_device
+from planner.kernels import AttentionPoint, GemmPoint
 from planner.errors import SpecError
 from planner.parsing import from_dict, read_mapping
 
@@ -23,7 +24,6 @@ DEVICE_SCHEMA_VERSION = 1
 MLPS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-DTYPES = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -337,31 +337,7 @@ def device_from_dict(data: dict, source: str) -> DeviceProfile:
     if version != DEVICE_SCHEMA_VERSION:
         raise SpecError(source, "version", f"schema version {version!r} is not supported (this meshplan reads {DEVICE_SCHEMA_VERSION}); re-run `planner profile` to regenerate it")
     d = from_dict(DeviceProfile, data, source)
-    _positive(source, d, ["peak_tflops", "memory_gib", "memory_bandwidth_GBps"])
-    if d.source not in ("datasheet", "measured"):
-        raise SpecError(source, "source", f"expected 'datasheet' or 'measured', got {d.source!r}")
-    if d.dtype not in DTYPES:
-        raise SpecError(source, "dtype", f"expected one of {', '.join(DTYPES)} (meshplan trains in bf16 on GPUs, fp32 on CPU), got {d.dtype!r}")
-    if not 0 < d.memory_efficiency <= 1:
-        raise SpecError(source, "memory_efficiency", f"expected the share of memory_bandwidth_GBps reached, 0 < it <= 1, got "
-                                                     f"{d.memory_efficiency:g}; give a fraction (0.7 when left out)")
-    if not 0 <= d.framework_overhead_gib < d.memory_gib:
-        raise SpecError(source, "framework_overhead_gib", f"expected GiB from 0 up to below memory_gib {d.memory_gib:g}, got "
-                                                          f"{d.framework_overhead_gib:g}; give what the framework takes besides tensors")
-    if not d.gemm_efficiency:
-        raise SpecError(source, "gemm_efficiency", "needs at least one point")
-    for name in ("gemm_efficiency", "fp8_gemm_efficiency"):
-        pts = getattr(d, name)
-        for i, p in enumerate(pts):
-            if not (0 < p.efficiency <= 1) or p.gflop <= 0:
-                raise SpecError(source, f"{name}[{i}]", f"expected gflop > 0 and 0 < efficiency <= 1, got {p}")
-            # compute.gemm_efficiency interpolates between neighbours: an unsorted curve would be misread, not refused.
-            if i and p.gflop <= pts[i - 1].gflop:
-                raise SpecError(source, f"{name}[{i}].gflop", f"{p.gflop:g} comes after {pts[i - 1].gflop:g}; list the points by "
-                                                             "increasing gflop, each size once")
-    if d.fp8_peak_tflops < 0:
-        raise SpecError(source, "fp8_peak_tflops", f"must be 0 (no FP8) or positive, got {d.fp8_peak_tflops}")
-    check_attention_curve(source, d.flash_attention_efficiency)
+    check_device(source, d)
     return d
 
 

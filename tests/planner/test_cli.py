@@ -243,6 +243,20 @@ def test_memory_headroom_decides_what_fits_and_its_default_is_in_the_help(capsys
     assert "default 2 GiB" in capsys.readouterr().out
 
 
+def test_the_default_headroom_on_a_device_smaller_than_it_is_refused_in_plan_predict_and_compare(tmp_path, capsys):
+    from planner.specs import PROFILES_DIR
+
+    small = json.loads((PROFILES_DIR / "devices" / "cpu.json").read_text()) | {"memory_gib": 1.5, "framework_overhead_gib": 0.1}
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(small))
+    where = ("--model", "gpt-tiny", "--cluster", "local-cpu", "--gpus-per-node", "2", "--device", str(path), "--global-batch", "8")
+    for command in (("plan", *where), ("predict", *where, "--tp", "1", "--pp", "1", "--dp", "2", "--micro-batch", "1"),
+                    ("compare", *where, "--tokens", "1M")):
+        err = refused(capsys, *command)
+        assert "--memory-headroom (default): memory_headroom_gib: 2 GiB leaves nothing of the 1.5 GiB" in err, command
+    assert run(capsys, "plan", *where, "--memory-headroom", "0.5")[0] == 0
+
+
 def test_a_search_cut_short_says_how_much_faster_the_best_plan_may_be(capsys):
     from planner.report import print_plans
     from planner.search import search

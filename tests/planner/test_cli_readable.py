@@ -4,6 +4,7 @@ say what they count."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -88,3 +89,16 @@ def test_a_one_node_cluster_reads_1_node_not_1_nodes_in_the_plan_header_and_the_
     assert "the cluster's 8 devices (1 node x 8); pin" in capsys.readouterr().err
     assert main(["predict", *one_node, "--tp", "2", "--pp", "1", "--dp", "2", "--micro-batch", "1"]) == 2  # planner.cost
     assert "the cluster has 8 devices (1 node x 8); choose" in capsys.readouterr().err
+
+
+def test_the_80_column_table_writes_tflops_as_the_wide_one_does():
+    # It wrote f"{x:.3g}": 0.0453 on a CPU where the wide table says 0.045, and 1.23e+03 for an FP8 B200 plan.
+    from planner.report import tflops_text
+
+    argv = ("predict", "--model", "gpt-tiny", "--cluster", "local-cpu", "--gpus-per-node", "2", "--global-batch", "16",
+            "--tp", "1", "--pp", "1", "--dp", "2", "--micro-batch", "1")
+    tflops = json.loads(planner_at(200, *argv, "--json"))["tflops_per_gpu"]
+    text = tflops_text(tflops)
+    for columns in (80, 200):
+        row = next(line for line in planner_at(columns, *argv).splitlines() if "1×1×2" in line)
+        assert text in row.replace("│", " ").split(), (columns, row)

@@ -117,6 +117,8 @@ def _device_file(tmp_path, **changes) -> str:
     ({"dtype": "fp16x"}, "dtype"),  # was priced as 2 bytes
     ({"gemm_efficiency": [{"gflop": 1000, "efficiency": 0.5}, {"gflop": 0.1, "efficiency": 0.1}]}, "gemm_efficiency[1].gflop"),
     ({"fp8_gemm_efficiency": [{"gflop": 1, "efficiency": 0.5}, {"gflop": 1, "efficiency": 0.6}]}, "fp8_gemm_efficiency[1].gflop"),
+    ({"fp8_peak_tflops": 0}, "fp8_gemm_efficiency"),  # the H100's fp8 curve, a fraction of no peak: was kept unread
+    ({"measured": {"optimizer_s_per_param": 1e-9}}, "measured"),  # a datasheet's optimizer step was read from it
 ])
 def test_a_device_file_with_memory_efficiency_0_or_another_field_out_of_range_is_refused_naming_the_field(tmp_path, capsys, changes, field):
     path = _device_file(tmp_path, **changes)
