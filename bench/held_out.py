@@ -4,16 +4,21 @@
 
 - torchtitan's own benchmarks (Dec 2024): FSDP2, TP, PP and CP with torch.compile and Float8 on H100s, the
   building blocks meshplan's runtime is made of. Every knob is published, so each run is predicted as given
-  (planner predict), with meshplan's runtime as the framework. They report tokens/s per GPU and the peak memory
+  (planner predict), with meshplan's runtime as the framework, its attention as the torch of that month ran it:
+  FlashAttention-2 (TORCH_DEC_2024; planner/kernels.py). They report tokens/s per GPU and the peak memory
   reserved, and the memory is the one comparison with a GPU measurement this project has. Their H100s are 96 GB
   HBM2e parts at a 500 W limit, where the datasheet is the 700 W SXM5. So throughput is expected below the
   prediction by a device factor the page cannot give. The ratios within a table (CP against sequence length,
   interleaved against 1F1B) do not depend on that factor.
+- KempnerForge's MFU report (Apr 2026): Llama 3 shapes of 8B, 15B and 70B under FSDP2 and TP on 1 to 32 H200s
+  with torch.compile and torch 2.11, a trainer built like meshplan's runtime. Every knob is published; predicted
+  as given on the h200-sxm-141gb datasheet. Their memory is max_memory_allocated, but of bf16 weights, gradients
+  and AdamW state, which meshplan's runtime keeps in fp32: printed, not compared.
 - Llama 3 405B (Meta, table 4): MFU on 8,192 and 16,384 H100s, with the published degrees pinned and the rest
   searched (meshplan's runtime, and Megatron-Core as NVIDIA runs it).
 
-Each prediction is printed twice: with attention at FlashAttention-2's measured rate (planner/kernels.py,
-what meshplan's runtime and torchtitan run) and at the GEMM curve, as priced before that term. --quick skips the
+Each torchtitan prediction is printed twice: with attention at FlashAttention-2's measured rate (planner/kernels.py)
+and at the GEMM curve, cuDNN's rate, which torch runs on Hopper from 2.11 on. --quick skips the
 Llama 3 searches."""
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ from planner.cost import predict
 from planner.frameworks import FRAMEWORKS, MESHPLAN
 from planner.plan import Knobs
 from planner.search import search
-from planner.specs import PROFILES_DIR, load_cluster, load_device, load_model
+from planner.specs import PROFILES_DIR, load_cluster, load_device, load_model, model_from_dict
 
 HELD_OUT = PROFILES_DIR / "held_out"
+TORCH_DEC_2024 = dataclasses.replace(MESHPLAN, flash_attention=True)
+"""meshplan's runtime on the torch of torchtitan's Dec 2024 runs (nightly 1963fc8), whose SDPA ran FlashAttention-2
+first on an H100 (cuDNN attention opt-in since pytorch/pytorch#138522)."""
 DEVICE, CLUSTER = "h100-sxm5-80gb", "dgx-h100-80gb"
 
 
@@ -53,12 +61,28 @@ def torchtitan_rows(device) -> list[dict]:
         batch = run["dp"] * run["micro_batch"] * (run["pp"] if run["pp"] > 1 else 1)
         got = {}
         for label, dev in (("fa2", device), ("gemm", gemm_only)):
-            plan, _ = predict(model, cluster, dev, knobs, batch, framework=MESHPLAN)
+            plan, _ = predict(model, cluster, dev, knobs, batch, framework=TORCH_DEC_2024)
             got[label] = plan
         rows.append({"table": run["table"], "name": run["name"], "published": run["tokens_per_s_per_gpu"],
                      "fa2": got["fa2"].prediction.tokens_per_s / run["gpus"], "gemm": got["gemm"].prediction.tokens_per_s / run["gpus"],
                      "memory": run["memory_gib"], "memory_predicted": got["fa2"].prediction.peak_memory_gib,
                      "async_tp": bool(run.get("async_tp"))})
+    return rows
+
+
+def kempnerforge_rows(device) -> list[dict]:
+    """Every KempnerForge run predicted as given (torch 2.11: cuDNN attention, the GEMM curve's rate)."""
+    data = json.loads((HELD_OUT / "kempnerforge_h200_202604.json").read_text())
+    rows = []
+    for run in data["runs"]:
+        shape = data["models"].get(run["model"])
+        model = model_from_dict(shape, "kempnerforge") if shape else load_model(run["model"], run["seq_len"])
+        cluster = load_cluster("dgx-h200-141gb", nodes=-(-run["gpus"] // 4), gpus_per_node=min(4, run["gpus"]))
+        batch = run["dp"] * run["micro_batch"] * run["grad_accum"]
+        plan, _ = predict(model, cluster, device, knobs_of(run), batch, framework=MESHPLAN, memory_headroom_gib=0)
+        rows.append({"name": run["name"], "gpus": run["gpus"], "published": run["tokens_per_s"], "predicted": plan.prediction.tokens_per_s,
+                     "memory": run["memory_gib"], "memory_predicted": plan.prediction.peak_memory_gib,
+                     "step_s": run["step_s"], "step_predicted": plan.prediction.iteration_s})
     return rows
 
 
@@ -71,16 +95,14 @@ def causal_mfu(mfu: float, model) -> float:
 
 def llama3_rows(device) -> list[dict]:
     data = json.loads((HELD_OUT / "llama3_herd_2024_table4.json").read_text())
-    gemm_only = dataclasses.replace(device, flash_attention_efficiency=())
     rows = []
     for run in data["runs"]:
         model = load_model(run["model"], run["seq_len"])
         cluster = load_cluster(CLUSTER, nodes=run["gpus"] // 8)
         pins = {"tp": run["tp"], "pp": run["pp"], "dp": run["dp"], "cp": run["cp"], "zero": 2, "schedule": "interleaved", "precision": "bf16"}
         row = {"name": run["name"], "published": run["mfu"]}
-        for label, dev, fw in (("meshplan fa2", device, MESHPLAN), ("meshplan gemm", gemm_only, MESHPLAN),
-                               ("megatron-core", device, FRAMEWORKS["megatron-core"])):
-            best = search(model, cluster, dev, run["global_batch"], pins, top=1, framework=fw).plans[0]
+        for label, fw in (("meshplan", MESHPLAN), ("megatron-core", FRAMEWORKS["megatron-core"])):
+            best = search(model, cluster, device, run["global_batch"], pins, top=1, framework=fw).plans[0]
             row[label] = best.prediction.mfu
             row[label + " causal"] = causal_mfu(best.prediction.mfu, model)
             row[label + " plan"] = f"mb{best.micro_batch} v{best.virtual_stages} {best.stages[0].recompute}"
@@ -124,13 +146,26 @@ def main() -> int:
             steps = ", ".join(f"{r['name'].split(', ')[-1]}: published {r['published'] / first['published']:.2f}, "
                               f"FA2 {r['fa2'] / first['fa2']:.2f}, GEMM {r['gemm'] / first['gemm']:.2f}" for r in group[1:])
             print(f"table {table}, each run over the first: {steps}")
+    kf = kempnerforge_rows(load_device("h200-sxm-141gb"))
+    print("\nKempnerForge (Apr 2026, torch 2.11), H200s 4 per node, predicted as given with meshplan's runtime as the "
+          "framework on the h200-sxm-141gb datasheet; memory: their max_memory_allocated of bf16 weights, gradients and "
+          "AdamW state (8 bytes a parameter), against meshplan's fp32 (16): not comparable")
+    print(f"{'run':<32} {'GPUs':>4} {'step s':>7} {'predicted':>9} {'tokens/s':>9} {'predicted':>9} {'error':>7}   {'memory':>6} {'predicted':>9}")
+    for r in kf:
+        print(f"{r['name']:<32} {r['gpus']:>4} {r['step_s']:>7.2f} {r['step_predicted']:>9.2f} {r['published']:>9,.0f} "
+              f"{r['predicted']:>9,.0f} {pct(r['predicted'], r['published']):>7}   {r['memory']:>6.1f} {r['memory_predicted']:>9.1f}")
+    errs = [abs(r["predicted"] - r["published"]) / r["published"] for r in kf]
+    print(f"throughput: mean absolute error {100 * statistics.mean(errs):.1f}%, max {100 * max(errs):.1f}%; within a node "
+          f"(runs 1-6) predicted/published {min(r['predicted'] / r['published'] for r in kf[:6]):.2f}-"
+          f"{max(r['predicted'] / r['published'] for r in kf[:6]):.2f}, across nodes {min(r['predicted'] / r['published'] for r in kf[6:]):.2f}-"
+          f"{max(r['predicted'] / r['published'] for r in kf[6:]):.2f}")
     if not args.quick:
         print("\nLlama 3 405B (Meta, table 4): the published degrees, ZeRO-2 and an interleaved schedule pinned; micro-batch, "
               "virtual stages and recomputation searched. MFU as the planner counts it (attention s x s in full), "
               "and with attention counted causally (the paper does not say which it uses)")
         for r in llama3_rows(device):
             cells = "; ".join(f"{k} {100 * r[k]:.1f}% ({pct(r[k], r['published'])}), causal {100 * r[k + ' causal']:.1f}% "
-                              f"[{r[k + ' plan']}]" for k in ("meshplan fa2", "meshplan gemm", "megatron-core"))
+                              f"[{r[k + ' plan']}]" for k in ("meshplan", "megatron-core"))
             print(f"  {r['name']}: published {100 * r['published']:.0f}%; {cells}")
     print(f"({time.perf_counter() - t0:.1f} s)")
     return 0

@@ -71,9 +71,8 @@ def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float
     if fused and flash and device.flash_attention_efficiency:
         # FlashAttention-2 at its measured share of peak for a call of c queries (planner/kernels.py), on the
         # causal FLOPs it runs: half of 4 s^2 d per head and sequence; the backward runs 2.5 times as many.
-        # meshplan's runtime passes a mask under context parallelism (runtime/parallel/context.py), which SDPA
-        # serves with its memory-efficient kernel; no measurement of that kernel on these devices is at hand, so
-        # the chunks are priced at FlashAttention-2's rate too (a lower bound on their time).
+        # (No framework of planner/frameworks.py runs this branch: bench/held_out.py's torchtitan of Dec 2024 does,
+        # whose context parallelism is torch's own, chunk against chunk.)
         flops = 2.0 * b * heads * s * s * d
         fwd_eff, bwd_eff = flash_efficiency(device.flash_attention_efficiency, c)
         peak = device.peak_tflops * 1e12

@@ -64,8 +64,10 @@ class Framework:
     every GPU (and a fused kernel on CPU), and Megatron-Core (Transformer Engine); None: as the device profile says,
     which is how its curves were fitted (the A100's to Megatron-LM 2021, which had no FlashAttention)."""
     flash_attention: bool = False
-    """Fused attention runs as FlashAttention-2, torch SDPA's first backend on CUDA (meshplan's runtime, torchtitan):
-    priced at the device's flash_attention_efficiency where its file has one (planner/kernels.py)."""
+    """Fused attention runs as FlashAttention-2 (torch SDPA's flash backend), priced at the device's
+    flash_attention_efficiency where its file has one (planner/kernels.py). None of FRAMEWORKS sets it: torch from
+    2.11 on runs cuDNN's attention on H100, H200 and B200, as Megatron-Core does, which the GEMM curve prices
+    (planner/kernels.py says why); bench/held_out.py sets it for torchtitan's Dec 2024 runs, whose torch ran flash."""
     grad_buffers: bool = True
     """Gradients live in buffers made once (Megatron-LM's main_grad, DeepSpeed's, DDP's buckets) and so exist at
     every peak; False: autograd makes them in the backward (meshplan's runtime sets them to None after each step)
@@ -87,10 +89,10 @@ class Framework:
 
 
 # meshplan's runtime: fp32 parameters (bf16 autocast on GPU), DDP/FSDP2 overlap the reduction,
-# torch.distributed.pipelining posts its sends and receives asynchronously, SDPA fuses attention.
+# torch.distributed.pipelining posts its sends and receives asynchronously, SDPA fuses attention (cuDNN's kernel on
+# Hopper and Blackwell from torch 2.11, FlashAttention-2 elsewhere: planner/kernels.py).
 MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatter_gather=False, p2p_blocking=False,
-                     saved=RUNTIME_SAVED, fp32_params=True, grad_buffers=False, fused_attention=True,
-                     flash_attention=True)
+                     saved=RUNTIME_SAVED, fp32_params=True, grad_buffers=False, fused_attention=True)
 # Megatron-LM as in Narayanan et al. 2021: fp16 gradients all-reduced after the flush, no overlap;
 # blocking pipeline sends split over the node's NICs.
 MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True)

@@ -7,12 +7,19 @@ batch x sequence = 16k tokens. Forward, causal: 191, 260, 298, 319, 333 and 335 
 Backward: 214, 260, 291, 310, 318 and 322 TFLOP/s. Causal FLOPs are counted as the kernel runs them (half). That
 is 34% of the 989 TFLOP/s peak, where cuDNN's kernel (Transformer Engine, Megatron-Core) reaches about 55%.
 
-torch's scaled_dot_product_attention tries its flash backend (FlashAttention-2) first on every CUDA GPU and cuDNN
-last (torch._C._get_sdp_priority_order() on torch 2.13: FLASH, EFFICIENT, MATH, CUDNN). So meshplan's runtime and
-torchtitan run FlashAttention-2 (Framework.flash_attention). A device file's `flash_attention_efficiency` gives its
-rate. Where a file has none, attention is priced at the GEMM curve as before: the A100's (FlashAttention-2 reaches
-50-73% of an A100's peak, Dao 2023's abstract, near that curve), and devices whose FlashAttention-2 rate no
-source at hand gives (B200, L40S, RTX 4090)."""
+Which kernel runs depends on torch's version and the GPU. torch's scaled_dot_product_attention picks the first
+backend in its priority order that takes the call: flash (FlashAttention-2) first since cuDNN attention was made
+opt-in after the 2.5 bugs (pytorch/pytorch#138522, 2.5.1), until check_prefer_cudnn_attention in sdp_utils.cpp put
+cuDNN first on sm90 and sm100 with a cuDNN newer than 9.15, which the torch 2.11 wheels are the first to bundle
+(huggingface/transformers#48163, whose maintainers found it there; KempnerForge's profile of torch 2.11 on an H200
+runs aten::_cudnn_attention_backward, benchmarks/profiling/13b_24gpu_profiling.md). So on the torch that
+meshplan's runtime runs (2.11 and 2.13), attention on H100, H200 and B200 is cuDNN's, at about the GEMM curve's
+rate, as Megatron-Core's is, and no framework in planner/frameworks.py reads this curve (Framework.flash_attention).
+torchtitan's Dec 2024 benchmarks ran flash, and bench/held_out.py prices them with it. (An earlier reading took
+flash to come first from torch._C._get_sdp_priority_order() on a CPU build, which does not apply the CUDA
+preference.) The A100 (sm80) runs flash on every torch; FlashAttention-2 reaches 50-73% of its peak (Dao 2023's
+abstract), near its GEMM curve, so its datasheet carries no curve, nor do B200, L40S and RTX 4090's (no source at
+hand)."""
 
 from __future__ import annotations
 

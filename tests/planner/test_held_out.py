@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+
+import pytest
 from pathlib import Path
 
 from planner.cost import predict
@@ -32,3 +34,20 @@ def test_held_out_torchtitan_runs_are_priced_with_their_published_degrees_and_no
     plan, _ = predict(load_model("llama3-8b", 32768), load_cluster("dgx-h100-80gb", nodes=1), load_device("h100-sxm5-80gb"),
                       held.knobs_of(runs[0]), 8)
     assert (plan.tp, plan.dp, plan.cp, plan.zero, plan.precision) == (1, 8, 1, 3, "fp8")
+
+
+def test_held_out_kempnerforge_runs_are_priced_with_the_published_batch_and_model_shapes():
+    # Each run's tokens per step, read from the report's step time and throughput, is the batch the bench prices
+    # (dp x micro-batch x gradient accumulation x 4,096), and the 15B shape has the report's 14.84B parameters.
+    from planner.specs import model_from_dict
+
+    held = _held_out()
+    data = json.loads((PROFILES_DIR / "held_out" / "kempnerforge_h200_202604.json").read_text())
+    assert model_from_dict(data["models"]["kf-13b"], "kf").params() == 14_840_386_560
+    rows = held.kempnerforge_rows(load_device("h200-sxm-141gb"))
+    assert len(rows) == len(data["runs"]) == 14
+    for run, row in zip(data["runs"], rows):
+        tokens = run["dp"] * run["micro_batch"] * run["grad_accum"] * run["seq_len"]
+        assert abs(run["tokens_per_s"] * run["step_s"] - tokens) / tokens < 0.01, run["name"]
+        assert held.knobs_of(run).tp * run["dp"] == run["gpus"]
+        assert row["predicted"] * row["step_predicted"] == pytest.approx(tokens)
