@@ -80,7 +80,8 @@ def kempnerforge_rows(device) -> list[dict]:
         cluster = load_cluster("dgx-h200-141gb", nodes=-(-run["gpus"] // 4), gpus_per_node=min(4, run["gpus"]))
         batch = run["dp"] * run["micro_batch"] * run["grad_accum"]
         plan, _ = predict(model, cluster, device, knobs_of(run), batch, framework=MESHPLAN, memory_headroom_gib=0)
-        rows.append({"name": run["name"], "gpus": run["gpus"], "published": run["tokens_per_s"], "predicted": plan.prediction.tokens_per_s,
+        rows.append({"name": run["name"], "gpus": run["gpus"], "nodes": plan.cluster.nodes, "gpus_per_node": plan.cluster.gpus_per_node,
+                     "framework": plan.framework, "published": run["tokens_per_s"], "predicted": plan.prediction.tokens_per_s,
                      "memory": run["memory_gib"], "memory_predicted": plan.prediction.peak_memory_gib,
                      "step_s": run["step_s"], "step_predicted": plan.prediction.iteration_s})
     return rows

@@ -13,7 +13,7 @@ from planner.deepspeed import deepspeed_extras
 from planner.errors import PlanError, SpecError
 from planner.memory import MemoryBreakdown, device_memory
 from planner.plan import PRECISIONS, RECOMPUTE, SCHEDULES, Breakdown, Knobs, Plan, Prediction, Stage, degrees_text, with_id
-from planner.zero import ZERO_STAGES
+from planner.zero import ZERO_MODES, ZERO_STAGES
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec, nodes_x
 from planner.terms import (DEEPSPEED, DEFAULT_MEMORY_HEADROOM_GIB, FRAMEWORKS, MEGATRON, MESHPLAN, CostModel,  # noqa: F401
                            Framework, fits_bytes)
@@ -162,12 +162,27 @@ def stage_cost_list(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...]) -> l
         exposed = 0.0
         if sharded:
             # ZeRO 2/3: the stage's weight gathers and gradient reduce-scatters run on their own stream beside
-            # its compute (FSDP2 prefetches the next block's weights); what exceeds the compute is exposed.
+            # its compute (FSDP2 prefetches the next block's weights); what exceeds the compute is exposed, and
+            # so is the traffic at a microbatch's edges where nothing runs beside it (fsdp_edges_s).
             gather_f, gather_b, _ = cm.sharding_s(knobs, params)
-            exposed = max(0.0, gather_f - f) + max(0.0, gather_b - bw - rc)
-            f, bw = max(f, gather_f), max(bw, gather_b - rc)
+            edge_f, edge_b = fsdp_edges_s(cm, knobs, ends[(True, True)][2] + tm.layer_params)
+            exposed = max(0.0, gather_f - edge_f - f) + edge_f + max(0.0, gather_b - edge_b - bw - rc) + edge_b
+            f, bw = max(f, gather_f - edge_f) + edge_f, max(bw, gather_b - edge_b - rc) + edge_b
         out.append(StageCost(f + io, bw + io, rc, tpc, io, exposed, params, acts, full > 0))
     return out
+
+
+def fsdp_edges_s(cm: CostModel, knobs: Knobs, edge_params: float) -> tuple[float, float]:
+    """(forward, backward) seconds per microbatch of FSDP2 traffic that nothing overlaps (Framework.fsdp_serial_edges):
+    the gathers of the root unit and the first block before the forward (stage 3, which reshards), and their
+    reduce-scatters after the backward. `edge_params` is the root's and one block's parameters. Without
+    pipelining only: a pipeline stage's edges sit among other stages' work, which the schedule prices; and not
+    for a measured profile that timed FSDP2 itself (terms.device_tail_s)."""
+    if not cm.framework.fsdp_serial_edges or knobs.pp > 1 or (cm.device.measured or {}).get("fsdp"):
+        return 0.0, 0.0
+    forward, backward, _ = cm.sharding_s(knobs, edge_params)
+    gathers_in_backward = forward if ZERO_MODES[knobs.zero].param_gathers_per_microbatch >= 2 else 0.0
+    return forward, backward - gathers_in_backward
 
 
 def blocking_io_s(cm: CostModel, knobs: Knobs, p2p: tuple[float, ...], k: int) -> float:

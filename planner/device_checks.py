@@ -21,8 +21,9 @@ def check_curve(source: str, name: str, points: tuple, at: str, values: tuple[st
         if getattr(p, at) <= 0 or not all(0 < getattr(p, v) <= 1 for v in values):
             raise SpecError(source, f"{name}[{i}]", f"expected {at} > 0 and 0 < {', '.join(values)} <= 1, got {p}")
         if i and getattr(p, at) <= getattr(points[i - 1], at):
-            raise SpecError(source, f"{name}[{i}].{at}", f"{getattr(p, at):g} comes after {getattr(points[i - 1], at):g}; list the "
-                                                         f"points by increasing {at}, each once")
+            here, before = (f"{v:g}" if isinstance(v, float) else str(v) for v in (getattr(p, at), getattr(points[i - 1], at)))
+            raise SpecError(source, f"{name}[{i}].{at}", f"{here} comes after {before}; list the points by increasing {at}, "
+                                                         "each once")
 
 
 def check_device(source: str, d: Any) -> None:

@@ -60,14 +60,21 @@ class Framework:
     an all-reduce where dp_s prices a reduce-scatter, the tied-embedding reduction (planner/deepspeed.py)."""
     fused_attention: bool | None = None
     """Attention runs as one fused kernel (no s x s scores in memory, the causal half of the tiles run): True for
-    meshplan's runtime, whose scaled_dot_product_attention picks FlashAttention or the memory-efficient kernel on
-    every GPU (and a fused kernel on CPU), and Megatron-Core (Transformer Engine); None: as the device profile says,
+    meshplan's runtime, whose scaled_dot_product_attention picks a fused kernel on every GPU (cuDNN's on H100, H200
+    and B200, FlashAttention-2 or the memory-efficient kernel elsewhere: planner/kernels.py) and on CPU, and Megatron-Core (Transformer Engine); None: as the device profile says,
     which is how its curves were fitted (the A100's to Megatron-LM 2021, which had no FlashAttention)."""
     flash_attention: bool = False
     """Fused attention runs as FlashAttention-2 (torch SDPA's flash backend), priced at the device's
     flash_attention_efficiency where its file has one (planner/kernels.py). None of FRAMEWORKS sets it: torch from
     2.11 on runs cuDNN's attention on H100, H200 and B200, as Megatron-Core does, which the GEMM curve prices
     (planner/kernels.py says why); bench/held_out.py sets it for torchtitan's Dec 2024 runs, whose torch ran flash."""
+    fsdp_serial_edges: bool = False
+    """FSDP2's weight gathers and gradient reduce-scatters share one process group, so NCCL runs them in issue order:
+    each microbatch's last reduce-scatters (the first block's, then the root unit's: embedding, head and final
+    norm, whose gradients are complete only after the embedding's backward) and the next microbatch's first
+    gathers (the root's, then the first block's) follow one another with no compute beside them (torch 2.13
+    _fsdp_param_group.py: the reduce-scatter 'falls back to the shard PG (shared with all-gather)'; the root is
+    never prefetched). Priced without pipelining (cost.fsdp_edges_s); True for meshplan's runtime."""
     grad_buffers: bool = True
     """Gradients live in buffers made once (Megatron-LM's main_grad, DeepSpeed's, DDP's buckets) and so exist at
     every peak; False: autograd makes them in the backward (meshplan's runtime sets them to None after each step)
@@ -92,7 +99,7 @@ class Framework:
 # torch.distributed.pipelining posts its sends and receives asynchronously, SDPA fuses attention (cuDNN's kernel on
 # Hopper and Blackwell from torch 2.11, FlashAttention-2 elsewhere: planner/kernels.py).
 MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatter_gather=False, p2p_blocking=False,
-                     saved=RUNTIME_SAVED, fp32_params=True, grad_buffers=False, fused_attention=True)
+                     saved=RUNTIME_SAVED, fp32_params=True, grad_buffers=False, fused_attention=True, fsdp_serial_edges=True)
 # Megatron-LM as in Narayanan et al. 2021: fp16 gradients all-reduced after the flush, no overlap;
 # blocking pipeline sends split over the node's NICs.
 MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True)

@@ -7,19 +7,18 @@ batch x sequence = 16k tokens. Forward, causal: 191, 260, 298, 319, 333 and 335 
 Backward: 214, 260, 291, 310, 318 and 322 TFLOP/s. Causal FLOPs are counted as the kernel runs them (half). That
 is 34% of the 989 TFLOP/s peak, where cuDNN's kernel (Transformer Engine, Megatron-Core) reaches about 55%.
 
-Which kernel runs depends on torch's version and the GPU. torch's scaled_dot_product_attention picks the first
-backend in its priority order that takes the call: flash (FlashAttention-2) first since cuDNN attention was made
-opt-in after the 2.5 bugs (pytorch/pytorch#138522, 2.5.1), until check_prefer_cudnn_attention in sdp_utils.cpp put
-cuDNN first on sm90 and sm100 with a cuDNN newer than 9.15, which the torch 2.11 wheels are the first to bundle
-(huggingface/transformers#48163, whose maintainers found it there; KempnerForge's profile of torch 2.11 on an H200
-runs aten::_cudnn_attention_backward, benchmarks/profiling/13b_24gpu_profiling.md). So on the torch that
-meshplan's runtime runs (2.11 and 2.13), attention on H100, H200 and B200 is cuDNN's, at about the GEMM curve's
-rate, as Megatron-Core's is, and no framework in planner/frameworks.py reads this curve (Framework.flash_attention).
-torchtitan's Dec 2024 benchmarks ran flash, and bench/held_out.py prices them with it. (An earlier reading took
-flash to come first from torch._C._get_sdp_priority_order() on a CPU build, which does not apply the CUDA
-preference.) The A100 (sm80) runs flash on every torch; FlashAttention-2 reaches 50-73% of its peak (Dao 2023's
-abstract), near its GEMM curve, so its datasheet carries no curve, nor do B200, L40S and RTX 4090's (no source at
-hand)."""
+Which kernel runs depends on the torch release, its bundled cuDNN and the GPU: torch's scaled_dot_product_attention
+takes the first backend in its priority order that accepts the call. cuDNN attention was made opt-in after the 2.5
+bugs (pytorch/pytorch#138522, 2.5.1), so flash (FlashAttention-2) came first on every GPU; 2.9 put cuDNN first again
+on sm90 and sm100 (pytorch/pytorch#162073), and 2.10 gated that on a cuDNN newer than 9.15
+(check_prefer_cudnn_attention in sdp_utils.cpp), which the 2.11 wheels bundle (huggingface/transformers#48163;
+KempnerForge's profile of torch 2.11 on an H200 runs aten::_cudnn_attention_backward,
+benchmarks/profiling/13b_24gpu_profiling.md). So on the torch meshplan's runtime runs (2.11 and 2.13), attention on
+H100, H200 and B200 is cuDNN's, at about the GEMM curve's rate, as Megatron-Core's is, and no framework in
+planner/frameworks.py reads this curve (Framework.flash_attention). torchtitan's Dec 2024 benchmarks ran flash,
+and bench/held_out.py prices them with it. The A100 (sm80) runs flash; FlashAttention-2 reaches 50-73% of its peak
+(Dao 2023's abstract), near its GEMM curve, so its datasheet carries no curve, nor do B200, L40S and RTX 4090's (no
+source at hand)."""
 
 from __future__ import annotations
 

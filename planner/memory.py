@@ -90,7 +90,7 @@ MEGATRON_SAVED = SavedTensors(dropout=True, attention_output_copy=False, fused_s
 # Megatron-Core with Transformer Engine's linears (its TE layer spec; NeMo 24.07): the same, FP8 inputs with fp8.
 MEGATRON_CORE_SAVED = SavedTensors(dropout=True, attention_output_copy=False, fused_swiglu=True, fp8_gemm_inputs=True)
 # meshplan's runtime (runtime/model.py): no dropout, plain silu * up, F.cross_entropy. The attention output is not
-# copied: torch's fused SDPA kernels (flash on CPU and CUDA) return it laid out as (batch, seq, heads, head_dim), so
+# copied: torch's fused SDPA kernels (flash on CPU, flash or cuDNN on CUDA) return it laid out as (batch, seq, heads, head_dim), so
 # y.transpose(1, 2).reshape(...) is a view (measured on CPU: bench/memory_vs_measured.py).
 # On CPU (torch 2.13) nn.RMSNorm keeps x * rsqrt(mean x^2) and SDPA with enable_gqa returns a (batch, heads, ...)
 # output that the reshape copies; on CUDA these are not measured here and are kept as on CPU (the larger).

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.device_checks import DTYPES, check_device
+from planner.device_checks import check_device
 from planner.kernels import AttentionPoint, GemmPoint
 from planner.errors import SpecError
 from planner.parsing import from_dict, read_mapping
@@ -176,7 +176,7 @@ class DeviceProfile:
     source: str
     """'datasheet' (vendor numbers and a fitted efficiency curve) or 'measured' (planner profile)."""
     dtype: str
-    """Training dtype the numbers are for (one of DTYPES): bf16 on GPUs, fp32 on CPU."""
+    """Training dtype the numbers are for (one of device_checks.DTYPES): bf16 on GPUs, fp32 on CPU."""
     peak_tflops: float
     """Peak dense matrix throughput in that dtype, TFLOP/s."""
     memory_gib: float
@@ -186,7 +186,7 @@ class DeviceProfile:
     gemm_efficiency: tuple[GemmPoint, ...]
     """Efficiency curve by GEMM size, points by increasing gflop (log-linear interpolation between them, flat outside)."""
     fused_attention: bool = False
-    """Attention runs as one fused kernel (FlashAttention through SDPA): no s x s scores in memory
+    """Attention runs as one fused kernel (SDPA's FlashAttention or cuDNN kernel): no s x s scores in memory
     and no separate softmax pass. False models Megatron-LM 2021 (GEMM, fused softmax, GEMM)."""
     memory_efficiency: float = 0.7
     """Fraction of memory_bandwidth_GBps that elementwise kernels reach, 0 < it <= 1."""

@@ -51,3 +51,11 @@ def test_held_out_kempnerforge_runs_are_priced_with_the_published_batch_and_mode
         assert abs(run["tokens_per_s"] * run["step_s"] - tokens) / tokens < 0.01, run["name"]
         assert held.knobs_of(run).tp * run["dp"] == run["gpus"]
         assert row["predicted"] * row["step_predicted"] == pytest.approx(tokens)
+        # 4 H200s a node, and torch 2.11's meshplan runtime (cuDNN attention), not the Dec 2024 torch's.
+        assert (row["gpus_per_node"], row["nodes"], row["framework"]) == (min(4, run["gpus"]), -(-run["gpus"] // 4), "meshplan")
+    # Priced as torch 2.11's meshplan runtime (cuDNN attention at the GEMM curve), not with the Dec 2024 torch's flash.
+    run, row = data["runs"][0], rows[0]
+    args = (load_model(run["model"], 4096), load_cluster("dgx-h200-141gb", nodes=1, gpus_per_node=1), load_device("h200-sxm-141gb"),
+            held.knobs_of(run), run["micro_batch"] * run["grad_accum"])
+    assert row["predicted"] == pytest.approx(predict(*args, framework=held.MESHPLAN)[0].prediction.tokens_per_s, rel=1e-9)
+    assert row["predicted"] > 1.01 * predict(*args, framework=held.TORCH_DEC_2024)[0].prediction.tokens_per_s

@@ -113,3 +113,27 @@ def test_a_knob_that_means_nothing_at_its_degree_is_refused_not_shown(knobs, fie
 def test_sequence_parallelism_pinned_on_is_searched_only_where_tp_is_above_1():
     r = search(LLAMA8, load_cluster("dgx-h100-80gb", nodes=1), H100, 64, {"sequence_parallel": True}, top=3)
     assert r.candidates and all(c.knobs.tp > 1 and c.knobs.sequence_parallel for c in r.candidates)
+
+
+def test_fsdp2_traffic_at_a_microbatchs_edges_is_exposed_even_where_compute_hides_the_rest():
+    # KempnerForge's run 12 layout: llama3-8b, tp 4 x dp 8 over 8 nodes of 4 H200s, ZeRO-3, 2 microbatches of 4.
+    from planner import comm
+    from planner.cost import fsdp_edges_s
+
+    model, device = load_model("llama3-8b", 4096), load_device("h200-sxm-141gb")
+    cluster = load_cluster("dgx-h200-141gb", nodes=8, gpus_per_node=4)
+    knobs = Knobs(4, 1, 8, 4, "1f1b", 1, "full", True, 3, 1, "bf16", True)
+    cm = CostModel(model, cluster, device, MESHPLAN)
+    tm = cm.terms(knobs)
+    edge = tm.end_params(model, 4, True, True) + tm.layer_params  # the root unit and the first block
+    n, link = cm._dp_group(knobs)
+    forward, backward = fsdp_edges_s(cm, knobs, edge)
+    assert forward == pytest.approx(comm.all_gather_s(2 * edge, n, link))  # bf16 weights gathered before the forward
+    assert backward == pytest.approx(comm.reduce_scatter_s(4 * edge, n, link))  # fp32 gradients after the backward
+    with_edges, _ = predict(model, cluster, device, knobs, 64, framework=MESHPLAN)
+    without, _ = predict(model, cluster, device, knobs, 64, framework=dataclasses.replace(MESHPLAN, fsdp_serial_edges=False))
+    assert without.prediction.breakdown.dp_comm_s == 0  # the rest of the traffic hides under the compute
+    assert with_edges.prediction.iteration_s - without.prediction.iteration_s == pytest.approx(2 * (forward + backward), rel=1e-6)
+    # Pipelined, a stage's edges sit among other stages' work: not priced here.
+    piped = dataclasses.replace(knobs, pp=2, dp=4)
+    assert fsdp_edges_s(cm, piped, edge) == (0.0, 0.0)
