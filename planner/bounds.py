@@ -29,7 +29,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from planner import schedule
-from planner.cost import device_stages
+from planner.cost import device_stages, fsdp_edges_s
 from planner.memory import GIB
 from planner.plan import Knobs
 
@@ -83,7 +83,9 @@ def every_split_bound_s(cm, knobs: Knobs, m: int) -> tuple[float, float]:
         fwd = (S - 2) * tm.fixed_forward_s(False, False) + tm.fixed_forward_s(True, False) + tm.fixed_forward_s(False, True) + L * tm.layer_forward_s
         sends = 4 * sum(p2p) if blocking else 0.0
         bwd = total - fwd - sends
-        busy = max(busy, m * (max(fwd, traffic_f) + max(bwd, traffic_b) + sends) / p)
+        # The microbatch's edges, which nothing overlaps (cost.fsdp_edges_s: without pipelining, one stage).
+        e_f, e_b = fsdp_edges_s(cm, knobs, tm.end_params(model, knobs.tp, True, True) + tm.layer_params)
+        busy = max(busy, m * (max(fwd, traffic_f - e_f) + e_f + max(bwd, traffic_b - e_b) + e_b + sends) / p)
     # Exposed reduction and optimizer step grow with a device's parameters: at least those of v blocks (the
     # overlap window, at most the device's backward, taken as unbounded).
     # The device with the fewest parameters (a middle one, with no embedding or head, where there is one) has the
