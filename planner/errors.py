@@ -13,7 +13,13 @@ class SpecError(MeshplanError):
 
     def __init__(self, source: str, field: str, message: str):
         self.source, self.field, self.message = source, field, message
-        super().__init__(f"{source}: {field}: {message}")
+        # FILE is the field of an error about the file as a whole (missing, unreadable, malformed): the line
+        # names the file only.
+        super().__init__(f"{source}: {message}" if field == FILE else f"{source}: {field}: {message}")
+
+
+FILE = "(file)"
+"""SpecError's field for an error about a whole file rather than one of its fields."""
 
 
 class PlanError(MeshplanError):

@@ -139,8 +139,16 @@ def _add_compare(sub) -> None:
     out.add_argument("--markdown", action="store_true", help="print a Markdown table, as in the README (default: a table)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line, as every other refusal does (argparse prints its whole usage
+    block, some 15 lines for `planner plan`, before the error), with where to find the flags."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="planner", description="Plan, predict, profile and validate parallel GPT training.")
+    ap = _Parser(prog="planner", description="Plan, predict, profile and validate parallel GPT training.")
     ap.add_argument("--version", action="version", version=f"meshplan {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="search every tp/pp/dp split and knob; rank the plans; write the best")

@@ -43,7 +43,8 @@ def print_validation(report: dict) -> None:
                   f"{r['predicted_step_s']:.4g}", f"{r['measured_step_s']:.4g}", f"±{r['spread_pct']:.0f}%",
                   f"{r['error_pct']:+.1f}%", *drift, *waits, f"{r['predicted_tokens_per_s']:,.0f}", f"{r['measured_tokens_per_s']:,.0f}",
                   "-" if r.get("memory_error_pct") is None else f"{r['memory_error_pct']:.1f}%")
-    console.print(t)
+    if report["runs"]:
+        console.print(t)  # an empty table says nothing the line below does not
     for w in report.get("skipped", []):
         console.print(f"[yellow]skipped[/yellow] {w}")
     if report["runs"]:
@@ -53,7 +54,7 @@ def print_validation(report: dict) -> None:
 
         def line(summary: dict, n: int, what: str) -> str:
             sp = summary["spearman"]
-            return (f"{what}: mean absolute error of step time {summary['mape_pct']:.1f}% over {n} plan(s); Spearman rank "
+            return (f"{what}: mean absolute error of step time {summary['mape_pct']:.1f}% over {n} plan{'' if n == 1 else 's'}; Spearman rank "
                     f"correlation predicted vs measured {'n/a (fewer than 3 plans)' if sp is None else f'{sp:.2f}'}")
         by_model = report.get("by_model", {})
         if len(by_model) > 1:
@@ -98,9 +99,10 @@ def print_waits(report: dict) -> None:
     """The error once each measured step is taken less the time its ranks waited for a core
     (validate.less_waits), and what that cannot correct."""
     runs = [r for r in report["runs"] if r.get("waited_pct") is not None]
-    most = max(r["waited_pct"] for r in runs)
-    console.print(f"Waiting for a core (Linux run-queue delay of each rank's training thread): {min(r['waited_pct'] for r in runs):.0f}% "
-                  f"to {most:.0f}% of a step (the slowest rank's wait; where ranks meet at every block, under tensor or "
+    least, most = min(r["waited_pct"] for r in runs), max(r["waited_pct"] for r in runs)
+    span = f"{most:.0f}%" if f"{least:.0f}" == f"{most:.0f}" else f"{least:.0f}% to {most:.0f}%"
+    console.print(f"Waiting for a core (Linux run-queue delay of each rank's training thread): {span} "
+                  f"of a step (the slowest rank's wait; where ranks meet at every block, under tensor or "
                   f"context parallelism, the largest wait of each stretch between blocks, summed).")
     if report.get("unloaded_mape_pct") is not None:
         sp = report.get("unloaded_spearman")

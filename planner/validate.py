@@ -62,8 +62,8 @@ def not_results(path: str) -> str | None:
     except (OSError, ValueError):
         return None
     if isinstance(doc, dict) and "version" in doc and "stages" in doc:
-        return (f"{path}: a plan file (plan.json), not a results file; run the plan with --results FILE (e.g. "
-                f"`planner launch {path} -- --results run.jsonl`), then validate that file")
+        return (f"{path}: a plan file (plan.json), not a results file; run the plan with runtime.launch's --results FILE "
+                f"(`planner launch {path} --print -- --results run.jsonl` prints the torchrun command), then validate that file")
     return f"{path}: one JSON document, not {results}"
 
 

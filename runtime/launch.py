@@ -60,7 +60,7 @@ def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> Non
         raise SpecError(args.plan, "compile", why)
     if world_size != plan.world_size:
         raise PlanError(f"{args.plan}: world_size: {degrees_text(plan)} = "
-                        f"{plan.world_size} ranks, but {world_size} were started; run torchrun --nproc-per-node "
+                        f"{plan.world_size} ranks, but {world_size} {'was' if world_size == 1 else 'were'} started; run torchrun --nproc-per-node "
                         f"{plan.world_size} (times --nnodes) or re-plan for this many devices")
     for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
                              ("--checkpoint-every", args.checkpoint_every, 0), ("--threads", args.threads, 1),

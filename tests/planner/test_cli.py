@@ -171,8 +171,9 @@ def test_validate_given_a_plan_file_says_so_in_one_line_and_how_to_get_a_results
     capsys.readouterr()
     code, stdout, _ = run(capsys, "validate", str(plan), "--json")
     assert code == 1
-    assert json.loads(stdout)["skipped"] == [f"{plan}: a plan file (plan.json), not a results file; run the plan with --results "
-                                             f"FILE (e.g. `planner launch {plan} -- --results run.jsonl`), then validate that file"]
+    assert json.loads(stdout)["skipped"] == [f"{plan}: a plan file (plan.json), not a results file; run the plan with runtime.launch's "
+                                             f"--results FILE (`planner launch {plan} --print -- --results run.jsonl` prints the "
+                                             "torchrun command), then validate that file"]
 
 
 def test_validate_given_a_directory_or_a_binary_file_says_which_in_one_line(tmp_path, capsys):

@@ -76,7 +76,7 @@ def test_a_plan_file_that_is_not_utf8_or_repeats_a_key_is_refused(plan_file):
     with pytest.raises(SpecError, match="tp: given twice"):
         load_plan(plan_file)
     plan_file.write_bytes(text.encode().replace(b'"gpt-tiny"', b'"gpt-\xfftiny"', 1))
-    with pytest.raises(SpecError, match=r"\(file\): not UTF-8 text \(byte 0xff"):
+    with pytest.raises(SpecError, match=r"plan.json: not UTF-8 text \(byte 0xff"):
         load_plan(plan_file)
 
 
