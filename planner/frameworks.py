@@ -61,8 +61,9 @@ class Framework:
     fused_attention: bool | None = None
     """Attention runs as one fused kernel (no s x s scores in memory, the causal half of the tiles run): True for
     meshplan's runtime, whose scaled_dot_product_attention picks a fused kernel on every GPU (cuDNN's on H100, H200
-    and B200, FlashAttention-2 or the memory-efficient kernel elsewhere: planner/kernels.py) and on CPU, and Megatron-Core (Transformer Engine); None: as the device profile says,
-    which is how its curves were fitted (the A100's to Megatron-LM 2021, which had no FlashAttention)."""
+    and B200, FlashAttention-2 or the memory-efficient kernel elsewhere: planner/kernels.py) and on CPU, and for
+    Megatron-Core (Transformer Engine); None: as the device profile says, which is how its curves were fitted (the
+    A100's to Megatron-LM 2021, which had no FlashAttention)."""
     flash_attention: bool = False
     """Fused attention runs as FlashAttention-2 (torch SDPA's flash backend), priced at the device's
     flash_attention_efficiency where its file has one (planner/kernels.py). None of FRAMEWORKS sets it: torch from
