@@ -38,9 +38,10 @@ from planner.search import search
 from planner.specs import PROFILES_DIR, load_cluster, load_device, load_model, model_from_dict
 
 HELD_OUT = PROFILES_DIR / "held_out"
-TORCH_DEC_2024 = dataclasses.replace(MESHPLAN, flash_attention=True)
+TORCH_DEC_2024 = dataclasses.replace(MESHPLAN, flash_attention=True, cp_masked_chunks=False)
 """meshplan's runtime on the torch of torchtitan's Dec 2024 runs (nightly 1963fc8), whose SDPA ran FlashAttention-2
-first on an H100 (cuDNN attention opt-in since pytorch/pytorch#138522)."""
+first on an H100 (cuDNN attention opt-in since pytorch/pytorch#138522), with torch's own context parallelism
+(ring attention, causal on the diagonal step: no masked rectangles)."""
 DEVICE, CLUSTER = "h100-sxm5-80gb", "dgx-h100-80gb"
 
 

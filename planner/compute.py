@@ -59,15 +59,19 @@ def memory_s(device: DeviceProfile, elements: float) -> float:
 
 
 def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float, cp: int, fused: bool,
-                      flash: bool = False) -> tuple[float, float]:
+                      flash: bool = False, masked_chunks: bool = False) -> tuple[float, float]:
     """(forward, backward) of softmax(QK^T)V for this shard's heads, b sequences' worth (b/cp under context
     parallelism, where each rank's queries meet every key); fused: as one kernel (Framework.fuses_attention);
-    flash: that kernel is FlashAttention-2 (Framework.flash_attention), at the device's own rate for it."""
+    flash: that kernel is FlashAttention-2 (Framework.flash_attention), at the device's own rate for it;
+    masked_chunks: under cp each chunk's call computes its whole masked rectangle (Framework.cp_masked_chunks)."""
     s, d, heads = model.seq_len, model.hidden // model.heads, model.heads // tp
     # QK^T and AV: b*heads batched GEMMs of (s x d)@(d x s) and (s x s)@(s x d). Under context parallelism the
     # work is done chunk against chunk (2cp chunks of s/2cp tokens, Liu et al. 2023 'Ring Attention'), at the
     # efficiency of a chunk's GEMM, not of a whole sequence's.
     c = s // (2 * cp) if cp > 1 else s
+    # A rank's two chunks j = r and 2cp-1-r against the (j+1)c keys before them, each as one masked call: every
+    # tile of both rectangles runs, (2cp+1)c^2 where causal skipping would run 2cp c^2.
+    waste = (2 * cp + 1) / (2 * cp) if masked_chunks and cp > 1 else 1.0
     if fused and flash and device.flash_attention_efficiency:
         # FlashAttention-2 at its measured share of peak for a call of c queries (planner/kernels.py), on the
         # causal FLOPs it runs: half of 4 s^2 d per head and sequence; the backward runs 2.5 times as many.
@@ -76,14 +80,14 @@ def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float
         flops = 2.0 * b * heads * s * s * d
         fwd_eff, bwd_eff = flash_efficiency(device.flash_attention_efficiency, c)
         peak = device.peak_tflops * 1e12
-        return flops / (peak * fwd_eff), 2.5 * flops / (peak * bwd_eff)
+        return waste * flops / (peak * fwd_eff), waste * 2.5 * flops / (peak * bwd_eff)
     per = (s * s) / (c * c)
     gemms = gemm_s(device, c, c, d, batch=b * heads * per) + gemm_s(device, c, d, c, batch=b * heads * per)
     if fused:
         # FlashAttention: the same FLOPs in one kernel, and with a causal mask only the tiles on or below the
         # diagonal run: half of them for s much longer than a tile (Dao 2023, FlashAttention-2, section 3.1.1);
         # the backward recomputes the scores (2.5x forward; Dao et al. 2022, FlashAttention, section 3.1).
-        return gemms / 2, 2.5 * gemms / 2
+        return waste * gemms / 2, waste * 2.5 * gemms / 2
     # Megatron-LM 2021: fused scale-mask-softmax reads and writes the b*heads*s*s scores, dropout on
     # the probabilities reads them, writes them and a mask; the backward moves about twice as much.
     scores = b * heads * s * s
@@ -123,10 +127,11 @@ def float8_casts_per_token(model: ModelSpec, tp: int) -> float:
 def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
                           precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
                           fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None,
-                          flash: bool = False) -> LayerTimes:
+                          flash: bool = False, masked_chunks: bool = False) -> LayerTimes:
     """One block on a tp shard for b sequences (a fraction with context parallelism: each cp rank holds s/cp of
     each sequence and attends to all s keys, which is b/cp sequences' GEMM and attention work); attention fused as
-    fused_attention says (None: as the device profile does), as FlashAttention-2 where flash (_attention_core_s)."""
+    fused_attention says (None: as the device profile does), as FlashAttention-2 where flash, over whole masked
+    chunks where masked_chunks (_attention_core_s)."""
     h, f, s, kv = model.hidden, model.ffn_hidden, model.seq_len, model.kv_dim
     tokens = b * s
     fp8 = precision == "fp8"
@@ -138,7 +143,7 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
     gemm_fwd = (gemm_s(device, tokens, (h + 2 * kv) / tp, h, fp8=fp8) + gemm_s(device, tokens, h, h / tp, fp8=fp8)
                 + mlp_in * gemm_s(device, tokens, f / tp, h, fp8=fp8) + gemm_s(device, tokens, h, f / tp, fp8=fp8))
     fused = device.fused_attention if fused_attention is None else fused_attention
-    attn_fwd, attn_bwd = _attention_core_s(device, model, tp, b, cp, fused, flash)
+    attn_fwd, attn_bwd = _attention_core_s(device, model, tp, b, cp, fused, flash, masked_chunks)
     elem = elementwise_per_token(model, tp, sequence_parallel, compiled)
     if fp8:
         # Scaling and casting the activations per token, and the weights once per microbatch (each matrix,
@@ -161,7 +166,7 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
 def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
                 precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
                 fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None,
-                flash: bool = False) -> LayerTimes:
+                flash: bool = False, masked_chunks: bool = False) -> LayerTimes:
     """A measured profile wins where it has this layer; the datasheet model otherwise. A measured profile times
     eager blocks: compiled, they save what elementwise_per_token says fusion saves, at the profile's own memory
     bandwidth (never below half the measurement)."""
@@ -177,7 +182,7 @@ def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequ
             return LayerTimes(max(got.forward_s / 2, got.forward_s - saved), max(got.backward_s / 2, got.backward_s - 2 * saved),
                               got.selective_recompute_s, got.source)
     return datasheet_layer_times(model, device, tp, b, sequence_parallel, precision, compiled, fp8_cast_passes, fp8_weight_casts, cp,
-                                 fused_attention, flash)
+                                 fused_attention, flash, masked_chunks)
 
 
 def datasheet_end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float) -> EndTimes:

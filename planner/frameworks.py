@@ -69,6 +69,12 @@ class Framework:
     flash_attention_efficiency where its file has one (planner/kernels.py). None of FRAMEWORKS sets it: torch from
     2.11 on runs cuDNN's attention on H100, H200 and B200, as Megatron-Core does, which the GEMM curve prices
     (planner/kernels.py says why); bench/held_out.py sets it for torchtitan's Dec 2024 runs, whose torch ran flash."""
+    cp_masked_chunks: bool = False
+    """Under context parallelism each of a rank's two chunks attends to the keys before it in one call with a mask
+    (runtime/parallel/context.py), so the kernel runs every tile of the chunk's rectangle, the causal triangle's
+    other half too: (2cp+1)/(2cp) of the causal FLOPs (compute._attention_core_s). True for meshplan's runtime;
+    ring attention with a causal kernel on the diagonal step (torch's context_parallel, Transformer Engine's) skips
+    them."""
     fsdp_serial_edges: bool = False
     """FSDP2's weight gathers and gradient reduce-scatters share one process group, so NCCL runs them in issue order:
     each microbatch's last reduce-scatters (the first block's, then the root unit's: embedding, head and final
@@ -100,7 +106,8 @@ class Framework:
 # torch.distributed.pipelining posts its sends and receives asynchronously, SDPA fuses attention (cuDNN's kernel on
 # Hopper and Blackwell from torch 2.11, FlashAttention-2 elsewhere: planner/kernels.py).
 MESHPLAN = Framework("meshplan", grad_reduce_bytes=4, dp_overlap=True, p2p_scatter_gather=False, p2p_blocking=False,
-                     saved=RUNTIME_SAVED, fp32_params=True, grad_buffers=False, fused_attention=True, fsdp_serial_edges=True)
+                     saved=RUNTIME_SAVED, fp32_params=True, grad_buffers=False, fused_attention=True, fsdp_serial_edges=True,
+                     cp_masked_chunks=True)
 # Megatron-LM as in Narayanan et al. 2021: fp16 gradients all-reduced after the flush, no overlap;
 # blocking pipeline sends split over the node's NICs.
 MEGATRON = Framework("megatron", grad_reduce_bytes=2, dp_overlap=False, p2p_scatter_gather=True, p2p_blocking=True)

@@ -137,3 +137,17 @@ def test_fsdp2_traffic_at_a_microbatchs_edges_is_exposed_even_where_compute_hide
     # Pipelined, a stage's edges sit among other stages' work: not priced here.
     piped = dataclasses.replace(knobs, pp=2, dp=4)
     assert fsdp_edges_s(cm, piped, edge) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("cp", [2, 8])
+def test_meshplans_masked_cp_chunks_run_whole_rectangles_of_attention(cp):
+    # runtime/parallel/context.py gives each chunk's call a mask: every tile of a rank's two rectangles runs,
+    # (2cp+1) c^2 where causal skipping would run 2cp c^2; torch's ring attention does not waste them.
+    model, cluster = load_model("llama3-8b", 32768), load_cluster("dgx-h100-80gb", nodes=2)
+    device = load_device("h100-sxm5-80gb")
+    masked = CostModel(model, cluster, device, MESHPLAN).layer(1, 1, False, cp=cp)
+    ring = CostModel(model, cluster, device, dataclasses.replace(MESHPLAN, cp_masked_chunks=False)).layer(1, 1, False, cp=cp)
+    assert masked.selective_recompute_s == pytest.approx(ring.selective_recompute_s * (2 * cp + 1) / (2 * cp), rel=1e-12)
+    assert masked.backward_s - ring.backward_s == pytest.approx(2.5 * (masked.selective_recompute_s - ring.selective_recompute_s))
+    no_cp = CostModel(model, cluster, device, MESHPLAN).layer(1, 1, False)
+    assert no_cp == CostModel(model, cluster, device, dataclasses.replace(MESHPLAN, cp_masked_chunks=False)).layer(1, 1, False)
