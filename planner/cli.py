@@ -32,11 +32,9 @@ def _training(args, model) -> tuple[int, float | None] | None:
 
 def _check_headroom(args, *devices) -> None:
     """The headroom in force, given or the default, must leave some of each device's memory."""
+    source = "--memory-headroom" if args.memory_headroom is not None else "--memory-headroom (default)"
     for d in devices:
-        if args.memory_headroom is not None:
-            check_headroom(args.memory_headroom, d, "--memory-headroom")
-        else:
-            check_headroom(DEFAULT_MEMORY_HEADROOM_GIB, d, "--memory-headroom (default)")
+        check_headroom(_headroom(args), d, source)
 
 
 def _specs(args):

@@ -136,6 +136,8 @@ def stage_cost_list(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...]) -> l
     sharded = knobs.zero >= 2 and knobs.dp * knobs.cp > 1
     ends = {(e, h): (tm.fixed_forward_s(e, h), tm.fixed_backward_s(e, h), tm.end_params(cm.model, knobs.tp, e, h))
             for e in (False, True) for h in (False, True)}
+    # The traffic at a microbatch's edges (fsdp_edges_s): the same for every stage, and none with pipelining.
+    edge_f, edge_b = fsdp_edges_s(cm, knobs, ends[(True, True)][2] + tm.layer_params) if sharded else (0.0, 0.0)
     out = []
     rest_of = {knobs.recompute: tm}
     for k, s in enumerate(stages):
@@ -165,7 +167,6 @@ def stage_cost_list(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...]) -> l
             # its compute (FSDP2 prefetches the next block's weights); what exceeds the compute is exposed, and
             # so is the traffic at a microbatch's edges where nothing runs beside it (fsdp_edges_s).
             gather_f, gather_b, _ = cm.sharding_s(knobs, params)
-            edge_f, edge_b = fsdp_edges_s(cm, knobs, ends[(True, True)][2] + tm.layer_params)
             exposed = max(0.0, gather_f - edge_f - f) + edge_f + max(0.0, gather_b - edge_b - bw - rc) + edge_b
             f, bw = max(f, gather_f - edge_f) + edge_f, max(bw, gather_b - edge_b - rc) + edge_b
         out.append(StageCost(f + io, bw + io, rc, tpc, io, exposed, params, acts, full > 0))

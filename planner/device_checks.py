@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from planner.errors import SpecError
+from planner.parsing import check_positive
 
 DTYPES = ("bf16", "fp32")
 """Training dtypes a device profile may describe."""
@@ -28,9 +29,7 @@ def check_curve(source: str, name: str, points: tuple, at: str, values: tuple[st
 
 def check_device(source: str, d: Any) -> None:
     """Refuse a DeviceProfile (already typed by parsing.from_dict) with a value the cost model cannot represent."""
-    for n in ("peak_tflops", "memory_gib", "memory_bandwidth_GBps"):
-        if getattr(d, n) <= 0:
-            raise SpecError(source, n, f"must be positive, got {getattr(d, n)}")
+    check_positive(source, d, ["peak_tflops", "memory_gib", "memory_bandwidth_GBps"])
     if d.source not in ("datasheet", "measured"):
         raise SpecError(source, "source", f"expected 'datasheet' or 'measured', got {d.source!r}")
     if d.source == "datasheet" and d.measured is not None:

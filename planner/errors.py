@@ -5,6 +5,10 @@ class MeshplanError(Exception):
     """Anything a user can fix: bad specs, bad plans, missing files."""
 
 
+FILE = "(file)"
+"""SpecError's field for an error about a whole file rather than one of its fields."""
+
+
 class SpecError(MeshplanError):
     """A field of an input (model, cluster, device, plan, results) is wrong.
 
@@ -17,9 +21,6 @@ class SpecError(MeshplanError):
         # names the file only.
         super().__init__(f"{source}: {message}" if field == FILE else f"{source}: {field}: {message}")
 
-
-FILE = "(file)"
-"""SpecError's field for an error about a whole file rather than one of its fields."""
 
 
 class PlanError(MeshplanError):

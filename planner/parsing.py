@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from planner.errors import SpecError
+from planner.errors import FILE, SpecError
 
 _SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
@@ -83,6 +83,14 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def check_positive(source: str, obj: Any, names: list[str]) -> None:
+    """Refuse a zero or negative value of any of `names`, naming the field (a spec's sizes, rates and counts)."""
+    for n in names:
+        v = getattr(obj, n)
+        if v <= 0:
+            raise SpecError(source, n, f"must be positive, got {v}")
+
+
 def _json_pairs(pairs: list) -> dict:
     keys = [k for k, _ in pairs]
     for k in keys:
@@ -96,9 +104,9 @@ def read_text(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except OSError as e:
-        raise SpecError(str(path), "(file)", f"cannot read: {e.strerror}") from None
+        raise SpecError(str(path), FILE, f"cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise SpecError(str(path), "(file)", f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
+        raise SpecError(str(path), FILE, f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
 
 
 def parse_mapping_text(text: str, source: str, is_json: bool) -> Any:
@@ -117,7 +125,7 @@ def read_mapping(path: Path) -> dict:
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else (f" at line {e.lineno}" if hasattr(e, "lineno") else "")
-        raise SpecError(str(path), "(file)", f"malformed {'JSON' if path.suffix == '.json' else 'YAML'}{where}; fix the syntax") from None
+        raise SpecError(str(path), FILE, f"malformed {'JSON' if path.suffix == '.json' else 'YAML'}{where}; fix the syntax") from None
     if not isinstance(data, dict):
         raise SpecError(str(path), "(top level)", "expected a mapping of field: value")
     return data

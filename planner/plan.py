@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner import __version__
-from planner.errors import PlanError, SpecError
+from planner.errors import FILE, PlanError, SpecError
 from planner.io import atomic_write_json
 from planner.parsing import from_dict, parse_mapping_text, read_text
 from planner.specs import ClusterSpec, ModelSpec, cluster_from_dict, model_from_dict
@@ -380,13 +380,13 @@ def load_plan(path: str | Path, warn=lambda message: print(f"warning: {message}"
     (Refusing would stop a legitimate hand edit; keeping the old id would pool its results with another plan's.)"""
     path = Path(path)
     if path.is_dir():
-        raise SpecError(str(path), "(file)", "is a directory, not a plan file; give the plan.json that `planner plan --out` wrote")
+        raise SpecError(str(path), FILE, "is a directory, not a plan file; give the plan.json that `planner plan --out` wrote")
     if not path.is_file():
-        raise SpecError(str(path), "(file)", "no such plan file; write one with `planner plan --out plan.json`")
+        raise SpecError(str(path), FILE, "no such plan file; write one with `planner plan --out plan.json`")
     try:
         d = parse_mapping_text(read_text(path), str(path), is_json=True)
     except json.JSONDecodeError as e:
-        raise SpecError(str(path), "(file)", f"not valid JSON at line {e.lineno}: {e.msg}") from None
+        raise SpecError(str(path), FILE, f"not valid JSON at line {e.lineno}: {e.msg}") from None
     plan = plan_from_dict(d, str(path))
     written = d.get("id")
     if written and written != plan.id:  # a plan written by hand without an id just gets one

@@ -12,8 +12,8 @@ from typing import Any
 
 from planner.device_checks import check_device
 from planner.kernels import AttentionPoint, GemmPoint
-from planner.errors import SpecError
-from planner.parsing import from_dict, read_mapping
+from planner.errors import FILE, SpecError
+from planner.parsing import check_positive, from_dict, read_mapping
 
 # An installed wheel carries profiles/ as planner/profiles (pyproject's package-dir); a source checkout keeps it beside planner/.
 _PACKAGED_PROFILES = Path(__file__).resolve().parent / "profiles"
@@ -217,13 +217,6 @@ class DeviceProfile:
 
 # ---------------------------------------------------------------- validation at the edge
 
-def _positive(source: str, obj: Any, names: list[str]) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        if v <= 0:
-            raise SpecError(source, n, f"must be positive, got {v}")
-
-
 def _presets(kind: str) -> list[str]:
     d = PROFILES_DIR / kind
     names = {p.stem.removesuffix(".measured") for p in d.glob("*.yaml")} | {p.stem.removesuffix(".measured") for p in d.glob("*.json")}
@@ -238,7 +231,7 @@ def _resolve(kind: str, what: str, arg: str) -> tuple[str, dict]:
     if _is_file_arg(arg):
         path = Path(arg)
         if not path.is_file():
-            raise SpecError(arg, "(file)", f"no such {what} file")
+            raise SpecError(arg, FILE, f"no such {what} file")
         return str(path), read_mapping(path)
     path = PROFILES_DIR / kind / f"{arg}.yaml"
     if not path.is_file():
@@ -248,7 +241,7 @@ def _resolve(kind: str, what: str, arg: str) -> tuple[str, dict]:
 
 def model_from_dict(data: dict, source: str) -> ModelSpec:
     m = from_dict(ModelSpec, data, source)
-    _positive(source, m, ["layers", "hidden", "heads", "kv_heads", "ffn_hidden", "seq_len", "vocab", "rope_theta"])
+    check_positive(source, m, ["layers", "hidden", "heads", "kv_heads", "ffn_hidden", "seq_len", "vocab", "rope_theta"])
     if m.hidden % m.heads:
         raise SpecError(source, "heads", f"hidden {m.hidden} is not divisible by heads {m.heads}")
     if m.heads % m.kv_heads:
@@ -285,7 +278,7 @@ def load_model(arg: str, seq_len: int | None = None) -> ModelSpec:
 
 def cluster_from_dict(data: dict, source: str) -> ClusterSpec:
     c = from_dict(ClusterSpec, data, source)
-    _positive(source, c, ["nodes", "gpus_per_node"])
+    check_positive(source, c, ["nodes", "gpus_per_node"])
     for link in ("intra_node", "inter_node"):
         lk = getattr(c, link)
         if lk.bandwidth_GBps <= 0:
@@ -357,7 +350,7 @@ def load_device(arg: str) -> DeviceProfile:
     if _is_file_arg(arg):
         path = Path(arg)
         if not path.is_file():
-            raise SpecError(arg, "(file)", "no such device profile file")
+            raise SpecError(arg, FILE, "no such device profile file")
         return device_from_dict(read_mapping(path), str(path))
     for path in (measured_profile_path(arg), PROFILES_DIR / "devices" / f"{arg}.json"):
         if path.is_file():
