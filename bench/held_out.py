@@ -13,7 +13,10 @@
 - KempnerForge's MFU report (Apr 2026): Llama 3 shapes of 8B, 15B and 70B under FSDP2 and TP on 1 to 32 H200s
   with torch.compile and torch 2.11, a trainer built like meshplan's runtime. Every knob is published; predicted
   as given on the h200-sxm-141gb datasheet. Their memory is max_memory_allocated, but of bf16 weights, gradients
-  and AdamW state, which meshplan's runtime keeps in fp32: printed, not compared.
+  and AdamW state, which meshplan's runtime keeps in fp32: printed, not compared. Each run is predicted a second
+  time with the GEMM curve scaled so that its top is torch.mm's measured rate on an H200 (TORCH_MM_RATE), a
+  diagnostic and not a prediction: the datasheet's curve is fitted to Megatron-Core runs that all but one use
+  tensor parallelism, and the two columns show what it absorbs.
 - Llama 3 405B (Meta, table 4): MFU on 8,192 and 16,384 H100s, with the published degrees pinned and the rest
   searched (meshplan's runtime, and Megatron-Core as NVIDIA runs it).
 
@@ -43,6 +46,17 @@ TORCH_DEC_2024 = dataclasses.replace(MESHPLAN, flash_attention=True, cp_masked_c
 first on an H100 (cuDNN attention opt-in since pytorch/pytorch#138522), with torch's own context parallelism
 (ring attention, causal on the diagonal step: no masked rectangles)."""
 DEVICE, CLUSTER = "h100-sxm5-80gb", "dgx-h100-80gb"
+TORCH_MM_RATE = 790.29 / 989.0
+"""A bf16 torch.mm on an H200 SXM: 790.29 TFLOP/s of the 989 dense peak (zzc0721/torch-performance-test-data, cited
+in the h200-sxm-141gb datasheet's notes): what the GEMMs alone reach, where the datasheet's fitted curve tops out at
+0.562."""
+
+
+def at_gemm_rate(device, rate: float):
+    """`device` with its bf16 GEMM curve scaled so that its largest point is `rate` (the curve's shape kept)."""
+    top = max(p.efficiency for p in device.gemm_efficiency)
+    return dataclasses.replace(device, gemm_efficiency=tuple(dataclasses.replace(p, efficiency=p.efficiency * rate / top)
+                                                            for p in device.gemm_efficiency))
 
 
 def knobs_of(run: dict) -> Knobs:
@@ -72,8 +86,10 @@ def torchtitan_rows(device) -> list[dict]:
 
 
 def kempnerforge_rows(device) -> list[dict]:
-    """Every KempnerForge run predicted as given (torch 2.11: cuDNN attention, the GEMM curve's rate)."""
+    """Every KempnerForge run predicted as given (torch 2.11: cuDNN attention, the GEMM curve's rate), and again at
+    torch.mm's rate (at_mm_rate: TORCH_MM_RATE)."""
     data = json.loads((HELD_OUT / "kempnerforge_h200_202604.json").read_text())
+    mm_rate = at_gemm_rate(device, TORCH_MM_RATE)
     rows = []
     for run in data["runs"]:
         shape = data["models"].get(run["model"])
@@ -81,7 +97,9 @@ def kempnerforge_rows(device) -> list[dict]:
         cluster = load_cluster("dgx-h200-141gb", nodes=-(-run["gpus"] // 4), gpus_per_node=min(4, run["gpus"]))
         batch = run["dp"] * run["micro_batch"] * run["grad_accum"]
         plan, _ = predict(model, cluster, device, knobs_of(run), batch, framework=MESHPLAN, memory_headroom_gib=0)
+        at_mm, _ = predict(model, cluster, mm_rate, knobs_of(run), batch, framework=MESHPLAN, memory_headroom_gib=0)
         rows.append({"name": run["name"], "gpus": run["gpus"], "nodes": plan.cluster.nodes, "gpus_per_node": plan.cluster.gpus_per_node,
+                     "tp": run["tp"], "at_mm_rate": at_mm.prediction.tokens_per_s,
                      "framework": plan.framework, "published": run["tokens_per_s"], "predicted": plan.prediction.tokens_per_s,
                      "memory": run["memory_gib"], "memory_predicted": plan.prediction.peak_memory_gib,
                      "step_s": run["step_s"], "step_predicted": plan.prediction.iteration_s})
@@ -152,15 +170,23 @@ def main() -> int:
     print("\nKempnerForge (Apr 2026, torch 2.11), H200s 4 per node, predicted as given with meshplan's runtime as the "
           "framework on the h200-sxm-141gb datasheet; memory: their max_memory_allocated of bf16 weights, gradients and "
           "AdamW state (8 bytes a parameter), against meshplan's fp32 (16): not comparable")
-    print(f"{'run':<32} {'GPUs':>4} {'step s':>7} {'predicted':>9} {'tokens/s':>9} {'predicted':>9} {'error':>7}   {'memory':>6} {'predicted':>9}")
+    print(f"{'run':<32} {'GPUs':>4} {'step s':>7} {'predicted':>9} {'tokens/s':>9} {'predicted':>9} {'error':>7}   {'memory':>6} {'predicted':>9}"
+          f"   {'mm rate':>9} {'error':>7}")
     for r in kf:
         print(f"{r['name']:<32} {r['gpus']:>4} {r['step_s']:>7.2f} {r['step_predicted']:>9.2f} {r['published']:>9,.0f} "
-              f"{r['predicted']:>9,.0f} {pct(r['predicted'], r['published']):>7}   {r['memory']:>6.1f} {r['memory_predicted']:>9.1f}")
+              f"{r['predicted']:>9,.0f} {pct(r['predicted'], r['published']):>7}   {r['memory']:>6.1f} {r['memory_predicted']:>9.1f}"
+              f"   {r['at_mm_rate']:>9,.0f} {pct(r['at_mm_rate'], r['published']):>7}")
     errs = [abs(r["predicted"] - r["published"]) / r["published"] for r in kf]
     print(f"throughput: mean absolute error {100 * statistics.mean(errs):.1f}%, max {100 * max(errs):.1f}%; within a node "
           f"(runs 1-6) predicted/published {min(r['predicted'] / r['published'] for r in kf[:6]):.2f}-"
           f"{max(r['predicted'] / r['published'] for r in kf[:6]):.2f}, across nodes {min(r['predicted'] / r['published'] for r in kf[6:]):.2f}-"
           f"{max(r['predicted'] / r['published'] for r in kf[6:]):.2f}")
+    for label, group in (("without tp, one node", [r for r in kf if r["tp"] == 1 and r["nodes"] == 1]),
+                         ("without tp, two nodes", [r for r in kf if r["tp"] == 1 and r["nodes"] > 1]),
+                         ("with tp", [r for r in kf if r["tp"] > 1])):
+        errs = sorted(100 * (r["at_mm_rate"] - r["published"]) / r["published"] for r in group)
+        print(f"mm rate (GEMM curve topped at torch.mm's {TORCH_MM_RATE:.3f} of peak, a diagnostic): {label}, {len(group)} run{'s' if len(group) > 1 else ''}, "
+              f"{errs[0]:+.1f}%" + (f" to {errs[-1]:+.1f}%" if len(errs) > 1 else ""))
     if not args.quick:
         print("\nLlama 3 405B (Meta, table 4): the published degrees, ZeRO-2 and an interleaved schedule pinned; micro-batch, "
               "virtual stages and recomputation searched. MFU as the planner counts it (attention s x s in full), "

@@ -59,3 +59,25 @@ def test_held_out_kempnerforge_runs_are_priced_with_the_published_batch_and_mode
             held.knobs_of(run), run["micro_batch"] * run["grad_accum"])
     assert row["predicted"] == pytest.approx(predict(*args, framework=held.MESHPLAN)[0].prediction.tokens_per_s, rel=1e-9)
     assert row["predicted"] > 1.01 * predict(*args, framework=held.TORCH_DEC_2024)[0].prediction.tokens_per_s
+
+
+def test_the_mm_rate_column_prices_kempnerforge_with_the_gemm_curve_topped_at_torch_mms_rate():
+    # The diagnostic column: the same runs on a device whose GEMM curve keeps its shape but tops out at torch.mm's
+    # measured 790 of 989 TFLOP/s, and nothing else changed.
+    held = _held_out()
+    device = load_device("h200-sxm-141gb")
+    scaled = held.at_gemm_rate(device, held.TORCH_MM_RATE)
+    assert max(p.efficiency for p in scaled.gemm_efficiency) == pytest.approx(790.29 / 989)
+    factor = scaled.gemm_efficiency[0].efficiency / device.gemm_efficiency[0].efficiency
+    assert factor > 1.4
+    for a, b in zip(scaled.gemm_efficiency, device.gemm_efficiency):
+        assert (a.gflop, a.efficiency) == (b.gflop, pytest.approx(b.efficiency * factor))
+    assert scaled.fp8_gemm_efficiency == device.fp8_gemm_efficiency and scaled.memory_efficiency == device.memory_efficiency
+    data = json.loads((PROFILES_DIR / "held_out" / "kempnerforge_h200_202604.json").read_text())
+    run, row = data["runs"][0], held.kempnerforge_rows(device)[0]
+    args = (load_model(run["model"], 4096), load_cluster("dgx-h200-141gb", nodes=1, gpus_per_node=1), scaled,
+            held.knobs_of(run), run["micro_batch"] * run["grad_accum"])
+    assert row["at_mm_rate"] == pytest.approx(predict(*args, framework=held.MESHPLAN)[0].prediction.tokens_per_s, rel=1e-9)
+    # One GPU is compute-bound: the faster curve makes it faster, by less than the curve's factor (elementwise,
+    # attention's and the optimizer's time do not scale).
+    assert row["predicted"] * 1.05 < row["at_mm_rate"] < row["predicted"] * factor
