@@ -1,9 +1,11 @@
 """Predict every published run in profiles/calibration/ and print the error per row, with the fitted constants
 behind the predictions.
 
-    .venv/bin/python bench/calibration.py [--quality]
+    .venv/bin/python bench/calibration.py [--quality] [--mm-rate]
 
-Leave-one-out errors (each run predicted by a fit on the others): bench/fit_calibration.py --loo."""
+Leave-one-out errors (each run predicted by a fit on the others): bench/fit_calibration.py --loo. --mm-rate prices
+the H100 runs again with the bf16 GEMM curve topped at torch.mm's measured rate (bench/held_out.py's diagnostic):
+what the fitted curve's ceiling absorbs, run by run."""
 
 import argparse
 import sys
@@ -12,7 +14,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from planner.calibration import METRICS, calibrate, plan_quality
+from planner.calibration import METRICS, calibrate, load_cases, plan_quality
 from planner.specs import load_device
 from planner.terms import FRAMEWORKS
 
@@ -30,9 +32,31 @@ def constants(console: Console) -> None:
                   f"(weights once per step); fused elementwise kernels {mc.fused_elementwise}")
 
 
+def mm_rate_table(console: Console, rows) -> None:
+    """The H100 runs priced again at torch.mm's GEMM rate (bench/held_out.py: at_gemm_rate, TORCH_MM_RATE), beside
+    the fitted curve's errors. The FP8 curve is left as fitted: only the bf16 GEMMs (all of a bf16 run's, an FP8
+    run's attention) move."""
+    from held_out import TORCH_MM_RATE, at_gemm_rate  # bench/ is on the path when this runs as a script
+
+    device = load_device("h100-sxm5-80gb")
+    cases = [c for c in load_cases() if c.device == device.name]
+    mm = calibrate(devices={device.name: at_gemm_rate(device, TORCH_MM_RATE)}, cases=cases)
+    fitted = {(r.source, r.name): r for r in rows}
+    t = Table(title=f"H100 runs with the bf16 GEMM curve topped at torch.mm's {TORCH_MM_RATE:.3f} of peak (a diagnostic)", title_justify="left")
+    for c in ("source", "run", "tp×cp×pp×dp", "precision", "fitted curve", "mm rate"):
+        t.add_column(c, justify="left" if c in ("source", "run", "precision") else "right")
+    for r in mm:
+        p = r.plan
+        t.add_row(r.source, r.name, f"{p.tp}×{p.cp}×{p.pp}×{p.dp}", p.knobs.precision, f"{fitted[(r.source, r.name)].error_pct:+.1f}%",
+                  f"{r.error_pct:+.1f}%")
+    console.print(t)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quality", action="store_true", help="also search each run's own best plan (plan quality table)")
+    ap.add_argument("--mm-rate", action="store_true", help="also price the H100 runs with the bf16 GEMM curve topped at torch.mm's "
+                                                          "measured rate (a diagnostic of what the fitted curve absorbs)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     rows = calibrate()
@@ -54,6 +78,8 @@ def main() -> int:
     for source, e in by_source.items():
         console.print(f"{source}: mean absolute error {sum(e) / len(e):.1f}%, max {max(e):.1f}% over {len(e)} runs (in-sample where fitted)")
     constants(console)
+    if args.mm_rate:
+        mm_rate_table(console, rows)
     console.print(f"({time.perf_counter() - t0:.1f} s)")
     if args.quality:
         q = Table(title="Plan quality: the planner's own best plan vs the published configuration (same model, GPUs, batch, framework; both predicted)",
