@@ -37,7 +37,7 @@ from planner.specs import load_device
 from planner.slurm import torchrun_prefix
 from runtime import checkpoint, data, machine
 from planner.runtime_args import parse_args
-from runtime.memory import LiveTensorBytes
+from runtime.memory import LiveTensorBytes, use_expandable_segments
 from runtime.mesh import build_mesh
 from runtime.model import GPT, Block, GPTConfig
 from runtime.parallel.clip import clip_grad_norm_
@@ -91,6 +91,7 @@ def check_runnable(plan: Plan, args: argparse.Namespace, world_size: int) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_expandable_segments()  # before anything touches the GPU (runtime.memory says why)
     plan = load_plan(args.plan)
     if "WORLD_SIZE" not in os.environ:  # python -m runtime.launch, without torchrun (which sets it, and RANK)
         raise PlanError(f"not started by torchrun (WORLD_SIZE is not set); run it as {torchrun_prefix()} "

@@ -26,7 +26,11 @@ the byte, except that a gloo worker may drop the last reference to an FSDP2 comm
 training thread does: seen once in two runs of llama-tiny tp2 x dp2 zero 3 (one block's 1.4 MB all-gather buffer
 more at the peak of one rank, 1.6%).
 
-measure_memory runs a plan on CPU ranks with torchrun for a few steps and returns each rank's peak, broken down."""
+measure_memory runs a plan on CPU ranks with torchrun for a few steps and returns each rank's peak, broken down.
+
+On CUDA the runtime asks the caching allocator for expandable segments (use_expandable_segments), as torchtitan's
+run_train.sh does: a segment then grows in place rather than a new one being reserved beside the old, so what is
+reserved at the peak stays near what is allocated, which is what the planner's tensor counts price."""
 
 from __future__ import annotations
 
@@ -46,6 +50,21 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
+
+ALLOCATOR_SETTING = "expandable_segments:True"
+"""What runtime.launch gives CUDA's caching allocator (torch reads PYTORCH_ALLOC_CONF, or its older name
+PYTORCH_CUDA_ALLOC_CONF, when CUDA first allocates)."""
+
+
+def use_expandable_segments(environ=os.environ) -> bool:
+    """Set PYTORCH_ALLOC_CONF to ALLOCATOR_SETTING unless the user configured the allocator under either name
+    (theirs wins, unmerged); call before anything touches the GPU. Returns whether it set it. CPU ranks have no
+    caching allocator, and torch reads nothing of it there."""
+    if "PYTORCH_ALLOC_CONF" in environ or "PYTORCH_CUDA_ALLOC_CONF" in environ:
+        return False
+    environ["PYTORCH_ALLOC_CONF"] = ALLOCATOR_SETTING
+    return True
+
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "gathered_weights", "activations_and_transient")
 """What each byte at the peak is (LiveTensorBytes.breakdown): this rank's persistent weights (FSDP2: its shards),

@@ -4,6 +4,7 @@ process group exists), and a real torchrun run appends a results line in design.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,19 @@ def test_the_summary_says_when_the_plans_prediction_was_priced_for_another_frame
     print_summary(theirs, 0)
     said = " ".join(capsys.readouterr().out.split())  # rich wraps
     assert " ".join(priced_elsewhere("megatron-core", "PLAN").split()) in said and "--to megatron" in said
+
+
+def test_launch_asks_cuda_for_expandable_segments_unless_the_user_configured_the_allocator(capsys, monkeypatch, tmp_path):
+    from runtime.memory import ALLOCATOR_SETTING, use_expandable_segments
+
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    # Set before anything else, even for a plan that is then refused (nothing has touched a GPU yet).
+    refusal(capsys, monkeypatch, plan_dict(dp=2), tmp_path, world_size=1)
+    assert os.environ["PYTORCH_ALLOC_CONF"] == ALLOCATOR_SETTING == "expandable_segments:True"
+    # The user's own setting, under either name, is kept and nothing is added beside it.
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        env = {name: "max_split_size_mb:512"}
+        assert use_expandable_segments(env) is False and env == {name: "max_split_size_mb:512"}
+    env = {}
+    assert use_expandable_segments(env) is True and env == {"PYTORCH_ALLOC_CONF": ALLOCATOR_SETTING}
