@@ -59,15 +59,19 @@ def tp_plan(*, sequence_parallel: bool, mlp: str, loss_parallel: bool = True, fp
         # With SP the summed token + position embedding is cut along the sequence (a local slice, no comm).
         "embed": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)) if sp else None,
         "layers.*.ln_1": SequenceParallel() if sp else None,
-        # SP: all-gather the sequence before attention (Korthikanti et al. 2022, figure 5, the g operator).
-        "layers.*.attn": PrepareInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)) if sp else None,
+        # SP: all-gather the sequence before attention (Korthikanti et al. 2022, figure 5, the g operator). Without
+        # SP the input is made one replicated DTensor here too, so that the input gradients of q, k and v are
+        # summed as partial sums and all-reduced once at this boundary (Megatron-LM's f operator): left to each
+        # Colwise, every linear all-reduces its own (5 all-reduces in a SwiGLU block's backward where the cost
+        # model prices 2; counted with CommDebugMode: tests/runtime/test_tp_comm.py).
+        "layers.*.attn": PrepareInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
         "layers.*.attn.wq": Colwise(),
         "layers.*.attn.wk": Colwise(),
         "layers.*.attn.wv": Colwise(),
         # All-reduce (or reduce-scatter into the sequence shard with SP) after the row-parallel projection.
         "layers.*.attn.wo": Rowwise(output_layouts=stream),
         "layers.*.ln_2": SequenceParallel() if sp else None,
-        "layers.*.mlp": PrepareInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)) if sp else None,
+        "layers.*.mlp": PrepareInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
         "layers.*.mlp.fc": Colwise() if not swiglu else None,
         "layers.*.mlp.proj": Rowwise(output_layouts=stream) if not swiglu else None,
         # SwiGLU: gate and up column-parallel, so silu(gate) * up is elementwise on the local f/tp columns.
