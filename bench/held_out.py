@@ -12,11 +12,11 @@
   interleaved against 1F1B) do not depend on that factor.
 - KempnerForge's MFU report (Apr 2026): Llama 3 shapes of 8B, 15B and 70B under FSDP2 and TP on 1 to 32 H200s
   with torch.compile and torch 2.11, a trainer built like meshplan's runtime. Every knob is published; predicted
-  as given on the h200-sxm-141gb datasheet. Their memory is max_memory_allocated, but of bf16 weights, gradients
-  and AdamW state, which meshplan's runtime keeps in fp32: printed, not compared. Each run is predicted a second
-  time with the GEMM curve scaled so that its top is torch.mm's measured rate on an H200 (TORCH_MM_RATE), a
-  diagnostic and not a prediction: the datasheet's curve is fitted to Megatron-Core runs that all but one use
-  tensor parallelism, and the two columns show what it absorbs.
+  as given on the h200-sxm-141gb datasheet, with KempnerForge's TP plan (KEMPNERFORGE). Their memory is
+  max_memory_allocated, but of bf16 weights, gradients and AdamW state, which meshplan's runtime keeps in fp32:
+  printed, not compared. Each run is predicted a second time with the GEMM curve scaled so that its top is
+  torch.mm's measured rate on an H200 (TORCH_MM_RATE), a diagnostic and not a prediction: the datasheet's curve is
+  fitted to Megatron-Core runs, and the two columns show what it absorbs.
 - Llama 3 405B (Meta, table 4): MFU on 8,192 and 16,384 H100s, with the published degrees pinned and the rest
   searched (meshplan's runtime, and Megatron-Core as NVIDIA runs it).
 
@@ -45,6 +45,10 @@ TORCH_DEC_2024 = dataclasses.replace(MESHPLAN, flash_attention=True, cp_masked_c
 """meshplan's runtime on the torch of torchtitan's Dec 2024 runs (nightly 1963fc8), whose SDPA ran FlashAttention-2
 first on an H100 (cuDNN attention opt-in since pytorch/pytorch#138522), with torch's own context parallelism
 (ring attention, causal on the diagonal step: no masked rectangles)."""
+KEMPNERFORGE = dataclasses.replace(MESHPLAN, tp_gathers_per_linear=True, loss_parallel=False, logit_bytes=2)
+"""meshplan's runtime with KempnerForge's TP plan (kempnerforge/distributed/tensor_parallel.py at 01b461a): under
+sequence parallelism q, k, v, gate and up each gather their own input (Framework.tp_gathers_per_linear), and the
+head's bf16 logits are gathered to every tp rank for F.cross_entropy (Framework.loss_parallel; scripts/train.py)."""
 DEVICE, CLUSTER = "h100-sxm5-80gb", "dgx-h100-80gb"
 TORCH_MM_RATE = 790.29 / 989.0
 """A bf16 torch.mm on an H200 SXM: 790.29 TFLOP/s of the 989 dense peak (zzc0721/torch-performance-test-data, cited
@@ -86,8 +90,8 @@ def torchtitan_rows(device) -> list[dict]:
 
 
 def kempnerforge_rows(device) -> list[dict]:
-    """Every KempnerForge run predicted as given (torch 2.11: cuDNN attention, the GEMM curve's rate), and again at
-    torch.mm's rate (at_mm_rate: TORCH_MM_RATE)."""
+    """Every KempnerForge run predicted as given (torch 2.11: cuDNN attention, the GEMM curve's rate; its TP plan's
+    gathers: KEMPNERFORGE), and again at torch.mm's rate (at_mm_rate: TORCH_MM_RATE)."""
     data = json.loads((HELD_OUT / "kempnerforge_h200_202604.json").read_text())
     mm_rate = at_gemm_rate(device, TORCH_MM_RATE)
     rows = []
@@ -96,8 +100,8 @@ def kempnerforge_rows(device) -> list[dict]:
         model = model_from_dict(shape, "kempnerforge") if shape else load_model(run["model"], run["seq_len"])
         cluster = load_cluster("dgx-h200-141gb", nodes=-(-run["gpus"] // 4), gpus_per_node=min(4, run["gpus"]))
         batch = run["dp"] * run["micro_batch"] * run["grad_accum"]
-        plan, _ = predict(model, cluster, device, knobs_of(run), batch, framework=MESHPLAN, memory_headroom_gib=0)
-        at_mm, _ = predict(model, cluster, mm_rate, knobs_of(run), batch, framework=MESHPLAN, memory_headroom_gib=0)
+        plan, _ = predict(model, cluster, device, knobs_of(run), batch, framework=KEMPNERFORGE, memory_headroom_gib=0)
+        at_mm, _ = predict(model, cluster, mm_rate, knobs_of(run), batch, framework=KEMPNERFORGE, memory_headroom_gib=0)
         rows.append({"name": run["name"], "gpus": run["gpus"], "nodes": plan.cluster.nodes, "gpus_per_node": plan.cluster.gpus_per_node,
                      "tp": run["tp"], "at_mm_rate": at_mm.prediction.tokens_per_s,
                      "framework": plan.framework, "published": run["tokens_per_s"], "predicted": plan.prediction.tokens_per_s,
@@ -167,7 +171,8 @@ def main() -> int:
                               f"FA2 {r['fa2'] / first['fa2']:.2f}, GEMM {r['gemm'] / first['gemm']:.2f}" for r in group[1:])
             print(f"table {table}, each run over the first: {steps}")
     kf = kempnerforge_rows(load_device("h200-sxm-141gb"))
-    print("\nKempnerForge (Apr 2026, torch 2.11), H200s 4 per node, predicted as given with meshplan's runtime as the "
+    print("\nKempnerForge (Apr 2026, torch 2.11), H200s 4 per node, predicted as given with meshplan's runtime and "
+          "KempnerForge's TP plan (a gather per column-parallel linear, the logits gathered for the loss) as the "
           "framework on the h200-sxm-141gb datasheet; memory: their max_memory_allocated of bf16 weights, gradients and "
           "AdamW state (8 bytes a parameter), against meshplan's fp32 (16): not comparable")
     print(f"{'run':<32} {'GPUs':>4} {'step s':>7} {'predicted':>9} {'tokens/s':>9} {'predicted':>9} {'error':>7}   {'memory':>6} {'predicted':>9}"

@@ -193,13 +193,24 @@ def datasheet_end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: flo
     moves = 3 if model.position == "learned" else 2
     emb_f = memory_s(device, moves * tokens * h)
     emb_b = memory_s(device, moves * tokens * h)
-    # Head: final LayerNorm, logits GEMM over the vocab shard, cross-entropy in fp32 over the logits
-    # (softmax reads and writes them twice: 4 passes; fp32 = 2 elements of a 2-byte dtype).
-    logits = tokens * v / tp
-    ce_elems = 4 * logits * (4 / device.dtype_bytes)
-    head_f = memory_s(device, 2 * tokens * h) + gemm_s(device, tokens, v // tp, h) + memory_s(device, ce_elems)
-    head_b = memory_s(device, 4 * tokens * h) + 2 * gemm_s(device, tokens, v // tp, h) + memory_s(device, ce_elems)
+    # Head: final LayerNorm, logits GEMM over the vocab shard, cross-entropy in fp32 over the logits.
+    ce = cross_entropy_s(device, tokens * v / tp)
+    head_f = memory_s(device, 2 * tokens * h) + gemm_s(device, tokens, v // tp, h) + ce
+    head_b = memory_s(device, 4 * tokens * h) + 2 * gemm_s(device, tokens, v // tp, h) + ce
     return EndTimes(emb_f, emb_b, head_f, head_b)
+
+
+def cross_entropy_s(device: DeviceProfile, logits: float, logit_bytes: int = 4) -> float:
+    """The cross-entropy over `logits` elements, one way (forward, or backward): the softmax reads and writes them
+    twice, 4 passes, in fp32 (meshplan's runtime and Megatron-LM upcast them) unless logit_bytes says otherwise."""
+    return memory_s(device, 4 * logits * logit_bytes / device.dtype_bytes)
+
+
+def gathered_loss_extra_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float, logit_bytes: int) -> float:
+    """Each way, what a loss over logits gathered to every tp rank (Framework.loss_parallel False) costs beyond the
+    vocab-parallel one datasheet_end_times prices: the cross-entropy over the whole vocabulary, at logit_bytes."""
+    logits = b * model.seq_len * model.padded_vocab(tp)
+    return cross_entropy_s(device, logits, logit_bytes) - cross_entropy_s(device, logits / tp)
 
 
 def end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float) -> EndTimes:

@@ -82,10 +82,32 @@ class Framework:
     gathers (the root's, then the first block's) follow one another with no compute beside them (torch 2.13
     _fsdp_param_group.py: the reduce-scatter 'falls back to the shard PG (shared with all-gather)'; the root is
     never prefetched). Priced without pipelining (cost.fsdp_edges_s); True for meshplan's runtime."""
+    tp_gathers_per_linear: bool = False
+    """With sequence parallelism each column-parallel linear all-gathers its own input, and reduce-scatters its own
+    input gradient in the backward (KempnerForge's TP plan: ColwiseParallel(input_layouts=Shard(1)) on each of q, k,
+    v, gate and up), where meshplan's runtime and Megatron-LM gather once per sub-block (tp_all_reduces_each_way).
+    Counted with CommDebugMode on gloo ranks: tests/runtime/test_tp_comm.py. None of FRAMEWORKS sets it;
+    bench/held_out.py's KempnerForge does."""
+    loss_parallel: bool = True
+    """Under tp the logits stay sharded over the vocabulary into a vocab-parallel cross-entropy (meshplan's
+    loss_parallel, Megatron-LM's); False: they are all-gathered to every tp rank, in logit_bytes, and each rank
+    runs the whole vocabulary's cross-entropy (KempnerForge: the head's ColwiseParallel(output_layouts=Replicate())
+    and F.cross_entropy on its bf16 output). Priced in planner/terms.py (compute.gathered_loss_extra_s)."""
+    logit_bytes: int = 4
+    """Bytes per logit element in that gathered loss (where loss_parallel is False)."""
     grad_buffers: bool = True
     """Gradients live in buffers made once (Megatron-LM's main_grad, DeepSpeed's, DDP's buckets) and so exist at
     every peak; False: autograd makes them in the backward (meshplan's runtime sets them to None after each step)
     except where DDP wraps the model (Terms.grads_at_peak)."""
+
+    def tp_all_reduces_each_way(self, mlp: str, sequence_parallel: bool) -> float:
+        """A block's tensor-parallel traffic each way (forward, backward), in all-reduces of its activations: 2
+        (Shoeybi et al. 2019, section 3), with SP an all-gather and a reduce-scatter, each half an all-reduce, in
+        place of each (Korthikanti et al. 2022, section 4.2.2). With tp_gathers_per_linear and SP: one gather per
+        column-parallel linear (q, k, v and the MLP's first matrices, two for SwiGLU) beside the two scatters."""
+        if not (self.tp_gathers_per_linear and sequence_parallel):
+            return 2.0
+        return (3 + (2 if mlp == "swiglu" else 1) + 2) / 2
 
     def fuses_attention(self, device) -> bool:
         """Whether attention runs fused on `device` under this framework (fused_attention, else the profile's)."""

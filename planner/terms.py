@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from planner import comm, schedule
-from planner.compute import end_times, layer_times, memory_s, optimizer_step_s
+from planner.compute import end_times, gathered_loss_extra_s, layer_times, memory_s, optimizer_step_s
 from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB,
                             activation_bytes_per_layer, cp_gathered_kv_bytes, embedding_activation_bytes, end_param_count,
                             fp8_weight_cache_bytes, fsdp_root_bytes, fsdp_transient_bytes, full_layer_activation_bytes, head_kept_bytes, head_transient_bytes, layer_param_count, logit_bytes,
@@ -240,13 +240,14 @@ class CostModel:
         # Dubey et al. 2024 (Llama 3), section 3.3.2: keys and values all-gathered over cp before attention,
         # their gradients reduce-scattered in the backward.
         kv = comm.all_gather_s(2 * k.micro_batch * model.seq_len * model.kv_dim / t * dev.dtype_bytes, k.cp, cp_link(self.cluster, t, k.cp))
-        # Shoeybi et al. 2019, section 3: two all-reduces of the block's activations in the forward and two in
-        # the backward (with sequence parallelism, all-gather + reduce-scatter of the same volume; Korthikanti
-        # et al. 2022, section 4.2.2).
-        # With tp_overlap, that share of them runs under the GEMMs (the exposed rest is what layer_tp_comm_s counts).
-        ar_exposed = ar * (1 - self.framework.tp_overlap)
-        f, bw = lt.forward_s + 2 * ar_exposed + kv, lt.backward_s + 2 * ar_exposed + kv
+        # The block's all-reduces each way (Framework.tp_all_reduces_each_way: 2, or per-linear gathers). With
+        # tp_overlap, that share of them runs under the GEMMs (the exposed rest is what layer_tp_comm_s counts).
+        ar_exposed, ways = ar * (1 - self.framework.tp_overlap), self.framework.tp_all_reduces_each_way(model.mlp, sp)
+        f, bw = lt.forward_s + ways * ar_exposed + kv, lt.backward_s + ways * ar_exposed + kv
         rc = f if k.recompute == "full" else lt.selective_recompute_s if k.recompute == "selective" else 0.0
+        whole_loss, lb = t > 1 and not self.framework.loss_parallel, self.framework.logit_bytes  # logits gathered to each tp rank
+        loss_b = gathered_loss_extra_s(dev, model, t, b, lb) if whole_loss else 0.0
+        loss_f = loss_b + (comm.all_gather_s(b * model.seq_len * model.padded_vocab(t) * lb, t, tp_link(self.cluster, t)) if whole_loss else 0.0)
         so_f, so_b = self.stage_overhead_s() if k.pp > 1 else (0.0, 0.0)
         # The activation formulas (memory.py) are Korthikanti et al.'s bytes for a 2-byte dtype: scaled to the
         # device's training dtype here, and only here.
@@ -254,12 +255,12 @@ class CostModel:
         fused, saved, fp8 = self.framework.fuses_attention(dev), self.framework.saved, k.precision == "fp8"
         gathered = cp_gathered_kv_bytes(model, t, k.micro_batch, k.cp) * scale
         return dict(
-            layer_forward_s=f, layer_backward_s=bw, layer_recompute_s=rc, full_recompute_s=f, layer_tp_comm_s=4 * ar_exposed,
+            layer_forward_s=f, layer_backward_s=bw, layer_recompute_s=rc, full_recompute_s=f, layer_tp_comm_s=2 * ways * ar_exposed,
             tp_all_reduce_s=ar_exposed,
             # Vocab-parallel embedding: one all-reduce of its output; column-parallel head: its input gradient
             # is all-reduced in the backward (Shoeybi et al. 2019, section 3).
             embedding_forward_s=et.embedding_forward_s + ar_exposed, embedding_backward_s=et.embedding_backward_s,
-            head_forward_s=et.head_forward_s, head_backward_s=et.head_backward_s + ar_exposed,
+            head_forward_s=et.head_forward_s + loss_f, head_backward_s=et.head_backward_s + ar_exposed + loss_b,
             stage_forward_s=so_f, stage_backward_s=so_b,
             layer_activation_bytes=activation_bytes_per_layer(model, t, b, sp, k.recompute, fused, saved, fp8) * scale
             + (gathered if k.recompute != "full" else 0.0),

@@ -151,3 +151,38 @@ def test_meshplans_masked_cp_chunks_run_whole_rectangles_of_attention(cp):
     assert masked.backward_s - ring.backward_s == pytest.approx(2.5 * (masked.selective_recompute_s - ring.selective_recompute_s))
     no_cp = CostModel(model, cluster, device, MESHPLAN).layer(1, 1, False)
     assert no_cp == CostModel(model, cluster, device, dataclasses.replace(MESHPLAN, cp_masked_chunks=False)).layer(1, 1, False)
+
+
+@pytest.mark.parametrize("name, ways", [("llama3-8b", 3.5), ("gpt3-1.3b", 3.0)])
+def test_per_linear_tp_gathers_price_one_gather_per_column_parallel_linear_under_sp(name, ways):
+    # KempnerForge's plan (tests/runtime/test_tp_comm.py counts it): q, k, v and gate, up (or fc) each all-gather
+    # their input, so a block moves (gathers + 2 scatters) / 2 all-reduces each way where once per sub-block is 2.
+    model, cluster, device = load_model(name), load_cluster("dgx-h100-80gb", nodes=1), load_device("h100-sxm5-80gb")
+    per_linear = dataclasses.replace(MESHPLAN, tp_gathers_per_linear=True)
+    for sp in (True, False):
+        knobs = Knobs(tp=4, pp=1, dp=2, micro_batch=1, sequence_parallel=sp)
+        once, each = CostModel(model, cluster, device, MESHPLAN).terms(knobs), CostModel(model, cluster, device, per_linear).terms(knobs)
+        assert once.layer_tp_comm_s == pytest.approx(4 * once.tp_all_reduce_s)
+        # Without SP the inputs are replicated: no gathers to multiply.
+        assert each.layer_tp_comm_s == pytest.approx(once.layer_tp_comm_s * (ways / 2 if sp else 1))
+        assert each.layer_forward_s - once.layer_forward_s == pytest.approx((each.layer_tp_comm_s - once.layer_tp_comm_s) / 2)
+
+
+def test_a_loss_over_gathered_logits_prices_the_gather_and_the_whole_vocabularys_cross_entropy():
+    from planner import comm
+    from planner.compute import cross_entropy_s
+    from planner.terms import tp_link
+
+    model, cluster, device = load_model("llama3-8b", 4096), load_cluster("dgx-h100-80gb", nodes=1), load_device("h100-sxm5-80gb")
+    gathered = dataclasses.replace(MESHPLAN, loss_parallel=False, logit_bytes=2)
+    for tp in (1, 4):
+        knobs = Knobs(tp=tp, pp=1, dp=8 // tp, micro_batch=2)
+        vp, whole = CostModel(model, cluster, device, MESHPLAN).terms(knobs), CostModel(model, cluster, device, gathered).terms(knobs)
+        if tp == 1:
+            assert (whole.head_forward_s, whole.head_backward_s) == (vp.head_forward_s, vp.head_backward_s)
+            continue
+        logits = 2 * 4096 * model.padded_vocab(tp)
+        extra = cross_entropy_s(device, logits, 2) - cross_entropy_s(device, logits / tp)
+        assert extra > 0 and whole.head_backward_s - vp.head_backward_s == pytest.approx(extra)
+        gather = comm.all_gather_s(logits * 2, tp, tp_link(cluster, tp))
+        assert whole.head_forward_s - vp.head_forward_s == pytest.approx(extra + gather)
