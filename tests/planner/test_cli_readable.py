@@ -25,6 +25,17 @@ def test_every_flag_has_help_that_states_its_default(command, action):
     assert action.required or "default" in action.help, f"planner {command} {action.option_strings[0]}: say its default"
 
 
+@pytest.mark.parametrize("command", ["plan", "predict", "compare", "profile", "validate", "export", "launch"])
+def test_every_subcommands_own_help_says_in_one_line_what_it_does(command, capsys):
+    # `planner profile --help` had its flags but not a word on what profiling is; the summary stood only in `planner --help`.
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    usage, summary = capsys.readouterr().out.split("\n\n")[:2]
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    said = next(a.help for a in sub._choices_actions if a.dest == command)  # its line in `planner --help`
+    assert usage.startswith(f"usage: planner {command}") and " ".join(summary.split()) == said, summary
+
+
 def planner_at(columns: int, *argv: str) -> str:
     r = subprocess.run([sys.executable, "-m", "planner.cli", *argv], capture_output=True, text=True, timeout=120,
                        env=os.environ | {"COLUMNS": str(columns)})
