@@ -153,3 +153,22 @@ def test_a_cluster_files_missing_device_file_is_refused_naming_the_path_tried(tm
     path.write_text(CLUSTER.replace("device: a100-sxm4-80gb", "device: gone.json"))
     err = plan_with(capsys, "gpt-tiny", str(path))
     assert f"{path}: device: no device profile file {tmp_path.resolve() / 'gone.json'} (a relative path is read from the cluster file's folder)" in err
+
+
+@pytest.mark.parametrize("extra, said", [
+    (("--model", "no-such-model"), "error: --model: unknown preset 'no-such-model'"),
+    (("--seq-len", "64"), "error: --seq-len: gpt-tiny has learned positions"),
+    (("--global-batch", "100000"), "error: --global-batch: 100,000 sequences is above"),
+    (("--memory-headroom", "100"), "error: --memory-headroom: 100 GiB leaves nothing"),
+])
+def test_a_flags_error_names_the_flag_once_not_again_as_its_field(capsys, extra, said):
+    # Was `--model: model: unknown preset ...`: the flag is the field's name already.
+    err = plan_with(capsys, "gpt-tiny", "dgx-a100-80gb", *extra)
+    assert err.startswith(said), err
+
+
+def test_an_error_in_a_file_still_names_the_file_and_then_the_field(tmp_path, capsys):
+    path = tmp_path / "heads.yaml"  # a file named like a field is still a file
+    path.write_text(MODEL.replace("heads: 4", "heads: 5"))
+    assert f"{path}: heads: hidden 64 is not divisible by heads 5" in plan_with(capsys, str(path))
+
