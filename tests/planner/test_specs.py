@@ -172,3 +172,14 @@ def test_an_error_in_a_file_still_names_the_file_and_then_the_field(tmp_path, ca
     path.write_text(MODEL.replace("heads: 4", "heads: 5"))
     assert f"{path}: heads: hidden 64 is not divisible by heads 5" in plan_with(capsys, str(path))
 
+
+@pytest.mark.parametrize("flag, typed, meant", [("--model", "gpt3-175bb", "gpt3-175b"), ("--model", "GPT3-175B", "gpt3-175b"),
+                                                ("--cluster", "dgx-a100-80g", "dgx-a100-80gb"),
+                                                ("--device", "h100", "h100-sxm5-80gb")])
+def test_a_misspelled_model_cluster_or_device_suggests_the_nearest_preset(capsys, flag, typed, meant):
+    err = plan_with(capsys, "gpt-tiny", "dgx-a100-80gb", flag, typed)
+    assert f"unknown {'device' if flag == '--device' else 'preset'} {typed!r} (did you mean {meant!r}?); expected one of " in err
+
+
+def test_a_name_like_no_preset_gets_no_suggestion(capsys):
+    assert "unknown preset 'zzz'; expected one of gpt-1.7b," in plan_with(capsys, "zzz")
