@@ -80,6 +80,11 @@ def test_a_results_or_checkpoint_path_that_cannot_be_written_is_refused_before_t
     assert (tmp_path / "keep.json").read_text() == "{}" and not any((tmp_path / "adir").iterdir())
 
 
+def test_a_flag_runtime_launch_does_not_know_is_refused_in_one_line_not_argparses_usage(capsys, monkeypatch, tmp_path):
+    err = refusal(capsys, monkeypatch, plan_dict(), tmp_path, flags=("--stpes", "3"))
+    assert "unrecognized arguments: --stpes 3 (`python -m runtime.launch --help` lists the flags)" in err
+
+
 def test_missing_plan_file_is_refused_without_a_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "runtime.launch", str(tmp_path / "nope.json")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
