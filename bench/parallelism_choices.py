@@ -15,6 +15,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from planner.report import seconds_format
 from planner.search import search
 from planner.specs import load_cluster, load_device, load_model
 
@@ -51,6 +52,7 @@ def main() -> int:
     for c in ("model", "GPUs", "batch", "knobs available", "plan", "iter s", "tokens/s", "MFU", "peak GiB", "vs every knob", "where the time goes",
               "search s"):
         t.add_column(c, justify="left" if c in ("model", "knobs available", "plan", "where the time goes") else "right")
+    rows = []  # (cells before iter s, prediction, cells after) per plan, None between cases: iter s is written once all are in
     for name, seq, nodes, batch in CASES[:1] if args.quick else CASES:
         model = load_model(name)
         if seq:
@@ -65,10 +67,16 @@ def main() -> int:
             pr = p.prediction
             base = base or pr
             rel = f"{pr.tokens_per_s / base.tokens_per_s:.2f}x" if pr.fits else "-"
-            t.add_row(model.name, f"{cluster.gpus:,}", str(batch), variant, label(p) if pr.fits else f"nothing fits: {pr.reason[:60]}",
-                      f"{pr.iteration_s:.3g}", f"{pr.tokens_per_s:,.0f}", f"{100 * pr.mfu:.1f}%", f"{pr.peak_memory_gib:.1f}", rel,
-                      why(p) if pr.fits else "", f"{took:.1f}")
-        t.add_section()
+            rows.append(([model.name, f"{cluster.gpus:,}", str(batch), variant, label(p) if pr.fits else f"nothing fits: {pr.reason[:60]}"],
+                         pr, [f"{pr.tokens_per_s:,.0f}", f"{100 * pr.mfu:.1f}%", f"{pr.peak_memory_gib:.1f}", rel,
+                              why(p) if pr.fits else "", f"{took:.1f}"]))
+        rows.append(None)
+    iteration = seconds_format(min(row[1].iteration_s for row in rows if row))
+    for row in rows:
+        if row is None:
+            t.add_section()
+        else:
+            t.add_row(*row[0], iteration % row[1].iteration_s, *row[2])
     Console(width=260).print(t)
     return 0
 

@@ -22,7 +22,7 @@ from planner.compare import check_tokens, plan_training_cost  # noqa: E402
 from planner.errors import MeshplanError  # noqa: E402
 from planner.frameworks import FRAMEWORKS, LABELS, priced_elsewhere  # noqa: E402
 from planner.plan import Plan, degrees_text  # noqa: E402
-from planner.report import schedule_label, tflops_format, tflops_text, tokens_label  # noqa: E402
+from planner.report import schedule_label, seconds_format, tflops_format, tflops_text, tokens_label  # noqa: E402
 from planner.slurm import node_commands  # noqa: E402
 from planner.search import search  # noqa: E402
 from planner.validate import priced_with  # noqa: E402
@@ -139,7 +139,7 @@ def plans_tab(plans_df, cands_df, usable_gib: float) -> None:
     st.dataframe(shown, hide_index=True, column_config={
         "rank": "#", "plan_id": "plan id", "micro_batch": "micro-batch", "num_microbatches": "microbatches",
         "sequence_parallel": "SP", "zero": "ZeRO", "cp": "cp", "layers_per_stage": "layers/stage",
-        "iteration_s": st.column_config.NumberColumn("iteration (s)", format="%.3g"),
+        "iteration_s": st.column_config.NumberColumn("iteration (s)", format=seconds_format(plans_df["iteration_s"].min())),
         "tflops_per_gpu": st.column_config.NumberColumn("TFLOP/s per GPU", format=tflops_format(plans_df["tflops_per_gpu"].min())),
         **compare_view.metric_columns(), "fits": "fits", "reason": "why it does not fit"})
     color_by = st.segmented_control("Colour the configurations by", ["schedule", "tp", "pp", "micro_batch", "recompute"],
@@ -303,7 +303,7 @@ def main() -> None:
         pr = plan.prediction
         cols = st.columns(5)
         cols[0].metric("Throughput (tokens/s)", f"{pr.tokens_per_s:,.0f}")
-        cols[1].metric("Iteration (s)", f"{pr.iteration_s:.3g}")
+        cols[1].metric("Iteration (s)", seconds_format(pr.iteration_s) % pr.iteration_s)
         cols[2].metric("TFLOP/s per GPU", tflops_text(pr.tflops_per_gpu))
         cols[3].metric("MFU", f"{100 * pr.mfu:.1f}%")
         cols[4].metric(f"Peak memory (GiB of {usable:g} usable)", f"{pr.peak_memory_gib:.1f}")

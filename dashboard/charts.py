@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboard.data import TimelineView
+from planner.report import seconds_format
 
 # Tableau 10: distinguishable for the common colour-vision deficiencies, readable on white.
 OP_COLORS = {"forward": "#4C78A8", "backward": "#F58518", "recompute": "#B279A2", "send": "#54A24B"}
@@ -113,12 +114,13 @@ def _device_label(device: int, stages: list[int]) -> str:
 
 def breakdown_figure(df: pd.DataFrame, iteration_s: float) -> go.Figure:
     """Seconds per part of the iteration on the slowest device, with each part's share."""
+    seconds = seconds_format(iteration_s)  # every bar to the same decimals, the title's
     fig = go.Figure(go.Bar(
         x=df["seconds"], y=df["part"], orientation="h", marker_color=[PART_COLORS[p] for p in df["part"]],
-        text=[f"{s:.3g} s ({p:.0f}%)" for s, p in zip(df["seconds"], df["share_pct"])], textposition="auto",
+        text=[f"{seconds % s} s ({p:.0f}%)" for s, p in zip(df["seconds"], df["share_pct"])], textposition="auto",
         hovertemplate="%{y}: %{x:.4g} s<extra></extra>"))
     fig.update_layout(**LAYOUT, height=330, showlegend=False,
-                      title=_title(f"Where the {iteration_s:.3g} s of an iteration go", "slowest pipeline device"))
+                      title=_title(f"Where the {seconds % iteration_s} s of an iteration go", "slowest pipeline device"))
     fig.update_xaxes(title_text="time per iteration (s)")
     fig.update_yaxes(autorange="reversed")
     return fig

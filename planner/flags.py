@@ -113,9 +113,9 @@ class _PerCluster(argparse.Action):
 
 
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="plan one job on several clusters: best plan, days, GPU-hours and cost of each",
-                       usage="planner compare --model M --global-batch B --tokens N [--gpu-hour-price USD] "
-                             "--cluster C [--nodes K] [--gpu-hour-price USD] [--cluster C2 ...] [options]")
+    p = _command(sub, "compare", help="plan one job on several clusters: best plan, days, GPU-hours and cost of each",
+                      usage="planner compare --model M --global-batch B --tokens N [--gpu-hour-price USD] "
+                            "--cluster C [--nodes K] [--gpu-hour-price USD] [--cluster C2 ...] [options]")
     p.add_argument("--model", required=True, help="preset name (e.g. llama3-70b) or a model YAML file")
     _add_seq_len(p)
     p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per iteration on every cluster (at most 65,536)")
@@ -147,11 +147,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (`{self.prog} --help` lists the flags)\n")
 
 
+def _command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose one line of help is both its entry in `planner --help` and the line under the usage of
+    its own --help."""
+    return sub.add_parser(name, help=help, description=help, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="planner", description="Plan, predict, profile and validate parallel GPT training.")
     ap.add_argument("--version", action="version", version=f"meshplan {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("plan", help="search every tp/pp/dp split and knob; rank the plans; write the best")
+    p = _command(sub, "plan", help="search every tp/pp/dp split and knob; rank the plans; write the best")
     _add_common(p)
     _add_knobs(p, required=False)
     _add_training(p)
@@ -162,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "simulations after that (default: none; the search runs until its best plans are proven the "
                         "fastest under the model)")
     p.add_argument("--out", default=None, help="write the best plan here, plan.json format (default: write nothing)")
-    p = sub.add_parser("predict", help="price one configuration")
+    p = _command(sub, "predict", help="price one configuration")
     _add_common(p)
     _add_knobs(p, required=True)
     _add_training(p)
     p.add_argument("--out", default=None, help="also write the priced plan here, plan.json format (default: write nothing)")
     _add_compare(sub)
-    p = sub.add_parser("profile", help="measure this machine's layers and collectives into a device profile")
+    p = _command(sub, "profile", help="measure this machine's layers and collectives into a device profile, which plan and predict then price with")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default=None, help="default: profiles/devices/<name>.measured.json in a checkout, "
                                                "~/.local/share/meshplan/devices/ for an installed meshplan")
@@ -176,12 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", metavar="MODEL",
                    help="a model whose blocks to time (preset or model file); repeat for several (default: gpt-tiny and "
                         "llama-tiny on CPU, gpt3-125m, gpt3-350m and gpt3-1.3b on a GPU)")
-    p = sub.add_parser("export", help="print a plan as Megatron-LM arguments or a torchtitan TOML job config")
+    p = _command(sub, "export", help="print a plan as Megatron-LM arguments or a torchtitan TOML job config")
     p.add_argument("plan", help="plan.json, as planner plan --out writes it")
     p.add_argument("--to", required=True, choices=("megatron", "torchtitan"),
                    help="Megatron-LM core_v0.16.1 arguments, or a torchtitan (@e347b1e) TOML job config")
-    p = sub.add_parser("launch", help="start a plan on its nodes: a Slurm batch script, or the torchrun command per node",
-                       usage="planner launch plan.json [options] [-- runtime.launch arguments, e.g. --steps 100 --results r.jsonl]")
+    p = _command(sub, "launch", help="start a plan on its nodes: a Slurm batch script, or the torchrun command per node",
+                      usage="planner launch plan.json [options] [-- runtime.launch arguments, e.g. --steps 100 --results r.jsonl]")
     p.add_argument("plan", help="plan.json, as planner plan --out writes it")
     p.add_argument("--nodes", type=_positive_int, help="nodes to run on (default: the plan's cluster's)")
     p.add_argument("--gpus-per-node", type=_positive_int, help="devices per node (default: the plan's cluster's)")
@@ -191,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the torchrun command to run on each node (the default without --slurm)")
     p.add_argument("--python", default=None, help="the Python with meshplan and torch on the nodes (default: this planner's)")
     p.add_argument("--port", type=_positive_int, default=29500, help="rendezvous port on the first node (default 29500)")
-    p = sub.add_parser("validate", help="predicted vs measured for results files")
+    p = _command(sub, "validate", help="predicted vs measured for results files")
     p.add_argument("results", nargs="+", help="results/*.jsonl files written by runtime.launch --results")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
     return ap

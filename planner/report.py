@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import shutil
@@ -76,6 +77,15 @@ def tflops_text(tflops: float) -> str:
     return tflops_format(tflops) % tflops
 
 
+def seconds_format(seconds: float, significant: int = 3) -> str:
+    """The printf format of a column of seconds: one number of decimals for every row, enough for `seconds` (the
+    column's smallest value, or the whole its rows are parts of) to show `significant` figures. So 17.0 stands
+    beside 17.4 (not 17, as %.3g writes it) and a CPU's 2.29 beside 3.61."""
+    if not 0 < seconds < float("inf"):
+        return "%.0f"
+    return f"%.{min(max(significant - 1 - math.floor(math.log10(seconds)), 0), 6)}f"
+
+
 FLOPS_NOTE = ("TFLOP/s per GPU counts the FLOPs run, recomputation included, by Narayanan et al. 2021's formula, which "
               "counts attention's s x s products in full (a causal kernel runs about half); MFU counts model FLOPs "
               "without recomputation, over the device's bf16 peak (fp8 plans too).")
@@ -105,11 +115,12 @@ def plans_table(plans, title: str) -> Table:
     for col in ("#", "tp×pp×dp", "mbs", "schedule", "recompute", "SP", "ZeRO", *(("precision",) if extras else ()), "blocks/stage",
                 "iter s", "tokens/s", "TFLOP/s/GPU", "MFU", "peak GiB", "fits"):
         t.add_column(col, justify="right" if col not in ("schedule", "recompute", "blocks/stage", "fits", "precision") else "left")
+    iteration = seconds_format(min(p.prediction.iteration_s for p in plans))
     for i, p in enumerate(plans, 1):
         pr = p.prediction
         t.add_row(str(i), degrees_label(p), str(p.micro_batch), schedule_label(p), _recompute_label(p),
                   "yes" if p.sequence_parallel else "no", str(p.zero), *((precision_label(p),) if extras else ()), blocks_label(p, 24),
-                  f"{pr.iteration_s:.3g}", f"{pr.tokens_per_s:,.0f}", tflops_text(pr.tflops_per_gpu),
+                  iteration % pr.iteration_s, f"{pr.tokens_per_s:,.0f}", tflops_text(pr.tflops_per_gpu),
                   f"{100 * pr.mfu:.1f}%", f"{pr.peak_memory_gib:.1f}", "yes" if pr.fits else "[red]no[/red]")
     return t
 
@@ -122,6 +133,7 @@ def compact_plans_table(plans, title: str) -> Table:
                                    "cN: context parallel over N ranks.", caption_justify="left")
     for col in ("#", "tp×pp×dp", "mbs", "sched", "recompute", "SP/Zn", "blocks", "iter s", "tok/s", "TF/s", "MFU", "GiB"):
         t.add_column(col, justify="left" if col in ("sched", "recompute", "SP/Zn", "blocks") else "right", no_wrap=True)
+    iteration = seconds_format(min(p.prediction.iteration_s for p in plans))
     for i, p in enumerate(plans, 1):
         pr = p.prediction
         sched = f"int v={p.virtual_stages}" if p.schedule == "interleaved" else p.schedule
@@ -129,23 +141,25 @@ def compact_plans_table(plans, title: str) -> Table:
                                          ("cc", p.compile)) if on) or "-"
         gib = f"{pr.peak_memory_gib:.0f}" if pr.peak_memory_gib >= 100 else f"{pr.peak_memory_gib:.1f}"
         t.add_row(str(i), degrees_label(p, compact=True), str(p.micro_batch), sched, _recompute_label(p).replace("selective", "sel"), knobs,
-                  blocks_label(p, 10), f"{pr.iteration_s:.3g}", _count(pr.tokens_per_s), tflops_text(pr.tflops_per_gpu),
+                  blocks_label(p, 10), iteration % pr.iteration_s, _count(pr.tokens_per_s), tflops_text(pr.tflops_per_gpu),
                   f"{100 * pr.mfu:.1f}%", gib if pr.fits else f"[red]{gib}![/red]")
     return t
 
 
 def breakdown_table(plan) -> Table:
     pr = plan.prediction
-    t = Table(title=f"Where the {pr.iteration_s:.3g} s of an iteration go (slowest pipeline device)", title_justify="left")
+    t = Table(title=f"Where the {seconds_format(pr.iteration_s) % pr.iteration_s} s of an iteration go (slowest pipeline device)",
+              title_justify="left")
     t.add_column("part")
     t.add_column("seconds", justify="right")
     t.add_column("share", justify="right")
     labels = {"compute_s": "compute (forward, backward, recompute)", "tp_comm_s": "tensor-parallel collectives",
               "pp_comm_s": "pipeline send/recv on the critical path", "dp_comm_s": "data-parallel gradient reduction (exposed)",
               "bubble_s": "pipeline bubble", "optimizer_s": "optimizer step"}
+    seconds = seconds_format(pr.iteration_s, 4)  # every part to the same decimals: 4 figures of the whole
     for k, label in labels.items():
         v = getattr(pr.breakdown, k)
-        t.add_row(label, f"{v:.4g}", f"{100 * v / pr.iteration_s:.1f}%")
+        t.add_row(label, seconds % v, f"{100 * v / pr.iteration_s:.1f}%")
     return t
 
 

@@ -8,7 +8,7 @@ import statistics
 
 from rich.table import Table
 
-from planner.report import console
+from planner.report import console, seconds_format
 from planner.validate import priced_with
 
 
@@ -33,6 +33,8 @@ def print_validation(report: dict) -> None:
                 "pred tok/s", "meas tok/s", "memory error"):
         t.add_column(col, justify="right" if col not in ("run", "model", "plan", "schedule") else "left",
                      overflow="fold" if col == "run" else "ellipsis")
+    # Both step columns to one number of decimals: 4 figures of the shortest step, predicted or measured.
+    step = seconds_format(min((min(r["predicted_step_s"], r["measured_step_s"]) for r in report["runs"]), default=0), 4)
     for r, label in zip(report["runs"], labels):
         k = r["knobs"]
         drift = () if not drifted else ("-", "-") if r.get("machine_drift") is None else (
@@ -40,7 +42,7 @@ def print_validation(report: dict) -> None:
         waits = () if not waited else ("-", "-") if r.get("unloaded_error_pct") is None else (
             f"{r['waited_pct']:.0f}%", f"{r['unloaded_error_pct']:+.1f}%")
         t.add_row(label, r["model"], r["plan_id"], str(k["tp"]), *((str(k["cp"]),) if cp else ()), str(k["pp"]), str(k["dp"]), str(k["micro_batch"]), k["schedule"],
-                  f"{r['predicted_step_s']:.4g}", f"{r['measured_step_s']:.4g}", f"±{r['spread_pct']:.0f}%",
+                  step % r["predicted_step_s"], step % r["measured_step_s"], f"±{r['spread_pct']:.0f}%",
                   f"{r['error_pct']:+.1f}%", *drift, *waits, f"{r['predicted_tokens_per_s']:,.0f}", f"{r['measured_tokens_per_s']:,.0f}",
                   "-" if r.get("memory_error_pct") is None else f"{r['memory_error_pct']:.1f}%")
     if report["runs"]:

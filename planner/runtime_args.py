@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from planner.errors import MeshplanError
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m runtime.launch",
@@ -33,7 +35,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parser().parse_args(argv)
+    """runtime.launch's arguments; a bad one is a MeshplanError, so it is one line (argparse's usage block is some
+    15), on every rank, and torchrun's summary reads it as the others (runtime.machine.tell_torchrun)."""
+    p = parser()
+
+    def refuse(message: str):
+        raise MeshplanError(f"{message} (`python -m runtime.launch --help` lists the flags)")
+
+    p.error = refuse
+    return p.parse_args(argv)
 
 
 def problem(argv: list[str]) -> str | None:

@@ -5,6 +5,7 @@ Inside the planner, code trusts them."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,19 @@ def _presets(kind: str) -> list[str]:
     return sorted(names)
 
 
+def _unknown(kind: str, noun: str, arg: str, tail: str) -> str:
+    """"unknown NOUN 'arg' (did you mean ...?); expected one of ..." for a name that is no preset of profiles/KIND/:
+    the presets that contain it (h100 for h100-sxm5-80gb), else the nearest (a typo: gpt3-175b for gpt3-175bb, and
+    not also the gpt3-13b a little further off), then every name."""
+    names = _presets(kind)
+    typed = arg.lower()
+    close = {n: difflib.SequenceMatcher(None, typed, n).ratio() for n in difflib.get_close_matches(typed, names, n=3)}
+    near = [n for n in names if len(typed) >= 3 and typed in n] + [n for n, r in close.items() if r >= max(close.values()) - 0.05]
+    near = list(dict.fromkeys(near))[:3]
+    hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+    return f"unknown {noun} {arg!r}{hint}; expected one of {', '.join(names)}{tail}"
+
+
 def _is_file_arg(arg: str) -> bool:
     return arg.endswith((".yaml", ".yml", ".json")) or os.sep in arg
 
@@ -235,7 +249,7 @@ def _resolve(kind: str, what: str, arg: str) -> tuple[str, dict]:
         return str(path), read_mapping(path)
     path = PROFILES_DIR / kind / f"{arg}.yaml"
     if not path.is_file():
-        raise SpecError(f"--{what}", what, f"unknown preset {arg!r}; expected one of {', '.join(_presets(kind))} or a YAML file")
+        raise SpecError(f"--{what}", what, _unknown(kind, "preset", arg, " or a YAML file"))
     return arg, read_mapping(path)
 
 
@@ -355,7 +369,7 @@ def load_device(arg: str) -> DeviceProfile:
     for path in (measured_profile_path(arg), PROFILES_DIR / "devices" / f"{arg}.json"):
         if path.is_file():
             return device_from_dict(read_mapping(path), str(path))
-    raise SpecError("cluster", "device", f"unknown device {arg!r}; expected one of {', '.join(_presets('devices'))} (files in profiles/devices/)")
+    raise SpecError("cluster", "device", _unknown("devices", "device", arg, " (files in profiles/devices/)"))
 
 
 def spec_to_dict(spec: Any) -> dict:

@@ -362,6 +362,7 @@ def cli(argv: list[str] | None = None) -> int:
         return main(argv)
     except MeshplanError as e:
         print(f"error: {e}", file=sys.stderr)
+        machine.tell_torchrun(f"error: {e}")
         return 2
     finally:
         if dist.is_initialized():

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from planner.errors import MeshplanError
+from planner.io import atomic_write_json
 from planner.specs import ModelSpec
 
 REFERENCE_WARMUP = 2
@@ -90,6 +92,23 @@ def leave(code: int) -> None:
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach the reader anyway
             pass
     os._exit(code)
+
+
+def tell_torchrun(line: str) -> None:
+    """Put a refusal where torchrun's summary of the failed ranks reads it: the rank's error file
+    (TORCHELASTIC_ERROR_FILE, which torchrun's agent sets for every rank it starts). Without it the summary
+    says 'traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html' for a rank
+    that has no traceback; with it, 'traceback : ' and the line. torchrun prints that summary, under a
+    traceback of its own (launch_agent raises ChildFailedError), for a rank that exits nonzero whichever way it
+    exits (sys.exit(2), os._exit(2) or an exception alike), and no exit of ours, short of 0, changes that."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:  # not under torchrun
+        return
+    # ErrorHandler.record_exception's schema less its py_callstack (a refusal has none): the summary shows the message.
+    try:
+        atomic_write_json(path, {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}})
+    except MeshplanError:  # an agent that gave no writable file learns of the exit code only, as before
+        pass
 
 
 def machine_busy_s() -> float:

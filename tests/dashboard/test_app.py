@@ -251,7 +251,7 @@ def test_compare_tab_without_tokens_shows_the_plans_and_asks_for_tokens(monkeypa
 def test_fewer_training_tokens_than_one_iteration_is_an_error_naming_the_field(monkeypatch, tmp_path):
     at = open_app(monkeypatch, tmp_path, **TINY, tokens="1k")
     assert not at.exception and len(at.error) == 1 and not at.metric
-    assert "Training tokens: tokens: 1,000 tokens are fewer than one iteration's 2,048" in at.error[0].value
+    assert "Training tokens: 1,000 tokens are fewer than one iteration's 2,048" in at.error[0].value
 
 
 def test_plans_priced_for_another_framework_are_that_frameworks_search_and_say_so(monkeypatch, tmp_path):

@@ -112,3 +112,10 @@ def test_compare_figure_without_prices_draws_days_only():
 
     fig = charts.compare_figure(data.compare_frame(compare_rows(price=None)))
     assert [t.type for t in fig.data].count("bar") == 1 and "xaxis2" not in fig.layout.to_plotly_json()
+
+
+def test_the_breakdown_bars_write_every_part_to_the_decimals_of_the_titles_iteration(figures):
+    fig = figures["breakdown"]
+    said = [t.split(" s (")[0] for t in fig.data[0].text]
+    whole = re.search(r"Where the (\S+) s", fig.layout.title.text).group(1)
+    assert {len(s.split(".")[-1]) for s in said + [whole]} == {len(whole.split(".")[-1])}, (whole, said)

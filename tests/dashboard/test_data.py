@@ -188,7 +188,7 @@ def test_training_inputs_parse_like_the_cli_and_name_the_field():
     assert data.training_inputs("", 2.0) is None and data.training_inputs(None, None) is None
     assert data.training_inputs("15T", None) == (15 * 10**12, None)
     assert data.training_inputs(" 300B ", 1.5) == (3 * 10**11, 1.5)
-    with pytest.raises(SpecError, match="Training tokens: tokens: expected a number of tokens"):
+    with pytest.raises(SpecError, match="Training tokens: expected a number of tokens"):
         data.training_inputs("lots", None)
 
 

@@ -61,7 +61,7 @@ def test_a_global_batch_above_the_limit_is_refused_at_once_naming_the_flag(capsy
     t0 = time.perf_counter()
     err = refused(capsys, "plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb", "--global-batch", "1000000000")
     assert time.perf_counter() - t0 < 1.0
-    assert f"--global-batch: global_batch: 1,000,000,000 sequences is above {MAX_GLOBAL_BATCH:,}" in err
+    assert f"--global-batch: 1,000,000,000 sequences is above {MAX_GLOBAL_BATCH:,}" in err
     assert "above" in refused(capsys, *PREDICT[:-8], "--global-batch", str(MAX_GLOBAL_BATCH + 1), *PREDICT[-8:])
 
 

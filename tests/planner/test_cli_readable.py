@@ -25,6 +25,17 @@ def test_every_flag_has_help_that_states_its_default(command, action):
     assert action.required or "default" in action.help, f"planner {command} {action.option_strings[0]}: say its default"
 
 
+@pytest.mark.parametrize("command", ["plan", "predict", "compare", "profile", "validate", "export", "launch"])
+def test_every_subcommands_own_help_says_in_one_line_what_it_does(command, capsys):
+    # `planner profile --help` had its flags but not a word on what profiling is; the summary stood only in `planner --help`.
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    usage, summary = capsys.readouterr().out.split("\n\n")[:2]
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    said = next(a.help for a in sub._choices_actions if a.dest == command)  # its line in `planner --help`
+    assert usage.startswith(f"usage: planner {command}") and " ".join(summary.split()) == said, summary
+
+
 def planner_at(columns: int, *argv: str) -> str:
     r = subprocess.run([sys.executable, "-m", "planner.cli", *argv], capture_output=True, text=True, timeout=120,
                        env=os.environ | {"COLUMNS": str(columns)})
@@ -102,3 +113,46 @@ def test_the_80_column_table_writes_tflops_as_the_wide_one_does():
     for columns in (80, 200):
         row = next(line for line in planner_at(columns, *argv).splitlines() if "1×1×2" in line)
         assert text in row.replace("│", " ").split(), (columns, row)
+
+
+def decimals(cells) -> set[int]:
+    return {len(str(c).split(".")[1]) if "." in str(c) else 0 for c in cells}
+
+
+def column(table, header: str) -> list[str]:
+    return [str(c) for c in next(c for c in table.columns if c.header == header).cells]
+
+
+@pytest.fixture(scope="module")
+def llama70b_plans():
+    """Five plans of 20.0 to 20.3 s an iteration, the first of which %.3g wrote as 20 beside 20.1."""
+    from planner.search import search
+    from planner.specs import load_cluster, load_device, load_model
+
+    return search(load_model("llama3-70b"), load_cluster("dgx-h100-80gb", nodes=64), load_device("h100-sxm5-80gb"), 1024,
+                  {"zero": 1}, top=5).plans
+
+
+@pytest.mark.parametrize("width", [200, 80])
+def test_the_iter_s_column_writes_every_plan_to_the_same_decimals(llama70b_plans, monkeypatch, width):
+    from planner import report
+
+    monkeypatch.setattr(report.console, "width", width)  # the wide table, then the 80-column one
+    cells = column(report.plans_table(llama70b_plans, "t"), "iter s")
+    assert cells[0] == "20.0" and len(decimals(cells)) == 1, cells
+
+
+def test_the_breakdown_writes_every_part_to_the_same_decimals_and_its_title_as_the_iter_s_column(llama70b_plans):
+    from planner.report import breakdown_table
+
+    t = breakdown_table(llama70b_plans[0])
+    assert t.title.startswith("Where the 20.0 s of an iteration go")
+    assert decimals(column(t, "seconds")) == {2}, column(t, "seconds")  # 4 figures of the whole 20.04 s
+
+
+@pytest.mark.parametrize("smallest, significant, fmt", [(17.0, 3, "%.1f"), (2.29, 3, "%.2f"), (0.0456, 3, "%.4f"),
+                                                        (1234.0, 3, "%.0f"), (20.04, 4, "%.2f"), (0.0, 3, "%.0f")])
+def test_a_column_of_seconds_shows_its_smallest_value_to_the_figures_asked(smallest, significant, fmt):
+    from planner.report import seconds_format
+
+    assert seconds_format(smallest, significant) == fmt

@@ -96,20 +96,20 @@ def test_tokens_take_the_usual_notations(text, tokens):
                                            ("1e400", "beyond any training run")])
 def test_nonsense_tokens_are_refused_naming_the_flag(capsys, text, message):
     err = refused(capsys, "plan", *SMALL, "--tokens", text)
-    assert err.startswith("error: --tokens: tokens: ") and message in err
+    assert err.startswith("error: --tokens: ") and message in err
     with pytest.raises(SpecError, match=message):
         parse_tokens(text)
 
 
 def test_fewer_tokens_than_one_iteration_is_refused_as_the_typo_it_is(capsys):
     err = refused(capsys, *PREDICT, "--tokens", "1M")
-    assert "--tokens: tokens: 1,000,000 tokens are fewer than one iteration's 3,145,728" in err
+    assert "--tokens: 1,000,000 tokens are fewer than one iteration's 3,145,728" in err
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("--gpu-hour-price", "2"), "--gpu-hour-price: gpu_hour_price: prices GPU-hours, which need --tokens"),
-    (("--tokens", "1T", "--gpu-hour-price", "-1"), "--gpu-hour-price: gpu_hour_price: expected a price above 0"),
-    (("--tokens", "1T", "--gpu-hour-price", "$2"), "--gpu-hour-price: gpu_hour_price: expected US dollars per GPU-hour"),
+    (("--gpu-hour-price", "2"), "--gpu-hour-price: prices GPU-hours, which need --tokens"),
+    (("--tokens", "1T", "--gpu-hour-price", "-1"), "--gpu-hour-price: expected a price above 0"),
+    (("--tokens", "1T", "--gpu-hour-price", "$2"), "--gpu-hour-price: expected US dollars per GPU-hour"),
     (("--tokens", "1T", "--gpu-hour-price", "inf"), "expected a price above 0"),
 ])
 def test_a_bad_price_is_refused_naming_the_flag(capsys, argv, message):
@@ -160,13 +160,13 @@ def test_one_price_before_the_first_cluster_prices_every_cluster(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("--nodes", "2", *FITS), "--nodes: nodes: comes before any --cluster; give it after the --cluster it belongs to"),
-    ((*FITS, "--nodes", "2"), "--nodes: nodes: given twice for --cluster dgx-a100-80gb"),
-    ((*FITS, "--gpu-hour-price", "2", *DOES_NOT_FIT), "--gpu-hour-price: gpu_hour_price: given for some clusters but not for "
+    (("--nodes", "2", *FITS), "--nodes: comes before any --cluster; give it after the --cluster it belongs to"),
+    ((*FITS, "--nodes", "2"), "--nodes: given twice for --cluster dgx-a100-80gb"),
+    ((*FITS, "--gpu-hour-price", "2", *DOES_NOT_FIT), "--gpu-hour-price: given for some clusters but not for "
                                                       "--cluster workstation-4x-rtx4090"),
     (("--gpu-hour-price", "1", "--gpu-hour-price", "2", *FITS), "given twice before the first --cluster"),
-    ((*FITS, "--gpu-hour-price", "free"), "--gpu-hour-price: gpu_hour_price: expected US dollars"),
-    (("--cluster", "no-such-cluster"), "--cluster: cluster: unknown preset 'no-such-cluster'"),
+    ((*FITS, "--gpu-hour-price", "free"), "--gpu-hour-price: expected US dollars"),
+    (("--cluster", "no-such-cluster"), "--cluster: unknown preset 'no-such-cluster'"),
 ])
 def test_compare_refuses_flags_it_cannot_pair_with_a_cluster_in_one_line(capsys, argv, message):
     assert message in refused(capsys, *COMPARE, *argv)

@@ -79,7 +79,7 @@ def test_a_one_node_plan_runs_standalone(tmp_path, capsys):
 
 def test_other_nodes_or_a_bad_out_are_refused_and_nothing_is_written(plan_file, capsys):
     err = refused(capsys, "launch", str(plan_file), "--slurm", "--nodes", "3")
-    assert "--nodes: nodes: 3 nodes x 8 GPUs = 24, but the plan needs tp 2 x pp 4 x dp 2 = 16" in err
+    assert "--nodes: 3 nodes x 8 GPUs = 24, but the plan needs tp 2 x pp 4 x dp 2 = 16" in err
     assert "--out: /dev/null is not a regular file" in refused(capsys, "launch", str(plan_file), "--slurm", "--out", "/dev/null")
     assert "needs --slurm" in refused(capsys, "launch", str(plan_file), "--out", "x.sbatch")
     assert not plan_file.with_suffix(".sbatch").exists()
@@ -167,7 +167,7 @@ def test_a_cpu_plans_sbatch_script_reserves_cpus_for_its_ranks_not_gpus(tmp_path
 
 def test_one_node_given_for_a_two_node_plan_is_refused_as_1_node_not_1_nodes(plan_file, capsys):
     err = refused(capsys, "launch", str(plan_file), "--slurm", "--nodes", "1")
-    assert "--nodes: nodes: 1 node x 8 GPUs = 8, but the plan needs" in err
+    assert "--nodes: 1 node x 8 GPUs = 8, but the plan needs" in err
 
 
 def test_a_cp_plans_device_count_names_cp_in_the_refusal_and_both_headers(tmp_path, capsys):

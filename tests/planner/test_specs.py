@@ -153,3 +153,33 @@ def test_a_cluster_files_missing_device_file_is_refused_naming_the_path_tried(tm
     path.write_text(CLUSTER.replace("device: a100-sxm4-80gb", "device: gone.json"))
     err = plan_with(capsys, "gpt-tiny", str(path))
     assert f"{path}: device: no device profile file {tmp_path.resolve() / 'gone.json'} (a relative path is read from the cluster file's folder)" in err
+
+
+@pytest.mark.parametrize("extra, said", [
+    (("--model", "no-such-model"), "error: --model: unknown preset 'no-such-model'"),
+    (("--seq-len", "64"), "error: --seq-len: gpt-tiny has learned positions"),
+    (("--global-batch", "100000"), "error: --global-batch: 100,000 sequences is above"),
+    (("--memory-headroom", "100"), "error: --memory-headroom: 100 GiB leaves nothing"),
+])
+def test_a_flags_error_names_the_flag_once_not_again_as_its_field(capsys, extra, said):
+    # Was `--model: model: unknown preset ...`: the flag is the field's name already.
+    err = plan_with(capsys, "gpt-tiny", "dgx-a100-80gb", *extra)
+    assert err.startswith(said), err
+
+
+def test_an_error_in_a_file_still_names_the_file_and_then_the_field(tmp_path, capsys):
+    path = tmp_path / "heads.yaml"  # a file named like a field is still a file
+    path.write_text(MODEL.replace("heads: 4", "heads: 5"))
+    assert f"{path}: heads: hidden 64 is not divisible by heads 5" in plan_with(capsys, str(path))
+
+
+@pytest.mark.parametrize("flag, typed, meant", [("--model", "gpt3-175bb", "gpt3-175b"), ("--model", "GPT3-175B", "gpt3-175b"),
+                                                ("--cluster", "dgx-a100-80g", "dgx-a100-80gb"),
+                                                ("--device", "h100", "h100-sxm5-80gb")])
+def test_a_misspelled_model_cluster_or_device_suggests_the_nearest_preset(capsys, flag, typed, meant):
+    err = plan_with(capsys, "gpt-tiny", "dgx-a100-80gb", flag, typed)
+    assert f"unknown {'device' if flag == '--device' else 'preset'} {typed!r} (did you mean {meant!r}?); expected one of " in err
+
+
+def test_a_name_like_no_preset_gets_no_suggestion(capsys):
+    assert "unknown preset 'zzz'; expected one of gpt-1.7b," in plan_with(capsys, "zzz")

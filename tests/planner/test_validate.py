@@ -272,3 +272,17 @@ def test_runs_whose_plan_names_a_device_file_are_told_that_file_prices_them_not_
     [mismatch] = validate([str(path)])["profile_mismatches"]
     assert f"read from the device file {device} that the plan names" in mismatch["message"]
     assert "cpu.measured.json" not in mismatch["message"]
+
+
+def test_the_predicted_and_measured_step_columns_write_every_run_to_the_same_decimals(tmp_path, capsys):
+    from planner.report_validation import print_validation
+
+    # A measured step of exactly 1 s read "1" under %.4g, beside a predicted step of four figures.
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(run_line(_plan("gpt-tiny", pp, dp, mbs), [1.0] * 3, None)) + "\n"
+                            for pp, dp, mbs in ((1, 2, 8), (2, 1, 1))))
+    print_validation(validate([str(path)]))
+    rows = [[c.strip() for c in line.split("│")] for line in capsys.readouterr().out.splitlines() if line.startswith(("┃", "│"))]
+    head = [c.strip() for c in rows[0][0].split("┃")]
+    steps = [r[head.index(h)] for r in rows[1:] for h in ("pred step s", "meas step s")]
+    assert "1.000" in steps and {len(s.split(".")[1]) for s in steps} == {3}, steps
