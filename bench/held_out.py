@@ -50,6 +50,8 @@ KEMPNERFORGE = dataclasses.replace(MESHPLAN, tp_gathers_per_linear=True, loss_pa
 sequence parallelism q, k, v, gate and up each gather their own input (Framework.tp_gathers_per_linear), and the
 head's bf16 logits are gathered to every tp rank for F.cross_entropy (Framework.loss_parallel; scripts/train.py)."""
 DEVICE, CLUSTER = "h100-sxm5-80gb", "dgx-h100-80gb"
+KF_CLUSTER = "hgx-h200-4gpu"
+"""KempnerForge's nodes: 4 H200s on NVLink without NVSwitch (a pair at a third of the four's bandwidth) and a NIC each."""
 TORCH_MM_RATE = 790.29 / 989.0
 """A bf16 torch.mm on an H200 SXM: 790.29 TFLOP/s of the 989 dense peak (zzc0721/torch-performance-test-data, cited
 in the h200-sxm-141gb datasheet's notes): what the GEMMs alone reach, where the datasheet's fitted curve tops out at
@@ -98,7 +100,7 @@ def kempnerforge_rows(device) -> list[dict]:
     for run in data["runs"]:
         shape = data["models"].get(run["model"])
         model = model_from_dict(shape, "kempnerforge") if shape else load_model(run["model"], run["seq_len"])
-        cluster = load_cluster("dgx-h200-141gb", nodes=-(-run["gpus"] // 4), gpus_per_node=min(4, run["gpus"]))
+        cluster = load_cluster(KF_CLUSTER, nodes=-(-run["gpus"] // 4), gpus_per_node=min(4, run["gpus"]))
         batch = run["dp"] * run["micro_batch"] * run["grad_accum"]
         plan, _ = predict(model, cluster, device, knobs_of(run), batch, framework=KEMPNERFORGE, memory_headroom_gib=0)
         at_mm, _ = predict(model, cluster, mm_rate, knobs_of(run), batch, framework=KEMPNERFORGE, memory_headroom_gib=0)
@@ -173,7 +175,7 @@ def main() -> int:
     kf = kempnerforge_rows(load_device("h200-sxm-141gb"))
     print("\nKempnerForge (Apr 2026, torch 2.11), H200s 4 per node, predicted as given with meshplan's runtime and "
           "KempnerForge's TP plan (a gather per column-parallel linear, the logits gathered for the loss) as the "
-          "framework on the h200-sxm-141gb datasheet; memory: their max_memory_allocated of bf16 weights, gradients and "
+          "framework, on 4-GPU nodes without NVSwitch (hgx-h200-4gpu) and the h200-sxm-141gb datasheet; memory: their max_memory_allocated of bf16 weights, gradients and "
           "AdamW state (8 bytes a parameter), against meshplan's fp32 (16): not comparable")
     print(f"{'run':<32} {'GPUs':>4} {'step s':>7} {'predicted':>9} {'tokens/s':>9} {'predicted':>9} {'error':>7}   {'memory':>6} {'predicted':>9}"
           f"   {'mm rate':>9} {'error':>7}")

@@ -159,6 +159,11 @@ class ClusterSpec:
     """Link between two devices of one node (NVLink/NVSwitch; shared memory for CPU ranks)."""
     inter_node: LinkSpec
     """Link between nodes, per device (the device's NIC share)."""
+    intra_node_topology: str = "switch"
+    """'switch': the node's devices hang off one non-blocking switch (NVSwitch, a PCIe root), any pair at
+    intra_node's bandwidth. 'mesh': no switch, a direct link between every two devices of the node (a 4-GPU HGX
+    board), and intra_node is one such link: a pair at its bandwidth, a group of k on a node at k - 1 times it
+    (planner/topology.py)."""
 
     @property
     def gpus(self) -> int:
@@ -299,6 +304,9 @@ def cluster_from_dict(data: dict, source: str) -> ClusterSpec:
             raise SpecError(source, f"{link}.bandwidth_GBps", f"must be positive, got {lk.bandwidth_GBps}")
         if lk.latency_us < 0:
             raise SpecError(source, f"{link}.latency_us", f"must be zero or more, got {lk.latency_us}")
+    if c.intra_node_topology not in ("switch", "mesh"):
+        raise SpecError(source, "intra_node_topology", f"expected 'switch' (a node switch such as NVSwitch) or 'mesh' (direct links "
+                                                       f"between every pair, no switch), got {c.intra_node_topology!r}")
     return c
 
 

@@ -1,8 +1,9 @@
 """The cluster as a networkx graph, the rank layout, and the link a process group runs over.
 
-Graph: each device hangs off its node's switch (NVLink/NVSwitch, shared memory for CPU ranks) and
-off its own NIC, the NICs meet in one fabric. A group's bandwidth is set by the slowest link any
-hop of its ring crosses, its latency by the slowest hop."""
+Graph: each device hangs off its node's switch (NVLink/NVSwitch, shared memory for CPU ranks), or on a node
+without one (ClusterSpec.intra_node_topology 'mesh') has a direct link to each other device of it, and off its own
+NIC; the NICs meet in one fabric. A group's bandwidth is set by the slowest link any hop of its ring crosses, its
+latency by the slowest hop."""
 
 from __future__ import annotations
 
@@ -20,9 +21,14 @@ def cluster_graph(cluster: ClusterSpec) -> nx.Graph:
     intra, inter = cluster.intra_node, cluster.inter_node
     # Two hops device->switch->device, four device->NIC->fabric->NIC->device; the latencies split so
     # that a whole path adds up to the spec's one-way figure.
+    G, mesh = cluster.gpus_per_node, cluster.intra_node_topology == "mesh"
     for n in range(cluster.nodes):
-        for d in range(cluster.gpus_per_node):
-            g.add_edge(("gpu", n, d), ("switch", n), bandwidth_GBps=intra.bandwidth_GBps, latency_us=intra.latency_us / 2)
+        for d in range(G):
+            if not mesh:
+                g.add_edge(("gpu", n, d), ("switch", n), bandwidth_GBps=intra.bandwidth_GBps, latency_us=intra.latency_us / 2)
+            for e in range(d + 1, G) if mesh else ():
+                # One direct link to each other device (an HGX H100/H200 4-GPU board: 6 of a GPU's 18 NVLinks), one hop.
+                g.add_edge(("gpu", n, d), ("gpu", n, e), bandwidth_GBps=intra.bandwidth_GBps, latency_us=intra.latency_us)
             if cluster.nodes > 1:
                 g.add_edge(("gpu", n, d), ("nic", n, d), bandwidth_GBps=inter.bandwidth_GBps, latency_us=inter.latency_us / 4)
                 g.add_edge(("nic", n, d), ("fabric",), bandwidth_GBps=inter.bandwidth_GBps, latency_us=inter.latency_us / 4)
@@ -60,20 +66,23 @@ def group_link(cluster: ClusterSpec, ranks: tuple[int, ...]) -> LinkSpec:
     A group with k members on each node leaves a node through k NICs: NCCL runs one ring per NIC
     (channel), each carrying 1/k of the data across the node boundary, so a hop between nodes runs
     at k times one NIC (capped by the node's NIC count). Without this, a 32-way data-parallel
-    all-reduce over 4 DGX nodes would be priced 8x too slow."""
+    all-reduce over 4 DGX nodes would be priced 8x too slow. Likewise on a mesh node a hop between two of its
+    k members runs at k - 1 times their direct link: NCCL's rings (channels) spread over every direct link
+    among the members (in K4, the six directed Hamiltonian rings at half rate each load all twelve links)."""
     if len(ranks) < 2:
         return LinkSpec(bandwidth_GBps=float("inf"), latency_us=0.0)
     per_node: dict[int, int] = {}
     for r in ranks:
         per_node[r // cluster.gpus_per_node] = per_node.get(r // cluster.gpus_per_node, 0) + 1
     nics = min(min(per_node.values()), cluster.gpus_per_node)
+    direct = max(1, min(per_node.values()) - 1) if cluster.intra_node_topology == "mesh" else 1
     bw, lat = float("inf"), 0.0
     G = cluster.gpus_per_node
     # By symmetry a hop depends only on the local indices and whether the nodes differ: a dp ring of thousands
     # of ranks has a handful of kinds of hop.
     for a, b, across in {(a % G, b % G, a // G != b // G) for a, b in zip(ranks, ranks[1:] + ranks[:1])}:
         hb, hl = _hop(cluster, a, b + G * across)
-        bw, lat = min(bw, hb * nics if across else hb), max(lat, hl)
+        bw, lat = min(bw, hb * nics if across else hb * direct), max(lat, hl)
     return LinkSpec(bandwidth_GBps=bw, latency_us=lat)
 
 

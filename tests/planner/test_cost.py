@@ -49,6 +49,22 @@ def test_groups_inside_a_node_use_nvlink_and_across_nodes_use_the_nics():
     assert pp_links(c, 8, 1, 4)[0].bandwidth_GBps == 25
 
 
+def test_on_a_mesh_node_a_pair_talks_over_one_direct_link_and_a_group_over_all_its_members_links():
+    # hgx-h200-4gpu: no NVSwitch, 6 NVLinks (150 GB/s) between every two GPUs. A tp 2 pair has its one link, a tp 4
+    # group its three (NCCL's rings over them), as on an NVSwitch node; a pipeline send between two GPUs one link.
+    mesh = load_cluster("hgx-h200-4gpu", nodes=2)
+    switch = dataclasses_replace(mesh, intra_node_topology="switch", intra_node=dataclasses_replace(mesh.intra_node, bandwidth_GBps=450))
+    assert (tp_link(mesh, 2).bandwidth_GBps, tp_link(mesh, 4).bandwidth_GBps) == (150, 450)
+    assert (tp_link(switch, 2).bandwidth_GBps, tp_link(switch, 4).bandwidth_GBps) == (450, 450)
+    assert dp_link(mesh, 2, 2).bandwidth_GBps == 150 and dp_link(mesh, 4, 2).bandwidth_GBps == 50  # across: one NIC each
+    assert pp_links(mesh, 1, 1, 4)[0].bandwidth_GBps == 150 and pp_links(mesh, 1, 2, 4)[0].bandwidth_GBps == 150
+    # A job on 2 of a board's GPUs keeps the pair's link (the file gives one link, not a GPU's total).
+    assert tp_link(load_cluster("hgx-h200-4gpu", nodes=1, gpus_per_node=2), 2).bandwidth_GBps == 150
+    with pytest.raises(SpecError, match="intra_node_topology.*'switch'.*'mesh'.*got 'ring'"):
+        cluster_from_dict({"name": "x", "nodes": 1, "gpus_per_node": 4, "device": "h100-sxm5-80gb", "intra_node_topology": "ring",
+                           "intra_node": {"bandwidth_GBps": 150, "latency_us": 4}, "inter_node": {"bandwidth_GBps": 50, "latency_us": 8}}, "x.yaml")
+
+
 def test_a_group_that_straddles_two_nodes_somewhere_is_priced_at_the_nics_everywhere():
     # The first group of a kind stood for all: tp 4 on 6-GPU nodes (ranks 4-7 cross nodes) was priced all on
     # NVLink, and so was a dp 3 group of tp 2 on DGX nodes (ranks 6, 8, 10 cross). The slowest group sets the pace.

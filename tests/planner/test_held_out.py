@@ -55,7 +55,7 @@ def test_held_out_kempnerforge_runs_are_priced_with_the_published_batch_and_mode
         assert (row["gpus_per_node"], row["nodes"], row["framework"]) == (min(4, run["gpus"]), -(-run["gpus"] // 4), "meshplan")
     # Priced as torch 2.11's meshplan runtime (cuDNN attention at the GEMM curve), not with the Dec 2024 torch's flash.
     run, row = data["runs"][0], rows[0]
-    args = (load_model(run["model"], 4096), load_cluster("dgx-h200-141gb", nodes=1, gpus_per_node=1), load_device("h200-sxm-141gb"),
+    args = (load_model(run["model"], 4096), load_cluster(held.KF_CLUSTER, nodes=1, gpus_per_node=1), load_device("h200-sxm-141gb"),
             held.knobs_of(run), run["micro_batch"] * run["grad_accum"])
     assert row["predicted"] == pytest.approx(predict(*args, framework=held.KEMPNERFORGE)[0].prediction.tokens_per_s, rel=1e-9)
     assert row["predicted"] > 1.01 * predict(*args, framework=held.TORCH_DEC_2024)[0].prediction.tokens_per_s
@@ -63,7 +63,7 @@ def test_held_out_kempnerforge_runs_are_priced_with_the_published_batch_and_mode
     # than meshplan's own.
     run, row = data["runs"][4], rows[4]
     assert run["name"] == "7B, TP 4"
-    args = (load_model(run["model"], 4096), load_cluster("dgx-h200-141gb", nodes=1, gpus_per_node=4), load_device("h200-sxm-141gb"),
+    args = (load_model(run["model"], 4096), load_cluster(held.KF_CLUSTER, nodes=1, gpus_per_node=4), load_device("h200-sxm-141gb"),
             held.knobs_of(run), run["micro_batch"] * run["grad_accum"])
     assert row["predicted"] == pytest.approx(predict(*args, framework=held.KEMPNERFORGE)[0].prediction.tokens_per_s, rel=1e-9)
     assert row["predicted"] < 0.9 * predict(*args, framework=held.MESHPLAN)[0].prediction.tokens_per_s
@@ -83,7 +83,7 @@ def test_the_mm_rate_column_prices_kempnerforge_with_the_gemm_curve_topped_at_to
     assert scaled.fp8_gemm_efficiency == device.fp8_gemm_efficiency and scaled.memory_efficiency == device.memory_efficiency
     data = json.loads((PROFILES_DIR / "held_out" / "kempnerforge_h200_202604.json").read_text())
     run, row = data["runs"][0], held.kempnerforge_rows(device)[0]
-    args = (load_model(run["model"], 4096), load_cluster("dgx-h200-141gb", nodes=1, gpus_per_node=1), scaled,
+    args = (load_model(run["model"], 4096), load_cluster(held.KF_CLUSTER, nodes=1, gpus_per_node=1), scaled,
             held.knobs_of(run), run["micro_batch"] * run["grad_accum"])
     assert row["at_mm_rate"] == pytest.approx(predict(*args, framework=held.KEMPNERFORGE)[0].prediction.tokens_per_s, rel=1e-9)
     # One GPU is compute-bound: the faster curve makes it faster, by less than the curve's factor (elementwise,
