@@ -104,3 +104,17 @@ if __name__ == "__meshplan_rank__":  # a rank started by run_on_ranks
 def ranks():
     """The run_on_ranks function, for tests that prefer a fixture to an import."""
     return run_on_ranks
+
+
+@pytest.fixture(autouse=True)
+def allocator_setting_stays_in_its_test():
+    """runtime.launch.main sets PYTORCH_ALLOC_CONF in os.environ (runtime.memory.use_expandable_segments); a test
+    that calls it in-process must not hand that setting to every later test and the torchrun runs they start."""
+    names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
