@@ -93,7 +93,7 @@ def torchtitan_rows(device) -> list[dict]:
 
 def kempnerforge_rows(device) -> list[dict]:
     """Every KempnerForge run predicted as given (torch 2.11: cuDNN attention, the GEMM curve's rate; its TP plan's
-    gathers: KEMPNERFORGE), and again at torch.mm's rate (at_mm_rate: TORCH_MM_RATE)."""
+    gathers: KEMPNERFORGE), and again at torch.mm's rate (at_gemm_rate, TORCH_MM_RATE)."""
     data = json.loads((HELD_OUT / "kempnerforge_h200_202604.json").read_text())
     mm_rate = at_gemm_rate(device, TORCH_MM_RATE)
     rows = []
@@ -188,9 +188,7 @@ def main() -> int:
           f"(runs 1-6) predicted/published {min(r['predicted'] / r['published'] for r in kf[:6]):.2f}-"
           f"{max(r['predicted'] / r['published'] for r in kf[:6]):.2f}, across nodes {min(r['predicted'] / r['published'] for r in kf[6:]):.2f}-"
           f"{max(r['predicted'] / r['published'] for r in kf[6:]):.2f}")
-    for label, group in (("without tp, one node", [r for r in kf if r["tp"] == 1 and r["nodes"] == 1]),
-                         ("without tp, two nodes", [r for r in kf if r["tp"] == 1 and r["nodes"] > 1]),
-                         ("with tp", [r for r in kf if r["tp"] > 1])):
+    for label, group in (("one node", [r for r in kf if r["nodes"] == 1]), ("across nodes", [r for r in kf if r["nodes"] > 1])):
         errs = sorted(100 * (r["at_mm_rate"] - r["published"]) / r["published"] for r in group)
         print(f"mm rate (GEMM curve topped at torch.mm's {TORCH_MM_RATE:.3f} of peak, a diagnostic): {label}, {len(group)} run{'s' if len(group) > 1 else ''}, "
               f"{errs[0]:+.1f}%" + (f" to {errs[-1]:+.1f}%" if len(errs) > 1 else ""))
