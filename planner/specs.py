@@ -337,14 +337,20 @@ def load_cluster(arg: str, nodes: int | None = None, gpus_per_node: int | None =
         if v is not None:
             if v <= 0:
                 raise SpecError(f"--{key.replace('_', '-')}", key, f"must be positive, got {v}")
+            if key == "gpus_per_node" and data.get("intra_node_topology") == "mesh" and v > data.get("gpus_per_node", v):
+                # A mesh board's pair link is its GPUs' links split among the others: more GPUs, slower pairs.
+                raise SpecError("--gpus-per-node", key, f"{v} is more than the {data['gpus_per_node']} GPUs of {source}'s mesh "
+                                                         f"board, whose pair link ({data['intra_node']['bandwidth_GBps']} GB/s) "
+                                                         f"is for that many; write a cluster file for the larger board")
             data[key] = v
     cluster = cluster_from_dict(data, source)
     # A measured profile of the cluster's device carries the links measured between its ranks (planner
     # profile fits them to its collectives): they replace the spec's intra-node figures.
     from planner.measured import intra_node_link
 
+    # The measured link is already the group's (fitted to collectives over all ranks), so it is read as a switch.
     link = intra_node_link(cluster.device)
-    return dataclasses.replace(cluster, intra_node=link) if link else cluster
+    return dataclasses.replace(cluster, intra_node=link, intra_node_topology="switch") if link else cluster
 
 
 def device_from_dict(data: dict, source: str) -> DeviceProfile:

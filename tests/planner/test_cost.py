@@ -8,7 +8,7 @@ import pytest
 from planner.cost import MEGATRON, model_flops, predict
 from planner.errors import SpecError
 from planner.plan import Knobs
-from planner.specs import cluster_from_dict, load_cluster, load_device, load_model
+from planner.specs import LinkSpec, cluster_from_dict, load_cluster, load_device, load_model
 from planner.topology import dp_link, pp_links, tp_link
 
 A100 = load_device("a100-sxm4-80gb")
@@ -63,6 +63,20 @@ def test_on_a_mesh_node_a_pair_talks_over_one_direct_link_and_a_group_over_all_i
     with pytest.raises(SpecError, match="intra_node_topology.*'switch'.*'mesh'.*got 'ring'"):
         cluster_from_dict({"name": "x", "nodes": 1, "gpus_per_node": 4, "device": "h100-sxm5-80gb", "intra_node_topology": "ring",
                            "intra_node": {"bandwidth_GBps": 150, "latency_us": 4}, "inter_node": {"bandwidth_GBps": 50, "latency_us": 8}}, "x.yaml")
+
+
+def test_a_mesh_board_refuses_more_gpus_per_node_than_its_pair_link_is_for():
+    # hgx-h200-4gpu's 150 GB/s is a GPU's links split three ways; at 8 a node it would price tp 8 at 7 x 150.
+    with pytest.raises(SpecError, match="--gpus-per-node.*8 is more than the 4 GPUs"):
+        load_cluster("hgx-h200-4gpu", gpus_per_node=8)
+
+
+def test_a_measured_link_on_a_mesh_board_is_not_multiplied_by_its_direct_links(monkeypatch):
+    # planner profile fits its link to collectives over all ranks: that is already the group's figure.
+    measured = LinkSpec(bandwidth_GBps=380.0, latency_us=9.0)
+    monkeypatch.setattr("planner.measured.intra_node_link", lambda device: measured)
+    c = load_cluster("hgx-h200-4gpu", nodes=1)
+    assert c.intra_node == measured and tp_link(c, 4).bandwidth_GBps == 380 and tp_link(c, 2).bandwidth_GBps == 380
 
 
 def test_a_group_that_straddles_two_nodes_somewhere_is_priced_at_the_nics_everywhere():

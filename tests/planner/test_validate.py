@@ -285,4 +285,6 @@ def test_the_predicted_and_measured_step_columns_write_every_run_to_the_same_dec
     rows = [[c.strip() for c in line.split("│")] for line in capsys.readouterr().out.splitlines() if line.startswith(("┃", "│"))]
     head = [c.strip() for c in rows[0][0].split("┃")]
     steps = [r[head.index(h)] for r in rows[1:] for h in ("pred step s", "meas step s")]
-    assert "1.000" in steps and {len(s.split(".")[1]) for s in steps} == {3}, steps
+    # Whatever the profile (a local cpu.measured.json prices these below 1 s), one count of decimals for all.
+    decimals = {len(s.split(".")[1]) for s in steps}
+    assert len(decimals) == 1 and "1." + "0" * decimals.pop() in steps, steps
