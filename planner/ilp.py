@@ -32,7 +32,7 @@ TIME_TOLERANCE = 1e-9
 
 
 class DeviceTerms(NamedTuple):
-    """Linear coefficients of one pipeline device, per microbatch (from planner.terms.Terms). A named tuple, not a
+    """Linear coefficients of one pipeline device, per microbatch (from planner.per_microbatch.Terms). A named tuple, not a
     dataclass: the search builds one per pipeline device for thousands of candidates, and reads them as rows of
     one array."""
 
@@ -99,7 +99,7 @@ def inflight_by_stage(sched: str, p: int, m: int, v: int) -> tuple[float, ...]:
 
 
 def device_terms(tm, knobs, m: int, model, stage_fixed_s: list[float]) -> list[DeviceTerms]:
-    """The program's coefficients for each pipeline device, read from the cost terms `tm` (planner.terms.Terms)
+    """The program's coefficients for each pipeline device, read from the cost terms `tm` (planner.per_microbatch.Terms)
     of `knobs`; stage_fixed_s[k] is stage k's block-independent seconds per microbatch (forward + backward)."""
     p, v = knobs.pp, knobs.virtual_stages
     inflight = inflight_by_stage(knobs.schedule, p, m, v)

@@ -282,7 +282,7 @@ def head_transient_bytes(model: ModelSpec, tp: int, b: float, saved: SavedTensor
 
 def device_memory(terms, params: float, end_params: float, blocks: int, activation_bytes: float, has_head: bool,
                   full_recompute: bool, m: int, knobs) -> MemoryBreakdown:
-    """One pipeline device from its cost terms (planner.terms.Terms): `params` on it (`end_params` of them the
+    """One pipeline device from its cost terms (planner.per_microbatch.Terms): `params` on it (`end_params` of them the
     embedding's and head's) in its `blocks` blocks, `activation_bytes` its peak in-flight activations (from the
     schedule's op order), plus the largest transient working set (Terms.peak_transient), over m microbatches of
     `knobs`."""
