@@ -153,7 +153,7 @@ def stage_cost_list(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...]) -> l
         rc = full * tm.full_recompute_s + (n - full) * rest.layer_recompute_s
         f = n * tm.layer_forward_s + fixed_f
         bw = n * tm.layer_backward_s + fixed_b
-        tpc = (n + full / 2) * tm.layer_tp_comm_s + tm.tp_all_reduce_s * (s.embedding + s.head)  # a recompute re-runs the forward's
+        tpc = (n + full / 2) * tm.layer_tp_comm_s + tm.tp_all_reduce_s * s.embedding + tm.head_tp_comm_s * s.head  # a recompute re-runs the forward's
         acts = full * tm.full_activation_bytes + (n - full) * rest.layer_activation_bytes
         if s.embedding:
             acts += tm.embedding_activation_bytes

@@ -263,21 +263,26 @@ def embedding_activation_bytes(model: ModelSpec, tp: int, b: int, sequence_paral
     return 3 * model.seq_len * b * model.hidden / (tp if sequence_parallel else 1)
 
 
-def logit_bytes(model: ModelSpec, tp: int, b: float) -> float:
-    """One fp32 tensor of one microbatch's logits on a tp rank: 4sbv/t (Korthikanti et al. 2022, section 4.4)."""
-    return 4 * model.seq_len * b * model.padded_vocab(tp) / tp
+def logit_bytes(model: ModelSpec, tp: int, b: float, gathered: int = 0) -> float:
+    """One fp32 tensor of one microbatch's logits on a tp rank: 4sbv/t (Korthikanti et al. 2022, section 4.4). With
+    `gathered` (Framework.loss_parallel False: the logits all-gathered to every tp rank, `gathered` bytes each), one
+    tensor of the whole vocabulary's."""
+    whole = model.seq_len * b * model.padded_vocab(tp)
+    return gathered * whole if gathered else 4 * whole / tp
 
 
-def head_kept_bytes(model: ModelSpec, tp: int, b: float, saved: SavedTensors = MEGATRON_SAVED, pipelined: bool = False) -> float:
+def head_kept_bytes(model: ModelSpec, tp: int, b: float, saved: SavedTensors = MEGATRON_SAVED, pipelined: bool = False,
+                    gathered: int = 0) -> float:
     """What the last stage keeps of the logits' size per microbatch in flight (SavedTensors.pipeline_keeps_logits)."""
-    return 2 * logit_bytes(model, tp, b) if pipelined and saved.pipeline_keeps_logits else 0.0
+    return 2 * logit_bytes(model, tp, b, gathered) if pipelined and saved.pipeline_keeps_logits else 0.0
 
 
-def head_transient_bytes(model: ModelSpec, tp: int, b: float, saved: SavedTensors = MEGATRON_SAVED, pipelined: bool = False) -> float:
+def head_transient_bytes(model: ModelSpec, tp: int, b: float, saved: SavedTensors = MEGATRON_SAVED, pipelined: bool = False,
+                         gathered: int = 0) -> float:
     """What the loss's backward holds of the logits' size on the last stage beyond head_kept_bytes: loss_tensors of
     them, less the log_softmax output that head_kept_bytes already counts."""
     kept = 1 if pipelined and saved.pipeline_keeps_logits else 0
-    return (saved.loss_tensors - kept) * logit_bytes(model, tp, b)
+    return (saved.loss_tensors - kept) * logit_bytes(model, tp, b, gathered)
 
 
 def device_memory(terms, params: float, end_params: float, blocks: int, activation_bytes: float, has_head: bool,

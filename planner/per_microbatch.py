@@ -33,6 +33,9 @@ class Terms:
     head_forward_s: float
     head_backward_s: float
     """The embedding (first stage) and final norm + head + loss (last stage), with their all-reduces."""
+    head_tp_comm_s: float
+    """Of the head's forward + backward, its tensor-parallel collectives: its input gradient's all-reduce, and the
+    logits' all-gather where the loss is not vocab-parallel (Framework.loss_parallel False)."""
     stage_forward_s: float
     stage_backward_s: float
     """torch.distributed.pipelining's own work per microbatch and stage (a measured profile's; 0 otherwise)."""
@@ -47,7 +50,7 @@ class Terms:
     head_kept_bytes: float
     """What the last stage keeps of the logits' size per microbatch in flight (memory.head_kept_bytes)."""
     logit_bytes: float
-    """One fp32 tensor of a microbatch's logits on this tp rank."""
+    """One tensor of a microbatch's logits on this tp rank (memory.logit_bytes)."""
     recompute_working_bytes: float
     """What a fully recomputed block holds while it is re-run for its backward."""
     layer_params: float

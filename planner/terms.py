@@ -117,7 +117,8 @@ class CostModel:
         rc = f if k.recompute == "full" else lt.selective_recompute_s if k.recompute == "selective" else 0.0
         whole_loss, lb = t > 1 and not self.framework.loss_parallel, self.framework.logit_bytes  # logits gathered to each tp rank
         loss_b = gathered_loss_extra_s(dev, model, t, b, lb) if whole_loss else 0.0
-        loss_f = loss_b + (comm.all_gather_s(b * model.seq_len * model.padded_vocab(t) * lb, t, tp_link(self.cluster, t)) if whole_loss else 0.0)
+        logit_gather = comm.all_gather_s(b * model.seq_len * model.padded_vocab(t) * lb, t, tp_link(self.cluster, t)) if whole_loss else 0.0
+        gl = lb if whole_loss else 0  # memory: each tp rank then holds the whole vocabulary's logits, lb bytes each
         so_f, so_b = self.stage_overhead_s() if k.pp > 1 else (0.0, 0.0)
         # The activation formulas (memory.py) are Korthikanti et al.'s bytes for a 2-byte dtype: scaled to the
         # device's training dtype here, and only here.
@@ -130,14 +131,15 @@ class CostModel:
             # Vocab-parallel embedding: one all-reduce of its output; column-parallel head: its input gradient
             # is all-reduced in the backward (Shoeybi et al. 2019, section 3).
             embedding_forward_s=et.embedding_forward_s + ar_exposed, embedding_backward_s=et.embedding_backward_s,
-            head_forward_s=et.head_forward_s + loss_f, head_backward_s=et.head_backward_s + ar_exposed + loss_b,
+            head_forward_s=et.head_forward_s + loss_b + logit_gather, head_backward_s=et.head_backward_s + ar_exposed + loss_b,
+            head_tp_comm_s=ar_exposed + logit_gather,
             stage_forward_s=so_f, stage_backward_s=so_b,
             layer_activation_bytes=activation_bytes_per_layer(model, t, b, sp, k.recompute, fused, saved, fp8) * scale
             + (gathered if k.recompute != "full" else 0.0),
             full_activation_bytes=activation_bytes_per_layer(model, t, b, sp, "full", fused, saved, fp8) * scale,
             embedding_activation_bytes=embedding_activation_bytes(model, t, b, sp, saved) * scale,
-            head_transient_bytes=head_transient_bytes(model, t, b, saved, pipelined=k.pp > 1), logit_bytes=logit_bytes(model, t, b),
-            head_kept_bytes=head_kept_bytes(model, t, b, saved, pipelined=k.pp > 1),
+            head_transient_bytes=head_transient_bytes(model, t, b, saved, pipelined=k.pp > 1, gathered=gl), logit_bytes=logit_bytes(model, t, b, gl),
+            head_kept_bytes=head_kept_bytes(model, t, b, saved, pipelined=k.pp > 1, gathered=gl),
             recompute_working_bytes=full_layer_activation_bytes(model, t, b, sp, fused, saved, fp8) * scale + gathered,
             layer_params=layer_param_count(model, t), cp_all_gather_s=kv,
             layer_cache_bytes=fp8_weight_cache_bytes(model, t, self.framework.fp8_primary_weights) if fp8 and not self.framework.fp8_weight_casts else 0.0, overhead_bytes=dev.framework_overhead_gib * GIB,

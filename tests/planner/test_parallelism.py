@@ -168,7 +168,7 @@ def test_per_linear_tp_gathers_price_one_gather_per_column_parallel_linear_under
         assert each.layer_forward_s - once.layer_forward_s == pytest.approx((each.layer_tp_comm_s - once.layer_tp_comm_s) / 2)
 
 
-def test_a_loss_over_gathered_logits_prices_the_gather_and_the_whole_vocabularys_cross_entropy():
+def test_a_loss_over_gathered_logits_prices_the_gather_the_whole_vocabularys_cross_entropy_and_its_logits_memory():
     from planner import comm
     from planner.compute import cross_entropy_s
     from planner.terms import tp_link
@@ -186,3 +186,10 @@ def test_a_loss_over_gathered_logits_prices_the_gather_and_the_whole_vocabularys
         assert extra > 0 and whole.head_backward_s - vp.head_backward_s == pytest.approx(extra)
         gather = comm.all_gather_s(logits * 2, tp, tp_link(cluster, tp))
         assert whole.head_forward_s - vp.head_forward_s == pytest.approx(extra + gather)
+        # The gather is booked as tensor-parallel traffic, and each rank holds the whole vocabulary's logits.
+        assert whole.head_tp_comm_s - vp.head_tp_comm_s == pytest.approx(gather)
+        assert (vp.logit_bytes, whole.logit_bytes) == (4 * logits / tp, 2 * logits)
+        assert whole.head_transient_bytes == pytest.approx(vp.head_transient_bytes * tp / 2)
+        # In the plan's breakdown too: 4 microbatches a step (global batch 16 over dp 2, micro-batch 2).
+        tpc = [predict(model, cluster, device, knobs, 16, framework=f)[0].prediction.breakdown.tp_comm_s for f in (MESHPLAN, gathered)]
+        assert tpc[1] - tpc[0] == pytest.approx(4 * gather)
