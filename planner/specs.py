@@ -320,6 +320,7 @@ def load_cluster(arg: str, nodes: int | None = None, gpus_per_node: int | None =
     source, data = _resolve("clusters", "cluster", arg)
     data.setdefault("name", Path(arg).stem if _is_file_arg(arg) else arg)
     if device is not None:
+        _device_path(device, "--device")  # an unknown name is the flag's error, before the cluster's fields
         data["device"] = str(Path(device).resolve()) if _is_file_arg(device) else device
     elif isinstance(data.get("device"), str) and _is_file_arg(data["device"]):
         folder = Path(arg).parent if _is_file_arg(arg) else PROFILES_DIR / "clusters"
@@ -375,15 +376,20 @@ def measured_profile_path(name: str) -> Path:
 
 def load_device(arg: str) -> DeviceProfile:
     """A device name (a measured profile, see measured_profile_path, wins over profiles/devices/NAME.json) or a JSON file."""
+    path = _device_path(arg, "cluster")
+    return device_from_dict(read_mapping(path), str(path))
+
+
+def _device_path(arg: str, source: str) -> Path:
+    """The file load_device reads for ARG; an unknown name is SOURCE's error (the --device flag, or the cluster's field)."""
     if _is_file_arg(arg):
-        path = Path(arg)
-        if not path.is_file():
+        if not Path(arg).is_file():
             raise SpecError(arg, FILE, "no such device profile file")
-        return device_from_dict(read_mapping(path), str(path))
+        return Path(arg)
     for path in (measured_profile_path(arg), PROFILES_DIR / "devices" / f"{arg}.json"):
         if path.is_file():
-            return device_from_dict(read_mapping(path), str(path))
-    raise SpecError("cluster", "device", _unknown("devices", "device", arg, " (files in profiles/devices/)"))
+            return path
+    raise SpecError(source, "device", _unknown("devices", "device", arg, " (files in profiles/devices/)"))
 
 
 def spec_to_dict(spec: Any) -> dict:

@@ -178,7 +178,12 @@ def test_an_error_in_a_file_still_names_the_file_and_then_the_field(tmp_path, ca
                                                 ("--device", "h100", "h100-sxm5-80gb")])
 def test_a_misspelled_model_cluster_or_device_suggests_the_nearest_preset(capsys, flag, typed, meant):
     err = plan_with(capsys, "gpt-tiny", "dgx-a100-80gb", flag, typed)
-    assert f"unknown {'device' if flag == '--device' else 'preset'} {typed!r} (did you mean {meant!r}?); expected one of " in err
+    assert f"{flag}: unknown {'device' if flag == '--device' else 'preset'} {typed!r} (did you mean {meant!r}?); expected one of " in err
+
+
+def test_an_unknown_device_flag_is_the_flags_error_even_on_a_cluster_that_counts_this_machines_cores(capsys):
+    # local-cpu's gpus_per_node 'auto' is for device cpu only: that refusal said nothing of the name being unknown.
+    assert "--device: unknown device 'h100-sxm' (did you mean 'h100-sxm5-80gb'?)" in plan_with(capsys, "gpt-tiny", "local-cpu", "--device", "h100-sxm")
 
 
 def test_a_name_like_no_preset_gets_no_suggestion(capsys):
