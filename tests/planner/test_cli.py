@@ -330,3 +330,11 @@ def test_seq_len_trains_a_rope_model_on_shorter_sequences_shown_in_the_header_an
     assert "--seq-len: gpt3-1.3b has learned positions, a 2,048 x hidden table" in err
     assert "has learned positions" in refused(capsys, "compare", "--model", "gpt3-1.3b", "--seq-len", "1024", "--global-batch", "64",
                                               "--tokens", "1T", "--cluster", "dgx-a100-80gb")
+
+
+def test_python_dash_m_planner_runs_the_same_cli_and_passes_on_its_exit_code():
+    ok = subprocess.run([sys.executable, "-m", "planner", "--version"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "planner", "plan", "--model", "zzz", "--cluster", "local-cpu", "--global-batch", "8"],
+                         capture_output=True, text=True)
+    assert ok.returncode == 0 and "meshplan" in ok.stdout + ok.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --model: unknown preset 'zzz'")
