@@ -113,21 +113,40 @@ def elementwise_per_token(model: ModelSpec, tp: int, sequence_parallel: bool, co
     return (2 * 2 + 2 * add) * h / rep + (5 if model.mlp == "swiglu" else 2) * f / tp + (6 * (h + kv) / tp if rope else 0.0)
 
 
-def float8_casts_per_token(model: ModelSpec, tp: int) -> float:
+def float8_casts_per_token(model: ModelSpec, tp: int, sequence_parallel: bool = False, fused_inputs: bool = False) -> float:
     """Elements the Float8 linears' dynamic scaling moves per token in the forward (torchao's tensorwise recipe):
-    each linear reads its input for the amax, reads it again to cast and writes one byte (half a bf16 element):
-    2.5 passes over its input width. Inputs: q, k and v are three linears over h; the output projection h/tp;
-    the MLP's first matrices h each (one, or gate and up); its last f/tp. The backward casts the gradients as
-    much again (inside its 2x)."""
+    each cast reads its input for the amax, reads it again to cast and writes one byte (half a bf16 element):
+    2.5 passes over its input width. The inputs: the row-parallel output projection's h/tp and the MLP's last
+    matrix's f/tp; the column-parallel q, k, v and the MLP's first matrices (one, or gate and up) read the block's
+    h-wide input. Those are cast once per sub-block where they share it: one fused linear (Megatron-Core's
+    linear_qkv and linear_fc1, fused_inputs), or under TP, where the module's input is cast before the linears see
+    it (torchao's PrepareFloat8ModuleInput, as meshplan's runtime and torchtitan shard them); otherwise each linear
+    casts its own (torchao's Float8Linear, tp 1). With sequence parallelism that cast is of the local s/tp shard,
+    before the all-gather (torchao's Float8ColwiseParallel casts, then redistributes; Transformer Engine's
+    LayerNormLinear gathers its FP8 norm output): h/tp per token. The backward casts the gradients as much again
+    (inside its 2x)."""
     h, f = model.hidden, model.ffn_hidden
-    inputs = 3 * h + h / tp + (2 if model.mlp == "swiglu" else 1) * h + f / tp
-    return 2.5 * inputs
+    mlp_in = 2 if model.mlp == "swiglu" else 1
+    width = h / tp if sequence_parallel else h
+    column = 2 * width if fused_inputs or tp > 1 else (3 + mlp_in) * width
+    return 2.5 * (column + h / tp + f / tp)
+
+
+def float8_wgrad_transposes_per_token(model: ModelSpec, sequence_parallel: bool) -> float:
+    """Elements (bf16-sized: an FP8 transpose reads a byte and writes one) Transformer Engine 1.x's backward moves
+    per token to transpose whole-sequence FP8 tensors for the weight-gradient GEMMs (Hopper's FP8 GEMMs take only
+    the TN layout): each LayerNormLinear's gathered FP8 input, h wide at any tp (q/k/v and the MLP's first
+    matrices: tex.fp8_transpose(ln_out_total) in layernorm_linear.py), and with sequence parallelism each
+    row-parallel linear's output gradient, cast on the local shard, all-gathered and transposed whole
+    (grad_output_preprocess in module/base.py); without SP that transpose fuses into the cast."""
+    return (4 if sequence_parallel else 2) * model.hidden
 
 
 def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
                           precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
                           fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None,
-                          flash: bool = False, masked_chunks: bool = False) -> LayerTimes:
+                          flash: bool = False, masked_chunks: bool = False, fp8_fused_inputs: bool = False,
+                          fp8_wgrad_transposes: bool = False) -> LayerTimes:
     """One block on a tp shard for b sequences (a fraction with context parallelism: each cp rank holds s/cp of
     each sequence and attends to all s keys, which is b/cp sequences' GEMM and attention work); attention fused as
     fused_attention says (None: as the device profile does), as FlashAttention-2 where flash, over whole masked
@@ -155,18 +174,21 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
         # memory.fp8_weight_cache_bytes).
         passes = min(fp8_cast_passes, 1.5) if compiled else fp8_cast_passes
         weights = model.block_matrix_params() / tp if fp8_weight_casts else 0.0
-        elem += float8_casts_per_token(model, tp) * passes / 2.5 + passes * weights / tokens
+        elem += float8_casts_per_token(model, tp, sequence_parallel, fp8_fused_inputs) * passes / 2.5 + passes * weights / tokens
     elem_fwd = memory_s(device, tokens * elem)
     fwd = gemm_fwd + attn_fwd + elem_fwd
     # Backward: a data-gradient and a weight-gradient GEMM per forward GEMM; elementwise ~2x.
     bwd = 2 * gemm_fwd + attn_bwd + 2 * elem_fwd
+    if fp8 and fp8_wgrad_transposes:
+        bwd += memory_s(device, tokens * float8_wgrad_transposes_per_token(model, sequence_parallel))
     return LayerTimes(forward_s=fwd, backward_s=bwd, selective_recompute_s=attn_fwd)
 
 
 def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
                 precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
                 fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None,
-                flash: bool = False, masked_chunks: bool = False) -> LayerTimes:
+                flash: bool = False, masked_chunks: bool = False, fp8_fused_inputs: bool = False,
+                fp8_wgrad_transposes: bool = False) -> LayerTimes:
     """A measured profile wins where it has this layer; the datasheet model otherwise. A measured profile times
     eager blocks: compiled, they save what elementwise_per_token says fusion saves, at the profile's own memory
     bandwidth (never below half the measurement)."""
@@ -182,7 +204,7 @@ def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequ
             return LayerTimes(max(got.forward_s / 2, got.forward_s - saved), max(got.backward_s / 2, got.backward_s - 2 * saved),
                               got.selective_recompute_s, got.source)
     return datasheet_layer_times(model, device, tp, b, sequence_parallel, precision, compiled, fp8_cast_passes, fp8_weight_casts, cp,
-                                 fused_attention, flash, masked_chunks)
+                                 fused_attention, flash, masked_chunks, fp8_fused_inputs, fp8_wgrad_transposes)
 
 
 def datasheet_end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float) -> EndTimes:

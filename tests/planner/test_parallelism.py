@@ -59,6 +59,21 @@ def test_fp8_runs_the_linears_at_the_fp8_peak_and_is_refused_without_fp8_tensor_
         predict(LLAMA70, load_cluster("dgx-a100-80gb", nodes=8), A100, Knobs(8, 1, 8, 1, precision="fp8"), 64)
 
 
+def test_fp8_casts_one_shared_input_per_sub_block_under_tp_and_only_the_local_shard_with_sp():
+    from planner.compute import float8_casts_per_token
+
+    h, f = LLAMA70.hidden, LLAMA70.ffn_hidden
+    # tp 1, torchao: q, k, v, gate and up are five Float8Linears, each casting the same h-wide input.
+    assert float8_casts_per_token(LLAMA70, 1) == pytest.approx(2.5 * (5 * h + h + f))
+    # Under TP torchao's PrepareFloat8ModuleInput casts the attention's and the MLP's input once each; with SP it
+    # casts the local s/tp rows before the all-gather (torchao's Float8ColwiseParallel, Transformer Engine's
+    # LayerNormLinear), so every input is an h/tp or f/tp slice per token.
+    assert float8_casts_per_token(LLAMA70, 8) == pytest.approx(2.5 * (2 * h + h / 8 + f / 8))
+    assert float8_casts_per_token(LLAMA70, 8, sequence_parallel=True) == pytest.approx(2.5 * (3 * h + f) / 8)
+    # Megatron-Core's fused linear_qkv and linear_fc1 share one cast at any tp.
+    assert float8_casts_per_token(LLAMA70, 1, fused_inputs=True) == pytest.approx(2.5 * (3 * h + f))
+
+
 def test_fp8_pinned_on_a_device_without_fp8_tensor_cores_is_refused_by_the_search_as_by_predict(capsys):
     # The search priced fp8 GEMMs at the device's fp8 peak of 0 TFLOP/s: a ZeroDivisionError in plan, compare and
     # the dashboard, where predict already refused.
