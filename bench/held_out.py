@@ -16,7 +16,9 @@
   max_memory_allocated, but of bf16 weights, gradients and AdamW state, which meshplan's runtime keeps in fp32:
   printed, not compared. Each run is predicted a second time with the GEMM curve scaled so that its top is
   torch.mm's measured rate on an H200 (TORCH_MM_RATE), a diagnostic and not a prediction: the datasheet's curve is
-  fitted to Megatron-Core runs, and the two columns show what it absorbs.
+  fitted to Megatron-Core runs, and the two columns show what it absorbs. A third column adds, at that rate, what
+  NCCL's kernels take from the GEMMs they overlap (sm_tax_s, NCCL_SM_SHARE): a hypothesis with a constant read
+  from logs, not measured here, and not a prediction either.
 - Llama 3 405B (Meta, table 4): MFU on 8,192 and 16,384 H100s, with the published degrees pinned and the rest
   searched (meshplan's runtime, and Megatron-Core as NVIDIA runs it).
 
@@ -39,6 +41,7 @@ from planner.frameworks import FRAMEWORKS, MESHPLAN
 from planner.plan import Knobs
 from planner.search import search
 from planner.specs import PROFILES_DIR, load_cluster, load_device, load_model, model_from_dict
+from planner.terms import CostModel
 
 HELD_OUT = PROFILES_DIR / "held_out"
 TORCH_DEC_2024 = dataclasses.replace(MESHPLAN, flash_attention=True, cp_masked_chunks=False)
@@ -55,7 +58,27 @@ KF_CLUSTER = "hgx-h200-4gpu"
 TORCH_MM_RATE = 790.29 / 989.0
 """A bf16 torch.mm on an H200 SXM: 790.29 TFLOP/s of the 989 dense peak (zzc0721/torch-performance-test-data, cited
 in the h200-sxm-141gb datasheet's notes): what the GEMMs alone reach, where the datasheet's fitted curve tops out at
-0.562."""
+0.580."""
+
+NCCL_SM_SHARE = 32 / 132
+"""Share of an H100's or H200's 132 SMs that NCCL's kernels hold while a collective runs: one CTA per channel
+(NCCL src/include/device.h, MAXCHANNELS), and 32 coll channels is what NCCL_DEBUG=INFO prints on H100 clusters in
+the logs users post (NCCL doubles the channels on Hopper across nodes: src/graph/connect.cc). A GEMM overlapped by
+them loses those SMs (PyTorch PR #179937: 'NCCL collectives use SMs, which makes matmuls that are overlapped by
+them 30-40% slower'; Calculon prices the same loss as processor_usage). Not measured for KempnerForge's
+communicators: the sm-tax column is a hypothesis, docs/research/2026-12-03-multinode-loss.md."""
+
+
+def sm_tax_s(plan, device, framework) -> float:
+    """Seconds a step loses to NCCL_SM_SHARE of the SMs while FSDP2's gathers and reduce-scatters run hidden under
+    compute: the share times the hidden traffic (its whole time less what the plan already has exposed)."""
+    knobs = plan.knobs
+    cm = CostModel(plan.model, plan.cluster, device, framework)
+    tm = cm.terms(knobs)
+    params = plan.model.layers / plan.pp * tm.layer_params + tm.end_params(plan.model, plan.tp, True, True)
+    forward, backward, step = cm.sharding_s(knobs, params)
+    traffic = plan.num_microbatches * (forward + backward) + step
+    return NCCL_SM_SHARE * max(0.0, traffic - plan.prediction.breakdown.dp_comm_s)
 
 
 def at_gemm_rate(device, rate: float):
@@ -104,8 +127,9 @@ def kempnerforge_rows(device) -> list[dict]:
         batch = run["dp"] * run["micro_batch"] * run["grad_accum"]
         plan, _ = predict(model, cluster, device, knobs_of(run), batch, framework=KEMPNERFORGE, memory_headroom_gib=0)
         at_mm, _ = predict(model, cluster, mm_rate, knobs_of(run), batch, framework=KEMPNERFORGE, memory_headroom_gib=0)
+        taxed_s = at_mm.prediction.iteration_s + sm_tax_s(at_mm, mm_rate, KEMPNERFORGE)
         rows.append({"name": run["name"], "gpus": run["gpus"], "nodes": plan.cluster.nodes, "gpus_per_node": plan.cluster.gpus_per_node,
-                     "tp": run["tp"], "at_mm_rate": at_mm.prediction.tokens_per_s,
+                     "tp": run["tp"], "at_mm_rate": at_mm.prediction.tokens_per_s, "sm_tax": batch * model.seq_len / taxed_s,
                      "framework": plan.framework, "published": run["tokens_per_s"], "predicted": plan.prediction.tokens_per_s,
                      "memory": run["memory_gib"], "memory_predicted": plan.prediction.peak_memory_gib,
                      "step_s": run["step_s"], "step_predicted": plan.prediction.iteration_s})
@@ -178,11 +202,11 @@ def main() -> int:
           "framework, on 4-GPU nodes without NVSwitch (hgx-h200-4gpu) and the h200-sxm-141gb datasheet; memory: their max_memory_allocated of bf16 weights, gradients and "
           "AdamW state (8 bytes a parameter), against meshplan's fp32 (16): not comparable")
     print(f"{'run':<32} {'GPUs':>4} {'step s':>7} {'predicted':>9} {'tokens/s':>9} {'predicted':>9} {'error':>7}   {'memory':>6} {'predicted':>9}"
-          f"   {'mm rate':>9} {'error':>7}")
+          f"   {'mm rate':>9} {'error':>7}  {'+ SM tax':>9} {'error':>7}")
     for r in kf:
         print(f"{r['name']:<32} {r['gpus']:>4} {r['step_s']:>7.2f} {r['step_predicted']:>9.2f} {r['published']:>9,.0f} "
               f"{r['predicted']:>9,.0f} {pct(r['predicted'], r['published']):>7}   {r['memory']:>6.1f} {r['memory_predicted']:>9.1f}"
-              f"   {r['at_mm_rate']:>9,.0f} {pct(r['at_mm_rate'], r['published']):>7}")
+              f"   {r['at_mm_rate']:>9,.0f} {pct(r['at_mm_rate'], r['published']):>7}  {r['sm_tax']:>9,.0f} {pct(r['sm_tax'], r['published']):>7}")
     errs = [abs(r["predicted"] - r["published"]) / r["published"] for r in kf]
     print(f"throughput: mean absolute error {100 * statistics.mean(errs):.1f}%, max {100 * max(errs):.1f}%; within a node "
           f"(runs 1-6) predicted/published {min(r['predicted'] / r['published'] for r in kf[:6]):.2f}-"
@@ -192,6 +216,9 @@ def main() -> int:
         errs = sorted(100 * (r["at_mm_rate"] - r["published"]) / r["published"] for r in group)
         print(f"mm rate (GEMM curve topped at torch.mm's {TORCH_MM_RATE:.3f} of peak, a diagnostic): {label}, {len(group)} run{'s' if len(group) > 1 else ''}, "
               f"{errs[0]:+.1f}%" + (f" to {errs[-1]:+.1f}%" if len(errs) > 1 else ""))
+        taxed = [abs(r["sm_tax"] - r["published"]) / r["published"] for r in group]
+        print(f"mm rate + SM tax ({NCCL_SM_SHARE:.3f} of the SMs under hidden FSDP2 traffic, a hypothesis): {label}, "
+              f"mean absolute error {100 * statistics.mean(taxed):.1f}%, max {100 * max(taxed):.1f}%")
     if not args.quick:
         print("\nLlama 3 405B (Meta, table 4): the published degrees, ZeRO-2 and an interleaved schedule pinned; micro-batch, "
               "virtual stages and recomputation searched. MFU as the planner counts it (attention s x s in full), "

@@ -106,3 +106,19 @@ def test_calibration_mm_rate_prices_every_h100_run_again_and_megatrons_tp1_run_c
     assert len(rows) == 21
     fitted, mm = (float(x) for x in re.findall(r"([+-]\d+\.\d)%", next(r for r in rows if "1.7B/48" in r)))
     assert abs(fitted) < 5 and mm > 20
+
+
+def test_the_sm_tax_column_adds_nccls_share_of_the_hidden_fsdp_traffic_and_nothing_without_fsdp():
+    # The hypothesis column: at torch.mm's rate, NCCL_SM_SHARE of the SMs lost while FSDP2's traffic runs hidden.
+    held = _held_out()
+    rows = held.kempnerforge_rows(load_device("h200-sxm-141gb"))
+    for r in rows:
+        if "FSDP" not in r["name"]:  # one GPU, or TP alone: no FSDP2 traffic, nothing to tax
+            assert r["sm_tax"] == pytest.approx(r["at_mm_rate"], rel=1e-12), r["name"]
+        else:
+            assert r["sm_tax"] < r["at_mm_rate"], r["name"]
+    # The 70B run is bound by FSDP2's traffic over InfiniBand (the mm rate does not move it), yet much of that
+    # traffic still runs under compute, so the tax moves it most.
+    (big,) = [r for r in rows if r["name"].startswith("70B")]
+    assert big["at_mm_rate"] == pytest.approx(big["predicted"], rel=1e-3) and big["sm_tax"] < 0.9 * big["at_mm_rate"]
+    assert held.NCCL_SM_SHARE == pytest.approx(32 / 132)
