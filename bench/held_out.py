@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from planner.cost import predict
+from planner.cost import predict, stage_cost_list
 from planner.frameworks import FRAMEWORKS, MESHPLAN
 from planner.plan import Knobs
 from planner.search import search
@@ -70,15 +70,16 @@ communicators: the sm-tax column is a hypothesis, docs/research/2026-12-03-multi
 
 
 def sm_tax_s(plan, device, framework) -> float:
-    """Seconds a step loses to NCCL_SM_SHARE of the SMs while FSDP2's gathers and reduce-scatters run hidden under
-    compute: the share times the hidden traffic (its whole time less what the plan already has exposed)."""
-    knobs = plan.knobs
-    cm = CostModel(plan.model, plan.cluster, device, framework)
-    tm = cm.terms(knobs)
-    params = plan.model.layers / plan.pp * tm.layer_params + tm.end_params(plan.model, plan.tp, True, True)
-    forward, backward, step = cm.sharding_s(knobs, params)
-    traffic = plan.num_microbatches * (forward + backward) + step
-    return NCCL_SM_SHARE * max(0.0, traffic - plan.prediction.breakdown.dp_comm_s)
+    """Seconds a step loses to NCCL_SM_SHARE of the SMs while FSDP2's gathers and reduce-scatters run beside compute
+    (cost.StageCost.sharded_overlap_s): in each phase the compute beside traffic G slows by the share of the time
+    they overlap, min(C, G), which lengthens the phase only past G: max(G, C + share * min(C, G)) - max(G, C), every
+    microbatch. Without pipelining only (a step is then its microbatches in a row); the traffic the model leaves
+    exposed (the microbatch's edges, the once-a-step gathers) has no compute beside it and is not taxed."""
+    if plan.pp > 1:
+        raise ValueError("sm_tax_s prices unpipelined plans only")
+    (stage,) = stage_cost_list(CostModel(plan.model, plan.cluster, device, framework), plan.knobs, plan.stages)
+    tax = sum(max(g, c + NCCL_SM_SHARE * min(c, g)) - max(g, c) for c, g in stage.sharded_overlap_s)
+    return plan.num_microbatches * tax
 
 
 def at_gemm_rate(device, rate: float):

@@ -39,6 +39,9 @@ class StageCost:
     """Kept per in-flight microbatch, bytes."""
     full_recompute: bool
     """Some of its blocks recompute fully (their working set is then on the device)."""
+    sharded_overlap_s: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
+    """ZeRO 2/3 only: (compute, traffic) beside each other in the forward, then in the backward (recomputation
+    included), the microbatch's edges left out: each phase lasts max(compute, traffic) plus its edge."""
 
     @property
     def busy_s(self) -> float:
@@ -161,15 +164,16 @@ def stage_cost_list(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...]) -> l
             acts += tm.head_kept_bytes
         io = blocking_io_s(cm, knobs, p2p, k) if blocking else 0.0
         params = n * tm.layer_params + end_params
-        exposed = 0.0
+        exposed, overlap = 0.0, ((0.0, 0.0), (0.0, 0.0))
         if sharded:
             # ZeRO 2/3: the stage's weight gathers and gradient reduce-scatters run on their own stream beside
             # its compute (FSDP2 prefetches the next block's weights); what exceeds the compute is exposed, and
             # so is the traffic at a microbatch's edges where nothing runs beside it (fsdp_edges_s).
             gather_f, gather_b, _ = cm.sharding_s(knobs, params)
             exposed = max(0.0, gather_f - edge_f - f) + edge_f + max(0.0, gather_b - edge_b - bw - rc) + edge_b
+            overlap = ((f, gather_f - edge_f), (bw + rc, gather_b - edge_b))
             f, bw = max(f, gather_f - edge_f) + edge_f, max(bw, gather_b - edge_b - rc) + edge_b
-        out.append(StageCost(f + io, bw + io, rc, tpc, io, exposed, params, acts, full > 0))
+        out.append(StageCost(f + io, bw + io, rc, tpc, io, exposed, params, acts, full > 0, overlap))
     return out
 
 
