@@ -113,40 +113,59 @@ def elementwise_per_token(model: ModelSpec, tp: int, sequence_parallel: bool, co
     return (2 * 2 + 2 * add) * h / rep + (5 if model.mlp == "swiglu" else 2) * f / tp + (6 * (h + kv) / tp if rope else 0.0)
 
 
-def float8_casts_per_token(model: ModelSpec, tp: int, sequence_parallel: bool = False, fused_inputs: bool = False) -> float:
-    """Elements the Float8 linears' dynamic scaling moves per token in the forward (torchao's tensorwise recipe):
-    each cast reads its input for the amax, reads it again to cast and writes one byte (half a bf16 element):
-    2.5 passes over its input width. The inputs: the row-parallel output projection's h/tp and the MLP's last
-    matrix's f/tp; the column-parallel q, k, v and the MLP's first matrices (one, or gate and up) read the block's
-    h-wide input. Those are cast once per sub-block where they share it: one fused linear (Megatron-Core's
-    linear_qkv and linear_fc1, fused_inputs), or under TP, where the module's input is cast before the linears see
-    it (torchao's PrepareFloat8ModuleInput, as meshplan's runtime and torchtitan shard them); otherwise each linear
-    casts its own (torchao's Float8Linear, tp 1). With sequence parallelism that cast is of the local s/tp shard,
-    before the all-gather (torchao's Float8ColwiseParallel casts, then redistributes; Transformer Engine's
-    LayerNormLinear gathers its FP8 norm output): h/tp per token. The backward casts the gradients as much again
-    (inside its 2x)."""
+def float8_casts_per_token(model: ModelSpec, tp: int, sequence_parallel: bool = False) -> float:
+    """Elements torchao's Float8 linears move per token to scale and cast their inputs in the forward (tensorwise
+    dynamic scaling): each cast reads its input for the amax, reads it again to cast and writes one byte (half a
+    bf16 element), 2.5 passes over its width. The inputs: the row-parallel output projection's h/tp and the MLP's
+    last matrix's f/tp; the column-parallel q, k, v and the MLP's first matrices (one, or gate and up) read the
+    block's h-wide input. Under TP they share one cast per sub-block (PrepareFloat8ModuleInput casts the module's
+    input, as meshplan's runtime and torchtitan shard them), of the local s/tp shard with SP (Float8ColwiseParallel
+    casts, then redistributes): h/tp per token. At tp 1 each Float8Linear casts it on its own."""
     h, f = model.hidden, model.ffn_hidden
     mlp_in = 2 if model.mlp == "swiglu" else 1
     width = h / tp if sequence_parallel else h
-    column = 2 * width if fused_inputs or tp > 1 else (3 + mlp_in) * width
+    column = 2 * width if tp > 1 else (3 + mlp_in) * width
     return 2.5 * (column + h / tp + f / tp)
 
 
-def float8_wgrad_transposes_per_token(model: ModelSpec, sequence_parallel: bool) -> float:
-    """Elements (bf16-sized: an FP8 transpose reads a byte and writes one) Transformer Engine 1.x's backward moves
-    per token to transpose whole-sequence FP8 tensors for the weight-gradient GEMMs (Hopper's FP8 GEMMs take only
-    the TN layout): each LayerNormLinear's gathered FP8 input, h wide at any tp (q/k/v and the MLP's first
-    matrices: tex.fp8_transpose(ln_out_total) in layernorm_linear.py), and with sequence parallelism each
-    row-parallel linear's output gradient, cast on the local shard, all-gathered and transposed whole
-    (grad_output_preprocess in module/base.py); without SP that transpose fuses into the cast."""
-    return (4 if sequence_parallel else 2) * model.hidden
+def float8_grad_casts_per_token(model: ModelSpec, tp: int, sequence_parallel: bool = False) -> float:
+    """Elements torchao's backward moves per token to cast, at 2.5 passes, each linear's output gradient, which no
+    two linears share: the column-parallel linears' are their outputs' width, (h + 2 kv_dim)/tp for q, k and v and
+    f/tp for each of the MLP's first matrices; the row-parallel ones' (the output projection's and the MLP's last)
+    h, or the local h/tp shard with SP (Float8RowwiseParallel). The inputs the weight-gradient GEMMs need were cast
+    in the forward and are kept."""
+    h, f, kv = model.hidden, model.ffn_hidden, model.kv_dim
+    mlp_in = 2 if model.mlp == "swiglu" else 1
+    row = h / tp if sequence_parallel else h
+    return 2.5 * ((h + 2 * kv + mlp_in * f) / tp + 2 * row)
+
+
+def transformer_engine_fp8_moves_per_token(model: ModelSpec, tp: int, sequence_parallel: bool) -> tuple[float, float]:
+    """(forward, backward) elements, bf16-sized (2 bytes), that Transformer Engine 1.x's FP8 linears move per token
+    besides their GEMMs, with delayed scaling (the amax comes from its history: no pass to find it), read from
+    transformer_engine/pytorch/module/{layernorm_linear,linear,base}.py:
+    - q/k/v and the MLP's first matrices are LayerNormLinears (Megatron-Core's linear_qkv, linear_fc1): the norm
+      writes its output in FP8 (layernorm_fwd_fp8), no cast of its own; with SP that FP8 shard is gathered. The
+      backward transposes the gathered FP8 input for the weight-gradient GEMM (tex.fp8_transpose(ln_out_total);
+      Hopper's FP8 GEMMs take only the TN layout): a byte read and one written, h per token each, at any tp.
+    - The row-parallel linears cast their inputs (h/tp, f/tp) with their transposes (fp8_cast_transpose_fused:
+      2 bytes read, 2 written): 2 per element.
+    - The output gradients of the column-parallel linears, (h + 2 kv_dim)/tp and f/tp for each first matrix, are
+      cast with their transposes (fp8_cast_transpose_bgrad_fused): 2 per element. Those of the row-parallel ones
+      (grad_output_preprocess): without SP the same fused cast of h, 2 each; with SP a cast of the local h/tp shard
+      (1.5: 2 bytes read, 1 written), an all-gather in FP8 and a transpose of the whole h (1)."""
+    h, f, kv = model.hidden, model.ffn_hidden, model.kv_dim
+    mlp_in = 2 if model.mlp == "swiglu" else 1
+    forward = 2 * (h + f) / tp
+    row_grads = 2 * (1.5 * h / tp + h) if sequence_parallel else 2 * 2 * h
+    backward = 2 * (h + 2 * kv + mlp_in * f) / tp + row_grads + 2 * h
+    return forward, backward
 
 
 def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
-                          precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
+                          precision: str = "bf16", compiled: bool = False, fp8_casts: str = "torchao",
                           fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None,
-                          flash: bool = False, masked_chunks: bool = False, fp8_fused_inputs: bool = False,
-                          fp8_wgrad_transposes: bool = False) -> LayerTimes:
+                          flash: bool = False, masked_chunks: bool = False) -> LayerTimes:
     """One block on a tp shard for b sequences (a fraction with context parallelism: each cp rank holds s/cp of
     each sequence and attends to all s keys, which is b/cp sequences' GEMM and attention work); attention fused as
     fused_attention says (None: as the device profile does), as FlashAttention-2 where flash, over whole masked
@@ -164,31 +183,32 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
     fused = device.fused_attention if fused_attention is None else fused_attention
     attn_fwd, attn_bwd = _attention_core_s(device, model, tp, b, cp, fused, flash, masked_chunks)
     elem = elementwise_per_token(model, tp, sequence_parallel, compiled)
-    if fp8:
-        # Scaling and casting the activations per token, and the weights once per microbatch (each matrix,
-        # ModelSpec.block_matrix_params over tp), at fp8_cast_passes passes each (the framework's: torchao's
-        # dynamic scaling reads for the amax, reads to cast and writes a byte: 2.5; compiled, amax and cast fuse:
-        # 1.5; Transformer Engine's delayed scaling takes the amax from its history: one fused pass). Transformer
-        # Engine casts the weights on a step's first microbatch only and keeps them (is_first_microbatch):
-        # fp8_weight_casts False, a cost spread over the step's microbatches and left out (its memory is not:
-        # memory.fp8_weight_cache_bytes).
-        passes = min(fp8_cast_passes, 1.5) if compiled else fp8_cast_passes
-        weights = model.block_matrix_params() / tp if fp8_weight_casts else 0.0
-        elem += float8_casts_per_token(model, tp, sequence_parallel, fp8_fused_inputs) * passes / 2.5 + passes * weights / tokens
-    elem_fwd = memory_s(device, tokens * elem)
+    if fp8 and fp8_casts == "transformer-engine":
+        # Transformer Engine keeps each step's FP8 weights from its first microbatch on (is_first_microbatch):
+        # their casts are spread over the step and left out (their memory is not: memory.fp8_weight_cache_bytes).
+        cast_fwd, cast_bwd = transformer_engine_fp8_moves_per_token(model, tp, sequence_parallel)
+    elif fp8:
+        # torchao: the activations' and gradients' casts at 2.5 passes eager, 1.5 compiled (amax and cast fuse), and
+        # the weights cast every microbatch, in the forward and again in the backward (force_recompute_fp8_weight_in_bwd,
+        # as torchtitan recommends with FSDP), each matrix over tp (ModelSpec.block_matrix_params) unless
+        # fp8_weight_casts is False.
+        scale = (1.5 if compiled else 2.5) / 2.5
+        weights = 2.5 * scale * model.block_matrix_params() / tp / tokens if fp8_weight_casts else 0.0
+        cast_fwd = float8_casts_per_token(model, tp, sequence_parallel) * scale + weights
+        cast_bwd = float8_grad_casts_per_token(model, tp, sequence_parallel) * scale + weights
+    else:
+        cast_fwd = cast_bwd = 0.0
+    elem_fwd = memory_s(device, tokens * (elem + cast_fwd))
     fwd = gemm_fwd + attn_fwd + elem_fwd
-    # Backward: a data-gradient and a weight-gradient GEMM per forward GEMM; elementwise ~2x.
-    bwd = 2 * gemm_fwd + attn_bwd + 2 * elem_fwd
-    if fp8 and fp8_wgrad_transposes:
-        bwd += memory_s(device, tokens * float8_wgrad_transposes_per_token(model, sequence_parallel))
+    # Backward: a data-gradient and a weight-gradient GEMM per forward GEMM; elementwise ~2x; its own casts.
+    bwd = 2 * gemm_fwd + attn_bwd + memory_s(device, tokens * (2 * elem + cast_bwd))
     return LayerTimes(forward_s=fwd, backward_s=bwd, selective_recompute_s=attn_fwd)
 
 
 def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequence_parallel: bool,
-                precision: str = "bf16", compiled: bool = False, fp8_cast_passes: float = 2.5,
+                precision: str = "bf16", compiled: bool = False, fp8_casts: str = "torchao",
                 fp8_weight_casts: bool = True, cp: int = 1, fused_attention: bool | None = None,
-                flash: bool = False, masked_chunks: bool = False, fp8_fused_inputs: bool = False,
-                fp8_wgrad_transposes: bool = False) -> LayerTimes:
+                flash: bool = False, masked_chunks: bool = False) -> LayerTimes:
     """A measured profile wins where it has this layer; the datasheet model otherwise. A measured profile times
     eager blocks: compiled, they save what elementwise_per_token says fusion saves, at the profile's own memory
     bandwidth (never below half the measurement)."""
@@ -203,8 +223,8 @@ def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequ
                                                          - elementwise_per_token(model, tp, sequence_parallel, True)))
             return LayerTimes(max(got.forward_s / 2, got.forward_s - saved), max(got.backward_s / 2, got.backward_s - 2 * saved),
                               got.selective_recompute_s, got.source)
-    return datasheet_layer_times(model, device, tp, b, sequence_parallel, precision, compiled, fp8_cast_passes, fp8_weight_casts, cp,
-                                 fused_attention, flash, masked_chunks, fp8_fused_inputs, fp8_wgrad_transposes)
+    return datasheet_layer_times(model, device, tp, b, sequence_parallel, precision, compiled, fp8_casts, fp8_weight_casts, cp,
+                                 fused_attention, flash, masked_chunks)
 
 
 def datasheet_end_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float) -> EndTimes:

@@ -40,16 +40,10 @@ class Framework:
     param_gather_overlap: bool = False
     """The distributed optimizer's all-gather of updated weights runs under the next step's forward
     (Megatron-Core's --overlap-param-gather)."""
-    fp8_cast_passes: float = 2.5
-    """Passes over a tensor to scale and cast it to FP8 (compute.datasheet_layer_times): torchao's dynamic
-    scaling 2.5, Transformer Engine's delayed scaling 1."""
-    fp8_fused_inputs: bool = False
-    """q, k and v, and the MLP's first matrices, are one fused linear each that casts its input to FP8 once
-    (Megatron-Core's linear_qkv and linear_fc1); False: separate Float8Linears, which share one cast only under TP
-    (compute.float8_casts_per_token)."""
-    fp8_wgrad_transposes: bool = False
-    """Transformer Engine 1.x transposes whole-sequence FP8 tensors for the weight-gradient GEMMs
-    (compute.float8_wgrad_transposes_per_token). torchao's col-major copies for the same GEMMs are not priced."""
+    fp8_casts: str = "torchao"
+    """How FP8 linears scale, cast and transpose what they multiply: "torchao" (dynamic tensorwise scaling,
+    compute.float8_casts_per_token and float8_grad_casts_per_token) or "transformer-engine" (1.x, delayed scaling,
+    norm-fused casts and the weight-gradient transposes: compute.transformer_engine_fp8_moves_per_token)."""
     fp8_weight_casts: bool = True
     """FP8 weights cast every microbatch (torchao); False: once per step and kept (Transformer Engine)."""
     fp8_primary_weights: bool = False
@@ -154,12 +148,12 @@ DEEPSPEED = Framework("deepspeed", grad_reduce_bytes=4, dp_overlap=False, p2p_sc
 # asynchronous pipeline sends split over tp, FlashAttention (Transformer Engine's, on every GPU), FP8 through
 # Transformer Engine with FP8 primary weights (every FP8 recipe of NVIDIA's dgxc-benchmarking v24.11.1 sets
 # model.fp8_params: nemotron/configure.sh, llama3.1/configure.sh, nemo_megatron/gpt3_175b_hydra.yaml), its casts and
-# transposes as Transformer Engine 1.x makes them (compute.float8_casts_per_token, float8_wgrad_transposes_per_token).
+# transposes as Transformer Engine 1.x makes them (compute.transformer_engine_fp8_moves_per_token).
 # The TP overlap share is fitted by bench/fit_calibration.py on the H100 runs in profiles/calibration/.
-MEGATRON_CORE_TP_OVERLAP = 0.459
+MEGATRON_CORE_TP_OVERLAP = 0.428
 MEGATRON_CORE = Framework("megatron-core", grad_reduce_bytes=2, grad_bytes=2, dp_overlap=True, p2p_scatter_gather=True, p2p_blocking=False,
-                          tp_overlap=MEGATRON_CORE_TP_OVERLAP, param_gather_overlap=True, fp8_cast_passes=1.0, fp8_fused_inputs=True,
-                          fp8_wgrad_transposes=True, fp8_weight_casts=False, fp8_primary_weights=True, fused_elementwise=True, saved=MEGATRON_CORE_SAVED,
+                          tp_overlap=MEGATRON_CORE_TP_OVERLAP, param_gather_overlap=True, fp8_casts="transformer-engine",
+                          fp8_weight_casts=False, fp8_primary_weights=True, fused_elementwise=True, saved=MEGATRON_CORE_SAVED,
                           fused_attention=True)
 FRAMEWORKS = {f.name: f for f in (MESHPLAN, MEGATRON, DEEPSPEED, MEGATRON_CORE)}
 LABELS = {"meshplan": "meshplan's runtime", "megatron": "Megatron-LM as in Narayanan et al. 2021",

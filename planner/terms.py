@@ -53,9 +53,8 @@ class CostModel:
         key = (t, b, sp, precision, compiled, cp)
         if key not in self._layer:
             fw = self.framework
-            self._layer[key] = layer_times(self.model, self.device, t, b, sp, precision, compiled, fw.fp8_cast_passes,
-                                           fw.fp8_weight_casts, cp, fw.fuses_attention(self.device), fw.flash_attention, fw.cp_masked_chunks,
-                                           fw.fp8_fused_inputs, fw.fp8_wgrad_transposes)
+            self._layer[key] = layer_times(self.model, self.device, t, b, sp, precision, compiled, fw.fp8_casts,
+                                           fw.fp8_weight_casts, cp, fw.fuses_attention(self.device), fw.flash_attention, fw.cp_masked_chunks)
         return self._layer[key]
 
     def ends(self, t: int, b: float):

@@ -105,7 +105,7 @@ def test_calibration_mm_rate_prices_every_h100_run_again_and_megatrons_tp1_run_c
     rows = [line for line in table.splitlines() if re.search(r"(bf16|fp8)\s", line)]
     assert len(rows) == 21
     fitted, mm = (float(x) for x in re.findall(r"([+-]\d+\.\d)%", next(r for r in rows if "1.7B/48" in r)))
-    assert abs(fitted) < 5 and mm > 20
+    assert abs(fitted) < 10 and mm > fitted + 15
 
 
 def test_the_sm_tax_slows_only_the_compute_beside_fsdp_traffic_and_lengthens_a_phase_only_past_that_traffic():

@@ -60,18 +60,41 @@ def test_fp8_runs_the_linears_at_the_fp8_peak_and_is_refused_without_fp8_tensor_
 
 
 def test_fp8_casts_one_shared_input_per_sub_block_under_tp_and_only_the_local_shard_with_sp():
-    from planner.compute import float8_casts_per_token
+    from planner.compute import float8_casts_per_token, float8_grad_casts_per_token
 
-    h, f = LLAMA70.hidden, LLAMA70.ffn_hidden
-    # tp 1, torchao: q, k, v, gate and up are five Float8Linears, each casting the same h-wide input.
+    h, f, kv = LLAMA70.hidden, LLAMA70.ffn_hidden, LLAMA70.kv_dim
+    gpt = load_model("gpt3-175b")
+    # tp 1, torchao: q, k, v, gate and up are five Float8Linears, each casting the same h-wide input; GELU's MLP has
+    # one first matrix.
     assert float8_casts_per_token(LLAMA70, 1) == pytest.approx(2.5 * (5 * h + h + f))
+    assert float8_casts_per_token(gpt, 1) == pytest.approx(2.5 * (4 * gpt.hidden + gpt.hidden + gpt.ffn_hidden))
     # Under TP torchao's PrepareFloat8ModuleInput casts the attention's and the MLP's input once each; with SP it
-    # casts the local s/tp rows before the all-gather (torchao's Float8ColwiseParallel, Transformer Engine's
-    # LayerNormLinear), so every input is an h/tp or f/tp slice per token.
+    # casts the local s/tp rows before the all-gather (Float8ColwiseParallel), so every input is an h/tp or f/tp
+    # slice per token.
     assert float8_casts_per_token(LLAMA70, 8) == pytest.approx(2.5 * (2 * h + h / 8 + f / 8))
     assert float8_casts_per_token(LLAMA70, 8, sequence_parallel=True) == pytest.approx(2.5 * (3 * h + f) / 8)
-    # Megatron-Core's fused linear_qkv and linear_fc1 share one cast at any tp.
-    assert float8_casts_per_token(LLAMA70, 1, fused_inputs=True) == pytest.approx(2.5 * (3 * h + f))
+    # The backward casts each linear's output gradient, which none share: q's h and k's and v's kv_dim, gate's and
+    # up's f, over tp; the row-parallel linears' h, or its local shard with SP.
+    assert float8_grad_casts_per_token(LLAMA70, 8) == pytest.approx(2.5 * ((h + 2 * kv + 2 * f) / 8 + 2 * h))
+    assert float8_grad_casts_per_token(LLAMA70, 8, True) == pytest.approx(2.5 * (h + 2 * kv + 2 * f + 2 * h) / 8)
+
+
+def test_transformer_engine_casts_in_the_norm_and_transposes_the_gathered_tensors_whole():
+    from planner.compute import transformer_engine_fp8_moves_per_token
+
+    h, f, kv = LLAMA70.hidden, LLAMA70.ffn_hidden, LLAMA70.kv_dim
+    fwd, bwd = transformer_engine_fp8_moves_per_token(LLAMA70, 8, True)
+    # Forward: only the row-parallel inputs are cast (with their transposes); q/k/v's and gate/up's inputs come
+    # out of the norm in FP8.
+    assert fwd == pytest.approx(2 * (h + f) / 8)
+    # Backward: the column-parallel output gradients cast with their transposes, the row-parallel ones cast on the
+    # local shard and transposed whole after the gather, and the two gathered norm outputs transposed whole.
+    assert bwd == pytest.approx(2 * (h + 2 * kv + 2 * f) / 8 + 2 * (1.5 * h / 8 + h) + 2 * h)
+    # Without SP the row-parallel gradients' cast fuses its transpose (2 per element of h); the norm outputs'
+    # transposes stay: whole at any tp.
+    assert transformer_engine_fp8_moves_per_token(LLAMA70, 8, False)[1] == pytest.approx(2 * (h + 2 * kv + 2 * f) / 8 + 4 * h + 2 * h)
+    wide, narrow = (transformer_engine_fp8_moves_per_token(LLAMA70, t, True)[1] for t in (2, 8))
+    assert narrow > 2 * h + 2 * h and wide > narrow  # the whole-h transposes do not shrink with tp
 
 
 def test_fp8_pinned_on_a_device_without_fp8_tensor_cores_is_refused_by_the_search_as_by_predict(capsys):
