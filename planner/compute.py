@@ -192,10 +192,10 @@ def datasheet_layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: f
         # the weights cast every microbatch, in the forward and again in the backward (force_recompute_fp8_weight_in_bwd,
         # as torchtitan recommends with FSDP), each matrix over tp (ModelSpec.block_matrix_params) unless
         # fp8_weight_casts is False.
-        scale = (1.5 if compiled else 2.5) / 2.5
-        weights = 2.5 * scale * model.block_matrix_params() / tp / tokens if fp8_weight_casts else 0.0
-        cast_fwd = float8_casts_per_token(model, tp, sequence_parallel) * scale + weights
-        cast_bwd = float8_grad_casts_per_token(model, tp, sequence_parallel) * scale + weights
+        passes = 1.5 if compiled else 2.5
+        weights = passes * model.block_matrix_params() / tp / tokens if fp8_weight_casts else 0.0
+        cast_fwd = float8_casts_per_token(model, tp, sequence_parallel) * passes / 2.5 + weights
+        cast_bwd = float8_grad_casts_per_token(model, tp, sequence_parallel) * passes / 2.5 + weights
     else:
         cast_fwd = cast_bwd = 0.0
     elem_fwd = memory_s(device, tokens * (elem + cast_fwd))

@@ -11,6 +11,10 @@ from planner.plan import Knobs
 from planner.zero import ZERO_MODES
 
 
+FP8_CASTS = ("torchao", "transformer-engine")
+"""The FP8 recipes compute.datasheet_layer_times prices (Framework.fp8_casts)."""
+
+
 @dataclass(frozen=True)
 class Framework:
     """What the software that runs the plan does, where that changes the cost."""
@@ -100,6 +104,10 @@ class Framework:
     """Gradients live in buffers made once (Megatron-LM's main_grad, DeepSpeed's, DDP's buckets) and so exist at
     every peak; False: autograd makes them in the backward (meshplan's runtime sets them to None after each step)
     except where DDP wraps the model (Terms.grads_at_peak)."""
+
+    def __post_init__(self):
+        if self.fp8_casts not in FP8_CASTS:  # a misspelt recipe would otherwise be priced as torchao's
+            raise ValueError(f"Framework {self.name}: fp8_casts must be one of {', '.join(FP8_CASTS)}, got {self.fp8_casts!r}")
 
     def tp_all_reduces_each_way(self, mlp: str, sequence_parallel: bool) -> float:
         """A block's tensor-parallel traffic each way (forward, backward), in all-reduces of its activations: 2

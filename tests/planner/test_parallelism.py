@@ -231,3 +231,11 @@ def test_a_loss_over_gathered_logits_prices_the_gather_the_whole_vocabularys_cro
         # In the plan's breakdown too: 4 microbatches a step (global batch 16 over dp 2, micro-batch 2).
         tpc = [predict(model, cluster, device, knobs, 16, framework=f)[0].prediction.breakdown.tp_comm_s for f in (MESHPLAN, gathered)]
         assert tpc[1] - tpc[0] == pytest.approx(4 * gather)
+
+
+def test_a_framework_with_an_fp8_recipe_the_model_does_not_price_is_refused():
+    # A misspelt recipe would otherwise fall through to torchao's casts.
+    from planner.frameworks import FRAMEWORKS
+
+    with pytest.raises(ValueError, match="fp8_casts must be one of torchao, transformer-engine"):
+        dataclasses.replace(FRAMEWORKS["megatron-core"], fp8_casts="transformer_engine")
