@@ -170,9 +170,10 @@ def stage_cost_list(cm: CostModel, knobs: Knobs, stages: tuple[Stage, ...]) -> l
             # its compute (FSDP2 prefetches the next block's weights); what exceeds the compute is exposed, and
             # so is the traffic at a microbatch's edges where nothing runs beside it (fsdp_edges_s).
             gather_f, gather_b, _ = cm.sharding_s(knobs, params)
-            exposed = max(0.0, gather_f - edge_f - f) + edge_f + max(0.0, gather_b - edge_b - bw - rc) + edge_b
             overlap = ((f, gather_f - edge_f), (bw + rc, gather_b - edge_b))
-            f, bw = max(f, gather_f - edge_f) + edge_f, max(bw, gather_b - edge_b - rc) + edge_b
+            (cf, gf), (cb, gb) = overlap
+            exposed = max(0.0, gf - cf) + edge_f + max(0.0, gb - cb) + edge_b
+            f, bw = max(cf, gf) + edge_f, max(cb, gb) - rc + edge_b  # backward_s leaves the recomputation out
         out.append(StageCost(f + io, bw + io, rc, tpc, io, exposed, params, acts, full > 0, overlap))
     return out
 
