@@ -201,7 +201,7 @@ class CostModel:
         """ZeRO's weight and gradient traffic for `params`, from planner/zero.py's table: (per microbatch in the
         forward, per microbatch in the backward, per step). Stage 3 all-gathers the weights (compute dtype) before
         each forward and backward; stages 2 and 3 reduce-scatter the gradients after each microbatch's backward;
-        stage 2 gathers once per step; stage 1 in meshplan's runtime (ZeroRedundancyOptimizer) broadcasts the
+        stage 2 gathers once per step; stage 1 in meshplan's runtime (ShardedOptimizer) broadcasts the
         updated fp32 weights after the step (Megatron's distributed optimizer: inside dp_s)."""
         if k.zero == 0 or k.dp * k.cp == 1:
             return 0.0, 0.0, 0.0

@@ -205,8 +205,17 @@ def four_rank_layouts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_rank_layouts(tmp_path_factory):
-    return run_layouts(tmp_path_factory.mktemp("two"), {
+    tmp = tmp_path_factory.mktemp("two")
+    # test-tiny's 1-D weights (biases, norms) all go to rank 1 of 2 under zero 1: rank 0 owns none of that group.
+    # The decay is pinned so that the 2-step run follows the 4-step one's learning-rate schedule.
+    zero1 = {**GPT_RUN, "dp": 2, "num_microbatches": 2, "zero": 1, "flags": ("--lr-decay-steps", str(PARITY_STEPS))}
+    resume = (*zero1["flags"], "--checkpoint-dir", tmp / "ckpt")
+    return run_layouts(tmp, {
         **TWO_RANK_PARITY,
+        "dp2_zero1": zero1,
+        # The same, stopped after 2 steps with a checkpoint, then resumed from it.
+        "dp2_zero1_first": {**zero1, "steps": 2, "flags": resume},
+        "dp2_zero1_resumed": {**zero1, "flags": resume},
         "cp2": {**LLAMA, "cp": 2, "micro_batch": 1, "num_microbatches": 4},
         "llama_tp2_full": {**LLAMA, "tp": 2, "micro_batch": 4, "num_microbatches": 1, "recompute": "full"},
         "llama_tied_tp2": {**LLAMA, "model": "llama-test-tied", "tp": 2, "micro_batch": 2, "num_microbatches": 2},
@@ -283,11 +292,22 @@ def test_tp2_dp2_zero3_loss_matches_single_process(four_rank_layouts, short_refe
 
 
 def test_tp2_dp2_zero1_loss_matches_single_process_with_dtensor_optimizer_state_sharded(four_rank_layouts, short_reference):
-    # ZeroRedundancyOptimizer cannot broadcast DTensors: runtime.parallel.optimizer.ShardedOptimizer does its work.
+    # DTensor weights, which ZeroRedundancyOptimizer cannot broadcast: runtime.parallel.optimizer.ShardedOptimizer.
     result = four_rank_layouts["tp2_dp2_zero1"]
     assert_prefix_matches_and_falls(result, short_reference)
     for b in result["memory_breakdown_bytes"]:
         assert b["optimizer_state"] < 0.75 * 2 * b["parameters"]  # this rank's share of its tp shard's state
+
+
+def test_dp2_zero1_loss_matches_single_process_with_a_rank_owning_no_1d_weight(two_rank_layouts):
+    assert_matches_single_process(two_rank_layouts["dp2_zero1"])
+
+
+def test_dp2_zero1_resumes_exactly_when_a_rank_owns_no_weight_of_a_param_group(two_rank_layouts):
+    # DCP's flattened optimizer state names a param group by its first weight: an empty group on rank 0
+    # (torch's ZeroRedundancyOptimizer keeps one) made the resumed run fail to load (IndexError).
+    first, resumed = (two_rank_layouts[k]["losses"] for k in ("dp2_zero1_first", "dp2_zero1_resumed"))
+    assert len(first) == 2 and first + resumed == two_rank_layouts["dp2_zero1"]["losses"]
 
 
 def test_tp2_dp2_zero1_resumes_exactly_with_each_ranks_own_optimizer_state(four_rank_layouts):
