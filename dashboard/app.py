@@ -202,7 +202,7 @@ def validation_tab() -> None:
                   help="every rank of every run: predicted (less the framework overhead) against the runtime's peak")
         c5.plotly_chart(charts.memory_validation_figure(memory), key="memory_validation")
     order = ["plan_id", "tp", *(["cp"] if (df["cp"] > 1).any() else []), "pp", "dp", "micro_batch", "schedule", "measured_step_s", "predicted_step_s", "error_pct",
-             "spread_pct", "machine_drift", "rescaled_error_pct", "waited_pct", "unloaded_error_pct", "measured_tokens_per_s", "predicted_tokens_per_s", "repeats",
+             "spread_pct", "machine_drift", "rescaled_error_pct", "waited_pct", "unloaded_error_pct", "unloaded_rescaled_error_pct", "measured_tokens_per_s", "predicted_tokens_per_s", "repeats",
              "model", "device", "run"]
     if report.get("rescaled_mape_pct") is not None:
         st.caption(f"Each run re-timed a reference block before training: the machine ran ×{df['machine_drift'].min():.2f} to "
@@ -213,11 +213,15 @@ def validation_tab() -> None:
         st.caption(f"Each rank's training thread recorded how long it waited for a core (Linux run-queue delay): the "
                    f"ranks waited {df['waited_pct'].min():.0f}% to {df['waited_pct'].max():.0f}% of a step (the slowest rank; "
                    f"under tensor or context parallelism the slowest in each stretch between blocks). With each step taken "
-                   f"less that wait the mean absolute error is {report['unloaded_mape_pct']:.1f}%.")
+                   f"less that wait the mean absolute error is {report['unloaded_mape_pct']:.1f}%"
+                   + (f"; less that wait and with each prediction scaled by its run's factor, "
+                      f"{report['unloaded_rescaled_mape_pct']:.1f}%." if report.get("unloaded_rescaled_mape_pct") is not None else "."))
     st.dataframe(df[order], hide_index=True, column_config={
         "waited_pct": st.column_config.NumberColumn("waited for a core %", format="%.0f",
                                                     help="the ranks' run-queue delay (the slowest rank's; block by block under tp or cp), share of the median step"),
         "unloaded_error_pct": st.column_config.NumberColumn("error less waits %", format="%+.1f"),
+        "unloaded_rescaled_error_pct": st.column_config.NumberColumn("less waits, scaled %", format="%+.1f",
+                                                                     help="the step less waits against the prediction scaled by the run's machine factor"),
         "machine_drift": st.column_config.NumberColumn("machine vs profile", format="×%.2f",
                                                        help="the reference block's time before this run over its time in the profile"),
         "rescaled_error_pct": st.column_config.NumberColumn("error, rescaled %", format="%+.1f"),

@@ -221,7 +221,7 @@ def load_validation(paths: list[str]) -> tuple[pd.DataFrame, dict, dict[str, Pla
                      "has_stage_timings": bool(r["stage_timings"]), "stage_timings": r["stage_timings"],
                      "memory_error_pct": r["memory_error_pct"], "machine_drift": r["machine_drift"],
                      "rescaled_error_pct": r["rescaled_error_pct"], "waited_pct": r["waited_pct"],
-                     "unloaded_error_pct": r["unloaded_error_pct"]})
+                     "unloaded_error_pct": r["unloaded_error_pct"], "unloaded_rescaled_error_pct": r["unloaded_rescaled_error_pct"]})
     return pd.DataFrame(rows), report, plans
 
 

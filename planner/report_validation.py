@@ -111,6 +111,11 @@ def print_waits(report: dict) -> None:
         console.print(f"With each step taken less that wait: mean absolute error {report['unloaded_mape_pct']:.1f}%"
                       f"{'' if sp is None else f', Spearman {sp:.2f}'} (this removes the time other processes held the cores, "
                       f"not their effect on caches and memory bandwidth).")
+    if report.get("unloaded_rescaled_mape_pct") is not None:
+        console.print(f"Less that wait, with each prediction scaled by its run's factor as well: mean absolute error "
+                      f"{report['unloaded_rescaled_mape_pct']:.1f}% (the reference block is timed less its own waits, so its factor "
+                      f"is what other processes did to a second of compute through the caches and memory bandwidth; left in: "
+                      f"collectives that wait for a peer another process holds off its core).")
     if most > 10:
         console.print("[yellow]warning[/yellow]: other processes took this machine's cores during the runs; the raw error "
-                      "is part machine, the error less waits is the model's.")
+                      "is part machine; the error less waits and scaled is the model's.")

@@ -1,5 +1,6 @@
 """planner validate: each measured plan priced again, per model and over all."""
 
+import dataclasses
 import json
 
 import pytest
@@ -110,6 +111,33 @@ def test_a_profile_without_a_reference_for_the_model_claims_no_drift(tmp_path, m
     path.write_text(json.dumps(line) + "\n")
     row = validate([str(path)])["runs"][0]
     assert row["machine_drift"] is None and row["rescaled_error_pct"] is None and row["background_cores"] == 0.1
+
+
+def test_validate_scales_the_prediction_by_the_machine_factor_against_the_step_less_waits(tmp_path, capsys, monkeypatch):
+    from planner.report_validation import print_validation
+    from tests.planner.test_measured import _device
+
+    device = _device()
+    device = dataclasses.replace(device, measured={**device.measured, "reference_s": {"gpt-tiny": 0.010}})
+    monkeypatch.setattr("planner.validate.load_device", lambda name: device)
+    line = run_line(_plan("gpt-tiny", 1, 2, 8), [9.0, 2.0, 2.2, 7.0], None)
+    # The reference block ran 1.2x its profiled time; the slowest rank waited 1.0 and 1.1 s of the timed steps.
+    line["machine"] = {"reference_s": 0.012, "cpu_share": 0.6, "background_cores": 1.1, "cpu_count": 2,
+                       "step_wait_s": [[5.0, 0.1], [1.0, 0.4], [0.2, 1.1], [3.0, 0.0]], "timed_steps": [1, 2]}
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    report = validate([str(path)])
+    row = report["runs"][0]
+    assert row["machine_drift"] == pytest.approx(1.2) and row["unloaded_step_s"] == pytest.approx(1.05)
+    assert row["unloaded_rescaled_error_pct"] == pytest.approx(100 * (1.2 * row["predicted_step_s"] - 1.05) / 1.05)
+    assert report["unloaded_rescaled_mape_pct"] == pytest.approx(abs(row["unloaded_rescaled_error_pct"]))
+    print_validation(report)
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"scaled by its run's factor as well: mean absolute error {abs(row['unloaded_rescaled_error_pct']):.1f}%" in out
+    # Without a reference for the model, no scaled figure is claimed.
+    monkeypatch.setattr("planner.validate.load_device", lambda name: _device())
+    report = validate([str(path)])
+    assert report["runs"][0]["unloaded_rescaled_error_pct"] is None and report["unloaded_rescaled_mape_pct"] is None
 
 
 def test_validate_takes_each_step_less_the_time_its_slowest_rank_waited_for_a_core(tmp_path, capsys):
