@@ -69,7 +69,11 @@ class ShardedOptimizer:
         self.group, me = mesh.get_group(), mesh.get_local_rank()
         owner = partition(groups, mesh.size())
         self.params = [p for g in groups for p in g["params"]]
-        self.sources = [dist.get_global_rank(self.group, owner[id(p)]) for p in self.params]
+        self.rank = dist.get_rank()
+        # What step broadcasts, worked out once: per owner (global rank) and dtype, that owner's parameters.
+        self.buckets: dict[tuple[int, torch.dtype], list[nn.Parameter]] = {}
+        for p in self.params:
+            self.buckets.setdefault((dist.get_global_rank(self.group, owner[id(p)]), p.dtype), []).append(p)
         mine = [{**g, "params": [p for p in g["params"] if owner[id(p)] == me]} for g in groups]
         self.optim = torch.optim.AdamW([g for g in mine if g["params"]], **defaults)
 
@@ -84,22 +88,16 @@ class ShardedOptimizer:
         flattened into one buffer, as ZeroRedundancyOptimizer's parameters_as_bucket_view sends them. One buffer
         at a time: the step holds at most one owner's share (about params / dp) more."""
         self.optim.step()
-        by_source: dict[int, list[torch.Tensor]] = {}
-        for p, src in zip(self.params, self.sources):
-            by_source.setdefault(src, []).append(p.to_local() if isinstance(p, DTensor) else p)
-        for src, tensors in by_source.items():
-            for dtype in dict.fromkeys(t.dtype for t in tensors):
-                same = [t for t in tensors if t.dtype == dtype]
-                mine = src == dist.get_rank()
-                flat = (torch.cat([t.reshape(-1) for t in same]) if mine
-                        else torch.empty(sum(t.numel() for t in same), dtype=dtype, device=same[0].device))
-                dist.broadcast(flat, src=src, group=self.group)
-                if not mine:
-                    offset = 0
-                    for t in same:
-                        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                        offset += t.numel()
-                del flat
+        for (src, dtype), params in self.buckets.items():
+            same = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+            mine = src == self.rank
+            flat = (torch.cat([t.reshape(-1) for t in same]) if mine
+                    else torch.empty(sum(t.numel() for t in same), dtype=dtype, device=same[0].device))
+            dist.broadcast(flat, src=src, group=self.group)
+            if not mine:
+                for t, piece in zip(same, flat.split([t.numel() for t in same])):
+                    t.copy_(piece.view_as(t))
+            del flat  # before the next owner's buffer is made
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
