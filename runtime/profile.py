@@ -47,7 +47,7 @@ from planner.io import atomic_write_json
 from planner.measured import check_measured
 from planner.specs import device_from_dict, load_model
 from runtime import profile_cases
-from runtime.machine import free_port, leave, machine_busy_s, run_queue_wait_s, time_reference
+from runtime.machine import free_port, keep_freed_memory, leave, machine_busy_s, run_queue_wait_s, time_reference
 from runtime.profile_cases import Clock
 
 CPU_MODELS = ("gpt-tiny", "llama-tiny")
@@ -169,6 +169,7 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, shapes: Shape
         torch.cuda.set_device(dev)
     else:
         torch.set_num_threads(1)
+        keep_freed_memory()  # as runtime.launch runs its ranks
     dist.init_process_group("nccl" if cuda else "gloo")
     facts = _facts(dev, world)
     facts["suite_s"] = {}
