@@ -2,14 +2,14 @@
 measured device profile (planner/measured.py documents its "measured" section), including the two figures that are
 fitted rather than read off: the per-microbatch stage overhead of torch.distributed.pipelining (bisecting
 planner.schedule.simulate over planner.cost's stage costs until the simulated step is the measured one) and what
-FSDP2 adds per step and per microbatch. No torch: this runs in the planner and is tested without ranks.
+FSDP2 adds per step and per microbatch, and what DDP's overlapped all-reduce costs the step. No torch: this runs in the planner and is tested without ranks.
 
 Sample keys, as runtime/profile_cases.py writes them (seconds, one list entry per repeat):
     ("layer", *layer_shape(model), tp, micro_batch, sequence_parallel, "forward_s" | "backward_s" |
      "selective_recompute_s" | "with_comm_forward_s" | "with_comm_backward_s")
     ("end", *end_shape(model, tp), tp, micro_batch, "embedding_forward_s" | ...)
     ("pipe", schedule, micro_batch, num_microbatches, "step_s" | "stage<k>_forward_s" | ...)
-    ("fsdp", params, num_microbatches, "plain_s" | "fsdp_s"), ("optimizer", params, "step_s"),
+    ("fsdp", params, num_microbatches, "plain_s" | "fsdp_s"), ("ddp", params, num_microbatches, "ddp_s"), ("optimizer", params, "step_s"),
     ("gemm", n, "s"), ("copy", bytes, "s"), ("coll", op, ranks, bytes), ("cpu_s",), ("wall_s",), ("rank_cpu_s",), ("rank_wait_s",)
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, replace
 
+from planner import comm
 from planner.cost import MESHPLAN, p2p_seconds, stage_costs
 from planner.measured import fit_links, layer_family
 from planner.plan import Knobs, Stage
@@ -159,6 +160,8 @@ def build_profile(samples: dict[tuple, list[float]], facts: dict, shapes: Shapes
         measured["pipeline"], measured["stage_overhead_s"] = _stage_overhead(samples, shapes, profile)
     if any(k[0] == "fsdp" for k in samples):
         measured["fsdp"] = _fsdp_overhead(samples)
+    if any(k[0] == "ddp" for k in samples) and "collective" in measured.get("links", {}):
+        measured["ddp"] = _ddp_overlap(samples, facts["world_size"], LinkSpec(**measured["links"]["collective"]))
     return profile
 
 
@@ -225,3 +228,20 @@ def _fsdp_overhead(samples: dict) -> dict:
             "fsdp_step_s": [r(_median(samples, ("fsdp", params, m, "fsdp_s"))) for m in (m1, m2)],
             "plain_step_s": [r(_median(samples, ("fsdp", params, m, "plain_s"))) for m in (m1, m2)],
             "per_step_s_per_param": r(per_step / params), "per_microbatch_s_per_param": r(per_mb / params)}
+
+
+def _ddp_overlap(samples: dict, ranks: int, link: LinkSpec) -> dict:
+    """What DDP's all-reduce, overlapped with the last microbatch's backward, adds to a step of P parameters, per
+    second of that all-reduce as planner.comm prices it alone over the profile's collective link (fp32 gradients):
+    overlap_cost. 0 where the reduction hides under the backward for free; on CPU ranks, which have no cores to
+    spare, gloo's threads and DDP's bucket copies take the compute's: 1 if none of it hides, more where the two
+    also slow each other (bench/overlap_interference.py). The median over the profiled microbatch counts (the
+    all-reduce is the same in each)."""
+    params = next(k[1] for k in samples if k[0] == "ddp")
+    alone = comm.all_reduce_s(params * MESHPLAN.grad_reduce_bytes, ranks, link)
+    extra = [_median(samples, ("ddp", params, m, "ddp_s")) - _median(samples, ("fsdp", params, m, "plain_s")) for m in FSDP_MICROBATCHES]
+    r = lambda v: float(f"{v:.6g}")  # noqa: E731
+    return {"params": params, "microbatches": list(FSDP_MICROBATCHES),
+            "ddp_step_s": [r(_median(samples, ("ddp", params, m, "ddp_s"))) for m in FSDP_MICROBATCHES],
+            "plain_step_s": [r(_median(samples, ("fsdp", params, m, "plain_s"))) for m in FSDP_MICROBATCHES],
+            "all_reduce_s": r(alone), "overlap_cost": r(max(0.0, statistics.median(extra)) / alone) if alone > 0 else 0.0}

@@ -14,6 +14,8 @@ the repeats, with the spread beside it):
     links: {collective, all_gather, reduce_scatter, send_recv: {bandwidth_GBps, latency_us}},
     stage_overhead_s: {forward_s, backward_s}    # torch.distributed.pipelining, per microbatch and stage
     fsdp: {params, per_step_s_per_param, per_microbatch_s_per_param, ...}   # what FSDP2 adds to a step
+    ddp: {params, all_reduce_s, overlap_cost, ...}   # what DDP's all-reduce under the backward adds to a step,
+                                                     # per second of that all-reduce alone (planner/fit.py)
     pipeline: [...], optimizer: {...}, gemm: [...], copy_GBps, cpu_share, waited_share (the share of the
     profile its ranks waited for a core, taken out of its CPU timings), and host facts (device_name,
     torch_version, date, cpu_count, world_size, backend, threads_per_rank, dtype, profile_s, suite_s).
@@ -57,6 +59,8 @@ class _Parsed:
     ends: dict[tuple, list[_Point]]
     """(hidden, vocab, seq_len, tp, norm, position) -> points sorted by micro_batch."""
     links: dict[str, LinkSpec]
+    overlap_cost: float = 0.0
+    """ddp.overlap_cost: step seconds a collective overlapped with the backward costs per second of it alone."""
 
 
 _LAYER_INTS = ("hidden", "heads", "ffn_hidden", "seq_len", "tp", "micro_batch")
@@ -95,12 +99,13 @@ def _need(source: str, where: str, obj: dict, key: str, kind: str):
     ok = {"int": isinstance(v, int) and not isinstance(v, bool) and v > 0,
           "time": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
           "positive": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+          "ratio": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
           "bool": isinstance(v, bool), "list": isinstance(v, list), "dict": isinstance(v, dict)}[kind]
     if not ok:
         want = {"int": "a positive integer", "time": "seconds (a number >= 0)", "positive": "a positive number",
-                "bool": "true or false", "list": "a list", "dict": "a mapping"}[kind]
+                "ratio": "a number >= 0", "bool": "true or false", "list": "a list", "dict": "a mapping"}[kind]
         raise SpecError(source, path, f"expected {want}, got {v!r}; {_REGENERATE}")
-    return float(v) if kind in ("time", "positive") else v
+    return float(v) if kind in ("time", "positive", "ratio") else v
 
 
 def parse_link(data: dict, source: str, where: str) -> LinkSpec:
@@ -144,10 +149,19 @@ def check_measured(measured, source: str) -> _Parsed:
         so = _need(source, top, measured, "stage_overhead_s", "dict")
         for k in ("forward_s", "backward_s"):
             _need(source, f"{top}.stage_overhead_s", so, k, "time")
+    overlap = 0.0
+    if "ddp" in measured:
+        overlap = _need(source, f"{top}.ddp", _need(source, top, measured, "ddp", "dict"), "overlap_cost", "ratio")
     for curves in (layers, ends):
         for pts in curves.values():
             pts.sort(key=lambda p: p.micro_batch)
-    return _Parsed(layers, ends, links)
+    return _Parsed(layers, ends, links, overlap)
+
+
+def overlap_cost(device: DeviceProfile) -> float:
+    """The step seconds that a collective overlapped with the backward costs per second of it alone, as measured
+    on this device (ddp.overlap_cost); 0 (hidden for free) for a datasheet or a profile that did not measure it."""
+    return _parsed(device).overlap_cost if device.measured else 0.0
 
 
 _CACHE: dict[int, tuple[dict, _Parsed]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from planner import comm, schedule
 from planner.compute import end_times, gathered_loss_extra_s, layer_times, memory_s, optimizer_step_s
+from planner.measured import overlap_cost
 from planner.memory import (DEFAULT_MEMORY_HEADROOM_GIB, GIB,
                             activation_bytes_per_layer, cp_gathered_kv_bytes, embedding_activation_bytes, end_param_count,
                             fp8_weight_cache_bytes, fsdp_root_bytes, fsdp_transient_bytes, full_layer_activation_bytes, head_kept_bytes, head_transient_bytes, layer_param_count, logit_bytes,
@@ -249,7 +250,11 @@ class CostModel:
             dp = 0.0  # the search's bound: an overlap window as long as any backward
         else:
             window = backward_window_s if self.framework.overlaps_dp(k) else 0.0
-            dp = max(0.0, self.dp_s(k, params) - window)
+            reduce = self.dp_s(k, params)
+            # What runs under the backward is hidden, less the compute it takes from the device (measured on CPU
+            # ranks, whose collectives run on the compute's cores: planner/fit.py _ddp_overlap; 0 on a datasheet).
+            hidden = min(reduce, window)
+            dp = reduce - hidden + hidden * overlap_cost(self.device)
             if k.zero == 1 and self.framework.param_gather_overlap and not self.framework.fp32_params and k.dp * k.cp > 1:
                 n, link = self._dp_group(k)
                 gather = comm.all_gather_s(params * self.device.dtype_bytes, n, link)

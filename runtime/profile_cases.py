@@ -344,9 +344,10 @@ def fsdp_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) -> l
     """A training step of the first model without pipelining, under FSDP2 (runtime.parallel.data.apply_fsdp
     over all ranks, as a plan with zero 3 runs it: weights gathered for every forward and backward, gradients
     reduce-scattered after every microbatch) and plain, for 1 and 3 microbatches of one sequence: the difference
-    splits into what FSDP2 adds per step and per microbatch."""
+    splits into what FSDP2 adds per step and per microbatch. Also under DDP (zero 0 and 1 without tp, cp or pp),
+    which all-reduces the gradients during the last microbatch's backward: what that overlap costs the step."""
     from runtime.mesh import build_mesh
-    from runtime.parallel.data import apply_fsdp, finish_step
+    from runtime.parallel.data import apply_ddp, apply_fsdp, finish_step
     from runtime.parallel.tensor import cross_entropy
 
     model = shapes.models[0]
@@ -354,20 +355,23 @@ def fsdp_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) -> l
     layers = min(model.layers, 4)
     plain = _gpt(model, layers, 1, dev, embed=True, head=True)
     sharded = apply_fsdp(_gpt(model, layers, 1, dev, embed=True, head=True), dp_mesh, zero=3)
+    ddp = apply_ddp(_gpt(model, layers, 1, dev, embed=True, head=True), dp_mesh)
     params = sum(p.numel() for p in plain.parameters())
     x = torch.randint(0, model.vocab, (max(FSDP_MICROBATCHES), model.seq_len), device=dev)
 
-    def step(gpt: nn.Module, m: int, name: str) -> dict:
+    def step(gpt: nn.Module, m: int, kind: str, name: str) -> dict:
         dist.barrier()
         t0 = clock()
-        for i in range(m):  # as runtime.train.plain_step steps it
-            with clock.autocast:
-                loss = cross_entropy(gpt(x[i:i + 1]), x[i:i + 1], None)
-            (loss / m).backward()
+        for i in range(m):  # as runtime.train.plain_step steps it: DDP reduces in the last backward only
+            with gpt.no_sync() if gpt is ddp and i < m - 1 else nullcontext():
+                with clock.autocast:
+                    loss = cross_entropy(gpt(x[i:i + 1]), x[i:i + 1], None)
+                (loss / m).backward()
         finish_step([gpt])
         t = clock() - t0
-        gpt.zero_grad(set_to_none=True)
-        return {("fsdp", params, m, name): t}
-    return [lambda gpt=gpt, m=m, name=name: step(gpt, m, name)
-            for m in FSDP_MICROBATCHES for gpt, name in ((plain, "plain_s"), (sharded, "fsdp_s"))]
+        gpt.zero_grad(set_to_none=gpt is not ddp)  # DDP's gradients are views into its buckets (zero_grad_to_none)
+        return {(kind, params, m, name): t}
+    return [lambda gpt=gpt, m=m, kind=kind, name=name: step(gpt, m, kind, name)
+            for m in FSDP_MICROBATCHES
+            for gpt, kind, name in ((plain, "fsdp", "plain_s"), (sharded, "fsdp", "fsdp_s"), (ddp, "ddp", "ddp_s"))]
 

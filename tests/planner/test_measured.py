@@ -287,3 +287,31 @@ def test_a_bad_family_key_in_a_profile_is_refused_naming_it():
     with pytest.raises(SpecError) as e:
         check_measured(_profile(layers=[{**_layer(1, 1, 0.01, 0.02), "mlp": "geglu"}])["measured"], "p.json")
     assert e.value.field == "measured.layers[0].mlp"
+
+
+# ---- DDP's overlapped all-reduce ----------------------------------------------------------------------
+
+
+def test_ddps_all_reduce_under_the_backward_costs_the_measured_share_of_itself_and_is_free_without_it():
+    from planner.cost import predict, stage_cost_list
+    from planner.frameworks import MESHPLAN
+    from planner.plan import Knobs
+    from planner.specs import ClusterSpec
+    from planner.terms import CostModel
+
+    link = LinkSpec(**LINK)
+    cluster = ClusterSpec("two ranks", 1, 2, "cpu", link, link)
+    knobs = Knobs(tp=1, pp=1, dp=2, micro_batch=1)  # zero 0: DDP, its all-reduce under the last backward
+    free, costly = _device(), _device(ddp={"params": 1, "overlap_cost": 1.5})
+    plan, _ = predict(TINY, cluster, costly, knobs, 8)
+    cm = CostModel(TINY, cluster, costly, MESHPLAN)
+    (stage,) = stage_cost_list(cm, knobs, plan.stages)
+    reduce = cm.dp_s(knobs, stage.params)
+    assert 0 < reduce < stage.backward_s  # all of it under the backward
+    assert predict(TINY, cluster, free, knobs, 8)[0].prediction.breakdown.dp_comm_s == pytest.approx(0.0, abs=1e-12)
+    assert plan.prediction.breakdown.dp_comm_s == pytest.approx(1.5 * reduce)
+
+
+def test_a_negative_ddp_overlap_cost_is_refused_naming_the_field():
+    with pytest.raises(SpecError, match=r"measured\.ddp\.overlap_cost.*a number >= 0"):
+        check_measured(_profile(ddp={"overlap_cost": -0.5})["measured"], "test profile")
