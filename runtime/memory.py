@@ -201,7 +201,7 @@ class LiveTensorBytes(TorchDispatchMode):
             return found
 
         params = [p for c in chunks for p in c.parameters()]
-        states = [v for opt in optimizers for s in local_optimizer(opt).state.values() for v in s.values()]
+        states = [v for opt in optimizers for o in local_optimizer(opt) for s in o.state.values() for v in s.values()]
         with self._lock:
             for name, tensors in (("parameters", params), ("gradients", [p.grad for p in params if p.grad is not None]),
                                   ("optimizer_state", [v for v in states if isinstance(v, torch.Tensor)])):

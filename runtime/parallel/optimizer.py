@@ -12,6 +12,10 @@ buffer per owner. torch.distributed.optim.ZeroRedundancyOptimizer itself fails h
   names a group by its first parameter): resuming such a run crashed.
 Broadcast one parameter at a time, as ZeroRedundancyOptimizer does by default, gpt-tiny's 101 parameters took
 47 ms a step over gloo on 2 CPU ranks, against 10 ms in one buffer per owner (2026-12-03, a step of 1.0 s).
+Whole parameters make the shares only as even as the parameters' sizes allow: a replica may own none (a chunk
+with fewer parameters than replicas; it holds no state and only receives), and where the replicas are about as
+many as a chunk's parameters, the largest share exceeds the 1/dp of the state the planner prices. A flat
+partition, as Megatron's distributed optimizer cuts the flattened buffer, is not written.
 zero 2 and 3 shard the parameters themselves (FSDP2), so a plain AdamW over the shards is sharded too.
 
 Checkpoints save each rank's own optimizer (local_optimizer): ShardedOptimizer's inner AdamW under zero 1."""
@@ -43,9 +47,12 @@ def build_optimizer(chunk: nn.Module, lr: float, *, zero: int = 0, mesh: DeviceM
     return ShardedOptimizer(groups, mesh, lr=lr, betas=BETAS)
 
 
-def local_optimizer(opt) -> torch.optim.Optimizer:
-    """The optimizer whose state this rank holds: ZeRO-1's inner AdamW over the parameters it owns, else opt."""
-    return opt.optim if isinstance(opt, ShardedOptimizer) else opt
+def local_optimizer(opt) -> tuple[torch.optim.Optimizer, ...]:
+    """The optimizers whose state this rank holds, as get_state_dict takes them: ZeRO-1's inner AdamW over the
+    parameters it owns (none where it owns none), else opt."""
+    if isinstance(opt, ShardedOptimizer):
+        return (opt.optim,) if opt.optim is not None else ()
+    return (opt,)
 
 
 def partition(groups: list[dict], ranks: int) -> dict[int, int]:
@@ -74,20 +81,23 @@ class ShardedOptimizer:
         self.buckets: dict[tuple[int, torch.dtype], list[nn.Parameter]] = {}
         for p in self.params:
             self.buckets.setdefault((dist.get_global_rank(self.group, owner[id(p)]), p.dtype), []).append(p)
-        mine = [{**g, "params": [p for p in g["params"] if owner[id(p)] == me]} for g in groups]
-        self.optim = torch.optim.AdamW([g for g in mine if g["params"]], **defaults)
+        mine = [g for g in ({**g, "params": [p for p in g["params"] if owner[id(p)] == me]} for g in groups) if g["params"]]
+        # A replica that owns no parameter (a chunk with fewer parameters than replicas) holds no state and steps
+        # nothing; it still receives every owner's broadcast. torch refuses an optimizer over no parameters.
+        self.optim = torch.optim.AdamW(mine, **defaults) if mine else None
 
     @property
     def param_groups(self) -> list[dict]:
         # Looked up each time: loading a checkpoint gives the inner optimizer a new list of groups.
-        return self.optim.param_groups
+        return self.optim.param_groups if self.optim is not None else []
 
     @torch.no_grad()
     def step(self) -> None:
         """The owners' AdamW step, then one broadcast per owner (and dtype) of its parameters' local shards,
         flattened into one buffer, as ZeroRedundancyOptimizer's parameters_as_bucket_view sends them. One buffer
         at a time: the step holds at most one owner's share (about params / dp) more."""
-        self.optim.step()
+        if self.optim is not None:
+            self.optim.step()
         for (src, dtype), params in self.buckets.items():
             same = [p.to_local() if isinstance(p, DTensor) else p for p in params]
             mine = src == self.rank
