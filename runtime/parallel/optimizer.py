@@ -30,6 +30,8 @@ from torch.distributed.tensor import DTensor
 
 BETAS = (0.9, 0.95)
 WEIGHT_DECAY = 0.1
+UNEVEN_WARN_BYTES = 256 * 2**20
+"""ShardedOptimizer's largest share of the state above the even one that launch warns about (uneven_share)."""
 
 
 def param_groups(chunk: nn.Module) -> list[dict]:
@@ -67,6 +69,17 @@ def partition(groups: list[dict], ranks: int) -> dict[int, int]:
     return owner
 
 
+def uneven_share(opt) -> str | None:
+    """A warning where ZeRO-1's whole-parameter shares leave one replica more than UNEVEN_WARN_BYTES of optimizer
+    state above the even share (1/dp) that the plan's memory prices; None otherwise (and for any other optimizer)."""
+    if not isinstance(opt, ShardedOptimizer) or opt.most_state_bytes - opt.even_state_bytes <= UNEVEN_WARN_BYTES:
+        return None
+    gib = 2**30
+    return (f"ZeRO-1 gives each replica whole parameters, and here one replica holds {opt.most_state_bytes / gib:.2f} GiB of "
+            f"optimizer state, {(opt.most_state_bytes - opt.even_state_bytes) / gib:.2f} GiB above the even share the plan's "
+            "memory prices: its peak may exceed the prediction by as much (zero 2 shards every parameter evenly)")
+
+
 class ShardedOptimizer:
     """ZeRO-1 over `mesh` (see the module docstring), for plain and DTensor parameters. param_groups are this
     rank's (its owned parameters only, groups it owns nothing of left out): the learning-rate schedule sets them,
@@ -81,6 +94,11 @@ class ShardedOptimizer:
         self.buckets: dict[tuple[int, torch.dtype], list[nn.Parameter]] = {}
         for p in self.params:
             self.buckets.setdefault((dist.get_global_rank(self.group, owner[id(p)]), p.dtype), []).append(p)
+        # Each replica's share of the state (AdamW's two moments), against the even share the planner prices.
+        owned = [0] * mesh.size()
+        for p in self.params:
+            owned[owner[id(p)]] += (p.to_local() if isinstance(p, DTensor) else p).numel() * 2 * p.element_size()
+        self.most_state_bytes, self.even_state_bytes = max(owned), sum(owned) / len(owned)
         mine = [g for g in ({**g, "params": [p for p in g["params"] if owner[id(p)] == me]} for g in groups) if g["params"]]
         # A replica that owns no parameter (a chunk with fewer parameters than replicas) holds no state and steps
         # nothing; it still receives every owner's broadcast. torch refuses an optimizer over no parameters.

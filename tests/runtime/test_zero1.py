@@ -14,3 +14,6 @@ def test_zero1_over_more_replicas_than_parameters_steps_and_resumes_like_adamw_o
     assert [g["groups"] for g in got] == [1, 0]  # the learning-rate schedule sets what each replica steps
     for g in got:
         assert (g["weight"] == g["reference"]).all()
+    # launch warns where a replica's share of the state is far above the even one the plan's memory prices.
+    assert all(g["quiet"] is None for g in got)
+    assert all("0.00 GiB above the even share" in g["loud"] for g in got)

@@ -29,6 +29,11 @@ def step_a_chunk_with_fewer_parameters_than_replicas(steps: int, checkpoint_dir:
     plain.load_state_dict(sharded.state_dict())
     opt, ref = build_optimizer(sharded, 1e-2, zero=1, mesh=mesh), build_optimizer(plain, 1e-2)
     owned, groups = len(local_optimizer(opt)), len(opt.param_groups)
+    from runtime.parallel import optimizer
+
+    quiet = optimizer.uneven_share(opt)  # 96 bytes of state on one replica: far below the threshold
+    optimizer.UNEVEN_WARN_BYTES = 40  # 48 bytes above the even share (48 of 96)
+    loud = optimizer.uneven_share(opt)
     for i in range(steps):
         _step(opt, ref, sharded, plain, i)
     checkpoint.save(checkpoint_dir, steps, {0: sharded}, {0: opt})
@@ -38,4 +43,4 @@ def step_a_chunk_with_fewer_parameters_than_replicas(steps: int, checkpoint_dir:
     for i in range(steps, 2 * steps):
         _step(opt, ref, sharded, plain, i)
     return {"weight": sharded.weight.detach().clone(), "reference": plain.weight.detach().clone(),
-            "owned_optimizers": owned, "groups": groups, "resumed_at": resumed}
+            "owned_optimizers": owned, "groups": groups, "resumed_at": resumed, "quiet": quiet, "loud": loud}
