@@ -47,7 +47,7 @@ def rank_main(argv: list[str], out: str) -> None:
 
     def build_timed(*a, **k):
         opt = build(*a, **k)
-        if hasattr(opt, "optim"):  # ZeRO-1: the owners' AdamW apart from the broadcasts
+        if getattr(opt, "optim", None) is not None:  # ZeRO-1: the owners' AdamW apart from the broadcasts (none: owns nothing)
             opt.optim.step = timed("adamw_step", opt.optim.step)
         opt.step, opt.zero_grad = timed("optimizer_step", opt.step), timed("zero_grad", opt.zero_grad)
         return opt

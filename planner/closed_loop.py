@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,13 @@ def ensure_profile(root: Path) -> None:
     path = measured_profile_path("cpu")
     if path.is_file():
         console.print(f"Using the cached profile of this machine: {path} (delete it to measure again)")
+        try:
+            measured = json.loads(path.read_text()).get("measured") or {}
+        except (OSError, ValueError, AttributeError):  # unreadable: load_device says what is wrong with it
+            measured = {"ddp": None}
+        if "ddp" not in measured:
+            console.print("  It was taken before the profile timed DDP's overlapped all-reduce (2026-12-04), so the dp plans "
+                          "are priced as if it hid for free; delete it to measure that too.")
         return
     console.print(f"Profiling this machine once (layers and gloo collectives; cached in {path}) ...")
     subprocess.run([sys.executable, "-m", "planner.cli", "profile", "--device", "cpu"], cwd=root, check=True)

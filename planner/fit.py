@@ -18,7 +18,6 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, replace
 
-from planner import comm
 from planner.cost import MESHPLAN, p2p_seconds, stage_costs
 from planner.measured import fit_links, layer_family
 from planner.plan import Knobs, Stage
@@ -29,6 +28,8 @@ from planner.specs import ClusterSpec, LinkSpec, ModelSpec, device_from_dict
 
 FSDP_MICROBATCHES = (1, 3)
 """Microbatches of the FSDP2 and plain steps whose difference splits into per-step and per-microbatch costs."""
+FSDP_LAYERS = 4
+"""Blocks of the model the FSDP2, DDP and plain steps train (runtime/profile_cases.py fsdp_cases; fewer if it has fewer)."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def build_profile(samples: dict[tuple, list[float]], facts: dict, shapes: Shapes
     if any(k[0] == "fsdp" for k in samples):
         measured["fsdp"] = _fsdp_overhead(samples)
     if any(k[0] == "ddp" for k in samples) and "collective" in measured.get("links", {}):
-        measured["ddp"] = _ddp_overlap(samples, facts["world_size"], LinkSpec(**measured["links"]["collective"]))
+        measured["ddp"] = _ddp_overlap(samples, *_ddp_priced(samples, shapes, profile))
     return profile
 
 
@@ -230,18 +231,38 @@ def _fsdp_overhead(samples: dict) -> dict:
             "per_step_s_per_param": r(per_step / params), "per_microbatch_s_per_param": r(per_mb / params)}
 
 
-def _ddp_overlap(samples: dict, ranks: int, link: LinkSpec) -> dict:
-    """What DDP's all-reduce, overlapped with the last microbatch's backward, adds to a step of P parameters, per
-    second of that all-reduce as planner.comm prices it alone over the profile's collective link (fp32 gradients):
-    overlap_cost. 0 where the reduction hides under the backward for free; on CPU ranks, which have no cores to
-    spare, gloo's threads and DDP's bucket copies take the compute's: 1 if none of it hides, more where the two
-    also slow each other (bench/overlap_interference.py). The median over the profiled microbatch counts (the
-    all-reduce is the same in each)."""
+
+def _ddp_priced(samples: dict, shapes: Shapes, profile: dict) -> tuple[float, float]:
+    """(the all-reduce of the DDP case's gradients as CostModel.dp_s prices it over the profile's ranks and fitted
+    collective link, the backward of its last microbatch as planner.cost prices it: the window it runs under)."""
+    from planner.terms import CostModel
+
+    device = device_from_dict(profile, "profile")
+    ranks = profile["measured"]["world_size"]
+    link = LinkSpec(**profile["measured"]["links"]["collective"])
+    cluster = ClusterSpec("profile", 1, ranks, device.name, link, link)
     params = next(k[1] for k in samples if k[0] == "ddp")
-    alone = comm.all_reduce_s(params * MESHPLAN.grad_reduce_bytes, ranks, link)
+    model = replace(shapes.models[0], layers=min(shapes.models[0].layers, FSDP_LAYERS))
+    knobs = Knobs(tp=1, pp=1, dp=ranks, micro_batch=1)
+    (cost,) = stage_costs(model, cluster, device, knobs, (Stage((0, model.layers), True, True, "none"),))
+    return CostModel(model, cluster, device, MESHPLAN).dp_s(knobs, params), cost.backward_s
+
+
+def _ddp_overlap(samples: dict, alone_s: float, window_s: float) -> dict:
+    """What DDP's all-reduce (alone_s as priced), overlapped with the last microbatch's backward (window_s), adds
+    to a step beyond what the cost model already leaves exposed (max(0, alone_s - window_s)), per second of the
+    part under the backward: overlap_cost, the factor planner.terms prices that part with. 0 where it hides for
+    free; on CPU ranks, which have no cores to spare, gloo's threads and DDP's bucket copies take the compute's:
+    1 if none of it hides, more where the two also slow each other (bench/overlap_interference.py). The median
+    over the profiled microbatch counts (the all-reduce is the same in each). Both steps are timed by the
+    profile's Clock, less this thread's waits for a core; DDP's in-place zeroing of its buckets after the step
+    is outside the timing, as the plain step's gradient frees are."""
+    params = next(k[1] for k in samples if k[0] == "ddp")
     extra = [_median(samples, ("ddp", params, m, "ddp_s")) - _median(samples, ("fsdp", params, m, "plain_s")) for m in FSDP_MICROBATCHES]
+    hidden = min(alone_s, window_s)
+    cost = max(0.0, statistics.median(extra) - max(0.0, alone_s - window_s)) / hidden if hidden > 0 else 0.0
     r = lambda v: float(f"{v:.6g}")  # noqa: E731
     return {"params": params, "microbatches": list(FSDP_MICROBATCHES),
             "ddp_step_s": [r(_median(samples, ("ddp", params, m, "ddp_s"))) for m in FSDP_MICROBATCHES],
             "plain_step_s": [r(_median(samples, ("fsdp", params, m, "plain_s"))) for m in FSDP_MICROBATCHES],
-            "all_reduce_s": r(alone), "overlap_cost": r(max(0.0, statistics.median(extra)) / alone) if alone > 0 else 0.0}
+            "all_reduce_s": r(alone_s), "backward_window_s": r(window_s), "overlap_cost": r(cost)}

@@ -251,10 +251,11 @@ class CostModel:
         else:
             window = backward_window_s if self.framework.overlaps_dp(k) else 0.0
             reduce = self.dp_s(k, params)
-            # What runs under the backward is hidden, less the compute it takes from the device (measured on CPU
-            # ranks, whose collectives run on the compute's cores: planner/fit.py _ddp_overlap; 0 on a datasheet).
+            # What runs under the backward is hidden, less the compute it takes from the device: measured for
+            # meshplan's DDP by the profile (on CPU ranks the collective runs on the compute's cores: planner/fit.py
+            # _ddp_overlap); 0 on a datasheet and for the other frameworks, which the profile did not run.
             hidden = min(reduce, window)
-            dp = reduce - hidden + hidden * overlap_cost(self.device)
+            dp = reduce - hidden + hidden * (overlap_cost(self.device) if self.framework is MESHPLAN else 0.0)
             if k.zero == 1 and self.framework.param_gather_overlap and not self.framework.fp32_params and k.dp * k.cp > 1:
                 n, link = self._dp_group(k)
                 gather = comm.all_gather_s(params * self.device.dtype_bytes, n, link)

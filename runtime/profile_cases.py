@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from planner.fit import FSDP_MICROBATCHES, Shapes, end_shape, layer_shape, tps_for
+from planner.fit import FSDP_LAYERS, FSDP_MICROBATCHES, Shapes, end_shape, layer_shape, tps_for
 from planner.plan import Stage
 from planner.specs import ModelSpec
 from runtime.machine import run_queue_wait_s
@@ -352,7 +352,7 @@ def fsdp_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) -> l
 
     model = shapes.models[0]
     dp_mesh = build_mesh(pp=1, dp=world, tp=1, device_type=dev.type).replicas
-    layers = min(model.layers, 4)
+    layers = min(model.layers, FSDP_LAYERS)
     plain = _gpt(model, layers, 1, dev, embed=True, head=True)
     sharded = apply_fsdp(_gpt(model, layers, 1, dev, embed=True, head=True), dp_mesh, zero=3)
     ddp = apply_ddp(_gpt(model, layers, 1, dev, embed=True, head=True), dp_mesh)

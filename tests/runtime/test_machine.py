@@ -168,6 +168,15 @@ def test_keep_freed_memory_lets_a_rank_reuse_freed_pages_without_faulting_them_i
         assert got["keep"][0] == "False"
         return
     assert got["keep"][0] == "True"
-    # glibc's default maps each 40 MB block afresh: every page faults in again; kept, almost none does.
-    assert got["default"][2] > 0.9 * pages, got
-    assert got["keep"][2] < 0.02 * pages, got
+    # glibc's default maps each 40 MB block afresh, and every page faults in again (4 KiB pages: about `pages`;
+    # fewer where transparent huge pages are always on); kept, almost none does.
+    assert got["default"][2] > 0.9 * pages or _huge_pages_always(), got
+    assert got["keep"][2] < 0.1 * got["default"][2] and got["keep"][2] < 0.02 * pages, got
+
+
+def _huge_pages_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
