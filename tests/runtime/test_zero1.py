@@ -1,6 +1,6 @@
 """runtime.parallel.optimizer.ShardedOptimizer (zero 1) where a replica owns no parameter."""
 
-from conftest import run_on_ranks
+from tests.conftest import run_on_ranks
 
 from tests.runtime.zero1_ranks import step_a_chunk_with_fewer_parameters_than_replicas
 
