@@ -1,8 +1,9 @@
 """The pure-Python half of `planner profile`: the samples that runtime/profile.py's ranks measured, turned into a
-measured device profile (planner/measured.py documents its "measured" section), including the two figures that are
+measured device profile (planner/measured.py documents its "measured" section), including the figures that are
 fitted rather than read off: the per-microbatch stage overhead of torch.distributed.pipelining (bisecting
-planner.schedule.simulate over planner.cost's stage costs until the simulated step is the measured one) and what
-FSDP2 adds per step and per microbatch, and what DDP's overlapped all-reduce costs the step. No torch: this runs in the planner and is tested without ranks.
+planner.schedule.simulate over planner.cost's stage costs until the simulated step is the measured one), what
+FSDP2 adds per step and per microbatch, and what DDP's overlapped all-reduce costs the step. No torch: this runs
+in the planner and is tested without ranks.
 
 Sample keys, as runtime/profile_cases.py writes them (seconds, one list entry per repeat):
     ("layer", *layer_shape(model), tp, micro_batch, sequence_parallel, "forward_s" | "backward_s" |
@@ -229,7 +230,6 @@ def _fsdp_overhead(samples: dict) -> dict:
             "fsdp_step_s": [r(_median(samples, ("fsdp", params, m, "fsdp_s"))) for m in (m1, m2)],
             "plain_step_s": [r(_median(samples, ("fsdp", params, m, "plain_s"))) for m in (m1, m2)],
             "per_step_s_per_param": r(per_step / params), "per_microbatch_s_per_param": r(per_mb / params)}
-
 
 
 def _ddp_priced(samples: dict, shapes: Shapes, profile: dict) -> tuple[float, float]:
