@@ -5,8 +5,9 @@ its broadcasts) and zero_grad, beside what the planner prices for each.
     .venv/bin/python bench/step_phases.py PLAN.json [--steps 8]
 
 It runs runtime.launch with torchrun on the plan's ranks, with those phases of runtime.launch's step wrapped in
-timers (nothing else changes), and prints each rank's medians over the timed steps (the first two and the last,
-which counts memory, are left out) and the prediction's breakdown. This is how 2026-12-03's session found
+timers (nothing else changes), and, without pipelining, the last microbatch's backward beside the others' (under DDP
+the last carries the gradients' all-reduce), and prints each rank's medians over the timed steps (the first two and
+the last, which counts memory, are left out) and the prediction's breakdown. This is how 2026-12-03's session found
 ZeroRedundancyOptimizer's per-parameter broadcasts (47-65 ms a step, priced ~13 ms) and the float64 copies in
 clipping (20-35 ms, priced ~2.5 ms) outside the stages' own times."""
 
@@ -43,6 +44,17 @@ def rank_main(argv: list[str], out: str) -> None:
 
     for name in PHASES:
         setattr(launch, name, timed(name, getattr(launch, name)))
+    plain = launch.plain_step
+
+    def plain_by_microbatch(model, x, y, m, loss_fn, timing):
+        # The step's own per-microbatch timings (runtime.train.plain_step fills them): under DDP the last backward
+        # carries the all-reduce, and its excess over the others is what the overlap cost the compute.
+        got = plain(model, x, y, m, loss_fn, timing)
+        if timing is not None and m > 1:
+            timings["backward, last microbatch"].append(timing["backward_s"][-1])
+            timings["backward, others (median)"].append(statistics.median(timing["backward_s"][-m:-1]))
+        return got
+    launch.plain_step = plain_by_microbatch
     build = launch.build_optimizer
 
     def build_timed(*a, **k):
@@ -91,7 +103,8 @@ def main() -> int:
         line = json.loads(Path(results).read_text().splitlines()[-1])
     steps = line["step_s"][SKIP:-1]
     pred = line["predicted"]
-    names = [n for n in (*PHASES, "adamw_step", "optimizer_step", "zero_grad") if any(n in r for r in ranks)]
+    names = [n for n in (*PHASES, "backward, last microbatch", "backward, others (median)", "adamw_step", "optimizer_step", "zero_grad")
+             if any(n in r for r in ranks)]
     print(f"{plan.model.name} {plan.tp}x{plan.pp}x{plan.dp} zero {plan.zero}, micro-batch {plan.micro_batch} x "
           f"{plan.num_microbatches}, {plan.schedule}: step {statistics.median(steps):.3f} s measured (median of "
           f"{len(steps)}), {pred['iteration_s']:.3f} s predicted")
