@@ -26,6 +26,7 @@ from planner.schedule import simulate
 from planner import specs
 from planner.parsing import read_mapping
 from planner.specs import ClusterSpec, LinkSpec, ModelSpec, device_from_dict
+from planner.terms import CostModel
 
 FSDP_MICROBATCHES = (1, 3)
 """Microbatches of the FSDP2 and plain steps whose difference splits into per-step and per-microbatch costs."""
@@ -235,8 +236,6 @@ def _fsdp_overhead(samples: dict) -> dict:
 def _ddp_priced(samples: dict, shapes: Shapes, profile: dict) -> tuple[float, float]:
     """(the all-reduce of the DDP case's gradients as CostModel.dp_s prices it over the profile's ranks and fitted
     collective link, the backward of its last microbatch as planner.cost prices it: the window it runs under)."""
-    from planner.terms import CostModel
-
     device = device_from_dict(profile, "profile")
     ranks = profile["measured"]["world_size"]
     link = LinkSpec(**profile["measured"]["links"]["collective"])
