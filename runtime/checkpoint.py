@@ -4,8 +4,9 @@ initial weights that make every layout start from the same model.
 Layout of a checkpoint directory D: D/step_000012/ is one DCP checkpoint, complete once its .metadata file
 exists (DCP's coordinator writes it last), so a run killed while saving leaves an incomplete directory that
 resuming skips. The model's keys are its global FQNs (the same in every layout: DCP reshards DTensors on
-load); each stage's optimizer sits under optim/stage<k>, so resuming needs the same plan. Under ZeRO-1 each rank
-saves the optimizer state of the parameters it owns (runtime.parallel.optimizer.local_optimizer)."""
+load); each stage's optimizer sits under optim/stage<k>, so resuming needs the same pipeline layout (and tp); under
+ZeRO-1 each bucket's optimizer state is a DTensor sharded over the replicas, so dp may change
+(runtime.parallel.optimizer.ShardedOptimizer.state_dict)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,20 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from planner.errors import SpecError
 from runtime.model import GPTConfig, init_full_tensor
-from runtime.parallel.optimizer import local_optimizer
+from runtime.parallel.optimizer import ShardedOptimizer, local_optimizer
 from runtime.parallel.recompute import clean_fqn
 
-# Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), not by position in a param group: under ZeRO-1 each
-# rank's optimizer holds the parameters it owns only, so only FQN keys mean the same thing on every rank.
+# Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), not by position in a param group, so that a key
+# names the same weight in every layout's checkpoint.
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -54,6 +58,27 @@ def _local_shard(full: torch.Tensor, like: DTensor) -> torch.Tensor:
         return distribute_tensor(full, like.device_mesh, like.placements).to_local()
 
 
+def _flat(state: dict, prefix: str = ""):
+    """(key, value) as DCP names a nested state dict's leaves: dict keys joined by dots."""
+    for k, v in state.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _mismatch(path: Path, state: dict) -> str | None:
+    """What of this rank's state the checkpoint at `path` lacks or holds at another size, or None."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = [k for k, _ in _flat(state) if k not in saved]
+    if missing:
+        return f"it has no {missing[0]}" + (f" (nor {len(missing) - 1} more this rank loads)" if len(missing) > 1 else "")
+    for k, v in _flat(state):
+        if isinstance(v, torch.Tensor) and tuple(getattr(saved[k], "size", v.shape)) != tuple(v.shape):
+            return f"it holds {k} as {tuple(saved[k].size)}, where this plan has {tuple(v.shape)}"
+    return None
+
+
 def latest_step(directory: str | Path) -> int | None:
     """The step of the newest complete checkpoint under `directory`, or None."""
     d = Path(directory)
@@ -66,7 +91,11 @@ def latest_step(directory: str | Path) -> int | None:
 def _state(chunks: dict[int, nn.Module], optimizers: dict[int, torch.optim.Optimizer], step: int) -> dict:
     model_sd, optim_sd = {}, {}
     for idx, chunk in chunks.items():
-        m, o = get_state_dict(chunk, local_optimizer(optimizers[idx]), options=OPTIONS)
+        opt = optimizers[idx]
+        if isinstance(opt, ShardedOptimizer):  # its AdamW steps views, which get_state_dict cannot name
+            m, o = get_model_state_dict(chunk, options=OPTIONS), opt.state_dict()
+        else:
+            m, o = get_state_dict(chunk, local_optimizer(opt), options=OPTIONS)
         model_sd.update(m)
         optim_sd[f"stage{idx}"] = o
     return {"step": torch.tensor(step), "model": model_sd, "optim": optim_sd}
@@ -82,12 +111,29 @@ def save(directory: str | Path, step: int, chunks: dict[int, nn.Module],
 
 def load(directory: str | Path, step: int, chunks: dict[int, nn.Module],
          optimizers: dict[int, torch.optim.Optimizer]) -> int:
-    """Load D/step_<step> into the chunks and their optimizers; returns the step to continue from."""
+    """Load D/step_<step> into the chunks and their optimizers; returns the step to continue from. A checkpoint
+    this run's layout cannot read (another pipeline layout, zero 1 against not, another tp under zero 1) is
+    refused on every rank, naming what differs, before anything is loaded."""
     state = _state(chunks, optimizers, 0)
-    dcp.load(state, checkpoint_id=str(Path(directory) / f"step_{step:06d}"))
+    path = Path(directory) / f"step_{step:06d}"
+    problems = [None] * dist.get_world_size() if dist.is_initialized() else [None]
+    mine = _mismatch(path, state)
+    if dist.is_initialized():
+        dist.all_gather_object(problems, mine)
+    else:
+        problems = [mine]
+    if (problem := next((p for p in problems if p), None)) is not None:
+        raise SpecError("--checkpoint-dir", "checkpoint_dir",
+                        f"{path} was written by another layout than this plan's: {problem}; resume with the plan "
+                        "that wrote it (the same pipeline stages, tp and zero 1 or not; dp may differ), or start "
+                        "in an empty --checkpoint-dir")
+    dcp.load(state, checkpoint_id=str(path))
     for idx, chunk in chunks.items():
-        opt = local_optimizer(optimizers[idx])
-        own = get_state_dict(chunk, opt, options=OPTIONS)[0].keys()
-        set_state_dict(chunk, opt, model_state_dict={k: state["model"][k] for k in own},
-                       optim_state_dict=state["optim"][f"stage{idx}"], options=OPTIONS)
+        own = {k: state["model"][k] for k in get_model_state_dict(chunk, options=OPTIONS)}
+        if isinstance(optimizers[idx], ShardedOptimizer):
+            set_model_state_dict(chunk, own, options=OPTIONS)
+            optimizers[idx].load_state_dict(state["optim"][f"stage{idx}"])
+        else:
+            set_state_dict(chunk, local_optimizer(optimizers[idx]), model_state_dict=own,
+                           optim_state_dict=state["optim"][f"stage{idx}"], options=OPTIONS)
     return int(state["step"])

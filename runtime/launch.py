@@ -44,7 +44,7 @@ from runtime.parallel.clip import clip_grad_norm_
 from runtime.parallel.compile import apply_compile
 from runtime.parallel.context import apply_cp
 from runtime.parallel.data import all_reduce_gradients, apply_data_parallel, finish_step, reduces_by_hand, zero_grad_to_none
-from runtime.parallel.optimizer import build_optimizer, uneven_share
+from runtime.parallel.optimizer import build_optimizer
 from runtime.parallel.pipeline import build_schedule, build_stages, split_model
 from runtime.parallel.recompute import apply_recompute
 from runtime.parallel.tensor import apply_tp, cross_entropy
@@ -143,10 +143,6 @@ def main(argv: list[str] | None = None) -> int:
                                           pipelined_microbatches=plan.num_microbatches if plan.pp > 1 else 0)
     by_hand = reduces_by_hand(zero=plan.zero, replicas=meshes.replicas.size(), tp=plan.tp, pipelined=plan.pp > 1)
     optimizers = {idx: build_optimizer(chunk, args.lr, zero=plan.zero, mesh=meshes.replicas) for idx, chunk in chunks.items()}
-    if meshes.replicas.get_local_rank() == 0 and tp_rank == 0:  # one line per pipeline chunk
-        for idx, opt in optimizers.items():
-            if warning := uneven_share(opt):
-                print(f"warning: pipeline chunk {idx}: {warning}", file=sys.stderr)
     warmup_steps = args.lr_warmup_steps or max(1, args.steps // 10)
     decay_steps = args.lr_decay_steps or args.steps
     peak_tflops = device_peak_tflops(plan)

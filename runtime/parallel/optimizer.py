@@ -1,37 +1,41 @@
 """The optimizer of one model chunk: AdamW as GPT-3 and Megatron-LM train it, and for zero 1 its state sharded
 over the replicas mesh (ZeRO stage 1, Rajbhandari et al. 2020, section 5.1: P_os).
 
-zero 1 is ShardedOptimizer, ZeroRedundancyOptimizer's arithmetic written out: each replica owns whole parameters
-(greedily, largest first, to the rank owning the fewest elements so far), keeps AdamW's state for those only,
-updates them from the all-reduced gradient and broadcasts the updated values to the other replicas, one flat
-buffer per owner. torch.distributed.optim.ZeroRedundancyOptimizer itself fails here twice (torch 2.13):
-- under tensor parallelism the parameters are DTensors, which it cannot broadcast ("Operator c10d.broadcast_.default
-  does not have a sharding strategy registered");
-- a rank that owns no parameter of a param group (gpt-tiny's 1-D group all went to one of 2 ranks) keeps an empty
-  group, and DCP's flattened optimizer state dict cannot load it (IndexError in _unflatten_optim_state_dict, which
-  names a group by its first parameter): resuming such a run crashed.
-Broadcast one parameter at a time, as ZeroRedundancyOptimizer does by default, gpt-tiny's 101 parameters took
-47 ms a step over gloo on 2 CPU ranks, against 10 ms in one buffer per owner (2026-12-03, a step of 1.0 s).
-Whole parameters make the shares only as even as the parameters' sizes allow: a replica may own none (a chunk
-with fewer parameters than replicas; it holds no state and only receives), and where the replicas are about as
-many as a chunk's parameters, the largest share exceeds the 1/dp of the state the planner prices. A flat
-partition, as Megatron's distributed optimizer cuts the flattened buffer, is not written.
+zero 1 is ShardedOptimizer, a flat partition as Megatron's distributed optimizer cuts its buffer: the chunk's
+parameters of each param group (and dtype), flattened in order, are cut into one range of ceil(N/dp) elements per
+replica, whatever the parameters' sizes. A replica's AdamW steps views of its range (a range may start or end inside
+a parameter), so its state is 1/dp of the chunk's, as the planner prices it, and the update is written straight
+into the weights. Then each owner broadcasts its range, in turn, and the others copy it into their weights.
+- Why not torch.distributed.optim.ZeroRedundancyOptimizer (torch 2.13): under tensor parallelism the parameters are
+  DTensors, which it cannot broadcast ("Operator c10d.broadcast_.default does not have a sharding strategy
+  registered"); a rank owning no parameter of a param group keeps an empty group, which DCP's flattened optimizer
+  state cannot load (IndexError in _unflatten_optim_state_dict); and it gives each replica whole parameters, so
+  where a chunk has about as many parameters as replicas (405B's 72-parameter chunks at dp 128) one replica holds
+  several times the 1/dp share the plan's memory prices.
+- Why per-owner broadcasts and not one all-gather: the all-gather's output is the whole chunk, a transient of the
+  weights' size; a broadcast holds one range (about params / dp) at a time, and where the range lies inside one
+  parameter it lands in place. The bytes are an all-gather's (planner.terms prices the step's gather).
+- AdamW is elementwise, so stepping views computes what AdamW over whole parameters computes.
 zero 2 and 3 shard the parameters themselves (FSDP2), so a plain AdamW over the shards is sharded too.
 
-Checkpoints save each rank's own optimizer (local_optimizer): ShardedOptimizer's inner AdamW under zero 1."""
+Checkpoints save each rank's own optimizer: under zero 1 ShardedOptimizer.state_dict(), each bucket's state as one
+DTensor sharded over the replicas, which DCP reshards when a run resumes at another dp (its AdamW's views are not
+the model's parameters, so torch's get_state_dict cannot name them); local_optimizer's AdamW otherwise."""
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 BETAS = (0.9, 0.95)
 WEIGHT_DECAY = 0.1
-UNEVEN_WARN_BYTES = 256 * 2**20
-"""ShardedOptimizer's largest share of the state above the even one that launch warns about (uneven_share)."""
+STATE_NAMES = ("exp_avg", "exp_avg_sq")  # AdamW's (amsgrad off), besides its step count
 
 
 def param_groups(chunk: nn.Module) -> list[dict]:
@@ -50,82 +54,160 @@ def build_optimizer(chunk: nn.Module, lr: float, *, zero: int = 0, mesh: DeviceM
 
 
 def local_optimizer(opt) -> tuple[torch.optim.Optimizer, ...]:
-    """The optimizers whose state this rank holds, as get_state_dict takes them: ZeRO-1's inner AdamW over the
-    parameters it owns (none where it owns none), else opt."""
+    """The optimizers whose state this rank holds: ZeRO-1's inner AdamW over the views it owns (none where it owns
+    none), else opt."""
     if isinstance(opt, ShardedOptimizer):
         return (opt.optim,) if opt.optim is not None else ()
     return (opt,)
 
 
-def partition(groups: list[dict], ranks: int) -> dict[int, int]:
-    """{id(parameter): owning rank}: group by group, largest parameter first, each to the rank that owns the
-    fewest elements so far, counted over all groups (ZeroRedundancyOptimizer's partition)."""
-    owned, owner = [0] * ranks, {}
-    for g in groups:
-        for p in sorted(g["params"], key=lambda t: t.numel(), reverse=True):  # stable: ties keep their order
-            rank = owned.index(min(owned))
-            owner[id(p)] = rank
-            owned[rank] += p.numel()
-    return owner
+def ranges(total: int, ranks: int) -> list[tuple[int, int]]:
+    """Each rank's [start, end) of `total` flattened elements: ceil(total / ranks) each, the last ones shorter or
+    empty."""
+    c = math.ceil(total / ranks)
+    return [(min(r * c, total), min((r + 1) * c, total)) for r in range(ranks)]
 
 
-def uneven_share(opt) -> str | None:
-    """A warning where ZeRO-1's whole-parameter shares leave one replica more than UNEVEN_WARN_BYTES of optimizer
-    state above the even share (1/dp) that the plan's memory prices; None otherwise (and for any other optimizer)."""
-    if not isinstance(opt, ShardedOptimizer) or opt.most_state_bytes - opt.even_state_bytes <= UNEVEN_WARN_BYTES:
-        return None
-    gib = 2**30
-    return (f"ZeRO-1 gives each replica whole parameters, and here one replica holds {opt.most_state_bytes / gib:.2f} GiB of "
-            f"optimizer state, {(opt.most_state_bytes - opt.even_state_bytes) / gib:.2f} GiB above the even share the plan's "
-            "memory prices: its peak may exceed the prediction by as much (zero 2 shards every parameter evenly)")
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _bucket_key(group: int, params: list[nn.Parameter]) -> str:
+    """"group<i>.<dtype>", and under tensor parallelism "@<tp coordinate>": the ranks of one tp coordinate share
+    the bucket's DTensor; another coordinate's local shards are other values."""
+    coord = next((p.device_mesh.get_coordinate() for p in params if isinstance(p, DTensor)), None)
+    at = "" if coord is None else "@" + ".".join(map(str, coord))
+    return f"group{group}.{str(params[0].dtype).removeprefix('torch.')}{at}"
+
+
+class _Piece:
+    """The part [a, b) of one parameter's local (flattened) tensor that lies in one replica's range."""
+
+    def __init__(self, param: nn.Parameter, a: int, b: int):
+        self.param, self.a, self.b = param, a, b
+        flat = _local(param).detach().view(-1)  # a view: refuses a non-contiguous parameter rather than copy it
+        self.view = flat[a:b]
+
+    def take_grad(self) -> None:
+        grad = self.param.grad
+        self.view.grad = None if grad is None else _local(grad).reshape(-1)[self.a:self.b]
 
 
 class ShardedOptimizer:
     """ZeRO-1 over `mesh` (see the module docstring), for plain and DTensor parameters. param_groups are this
-    rank's (its owned parameters only, groups it owns nothing of left out): the learning-rate schedule sets them,
-    as on any optimizer."""
+    rank's (over the views it owns, groups it owns nothing of left out): the learning-rate schedule sets them, as
+    on any optimizer."""
 
     def __init__(self, groups: list[dict], mesh: DeviceMesh, **defaults):
-        self.group, me = mesh.get_group(), mesh.get_local_rank()
-        owner = partition(groups, mesh.size())
+        self.group, me, n = mesh.get_group(), mesh.get_local_rank(), mesh.size()
         self.params = [p for g in groups for p in g["params"]]
+        # Per bucket (one param group's parameters of one dtype): every replica's pieces, as
+        # (global rank, its pieces), in the order the flattened elements run.
+        self.buckets: list[list[tuple[int, list[_Piece]]]] = []
+        # Per bucket, for checkpoints: its key, its flattened length, and this replica's pieces of it.
+        self.bucket_states: list[tuple[str, int, list[_Piece]]] = []
+        self.mine: list[_Piece] = []  # this replica's pieces, in its AdamW's order
+        mine = []
+        for i, g in enumerate(groups):
+            by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+            for p in g["params"]:
+                by_dtype.setdefault(p.dtype, []).append(p)
+            own: list[_Piece] = []
+            for params in by_dtype.values():
+                sizes = [_local(p).numel() for p in params]
+                starts = [0, *itertools.accumulate(sizes)][:-1]
+                bucket, mine_here = [], []
+                for r, (lo, hi) in enumerate(ranges(sum(sizes), n)):
+                    pieces = [_Piece(p, max(lo, s) - s, min(hi, s + k) - s)
+                              for p, s, k in zip(params, starts, sizes) if max(lo, s) < min(hi, s + k)]
+                    if pieces:
+                        bucket.append((dist.get_global_rank(self.group, r), pieces))
+                    if r == me:
+                        mine_here = pieces
+                own += mine_here
+                self.buckets.append(bucket)
+                self.bucket_states.append((_bucket_key(i, params), sum(sizes), mine_here))
+            if own:
+                mine.append({**g, "params": [piece.view for piece in own]})
+            self.mine += own
         self.rank = dist.get_rank()
-        # What step broadcasts, worked out once: per owner (global rank) and dtype, that owner's parameters.
-        self.buckets: dict[tuple[int, torch.dtype], list[nn.Parameter]] = {}
-        for p in self.params:
-            self.buckets.setdefault((dist.get_global_rank(self.group, owner[id(p)]), p.dtype), []).append(p)
-        # Each replica's share of the state (AdamW's two moments), against the even share the planner prices.
-        owned = [0] * mesh.size()
-        for p in self.params:
-            owned[owner[id(p)]] += (p.to_local() if isinstance(p, DTensor) else p).numel() * 2 * p.element_size()
-        self.most_state_bytes, self.even_state_bytes = max(owned), sum(owned) / len(owned)
-        mine = [g for g in ({**g, "params": [p for p in g["params"] if owner[id(p)] == me]} for g in groups) if g["params"]]
-        # A replica that owns no parameter (a chunk with fewer parameters than replicas) holds no state and steps
-        # nothing; it still receives every owner's broadcast. torch refuses an optimizer over no parameters.
+        # A replica that owns nothing (a chunk with fewer elements than replicas) holds no state and steps nothing;
+        # it still receives every owner's broadcast. torch refuses an optimizer over no parameters.
         self.optim = torch.optim.AdamW(mine, **defaults) if mine else None
+        self.state_elements = sum(piece.view.numel() for piece in self.mine)
+        self.mesh, self.steps = mesh, 0
+        self.device = self.params[0].device
 
     @property
     def param_groups(self) -> list[dict]:
-        # Looked up each time: loading a checkpoint gives the inner optimizer a new list of groups.
         return self.optim.param_groups if self.optim is not None else []
 
     @torch.no_grad()
     def step(self) -> None:
-        """The owners' AdamW step, then one broadcast per owner (and dtype) of its parameters' local shards,
-        flattened into one buffer, as ZeroRedundancyOptimizer's parameters_as_bucket_view sends them. One buffer
-        at a time: the step holds at most one owner's share (about params / dp) more."""
+        """The owner's AdamW step on its views, then each owner's broadcast of its range, one range at a time."""
+        self.steps += 1
         if self.optim is not None:
+            for piece in self.mine:
+                piece.take_grad()
             self.optim.step()
-        for (src, dtype), params in self.buckets.items():
-            same = [p.to_local() if isinstance(p, DTensor) else p for p in params]
-            mine = src == self.rank
-            flat = (torch.cat([t.reshape(-1) for t in same]) if mine
-                    else torch.empty(sum(t.numel() for t in same), dtype=dtype, device=same[0].device))
-            dist.broadcast(flat, src=src, group=self.group)
-            if not mine:
-                for t, piece in zip(same, flat.split([t.numel() for t in same])):
-                    t.copy_(piece.view_as(t))
-            del flat  # before the next owner's buffer is made
+            for piece in self.mine:
+                piece.view.grad = None
+        for bucket in self.buckets:
+            for src, pieces in bucket:
+                if len(pieces) == 1:  # the range lies inside one parameter: send and receive in place
+                    dist.broadcast(pieces[0].view, src=src, group=self.group)
+                    continue
+                flat = (torch.cat([p.view for p in pieces]) if src == self.rank else
+                        torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype,
+                                    device=pieces[0].view.device))
+                dist.broadcast(flat, src=src, group=self.group)
+                if src != self.rank:
+                    for p, part in zip(pieces, flat.split([p.view.numel() for p in pieces])):
+                        p.view.copy_(part)
+                del flat  # before the next owner's buffer is made
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """AdamW's state of each bucket, for DCP: per state name (exp_avg, exp_avg_sq) a 1-D DTensor of the bucket's
+        flattened elements, Shard(0) over the replicas mesh (whose chunks are exactly this partition's ranges), so
+        DCP can load it at another dp; and the step count. Keys: "zero1.<bucket>.<name>" and "zero1.step". The
+        tensors are copies, made for saving; load_state_dict takes them back after dcp.load has filled them."""
+        self._make_state()
+        out: dict[str, torch.Tensor] = {"zero1.step": torch.tensor(self.steps)}
+        for key, total, pieces in self.bucket_states:
+            for name in STATE_NAMES:
+                local = (torch.cat([self.optim.state[p.view][name] for p in pieces]) if pieces
+                         else torch.empty(0, device=self.device))
+                out[f"zero1.{key}.{name}"] = DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False,
+                                                                  shape=torch.Size([total]), stride=(1,))
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy what dcp.load put into state_dict()'s tensors into AdamW's state."""
+        self.steps = int(state["zero1.step"])
+        for key, _, pieces in self.bucket_states:
+            for name in STATE_NAMES:
+                local = state[f"zero1.{key}.{name}"].to_local()
+                for p, part in zip(pieces, local.split([p.view.numel() for p in pieces])):
+                    self.optim.state[p.view][name].copy_(part)
+        for p in self.mine:
+            self.optim.state[p.view]["step"].fill_(self.steps)
+
+    def _make_state(self) -> None:
+        # AdamW makes its state in its first step: where no step has run yet, take one at lr 0 on zero gradients,
+        # which changes no weight (weight decay multiplies by 1 - 0, the update is 0 / eps times 0), as torch's own
+        # get_state_dict does, so that a checkpoint can be loaded into the state.
+        if self.optim is None or all(piece.view in self.optim.state for piece in self.mine):
+            return
+        lrs = [g["lr"] for g in self.optim.param_groups]
+        for g in self.optim.param_groups:
+            g["lr"] = 0.0
+        for piece in self.mine:
+            piece.view.grad = torch.zeros_like(piece.view)
+        self.optim.step()
+        for g, lr in zip(self.optim.param_groups, lrs):
+            g["lr"] = lr
+        for piece in self.mine:
+            piece.view.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

@@ -1,19 +1,47 @@
-"""runtime.parallel.optimizer.ShardedOptimizer (zero 1) where a replica owns no parameter."""
+"""runtime.parallel.optimizer.ShardedOptimizer (zero 1): a flat partition, cut inside parameters."""
 
+from runtime.parallel.optimizer import ranges
 from tests.conftest import run_on_ranks
+from tests.runtime.zero1_ranks import (resume_and_step, resume_without_zero1, save_after_steps,
+                                       step_chunks_against_adamw_with_a_checkpoint_between)
 
-from tests.runtime.zero1_ranks import step_a_chunk_with_fewer_parameters_than_replicas
+
+def test_ranges_cut_the_flattened_elements_evenly_whatever_the_parameters_sizes():
+    assert ranges(27, 2) == [(0, 14), (14, 27)]
+    assert ranges(1, 2) == [(0, 1), (1, 1)]
+    assert ranges(10, 4) == [(0, 3), (3, 6), (6, 9), (9, 10)]
 
 
-def test_zero1_over_more_replicas_than_parameters_steps_and_resumes_like_adamw_on_every_replica(tmp_path):
-    # One weight, two replicas: replica 0 owns and updates it, replica 1 holds no state and receives it; a
-    # checkpoint in between (replica 1 saves no optimizer state) resumes to the same weights as uninterrupted AdamW.
-    got = run_on_ranks(step_a_chunk_with_fewer_parameters_than_replicas, 2, 3, str(tmp_path / "ckpt"))
+def test_zero1_steps_and_resumes_like_adamw_with_ranges_cut_inside_parameters(tmp_path):
+    # TwoLinears: replica 0's matrix range (14 of 27 elements) spans both weights, replica 1's lies inside one;
+    # OneNumber: replica 1 owns nothing, holds no optimizer and only receives. A checkpoint between the steps
+    # resumes to the weights uninterrupted AdamW reaches on every replica, exactly.
+    got = run_on_ranks(step_chunks_against_adamw_with_a_checkpoint_between, 2, 3, str(tmp_path / "ckpt"))
     assert [g["resumed_at"] for g in got] == [3, 3]
-    assert [g["owned_optimizers"] for g in got] == [1, 0]
-    assert [g["groups"] for g in got] == [1, 0]  # the learning-rate schedule sets what each replica steps
+    # Per replica, [TwoLinears, OneNumber]: 27 matrix elements cut 14 / 13 and 6 vector elements 3 / 3, where whole
+    # parameters could do no better than 15 / 12 and 5 / 1; OneNumber's one element to replica 0.
+    assert [g["state_elements"] for g in got] == [[17, 1], [16, 0]]
+    assert [g["optimizers"] for g in got] == [[1, 1], [1, 0]]
+    assert [g["groups"] for g in got] == [[2, 1], [2, 0]]  # the learning-rate schedule sets what each replica steps
     for g in got:
-        assert (g["weight"] == g["reference"]).all()
-    # launch warns where a replica's share of the state is far above the even one the plan's memory prices.
-    assert all(g["quiet"] is None for g in got)
-    assert all("0.00 GiB above the even share" in g["loud"] for g in got)
+        for w, ref in zip(g["weights"], g["reference"]):
+            assert (w == ref).all(), (w, ref)
+
+
+def test_zero1_checkpoint_of_2_replicas_resumes_on_3_exactly(tmp_path):
+    # Each bucket's state is one DTensor sharded over the replicas, whose Shard(0) chunks are the partition's
+    # ranges, so DCP re-cuts it for 3 replicas: 14 / 13 matrix elements saved, 9 / 9 / 9 loaded.
+    run_on_ranks(save_after_steps, 2, 3, str(tmp_path / "ckpt"))
+    got = run_on_ranks(resume_and_step, 3, 3, str(tmp_path / "ckpt"))
+    assert [g["resumed_at"] for g in got] == [3, 3, 3]
+    for g in got:
+        for w, ref in zip(g["weights"], g["reference"]):
+            assert (w == ref).all(), (w, ref)
+
+
+def test_resuming_a_zero1_checkpoint_without_zero1_is_refused_on_every_rank_before_loading(tmp_path):
+    run_on_ranks(save_after_steps, 2, 1, str(tmp_path / "ckpt"))
+    got = run_on_ranks(resume_without_zero1, 2, 1, str(tmp_path / "ckpt"))
+    for message in got:
+        assert "was written by another layout than this plan's: it has no optim.stage0.state.a.weight." in message
+        assert "dp may differ" in message and "changed" not in message

@@ -8,39 +8,115 @@ import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 
 
-def _step(opt, ref, sharded, plain, i: int) -> None:
-    grad = torch.full((3, 4), 0.1 * (i + 1)) + torch.arange(12.0).view(3, 4) / 10  # the same on every replica
-    sharded.weight.grad, plain.weight.grad = grad.clone(), grad.clone()
-    opt.step()
-    ref.step()
-    opt.zero_grad(), ref.zero_grad()
+class TwoLinears(nn.Module):
+    """27 matrix elements over two weights (so one replica's range of 2 spans both) and 6 vector elements."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3, bias=False), nn.Linear(3, 5)
+        self.scale = nn.Parameter(torch.ones(1))
 
 
-def step_a_chunk_with_fewer_parameters_than_replicas(steps: int, checkpoint_dir: str) -> dict:
-    """ZeRO-1 over 2 replicas of a chunk with one parameter (replica 1 owns none), against plain AdamW: `steps`
-    steps, a checkpoint, a fresh model and optimizer resumed from it, and `steps` more."""
+class OneNumber(nn.Module):
+    """Fewer elements than replicas: replica 1 of 2 owns nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.only = nn.Parameter(torch.full((1,), 0.5))  # a name of its own: checkpoint keys are global FQNs
+
+
+def _step(pairs, i: int) -> None:
+    """Step `i` of each (optimizer, model): gradients that depend on the step and the parameter only, the same on
+    every replica, as after DDP's all-reduce."""
+    for opt, model in pairs:
+        for name, p in model.named_parameters():
+            p.grad = torch.arange(p.numel(), dtype=torch.float32).view_as(p) / 10 + 0.1 * (i + 1) * len(name)
+        opt.step()
+        opt.zero_grad()
+
+
+def step_chunks_against_adamw_with_a_checkpoint_between(steps: int, checkpoint_dir: str) -> dict:
+    """ZeRO-1 over every rank, on TwoLinears and OneNumber, against plain AdamW: `steps` steps, a checkpoint, fresh
+    models and optimizers resumed from it, and `steps` more."""
     from runtime import checkpoint
     from runtime.parallel.optimizer import build_optimizer, local_optimizer
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    torch.manual_seed(0)
-    sharded, plain = nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False)
-    plain.load_state_dict(sharded.state_dict())
-    opt, ref = build_optimizer(sharded, 1e-2, zero=1, mesh=mesh), build_optimizer(plain, 1e-2)
-    owned, groups = len(local_optimizer(opt)), len(opt.param_groups)
-    from runtime.parallel import optimizer
 
-    quiet = optimizer.uneven_share(opt)  # 96 bytes of state on one replica: far below the threshold
-    optimizer.UNEVEN_WARN_BYTES = 40  # 48 bytes above the even share (48 of 96)
-    loud = optimizer.uneven_share(opt)
+    kinds = (TwoLinears, OneNumber)
+    sharded = [_seeded(k) for k in kinds]
+    plain = [_seeded(k) for k in kinds]
+    opts = [build_optimizer(m, 1e-2, zero=1, mesh=mesh) for m in sharded]
+    refs = [build_optimizer(m, 1e-2) for m in plain]
+    before = {"state_elements": [o.state_elements for o in opts], "optimizers": [len(local_optimizer(o)) for o in opts],
+              "groups": [len(o.param_groups) for o in opts]}
     for i in range(steps):
-        _step(opt, ref, sharded, plain, i)
-    checkpoint.save(checkpoint_dir, steps, {0: sharded}, {0: opt})
-    sharded = nn.Linear(4, 3, bias=False)
-    opt = build_optimizer(sharded, 1e-2, zero=1, mesh=mesh)
-    resumed = checkpoint.load(checkpoint_dir, steps, {0: sharded}, {0: opt})
+        _step([*zip(opts, sharded), *zip(refs, plain)], i)
+    checkpoint.save(checkpoint_dir, steps, dict(enumerate(sharded)), dict(enumerate(opts)))
+    sharded = [kind() for kind in kinds]  # other initial values: the checkpoint must overwrite them
+    opts = [build_optimizer(m, 1e-2, zero=1, mesh=mesh) for m in sharded]
+    resumed = checkpoint.load(checkpoint_dir, steps, dict(enumerate(sharded)), dict(enumerate(opts)))
     for i in range(steps, 2 * steps):
-        _step(opt, ref, sharded, plain, i)
-    return {"weight": sharded.weight.detach().clone(), "reference": plain.weight.detach().clone(),
-            "owned_optimizers": owned, "groups": groups, "resumed_at": resumed, "quiet": quiet, "loud": loud}
+        _step([*zip(opts, sharded), *zip(refs, plain)], i)
+    return {**before, "resumed_at": resumed,
+            "weights": [p.detach().clone() for m in sharded for p in m.parameters()],
+            "reference": [p.detach().clone() for m in plain for p in m.parameters()]}
+
+
+def save_after_steps(steps: int, checkpoint_dir: str) -> None:
+    """ZeRO-1 over every rank on TwoLinears and OneNumber: `steps` steps, then a checkpoint."""
+    from runtime import checkpoint
+    from runtime.parallel.optimizer import build_optimizer
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    models = [_seeded(k) for k in (TwoLinears, OneNumber)]
+    opts = [build_optimizer(m, 1e-2, zero=1, mesh=mesh) for m in models]
+    for i in range(steps):
+        _step(zip(opts, models), i)
+    checkpoint.save(checkpoint_dir, steps, dict(enumerate(models)), dict(enumerate(opts)))
+
+
+def resume_and_step(steps: int, checkpoint_dir: str) -> dict:
+    """Fresh models and ZeRO-1 over every rank (however many saved the checkpoint), resumed from it and stepped
+    `steps` more, beside plain AdamW stepped 2 x `steps` from the start."""
+    from runtime import checkpoint
+    from runtime.parallel.optimizer import build_optimizer
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    kinds = (TwoLinears, OneNumber)
+    models, plain = [k() for k in kinds], [_seeded(k) for k in kinds]
+    opts = [build_optimizer(m, 1e-2, zero=1, mesh=mesh) for m in models]
+    refs = [build_optimizer(m, 1e-2) for m in plain]
+    resumed = checkpoint.load(checkpoint_dir, steps, dict(enumerate(models)), dict(enumerate(opts)))
+    for i in range(steps):  # the reference's first steps, which the checkpoint holds for the sharded side
+        _step(zip(refs, plain), i)
+    for i in range(steps, 2 * steps):
+        _step([*zip(opts, models), *zip(refs, plain)], i)
+    return {"resumed_at": resumed, "weights": [p.detach().clone() for m in models for p in m.parameters()],
+            "reference": [p.detach().clone() for m in plain for p in m.parameters()]}
+
+
+def resume_without_zero1(steps: int, checkpoint_dir: str) -> str:
+    """Plain AdamW on every rank (zero 0) resuming a ZeRO-1 checkpoint: the refusal's message."""
+    from planner.errors import SpecError
+    from runtime import checkpoint
+    from runtime.parallel.optimizer import build_optimizer
+
+    dist.init_process_group("gloo")
+    models = [k() for k in (TwoLinears, OneNumber)]
+    opts = [build_optimizer(m, 1e-2) for m in models]
+    before = [p.detach().clone() for m in models for p in m.parameters()]
+    try:
+        checkpoint.load(checkpoint_dir, steps, dict(enumerate(models)), dict(enumerate(opts)))
+    except SpecError as e:
+        untouched = all((p == q).all() for p, q in zip(before, (p for m in models for p in m.parameters())))
+        return f"{e}" + ("" if untouched else " (and the weights were changed)")
+    return "loaded"
+
+
+def _seeded(kind):
+    torch.manual_seed(0)
+    return kind()
