@@ -23,9 +23,7 @@ def test_zero1_steps_and_resumes_like_adamw_with_ranges_cut_inside_parameters(tm
     assert [g["state_elements"] for g in got] == [[17, 1], [16, 0]]
     assert [g["optimizers"] for g in got] == [[1, 1], [1, 0]]
     assert [g["groups"] for g in got] == [[2, 1], [2, 0]]  # the learning-rate schedule sets what each replica steps
-    for g in got:
-        for w, ref in zip(g["weights"], g["reference"]):
-            assert (w == ref).all(), (w, ref)
+    _assert_every_rank_has_the_reference_weights(got)
 
 
 def test_zero1_checkpoint_of_2_replicas_resumes_on_3_exactly(tmp_path):
@@ -34,9 +32,7 @@ def test_zero1_checkpoint_of_2_replicas_resumes_on_3_exactly(tmp_path):
     run_on_ranks(save_after_steps, 2, 3, str(tmp_path / "ckpt"))
     got = run_on_ranks(resume_and_step, 3, 3, str(tmp_path / "ckpt"))
     assert [g["resumed_at"] for g in got] == [3, 3, 3]
-    for g in got:
-        for w, ref in zip(g["weights"], g["reference"]):
-            assert (w == ref).all(), (w, ref)
+    _assert_every_rank_has_the_reference_weights(got)
 
 
 def test_resuming_a_zero1_checkpoint_without_zero1_is_refused_on_every_rank_before_loading(tmp_path):
@@ -45,3 +41,9 @@ def test_resuming_a_zero1_checkpoint_without_zero1_is_refused_on_every_rank_befo
     for message in got:
         assert "was written by another layout than this plan's: it has no optim.stage0.state.a.weight." in message
         assert "dp may differ" in message and "changed" not in message
+
+
+def _assert_every_rank_has_the_reference_weights(got: list[dict]) -> None:
+    for g in got:
+        for w, ref in zip(g["weights"], g["reference"]):
+            assert (w == ref).all(), (w, ref)
