@@ -40,8 +40,8 @@ class DataParallelMode:
 ZERO_MODES = {
     0: DataParallelMode(0, "DDP (or a bucketed all-reduce by hand under tp or pp)", False, False, False, None,
                         False, 0, 0, True, True),
-    1: DataParallelMode(1, "DDP with ZeRO-1 (ZeroRedundancyOptimizer's arithmetic, runtime.parallel.optimizer: optimizer "
-                           "state sharded, updated weights broadcast, one buffer per owner)", True, False, False, None, False, 0, 1, True, True),
+    1: DataParallelMode(1, "DDP with ZeRO-1 (a flat partition as Megatron's distributed optimizer, runtime.parallel.optimizer: "
+                           "optimizer state sharded, each owner's updated range broadcast)", True, False, False, None, False, 0, 1, True, True),
     2: DataParallelMode(2, "FSDP2 fully_shard(reshard_after_forward=False)", True, True, True, False, True, 0, 1, True, False),
     3: DataParallelMode(3, "FSDP2 fully_shard(reshard_after_forward=True)", True, True, True, True, True, 2, 0, True, False),
 }

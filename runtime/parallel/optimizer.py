@@ -46,9 +46,10 @@ def param_groups(chunk: nn.Module) -> list[dict]:
 
 
 def build_optimizer(chunk: nn.Module, lr: float, *, zero: int = 0, mesh: DeviceMesh | None = None):
-    """AdamW over the chunk's parameters; for zero 1 over more than one replica, its state sharded over `mesh`."""
+    """AdamW over the chunk's parameters; for zero 1 its state sharded over `mesh` (at one replica too, so that a
+    zero-1 checkpoint has one form at every dp)."""
     groups = param_groups(chunk)
-    if zero != 1 or mesh is None or mesh.size() == 1:
+    if zero != 1 or mesh is None:
         return torch.optim.AdamW(groups, lr=lr, betas=BETAS)
     return ShardedOptimizer(groups, mesh, lr=lr, betas=BETAS)
 
@@ -81,10 +82,11 @@ def _bucket_key(group: int, params: list[nn.Parameter]) -> str:
 
 
 class _Piece:
-    """The part [a, b) of one parameter's local (flattened) tensor that lies in one replica's range."""
+    """The part [a, b) of one parameter's local (flattened) tensor that lies in one replica's range; `index` is
+    the parameter's place in its bucket."""
 
-    def __init__(self, param: nn.Parameter, a: int, b: int):
-        self.param, self.a, self.b = param, a, b
+    def __init__(self, param: nn.Parameter, index: int, a: int, b: int):
+        self.param, self.index, self.a, self.b = param, index, a, b
         flat = _local(param).detach().view(-1)  # a view: refuses a non-contiguous parameter rather than copy it
         self.view = flat[a:b]
 
@@ -104,8 +106,9 @@ class ShardedOptimizer:
         # Per bucket (one param group's parameters of one dtype): every replica's pieces, as
         # (global rank, its pieces), in the order the flattened elements run.
         self.buckets: list[list[tuple[int, list[_Piece]]]] = []
-        # Per bucket, for checkpoints: its key, its flattened length, and this replica's pieces of it.
-        self.bucket_states: list[tuple[str, int, list[_Piece]]] = []
+        # Per bucket, for checkpoints: its key, flattened length, dtype and parameter count, and this replica's
+        # pieces of it.
+        self.bucket_states: list[tuple[str, int, torch.dtype, int, list[_Piece]]] = []
         self.mine: list[_Piece] = []  # this replica's pieces, in its AdamW's order
         mine = []
         for i, g in enumerate(groups):
@@ -118,15 +121,15 @@ class ShardedOptimizer:
                 starts = [0, *itertools.accumulate(sizes)][:-1]
                 bucket, mine_here = [], []
                 for r, (lo, hi) in enumerate(ranges(sum(sizes), n)):
-                    pieces = [_Piece(p, max(lo, s) - s, min(hi, s + k) - s)
-                              for p, s, k in zip(params, starts, sizes) if max(lo, s) < min(hi, s + k)]
+                    pieces = [_Piece(p, j, max(lo, s) - s, min(hi, s + k) - s)
+                              for j, (p, s, k) in enumerate(zip(params, starts, sizes)) if max(lo, s) < min(hi, s + k)]
                     if pieces:
                         bucket.append((dist.get_global_rank(self.group, r), pieces))
                     if r == me:
                         mine_here = pieces
                 own += mine_here
                 self.buckets.append(bucket)
-                self.bucket_states.append((_bucket_key(i, params), sum(sizes), mine_here))
+                self.bucket_states.append((_bucket_key(i, params), sum(sizes), params[0].dtype, len(params), mine_here))
             if own:
                 mine.append({**g, "params": [piece.view for piece in own]})
             self.mine += own
@@ -135,7 +138,7 @@ class ShardedOptimizer:
         # it still receives every owner's broadcast. torch refuses an optimizer over no parameters.
         self.optim = torch.optim.AdamW(mine, **defaults) if mine else None
         self.state_elements = sum(piece.view.numel() for piece in self.mine)
-        self.mesh, self.steps = mesh, 0
+        self.mesh = mesh
         self.device = self.params[0].device
 
     @property
@@ -145,14 +148,13 @@ class ShardedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         """The owner's AdamW step on its views, then each owner's broadcast of its range, one range at a time."""
-        self.steps += 1
         if self.optim is not None:
             for piece in self.mine:
                 piece.take_grad()
             self.optim.step()
             for piece in self.mine:
                 piece.view.grad = None
-        for bucket in self.buckets:
+        for bucket in self.buckets if self.mesh.size() > 1 else ():  # one replica: the views are the weights
             for src, pieces in bucket:
                 if len(pieces) == 1:  # the range lies inside one parameter: send and receive in place
                     dist.broadcast(pieces[0].view, src=src, group=self.group)
@@ -169,45 +171,47 @@ class ShardedOptimizer:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """AdamW's state of each bucket, for DCP: per state name (exp_avg, exp_avg_sq) a 1-D DTensor of the bucket's
         flattened elements, Shard(0) over the replicas mesh (whose chunks are exactly this partition's ranges), so
-        DCP can load it at another dp; and the step count. Keys: "zero1.<bucket>.<name>" and "zero1.step". The
-        tensors are copies, made for saving; load_state_dict takes them back after dcp.load has filled them."""
+        DCP can load it at another dp, and each parameter's step count (AdamW counts the steps a parameter had a
+        gradient in). Keys "zero1.<bucket>.<name>" and "zero1.<bucket>.step". The tensors are copies, made for
+        saving; load_state_dict takes them back after dcp.load has filled them. Every replica calls it (the step
+        counts are gathered)."""
         self._make_state()
-        out: dict[str, torch.Tensor] = {"zero1.step": torch.tensor(self.steps)}
-        for key, total, pieces in self.bucket_states:
+        out: dict[str, torch.Tensor] = {}
+        for key, total, dtype, count, pieces in self.bucket_states:
+            steps = torch.zeros(count, device=self.device)
+            for p in pieces:
+                steps[p.index] = float(self.optim.state[p.view]["step"])
+            if self.mesh.size() > 1:  # the replicas holding none of a parameter count 0
+                dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.group)
+            out[f"zero1.{key}.step"] = steps
             for name in STATE_NAMES:
                 local = (torch.cat([self.optim.state[p.view][name] for p in pieces]) if pieces
-                         else torch.empty(0, device=self.device))
+                         else torch.empty(0, dtype=dtype, device=self.device))
                 out[f"zero1.{key}.{name}"] = DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False,
                                                                   shape=torch.Size([total]), stride=(1,))
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy what dcp.load put into state_dict()'s tensors into AdamW's state."""
-        self.steps = int(state["zero1.step"])
-        for key, _, pieces in self.bucket_states:
+        for key, _, _, _, pieces in self.bucket_states:
             for name in STATE_NAMES:
                 local = state[f"zero1.{key}.{name}"].to_local()
                 for p, part in zip(pieces, local.split([p.view.numel() for p in pieces])):
                     self.optim.state[p.view][name].copy_(part)
-        for p in self.mine:
-            self.optim.state[p.view]["step"].fill_(self.steps)
+            for p in pieces:
+                self.optim.state[p.view]["step"].fill_(float(state[f"zero1.{key}.step"][p.index]))
 
     def _make_state(self) -> None:
-        # AdamW makes its state in its first step: where no step has run yet, take one at lr 0 on zero gradients,
-        # which changes no weight (weight decay multiplies by 1 - 0, the update is 0 / eps times 0), as torch's own
-        # get_state_dict does, so that a checkpoint can be loaded into the state.
-        if self.optim is None or all(piece.view in self.optim.state for piece in self.mine):
+        # AdamW makes a view's state at its first step with a gradient; a checkpoint needs it before. A state at
+        # step 0 with zero moments is what that first step would start from, so AdamW steps on from it the same.
+        if self.optim is None:
             return
-        lrs = [g["lr"] for g in self.optim.param_groups]
-        for g in self.optim.param_groups:
-            g["lr"] = 0.0
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # as AdamW's step
         for piece in self.mine:
-            piece.view.grad = torch.zeros_like(piece.view)
-        self.optim.step()
-        for g, lr in zip(self.optim.param_groups, lrs):
-            g["lr"] = lr
-        for piece in self.mine:
-            piece.view.grad = None
+            if piece.view not in self.optim.state:
+                self.optim.state[piece.view] = {
+                    "step": torch.tensor(0.0, dtype=scalar),
+                    **{name: torch.zeros_like(piece.view, memory_format=torch.preserve_format) for name in STATE_NAMES}}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

@@ -1,5 +1,7 @@
 """runtime.parallel.optimizer.ShardedOptimizer (zero 1): a flat partition, cut inside parameters."""
 
+import pytest
+
 from runtime.parallel.optimizer import ranges
 from tests.conftest import run_on_ranks
 from tests.runtime.zero1_ranks import (resume_and_step, resume_without_zero1, save_after_steps,
@@ -26,12 +28,14 @@ def test_zero1_steps_and_resumes_like_adamw_with_ranges_cut_inside_parameters(tm
     _assert_every_rank_has_the_reference_weights(got)
 
 
-def test_zero1_checkpoint_of_2_replicas_resumes_on_3_exactly(tmp_path):
+@pytest.mark.parametrize("saved, resumed", [(2, 3), (1, 2)])
+def test_zero1_checkpoint_resumes_exactly_at_another_dp(tmp_path, saved, resumed):
     # Each bucket's state is one DTensor sharded over the replicas, whose Shard(0) chunks are the partition's
-    # ranges, so DCP re-cuts it for 3 replicas: 14 / 13 matrix elements saved, 9 / 9 / 9 loaded.
-    run_on_ranks(save_after_steps, 2, 3, str(tmp_path / "ckpt"))
-    got = run_on_ranks(resume_and_step, 3, 3, str(tmp_path / "ckpt"))
-    assert [g["resumed_at"] for g in got] == [3, 3, 3]
+    # ranges, so DCP re-cuts it: 14 / 13 matrix elements saved by 2 replicas, 9 / 9 / 9 loaded by 3. One replica
+    # under zero 1 saves the same form.
+    run_on_ranks(save_after_steps, saved, 3, str(tmp_path / "ckpt"))
+    got = run_on_ranks(resume_and_step, resumed, 3, str(tmp_path / "ckpt"))
+    assert [g["resumed_at"] for g in got] == [3] * resumed
     _assert_every_rank_has_the_reference_weights(got)
 
 
