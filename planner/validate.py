@@ -53,14 +53,19 @@ def _measured_step_s(line: dict) -> float:
 
 def not_results(path: str) -> str | None:
     """Why a file none of whose lines is a JSON object is no results file at all, in one line instead of one per line: it is
-    one JSON document over many lines (a plan file, say), or not text. None when it is neither (a mangled results file)."""
+    one JSON document over many lines (a plan file, say), not text, or text of several lines none of which is JSON (a
+    README, a log). None for one bad line (a torn results file: its line's own message says more)."""
     results = "a results file (one JSON line per run, as runtime.launch --results writes them)"
     try:
-        doc = json.loads(Path(path).read_text())
+        text = Path(path).read_text()
+        doc = json.loads(text)
     except UnicodeDecodeError:
         return f"{path}: not a text file, so not {results}"
-    except (OSError, ValueError):
+    except OSError:
         return None
+    except ValueError:
+        lines = sum(1 for line in text.splitlines() if line.strip())
+        return None if lines <= 1 else f"{path}: none of its {lines} lines is JSON, so it is not {results}"
     if isinstance(doc, dict) and "version" in doc and "stages" in doc:
         return (f"{path}: a plan file (plan.json), not a results file; run the plan with runtime.launch's --results FILE "
                 f"(`planner launch {path} --print -- --results run.jsonl` prints the torchrun command), then validate that file")

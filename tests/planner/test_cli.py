@@ -189,6 +189,17 @@ def test_validate_given_a_directory_or_a_binary_file_says_which_in_one_line(tmp_
     assert blob.startswith(f"{tmp_path / 'blob'}: not a text file")
 
 
+def test_validate_given_a_text_file_with_no_json_line_says_so_in_one_line_not_one_per_line(tmp_path, capsys):
+    # `planner validate README.md` printed a line for each of its 1,044 lines.
+    (notes := tmp_path / "notes.md").write_text("# Notes\n\nsome text\nmore text\n")
+    (torn := tmp_path / "torn.jsonl").write_text('{"plan_id": "ab')  # one torn line keeps its own message
+    code, stdout, _ = run(capsys, "validate", str(notes), str(torn), "--json")
+    skipped = json.loads(stdout)["skipped"]
+    assert code == 1 and len(skipped) == 2
+    assert skipped[0] == f"{notes}: none of its 3 lines is JSON, so it is not a results file (one JSON line per run, as runtime.launch --results writes them)"
+    assert "line 1 is not valid JSON" in skipped[1]
+
+
 @pytest.mark.parametrize("command", [("export", "--to", "megatron"), ("launch",)])
 def test_export_and_launch_given_a_directory_or_a_json_file_that_is_no_plan_say_which(tmp_path, capsys, command):
     from tests.planner.refusals import refused

@@ -28,8 +28,9 @@ def test_validate_reports_each_model_beside_the_whole(tmp_path):
     for r in report["runs"]:
         errs[r["model"]].append(abs(r["error_pct"]))
     for name, summary in report["by_model"].items():
-        assert summary["mape_pct"] == sum(errs[name]) / len(errs[name])
-    assert report["mape_pct"] == sum(sum(e) for e in errs.values()) / 4
+        assert summary["mape_pct"] == pytest.approx(sum(errs[name]) / len(errs[name]), rel=1e-12)
+    # approx: the sums run in another order (with this machine's measured profile they differed in the last bit)
+    assert report["mape_pct"] == pytest.approx(sum(sum(e) for e in errs.values()) / 4, rel=1e-12)
 
 
 def test_validate_compares_every_ranks_peak_memory_with_its_pipeline_devices(tmp_path):
