@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from planner.errors import SpecError
 from runtime.model import GPTConfig, init_full_tensor
-from runtime.parallel.optimizer import ShardedOptimizer, local_optimizer
+from runtime.parallel.optimizer import IMPLEMENTATION, ShardedOptimizer, local_optimizer
 from runtime.parallel.recompute import clean_fqn
 
 # Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), not by position in a param group, so that a key
@@ -77,6 +77,18 @@ def _mismatch(path: Path, state: dict) -> str | None:
         if isinstance(v, torch.Tensor) and tuple(getattr(saved[k], "size", v.shape)) != tuple(v.shape):
             return f"it holds {k} as {tuple(saved[k].size)}, where this plan has {tuple(v.shape)}"
     return None
+
+
+def _keep_kernel(opt: torch.optim.Optimizer, settings: list[dict]) -> None:
+    """Give a loaded optimizer back this run's kernel settings (fused or not), which loading set to the checkpoint's
+    (one saved before runtime.parallel.optimizer.adamw stepped fused would turn it off), and, where fused, its step
+    counts where the fused kernel reads them: float32 on the weight's device."""
+    for group, kept in zip(opt.param_groups, settings):
+        group.update(kept)
+        if group.get("fused"):
+            for p in group["params"]:
+                if "step" in opt.state.get(p, {}):
+                    opt.state[p]["step"] = opt.state[p]["step"].to(device=p.device, dtype=torch.float32)
 
 
 def latest_step(directory: str | Path) -> int | None:
@@ -134,6 +146,9 @@ def load(directory: str | Path, step: int, chunks: dict[int, nn.Module],
             set_model_state_dict(chunk, own, options=OPTIONS)
             optimizers[idx].load_state_dict(state["optim"][f"stage{idx}"])
         else:
-            set_state_dict(chunk, local_optimizer(optimizers[idx]), model_state_dict=own,
-                           optim_state_dict=state["optim"][f"stage{idx}"], options=OPTIONS)
+            opts = local_optimizer(optimizers[idx])
+            kernels = [[{k: g.get(k) for k in IMPLEMENTATION} for g in o.param_groups] for o in opts]
+            set_state_dict(chunk, opts, model_state_dict=own, optim_state_dict=state["optim"][f"stage{idx}"], options=OPTIONS)
+            for o, settings in zip(opts, kernels):
+                _keep_kernel(o, settings)
     return int(state["step"])

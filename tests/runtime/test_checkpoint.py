@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_on_ranks
 from tests.runtime.planfiles import last_result, launch, write_plan
 from runtime.checkpoint import latest_step
@@ -87,3 +89,33 @@ def test_killed_rank_fails_torchrun_naming_the_rank_and_a_restart_resumes(tmp_pa
     assert last_result(restarted)["steps"] == 2
     assert last_result(restarted)["losses"] == last_result(uninterrupted)["losses"][resumed_from:]
 
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process, as meant here
+def test_a_checkpoint_of_the_default_adamw_resumes_into_fused_adamw_and_stays_fused(tmp_path):
+    # Loading sets a param group's settings to the saved ones: a checkpoint made before the runtime stepped fused
+    # AdamW would have turned fused off. The run keeps its own kernel, and its state steps on as saved.
+    import torch
+    import torch.nn as nn
+
+    from runtime import checkpoint
+    from runtime.parallel.optimizer import build_optimizer, param_groups
+
+    def stepped(model, opt, steps):
+        for i in range(steps):
+            model.weight.grad = torch.full_like(model.weight, 0.1 * (i + 1))
+            opt.step()
+
+    torch.manual_seed(0)
+    old, ref = nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False)
+    ref.load_state_dict(old.state_dict())
+    old_opt = torch.optim.AdamW(param_groups(old), lr=1e-2)  # torch's default kernel
+    ref_opt = torch.optim.AdamW(param_groups(ref), lr=1e-2)
+    stepped(old, old_opt, 2), stepped(ref, ref_opt, 2)
+    checkpoint.save(tmp_path, 2, {0: old}, {0: old_opt})
+    new = nn.Linear(4, 3, bias=False)
+    new_opt = build_optimizer(new, 1e-2)
+    assert checkpoint.load(tmp_path, 2, {0: new}, {0: new_opt}) == 2
+    assert [g.get("fused") for g in new_opt.param_groups] == [True]
+    stepped(new, new_opt, 2), stepped(ref, ref_opt, 2)
+    torch.testing.assert_close(new.weight, ref.weight, rtol=1e-6, atol=1e-8)

@@ -56,3 +56,11 @@ def _assert_every_rank_has_the_reference_weights(got: list[dict]) -> None:
     for g in got:
         for w, ref in zip(g["weights"], g["reference"]):
             torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_adamw_gives_each_mesh_and_the_plain_tensors_a_group_of_their_own():
+    # The fused kernel takes one kind of tensor per list: torch before 2.9 refuses a step over DTensors of two
+    # meshes (a GPT's position table and norms on the dp mesh beside its weights on dp x tp, under FSDP2 with tp).
+    from tests.runtime.zero1_ranks import adamw_groups_of_mixed_tensors
+
+    assert run_on_ranks(adamw_groups_of_mixed_tensors, 1) == [[["DTensor2"], ["DTensor1"], ["Parameter"]]]

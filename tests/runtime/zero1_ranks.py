@@ -123,3 +123,22 @@ def resume_without_zero1(steps: int, checkpoint_dir: str) -> str:
 def _seeded(kind):
     torch.manual_seed(0)
     return kind()
+
+
+def adamw_groups_of_mixed_tensors() -> list[list[str]]:
+    """runtime.parallel.optimizer.adamw over one group of a DTensor on a 2-D mesh, one on a 1-D mesh and a plain
+    tensor (a GPT under FSDP2 with tp holds all three kinds): the kinds of each of its groups, after one step."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from runtime.parallel.optimizer import adamw
+
+    dist.init_process_group("gloo")
+    flat, grid = init_device_mesh("cpu", (1,)), init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+    params = [nn.Parameter(distribute_tensor(torch.ones(4, 2), grid, [Replicate(), Replicate()])),
+              nn.Parameter(distribute_tensor(torch.ones(3), flat, [Replicate()])), nn.Parameter(torch.ones(2))]
+    opt = adamw([{"params": params, "weight_decay": 0.1}], lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return [[f"{type(p).__name__}{p.device_mesh.ndim if hasattr(p, 'device_mesh') else ''}" for p in g["params"]]
+            for g in opt.param_groups]
