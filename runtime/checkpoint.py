@@ -128,12 +128,11 @@ def load(directory: str | Path, step: int, chunks: dict[int, nn.Module],
     refused on every rank, naming what differs, before anything is loaded."""
     state = _state(chunks, optimizers, 0)
     path = Path(directory) / f"step_{step:06d}"
-    problems = [None] * dist.get_world_size() if dist.is_initialized() else [None]
     mine = _mismatch(path, state)
-    if dist.is_initialized():
+    problems = [mine]
+    if dist.is_initialized():  # every rank refuses, or none: a rank loading alone would wait for the others
+        problems = [None] * dist.get_world_size()
         dist.all_gather_object(problems, mine)
-    else:
-        problems = [mine]
     if (problem := next((p for p in problems if p), None)) is not None:
         raise SpecError("--checkpoint-dir", "checkpoint_dir",
                         f"{path} was written by another layout than this plan's: {problem}; resume with the plan "
