@@ -165,6 +165,7 @@ class ShardedOptimizer:
         # A replica that owns nothing (a chunk with fewer elements than replicas) holds no state and steps nothing;
         # it still receives every owner's broadcast. torch refuses an optimizer over no parameters.
         self.optim = adamw(mine, **defaults) if mine else None
+        # The elements of AdamW state this replica holds: 1/dp of the chunk's, to within one per bucket.
         self.state_elements = sum(piece.view.numel() for piece in self.mine)
         self.mesh = mesh
         self.device = self.params[0].device
