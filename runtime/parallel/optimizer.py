@@ -131,9 +131,9 @@ class ShardedOptimizer:
     def __init__(self, groups: list[dict], mesh: DeviceMesh, **defaults):
         self.group, me, n = mesh.get_group(), mesh.get_local_rank(), mesh.size()
         self.params = [p for g in groups for p in g["params"]]
-        # Per bucket (one param group's parameters of one dtype): every replica's pieces, as
-        # (global rank, its pieces), in the order the flattened elements run.
-        self.buckets: list[list[tuple[int, list[_Piece]]]] = []
+        # What step broadcasts: per owner (global rank) and dtype, its pieces of every bucket (one param group's
+        # parameters of one dtype), in the order the buckets' flattened elements run: one broadcast each.
+        self.sends: dict[tuple[int, torch.dtype], list[_Piece]] = {}
         # Per bucket, for checkpoints: its key, flattened length, dtype and parameter count, and this replica's
         # pieces of it.
         self.bucket_states: list[tuple[str, int, torch.dtype, int, list[_Piece]]] = []
@@ -147,16 +147,15 @@ class ShardedOptimizer:
             for params in by_dtype.values():
                 sizes = [_local(p).numel() for p in params]
                 starts = [0, *itertools.accumulate(sizes)][:-1]
-                bucket, mine_here = [], []
+                mine_here = []
                 for r, (lo, hi) in enumerate(ranges(sum(sizes), n)):
                     pieces = [_Piece(p, j, max(lo, s) - s, min(hi, s + k) - s)
                               for j, (p, s, k) in enumerate(zip(params, starts, sizes)) if max(lo, s) < min(hi, s + k)]
                     if pieces:
-                        bucket.append((dist.get_global_rank(self.group, r), pieces))
+                        self.sends.setdefault((dist.get_global_rank(self.group, r), params[0].dtype), []).extend(pieces)
                     if r == me:
                         mine_here = pieces
                 own += mine_here
-                self.buckets.append(bucket)
                 self.bucket_states.append((_bucket_key(i, params), sum(sizes), params[0].dtype, len(params), mine_here))
             if own:
                 mine.append({**g, "params": [piece.view for piece in own]})
@@ -176,26 +175,25 @@ class ShardedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        """The owner's AdamW step on its views, then each owner's broadcast of its range, one range at a time."""
+        """The owner's AdamW step on its views, then each owner's broadcast of its ranges (one buffer per dtype), one
+        owner at a time."""
         if self.optim is not None:
             for piece in self.mine:
                 piece.take_grad()
             self.optim.step()
             for piece in self.mine:
                 piece.view.grad = None
-        for bucket in self.buckets if self.mesh.size() > 1 else ():  # one replica: the views are the weights
-            for src, pieces in bucket:
-                if len(pieces) == 1:  # the range lies inside one parameter: send and receive in place
-                    dist.broadcast(pieces[0].view, src=src, group=self.group)
-                    continue
-                flat = (torch.cat([p.view for p in pieces]) if src == self.rank else
-                        torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype,
-                                    device=pieces[0].view.device))
-                dist.broadcast(flat, src=src, group=self.group)
-                if src != self.rank:
-                    for p, part in zip(pieces, flat.split([p.view.numel() for p in pieces])):
-                        p.view.copy_(part)
-                del flat  # before the next owner's buffer is made
+        for (src, dtype), pieces in self.sends.items() if self.mesh.size() > 1 else ():  # one replica: nothing to send
+            if len(pieces) == 1:  # the owner's range lies inside one parameter: send and receive in place
+                dist.broadcast(pieces[0].view, src=src, group=self.group)
+                continue
+            flat = (torch.cat([p.view for p in pieces]) if src == self.rank else
+                    torch.empty(sum(p.view.numel() for p in pieces), dtype=dtype, device=pieces[0].view.device))
+            dist.broadcast(flat, src=src, group=self.group)
+            if src != self.rank:
+                for p, part in zip(pieces, flat.split([p.view.numel() for p in pieces])):
+                    p.view.copy_(part)
+            del flat  # before the next owner's buffer is made
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """AdamW's state of each bucket, for DCP: per state name (exp_avg, exp_avg_sq) a 1-D DTensor of the bucket's
