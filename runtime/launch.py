@@ -270,9 +270,16 @@ def log_step(plan: Plan, step: int, steps: int, loss: float | None, grad_norm: f
     flops = model_flops(plan.model, plan.global_batch, 0.0) / seconds / plan.world_size
     mfu = f"{100 * flops / (peak_tflops * 1e12):.1f}%" if peak_tflops else "n/a"
     gib = float(peak)
-    shown = "not counted yet" if gib < 0 else f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+    shown = "not counted yet" if gib < 0 else memory_text([gib])
     print(f"step {step + 1}/{steps} | loss {float(total):.4f} | grad norm {grad_norm:.3f} | lr {lr:.2e} | "
           f"{tokens_per_s:,.0f} tokens/s | MFU {mfu} | memory {shown}", flush=True)
+
+
+def memory_text(gibs: list[float]) -> str:
+    """Amounts of memory in one unit: GiB from 1 GiB up, else MiB (a tiny model's 4 MiB is not "0.00 GiB")."""
+    if max(gibs) >= 1:
+        return f"{', '.join(f'{g:.2f}' for g in gibs)} GiB"
+    return f"{', '.join(f'{g * 1024:.1f}' for g in gibs)} MiB"
 
 
 def memory_gib(device: torch.device, counter: LiveTensorBytes | None, *, counted: bool) -> float | None:
@@ -350,7 +357,7 @@ def print_summary(result: RunResult, first_step: int, plan_file: str = "PLAN") -
     console = Console()
     console.print(table)
     console.print(f"{result.device}: {result.tokens_per_s:,.0f} tokens/s (median step after warm-up); "
-                  f"peak memory per rank {', '.join(f'{m:.2f}' for m in result.peak_memory_gib)} GiB of tensors (a plan's peak GiB "
+                  f"peak memory per rank {memory_text(result.peak_memory_gib)} of tensors (a plan's peak GiB "
                   "adds its device's framework overhead, which this does not count)")
     if result.predicted:
         console.print(f"predicted tokens/s: {result.predicted['tokens_per_s']:,.0f}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -206,6 +207,9 @@ def test_each_step_logs_loss_grad_norm_lr_tokens_per_s_mfu_and_memory(tmp_path):
     assert fields[6] == "memory not counted yet"
     last = lines[-1].split(" | ")[6]
     assert last.startswith("memory ") and last.endswith(" MiB") and float(last.split()[1]) > 0  # test-tiny: under 1 GiB
+    # The summary's per-rank peaks in the same unit (they printed "0.00, 0.00 GiB").
+    summary = re.search(r"peak memory per rank ([\d., ]+) MiB of tensors", " ".join(out.stdout.split()))
+    assert summary and all(float(m) > 0 for m in summary.group(1).split(", ")), out.stdout[-800:]
 
 
 @pytest.mark.parametrize("knobs,model,message", [
