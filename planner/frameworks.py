@@ -124,11 +124,11 @@ class Framework:
 
     def overlaps_dp(self, knobs: Knobs) -> bool:
         """Whether the gradient reduction runs under the backward. meshplan's runtime: as planner/zero.py's table
-        says (DDP and FSDP2 overlap; where DDP falls short, under tp, cp or pp, the runtime reduces by hand after
-        the last backward: runtime/parallel/data.py says why). The others: their dp_overlap."""
+        says (DDP and FSDP2 overlap; where DDP falls short, under tp or pp, the runtime reduces by hand after the
+        last backward: runtime/parallel/data.py says why; cp alone keeps DDP). The others: their dp_overlap."""
         if self.name == "meshplan":
             mode = ZERO_MODES[knobs.zero]
-            plain = knobs.tp == 1 and knobs.pp == 1 and knobs.cp == 1
+            plain = knobs.tp == 1 and knobs.pp == 1
             return mode.overlaps_backward and (plain or not mode.overlap_needs_plain_dp)
         return self.dp_overlap
 

@@ -115,7 +115,7 @@ def test_compile_prices_the_elementwise_work_as_fused():
 def test_overlap_of_the_gradient_reduction_comes_from_the_zero_table():
     assert MESHPLAN.overlaps_dp(Knobs(1, 1, 8, 1))              # DDP reduces under the backward
     assert not MESHPLAN.overlaps_dp(Knobs(2, 1, 4, 1))          # by hand, after it, under tp
-    assert not MESHPLAN.overlaps_dp(Knobs(1, 1, 4, 1, cp=2))    # and under cp
+    assert MESHPLAN.overlaps_dp(Knobs(1, 1, 4, 1, cp=2))        # cp alone keeps DDP
     assert MESHPLAN.overlaps_dp(Knobs(2, 2, 2, 1, zero=3))      # FSDP2's hooks overlap under tp and pp too
 
 
