@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from planner.memory import MEGATRON_CORE_SAVED, MEGATRON_SAVED, RUNTIME_SAVED, SavedTensors
 from planner.plan import Knobs
-from planner.zero import ZERO_MODES
+from planner.zero import ZERO_MODES, gradient_reducer
 
 
 FP8_CASTS = ("torchao", "transformer-engine")
@@ -127,9 +127,8 @@ class Framework:
         says (DDP and FSDP2 overlap; where DDP falls short, under tp or pp, the runtime reduces by hand after the
         last backward: runtime/parallel/data.py says why; cp alone keeps DDP). The others: their dp_overlap."""
         if self.name == "meshplan":
-            mode = ZERO_MODES[knobs.zero]
-            plain = knobs.tp == 1 and knobs.pp == 1
-            return mode.overlaps_backward and (plain or not mode.overlap_needs_plain_dp)
+            reducer = gradient_reducer(zero=knobs.zero, replicas=knobs.dp * knobs.cp, tp=knobs.tp, pipelined=knobs.pp > 1)
+            return ZERO_MODES[knobs.zero].overlaps_backward and reducer != "by hand"
         return self.dp_overlap
 
 

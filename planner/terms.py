@@ -19,7 +19,7 @@ from planner.per_microbatch import Terms
 from planner.plan import Knobs
 from planner.specs import ClusterSpec, DeviceProfile, ModelSpec
 from planner.topology import cp_link, dp_link, pp_links, tp_link
-from planner.zero import ZERO_MODES
+from planner.zero import ZERO_MODES, gradient_reducer
 # The frameworks live in planner/frameworks.py; callers import them from here too.
 from planner.frameworks import (DEEPSPEED, FRAMEWORKS, MEGATRON, MEGATRON_CORE, MEGATRON_CORE_TP_OVERLAP,  # noqa: F401
                                 MESHPLAN, Framework)
@@ -97,8 +97,8 @@ class CostModel:
                      step_bytes=step_grad_bytes_per_param(k.zero, k.dp * k.cp, fp32, self.framework.grad_bytes),
                      sharding_transient_bytes=fsdp_transient_bytes(dev.dtype_bytes, k.zero, base["layer_params"], fp32),
                      end_gathered_bytes=fsdp_root_bytes(dev.dtype_bytes, k.zero, fp32),
-                     grads_from_backward=not self.framework.grad_buffers and not (
-                         k.zero <= 1 and k.dp * k.cp > 1 and k.tp == 1 and k.pp == 1))  # DDP's buckets hold them
+                     grads_from_backward=not self.framework.grad_buffers and gradient_reducer(  # DDP's buckets hold them
+                         zero=k.zero, replicas=k.dp * k.cp, tp=k.tp, pipelined=k.pp > 1) != "ddp")
 
     def _block_terms(self, k: Knobs) -> dict:
         model, dev = self.model, self.device

@@ -32,9 +32,8 @@ class DataParallelMode:
     """All-gathers of the weights per step (the updated shards after the optimizer step, or the first forward's)."""
     overlaps_backward: bool
     """The reduction runs under the backward (DDP's buckets, FSDP2's hooks); otherwise after it."""
-    overlap_needs_plain_dp: bool
-    """The overlap holds only where DDP itself reduces: no tp and no pp (runtime/parallel/data.py says why the
-    runtime reduces by hand, after the last backward, otherwise; cp alone keeps DDP)."""
+    through_ddp: bool
+    """Reduced by DDP, which falls short under tp and pp (gradient_reducer)."""
 
 
 ZERO_MODES = {
@@ -46,3 +45,16 @@ ZERO_MODES = {
     3: DataParallelMode(3, "FSDP2 fully_shard(reshard_after_forward=True)", True, True, True, True, True, 2, 0, True, False),
 }
 ZERO_STAGES = tuple(ZERO_MODES)
+
+
+def gradient_reducer(*, zero: int, replicas: int, tp: int, pipelined: bool) -> str:
+    """What reduces meshplan's gradients over the replicas (dp * cp ranks): 'none' over one replica, 'fsdp2' for
+    zero 2/3, 'ddp' for zero 0/1, and 'by hand' for zero 0/1 under tp or pipelining, where DDP falls short
+    (runtime/parallel/data.py says why): a bucketed all-reduce after the step's last backward, not under it.
+    Context parallelism alone keeps DDP. The runtime applies it; the planner prices the overlap and the gradient
+    buffers from it."""
+    if replicas == 1:
+        return "none"
+    if not ZERO_MODES[zero].through_ddp:
+        return "fsdp2"
+    return "by hand" if tp > 1 or pipelined else "ddp"

@@ -43,7 +43,8 @@ from runtime.model import GPT, Block, GPTConfig
 from runtime.parallel.clip import clip_grad_norm_
 from runtime.parallel.compile import apply_compile
 from runtime.parallel.context import apply_cp
-from runtime.parallel.data import all_reduce_gradients, apply_data_parallel, finish_step, reduces_by_hand, zero_grad_to_none
+from planner.zero import gradient_reducer
+from runtime.parallel.data import all_reduce_gradients, apply_data_parallel, finish_step, zero_grad_to_none
 from runtime.parallel.optimizer import build_optimizer
 from runtime.parallel.pipeline import build_schedule, build_stages, split_model
 from runtime.parallel.recompute import apply_recompute
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint.init_weights(chunk, cfg, args.seed, device)
         chunks[idx] = apply_data_parallel(chunk, meshes.replicas, zero=plan.zero, tp=plan.tp, bf16=fsdp_bf16,
                                           pipelined_microbatches=plan.num_microbatches if plan.pp > 1 else 0)
-    by_hand = reduces_by_hand(zero=plan.zero, replicas=meshes.replicas.size(), tp=plan.tp, pipelined=plan.pp > 1)
+    by_hand = gradient_reducer(zero=plan.zero, replicas=meshes.replicas.size(), tp=plan.tp, pipelined=plan.pp > 1) == "by hand"
     optimizers = {idx: build_optimizer(chunk, args.lr, zero=plan.zero, mesh=meshes.replicas) for idx, chunk in chunks.items()}
     warmup_steps = args.lr_warmup_steps or max(1, args.steps // 10)
     decay_steps = args.lr_decay_steps or args.steps

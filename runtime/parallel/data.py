@@ -42,7 +42,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from planner.zero import ZERO_MODES
+from planner.zero import ZERO_MODES, gradient_reducer
 
 BUCKET_BYTES = 25 * 2**20
 """Gradients per all-reduce in all_reduce_gradients (DDP's default bucket_cap_mb is 25)."""
@@ -84,25 +84,17 @@ def apply_fsdp(chunk: nn.Module, mesh: DeviceMesh, *, zero: int, bf16: bool = Fa
     return chunk
 
 
-def reduces_by_hand(*, zero: int, replicas: int, tp: int, pipelined: bool) -> bool:
-    """True where neither DDP nor FSDP2 reduces the gradients: zero 0 or 1 over more than one replica, together
-    with tp > 1 or pipelining (call all_reduce_gradients after the step's last backward)."""
-    return replicas > 1 and zero <= 1 and (tp > 1 or pipelined)
-
-
 def apply_data_parallel(chunk: nn.Module, mesh: DeviceMesh, *, zero: int, tp: int, pipelined_microbatches: int = 0,
                         bf16: bool = False) -> nn.Module:
     """The plan's ZeRO stage on one model chunk over the replicas mesh (dp * cp ranks): DDP for zero 0/1 where it
-    can (see reduces_by_hand), FSDP2 for zero 2/3; nothing over one replica, where every stage is the same.
+    can (planner.zero.gradient_reducer), FSDP2 for zero 2/3; nothing over one replica, where every stage is the same.
     pipelined_microbatches: the plan's microbatches under pipelining (pp > 1), 0 without."""
-    pipelined = pipelined_microbatches > 0
-    if mesh.size() == 1:
-        return chunk
-    if zero >= 2:
+    reducer = gradient_reducer(zero=zero, replicas=mesh.size(), tp=tp, pipelined=pipelined_microbatches > 0)
+    if reducer == "fsdp2":
         return apply_fsdp(chunk, mesh, zero=zero, bf16=bf16, pipelined_microbatches=pipelined_microbatches)
-    if reduces_by_hand(zero=zero, replicas=mesh.size(), tp=tp, pipelined=pipelined):
-        return chunk
-    return apply_ddp(chunk, mesh)
+    if reducer == "ddp":
+        return apply_ddp(chunk, mesh)
+    return chunk  # one replica, or reduced by hand (all_reduce_gradients)
 
 
 def finish_step(chunks: Iterable[nn.Module]) -> None:

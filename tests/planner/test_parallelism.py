@@ -10,6 +10,7 @@ from planner.errors import SpecError
 from planner.plan import Knobs
 from planner.search import search
 from planner.specs import load_cluster, load_device, load_model
+from planner.zero import gradient_reducer
 
 from tests.planner.refusals import refused
 
@@ -117,6 +118,19 @@ def test_overlap_of_the_gradient_reduction_comes_from_the_zero_table():
     assert not MESHPLAN.overlaps_dp(Knobs(2, 1, 4, 1))          # by hand, after it, under tp
     assert MESHPLAN.overlaps_dp(Knobs(1, 1, 4, 1, cp=2))        # cp alone keeps DDP
     assert MESHPLAN.overlaps_dp(Knobs(2, 2, 2, 1, zero=3))      # FSDP2's hooks overlap under tp and pp too
+
+
+def test_cp_alone_keeps_ddp_and_tp_or_pp_reduce_by_hand():
+    # The replicas are dp * cp ranks; context parallelism's all-gather runs inside autograd, so DDP still holds.
+    assert gradient_reducer(zero=0, replicas=2 * 2, tp=1, pipelined=False) == "ddp"
+    assert gradient_reducer(zero=1, replicas=2, tp=2, pipelined=False) == "by hand"
+    assert gradient_reducer(zero=1, replicas=2, tp=1, pipelined=True) == "by hand"
+    assert gradient_reducer(zero=2, replicas=2, tp=2, pipelined=True) == "fsdp2"
+    assert gradient_reducer(zero=0, replicas=1, tp=2, pipelined=True) == "none"
+    # DDP's buckets hold the gradients at every peak; by hand, autograd makes them in the backward.
+    cm = CostModel(LLAMA8, load_cluster("dgx-h100-80gb", nodes=1), H100)
+    assert not cm.terms(Knobs(1, 1, 2, 1, cp=2)).grads_from_backward
+    assert cm.terms(Knobs(2, 1, 2, 1)).grads_from_backward
 
 
 def test_the_search_cuts_a_long_sequence_over_context_parallel_ranks():

@@ -1,16 +1,18 @@
-"""The planner prices the gradient reduction's overlap exactly where runtime/parallel/data.py keeps DDP or FSDP2."""
+"""runtime/parallel/data.py wraps each chunk as planner/zero.py's gradient_reducer says, the function the planner
+prices the reduction's overlap and the gradients' memory from."""
 
-import itertools
-
-from planner.frameworks import MESHPLAN
-from planner.plan import Knobs
-from runtime.parallel.data import reduces_by_hand
+from planner.zero import gradient_reducer
+from tests.conftest import run_on_ranks
+from tests.runtime.data_parallel_ranks import wrappers
 
 
-def test_the_planner_overlaps_the_reduction_exactly_where_the_runtime_does_not_reduce_by_hand():
-    # Every zero stage and tp, pp, cp in {1, 2} over 2 data-parallel replicas (the replicas mesh is dp * cp ranks).
-    for zero, tp, pp, cp in itertools.product(range(4), (1, 2), (1, 2), (1, 2)):
-        knobs = Knobs(tp, pp, 2, 1, zero=zero, cp=cp)
-        by_hand = reduces_by_hand(zero=zero, replicas=2 * cp, tp=tp, pipelined=pp > 1)
-        assert MESHPLAN.overlaps_dp(knobs) == (not by_hand), (zero, tp, pp, cp)
-
+def test_each_chunk_is_wrapped_as_the_planner_prices_its_gradient_reduction():
+    got = run_on_ranks(wrappers, 2)
+    expected = {}
+    for zero in range(4):
+        for tp in (1, 2):
+            for pipelined in (False, True):
+                reducer = gradient_reducer(zero=zero, replicas=2, tp=tp, pipelined=pipelined)
+                expected[f"{zero} {tp} {pipelined}"] = {"by hand": "unwrapped"}.get(reducer, reducer)
+    assert got == [expected, expected]
+    assert sorted(set(expected.values())) == ["ddp", "fsdp2", "unwrapped"]
