@@ -35,6 +35,7 @@ from planner.plan import Plan, degrees_text, load_plan, plan_id, plan_to_dict
 from planner.results import RunResult, append_result, median_tokens_per_s, timed_steps
 from planner.specs import load_device
 from planner.slurm import torchrun_prefix
+from planner.zero import gradient_reducer
 from runtime import checkpoint, data, machine
 from planner.runtime_args import parse_args
 from runtime.memory import LiveTensorBytes, use_expandable_segments
@@ -43,7 +44,6 @@ from runtime.model import GPT, Block, GPTConfig
 from runtime.parallel.clip import clip_grad_norm_
 from runtime.parallel.compile import apply_compile
 from runtime.parallel.context import apply_cp
-from planner.zero import gradient_reducer
 from runtime.parallel.data import all_reduce_gradients, apply_data_parallel, finish_step, zero_grad_to_none
 from runtime.parallel.optimizer import build_optimizer
 from runtime.parallel.pipeline import build_schedule, build_stages, split_model
