@@ -43,7 +43,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     print(f"profile: {device.label}")
-    print(f"{'plan':<11}{'model':<11}{'tp pp dp mbs':<14}{'stage':>6}{'fwd pred':>10}{'meas':>8}{'err':>8}"
+    print(f"{'plan':<11}{'model':<11}{'tp cp pp dp mbs':<17}{'stage':>6}{'fwd pred':>10}{'meas':>8}{'err':>8}"
           f"{'bwd pred':>10}{'meas':>8}{'err':>8}   (ms per microbatch)")
     shown = 0
     for run in runs:
@@ -55,7 +55,7 @@ def main() -> int:
                 continue
             f, b = c.forward_s, c.backward_s + c.recompute_s
             mf, mb = got["forward_s"], got["backward_s"]
-            print(f"{plan.id[:10]:<11}{plan.model.name[:10]:<11}{f'{plan.tp} {plan.pp} {plan.dp} {plan.micro_batch}':<14}{k:>6}"
+            print(f"{plan.id[:10]:<11}{plan.model.name[:10]:<11}{f'{plan.tp} {plan.cp} {plan.pp} {plan.dp} {plan.micro_batch}':<17}{k:>6}"
                   f"{1e3 * f:>10.1f}{1e3 * mf:>8.1f}{100 * (f / mf - 1):>+7.1f}%{1e3 * b:>10.1f}{1e3 * mb:>8.1f}{100 * (b / mb - 1):>+7.1f}%")
             shown += 1
     if not shown:
