@@ -22,6 +22,8 @@ class LayerTimes:
     """Re-running the attention core before the backward (selective recomputation)."""
     source: str = "datasheet"
     """'datasheet', 'measured' or 'measured (extrapolated)'."""
+    cp_comm_included: bool = False
+    """Under cp: the times hold the keys' and values' gather and its reduce-scatter (measured with the block)."""
 
     @property
     def full_recompute_s(self) -> float:
@@ -215,14 +217,14 @@ def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequ
     if device.measured and precision == "bf16":
         from planner.measured import measured_layer_times  # only when a measured profile is in use
 
-        got = measured_layer_times(device, model, tp, b, sequence_parallel)
+        got = measured_layer_times(device, model, tp, b, sequence_parallel, cp)
         if got is not None:
             if not compiled:
                 return got
             saved = memory_s(device, b * model.seq_len * (elementwise_per_token(model, tp, sequence_parallel, False)
                                                          - elementwise_per_token(model, tp, sequence_parallel, True)))
             return LayerTimes(max(got.forward_s / 2, got.forward_s - saved), max(got.backward_s / 2, got.backward_s - 2 * saved),
-                              got.selective_recompute_s, got.source)
+                              got.selective_recompute_s, got.source, got.cp_comm_included)
     return datasheet_layer_times(model, device, tp, b, sequence_parallel, precision, compiled, fp8_casts, fp8_weight_casts, cp,
                                  fused_attention, flash, masked_chunks)
 

@@ -7,7 +7,8 @@ in the planner and is tested without ranks.
 
 Sample keys, as runtime/profile_cases.py writes them (seconds, one list entry per repeat):
     ("layer", *layer_shape(model), tp, micro_batch, sequence_parallel, "forward_s" | "backward_s" |
-     "selective_recompute_s" | "with_comm_forward_s" | "with_comm_backward_s")
+     "selective_recompute_s" | "with_comm_forward_s" | "with_comm_backward_s" | "cp<N>_forward_s" | "cp<N>_backward_s")
+     (cp<N>: tp 1, the block under context parallelism over N ranks, each holding micro_batch*N sequences' s/N tokens)
     ("end", *end_shape(model, tp), tp, micro_batch, "embedding_forward_s" | ...)
     ("pipe", schedule, micro_batch, num_microbatches, "step_s" | "stage<k>_forward_s" | ...)
     ("fsdp", params, num_microbatches, "plain_s" | "fsdp_s"), ("ddp", params, num_microbatches, "ddp_s"), ("optimizer", params, "step_s"),
@@ -57,6 +58,12 @@ def tps_for(shapes: Shapes, model: ModelSpec) -> tuple[int, ...]:
     return tuple(t for t in shapes.tps if model.tp_problem(t) is None)
 
 
+def cp_for(world: int, model: ModelSpec) -> int:
+    """The cp degree a profile of `world` ranks times this model's block at (tp 1): 2 where the ranks pair up and
+    the sequence cuts into 2*cp chunks; 1 (none) otherwise."""
+    return 2 if world % 2 == 0 and model.seq_len % 4 == 0 else 1
+
+
 
 
 def layer_shape(model: ModelSpec) -> tuple:
@@ -98,6 +105,10 @@ def build_profile(samples: dict[tuple, list[float]], facts: dict, shapes: Shapes
                         wc = ("layer", *dims, t, b, sp)
                         entry["with_comm"] = {k: r(_median(samples, (*wc, f"with_comm_{k}"))) for k in ("forward_s", "backward_s")}
                         spread.update({f"with_comm_{k}": _spread_pct(samples[(*wc, f"with_comm_{k}")]) for k in ("forward_s", "backward_s")})
+                    cp = cp_for(facts["world_size"], model)
+                    if t == 1 and (*base, f"cp{cp}_forward_s") in samples:
+                        entry["with_cp"] = {"cp": cp, **{k: r(_median(samples, (*base, f"cp{cp}_{k}"))) for k in ("forward_s", "backward_s")}}
+                        spread.update({f"cp{cp}_{k}": _spread_pct(samples[(*base, f"cp{cp}_{k}")]) for k in ("forward_s", "backward_s")})
                     entry["spread_pct"] = spread
                     layers.append(entry)
     ends = []

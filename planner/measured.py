@@ -7,7 +7,9 @@ the repeats, with the spread beside it):
 
     layers:  [{hidden, heads, ffn_hidden, seq_len, kv_heads, mlp, norm, position, bias, qkv_bias,
                tp, sequence_parallel, micro_batch, forward_s, backward_s, selective_recompute_s, spread_pct,
-               with_comm: {forward_s, backward_s}   # tp > 1 only: the DTensor layer on tp ranks}]
+               with_comm: {forward_s, backward_s}   # tp > 1 only: the DTensor layer on tp ranks
+               with_cp: {cp, forward_s, backward_s}  # tp 1 only, optional: the block under context parallelism,
+                                                     # each rank holding micro_batch*cp sequences' s/cp tokens}]
     ends:    [{hidden, vocab, seq_len, norm, position, tp, micro_batch, embedding_forward_s,
                embedding_backward_s, head_forward_s, head_backward_s}]   # vocab: padded; tp > 1: with collectives
     optimizer_s_per_param, collectives: [{op, ranks, bytes, median_s, min_s, max_s}],
@@ -128,6 +130,10 @@ def check_measured(measured, source: str) -> _Parsed:
         if ints[4] > 1 and "with_comm" in e:
             wc = _need(source, where, e, "with_comm", "dict")
             vals.update({f"with_comm_{k}": _need(source, f"{where}.with_comm", wc, k, "time") for k in ("forward_s", "backward_s")})
+        if ints[4] == 1 and "with_cp" in e:
+            wc = _need(source, where, e, "with_cp", "dict")
+            cp = _need(source, f"{where}.with_cp", wc, "cp", "int")
+            vals.update({f"cp{cp}_{k}": _need(source, f"{where}.with_cp", wc, k, "time") for k in ("forward_s", "backward_s")})
         layers.setdefault((*ints[:5], sp, family), []).append(_Point(ints[5], vals))
     ends: dict[tuple, list[_Point]] = {}
     for i, e in enumerate(_need(source, top, measured, "ends", "list")):
@@ -223,14 +229,20 @@ def _find_layer_curve(parsed: _Parsed, model: ModelSpec, tp: int, sp: bool):
     return best
 
 
-def measured_layer_times(device: DeviceProfile, model: ModelSpec, tp: int, b: int, sequence_parallel: bool) -> LayerTimes | None:
+def measured_layer_times(device: DeviceProfile, model: ModelSpec, tp: int, b: float, sequence_parallel: bool,
+                         cp: int = 1) -> LayerTimes | None:
     """One block's shard on one device, per microbatch, from the profile; None when nothing measured is
-    close enough (the caller falls back to the datasheet model).
+    close enough (the caller falls back to the datasheet model). b: sequences' worth of tokens on the device
+    (micro_batch / cp under context parallelism).
 
     For tp > 1 the profile holds the block as the runtime runs it under DTensor, collectives included.
     The cost model adds the TP all-reduces priced by planner.comm on top of LayerTimes, so what is
     returned is that measurement minus those modelled collectives (never below the shard's compute
-    alone): model plus modelled comm then add up to what the runtime measured."""
+    alone): model plus modelled comm then add up to what the runtime measured.
+
+    Under cp, the profile's block under context parallelism at that cp (with_cp: its masked chunk calls against
+    the gathered keys, the gather and its reduce-scatter) where it has one, returned with cp_comm_included; else
+    the plain block at the same tokens, flagged extrapolated (the cost model then adds its modelled gather)."""
     parsed = _parsed(device)
     found = _find_layer_curve(parsed, model, tp, sequence_parallel)
     if found is None:
@@ -251,9 +263,18 @@ def measured_layer_times(device: DeviceProfile, model: ModelSpec, tp: int, b: in
             got = interpolate(_curve(pts, seq, f"with_comm_{key}"), tokens)
             if got is not None:
                 out[key] = max(out[key], got[0] - modelled)
+    included = False
+    if cp > 1:
+        got = [interpolate(_curve(pts, seq, f"cp{cp}_{key}"), tokens) if all(f"cp{cp}_{key}" in p.values for p in pts) else None
+               for key in ("forward_s", "backward_s")]
+        included = None not in got
+        if included:
+            (out["forward_s"], f1), (out["backward_s"], f2) = got
+            extrapolated |= f1 or f2
+        extrapolated |= not included
     return LayerTimes(forward_s=out["forward_s"], backward_s=out["backward_s"],
                       selective_recompute_s=out["selective_recompute_s"],
-                      source="measured (extrapolated)" if extrapolated else "measured")
+                      source="measured (extrapolated)" if extrapolated else "measured", cp_comm_included=included)
 
 
 def measured_end_times(device: DeviceProfile, model: ModelSpec, tp: int, b: int) -> EndTimes | None:

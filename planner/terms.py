@@ -114,7 +114,8 @@ class CostModel:
         # The block's all-reduces each way (Framework.tp_all_reduces_each_way: 2, or per-linear gathers). With
         # tp_overlap, that share of them runs under the GEMMs (the exposed rest is what layer_tp_comm_s counts).
         ar_exposed, ways = ar * (1 - self.framework.tp_overlap), self.framework.tp_all_reduces_each_way(model.mlp, sp)
-        f, bw = lt.forward_s + ways * ar_exposed + kv, lt.backward_s + ways * ar_exposed + kv
+        cp_comm = 0.0 if lt.cp_comm_included else kv  # a measured cp block holds its own
+        f, bw = lt.forward_s + ways * ar_exposed + cp_comm, lt.backward_s + ways * ar_exposed + cp_comm
         rc = f if k.recompute == "full" else lt.selective_recompute_s if k.recompute == "selective" else 0.0
         whole_loss, lb = t > 1 and not self.framework.loss_parallel, self.framework.logit_bytes  # logits gathered to each tp rank
         loss_b = gathered_loss_extra_s(dev, model, t, b, lb) if whole_loss else 0.0

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from planner.fit import FSDP_LAYERS, FSDP_MICROBATCHES, Shapes, end_shape, layer_shape, tps_for
+from planner.fit import FSDP_LAYERS, FSDP_MICROBATCHES, Shapes, cp_for, end_shape, layer_shape, tps_for
 from planner.plan import Stage
 from planner.specs import ModelSpec
 from runtime.machine import run_queue_wait_s
@@ -76,19 +76,21 @@ def _local_shard(gpt: nn.Module, model: ModelSpec, tp: int) -> nn.Module:
     return gpt
 
 
-_MESHES: dict[int, object] = {}
+_MESHES: dict[tuple, object] = {}
 
 
-def _tp_mesh(tp: int, world: int, device_type: str):
-    """A 1-D submesh of tp ranks (world/tp such groups, all measuring at once)."""
+def _tp_mesh(tp: int, world: int, device_type: str, cp: int = 1):
+    """The meshes with a 1-D submesh of tp (or, given cp, of cp) ranks: world/tp (world/cp) such groups, all
+    measuring at once."""
     from runtime.mesh import build_mesh
 
-    if tp not in _MESHES:
-        _MESHES[tp] = build_mesh(pp=world // tp, dp=1, tp=tp, device_type=device_type)
-    return _MESHES[tp]
+    if (tp, cp) not in _MESHES:
+        _MESHES[(tp, cp)] = build_mesh(pp=world // (tp * cp), dp=1, cp=cp, tp=tp, device_type=device_type)
+    return _MESHES[(tp, cp)]
 
 
 def layer_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) -> list[Case]:
+    from runtime.parallel.context import apply_cp
     from runtime.parallel.tensor import apply_tp
 
     cases = []
@@ -105,6 +107,11 @@ def layer_cases(shapes: Shapes, dev: torch.device, clock: Clock, world: int) -> 
                 tp_gpt = apply_tp(_gpt(model, 1, t, dev, embed=False, head=False), mesh, sequence_parallel=sp, mlp=model.mlp)
                 for b in shapes.micro_batches:
                     cases.append(_block_case(tp_gpt, model, t, b, dev, clock, ("layer", *dims, t, b), sp=sp, dtensor=True))
+        if cp_for(world, model) > 1:  # the block as runtime.parallel.context runs it, its collectives included
+            cp = cp_for(world, model)
+            cp_gpt = apply_cp(_gpt(model, 1, 1, dev, embed=False, head=False), _tp_mesh(1, world, dev.type, cp).cp, seq_len=model.seq_len)
+            for b in shapes.micro_batches:
+                cases.append(_block_case(cp_gpt, model, 1, b, dev, clock, ("layer", *dims, 1, b), sp=False, dtensor=True, cp=cp))
     return cases
 
 
@@ -120,10 +127,11 @@ def reference_case(model: ModelSpec, dev: torch.device, clock: Clock) -> Case:
 
 
 def _block_case(gpt: nn.Module, model: ModelSpec, tp: int, b: int, dev: torch.device, clock: Clock, key: tuple,
-                *, sp: bool, dtensor: bool) -> Case:
+                *, sp: bool, dtensor: bool, cp: int = 1) -> Case:
     s, h, hd = model.seq_len, model.hidden, model.hidden // model.heads
-    # The residual stream as a pipeline stage receives it: (b, s, h), or its sequence shard with SP.
-    x = torch.randn(b, s // tp if sp else s, h, device=dev, requires_grad=True)
+    # The residual stream as a pipeline stage receives it: (b, s, h), or its sequence shard with SP; under cp,
+    # b*cp sequences' s/cp tokens on each rank, the b*s tokens of the plain case.
+    x = torch.randn(b * cp, s // cp if cp > 1 else s // tp if sp else s, h, device=dev, requires_grad=True)
     q = torch.randn(b, model.heads // tp, s, hd, device=dev, requires_grad=True)  # (B, nh, T, hs)
     kv = torch.randn(b, model.kv_heads // tp, s, hd, device=dev, requires_grad=True)  # (B, nkv, T, hs)
     core = CausalAttention()  # the module selective recomputation reruns
@@ -140,7 +148,8 @@ def _block_case(gpt: nn.Module, model: ModelSpec, tp: int, b: int, dev: torch.de
         t2 = clock()
         x.grad = None
         if dtensor:
-            return {(*key, sp, "with_comm_forward_s"): t1 - t0, (*key, sp, "with_comm_backward_s"): t2 - t1}
+            name = f"cp{cp}" if cp > 1 else "with_comm"
+            return {(*key, sp, f"{name}_forward_s"): t1 - t0, (*key, sp, f"{name}_backward_s"): t2 - t1}
         # The share of a core this rank got while computing alone: about 1 on an idle machine, less when
         # other processes took the cores (then every timing of this profile is too slow).
         share = {} if dev.type == "cuda" else {("cpu_s",): time.process_time() - cpu0, ("wall_s",): t2 - t0}

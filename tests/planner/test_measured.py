@@ -15,9 +15,11 @@ import pytest
 
 from planner import comm, specs
 from planner.compute import end_times, layer_times
+from planner.cost import CostModel
 from planner.errors import SpecError
 from planner.measured import (check_measured, fit_link, fit_links, interpolate, measured_end_times, measured_layer_times,
                               stage_overhead_s)
+from planner.plan import Knobs
 from planner.specs import LinkSpec, device_from_dict, load_cluster, load_model
 
 TINY = load_model("gpt-tiny")
@@ -110,6 +112,27 @@ def test_tp_layer_plus_the_modelled_all_reduces_adds_up_to_the_dtensor_measureme
     assert lt.backward_s + 2 * ar == pytest.approx(0.040)
 
 
+def test_a_cp_plan_prices_its_blocks_from_the_measured_cp_block_with_its_gather_inside():
+    with_cp = [dict(_layer(1, b, f, 2 * f), with_cp={"cp": 2, "forward_s": 1.5 * f, "backward_s": 4 * f})
+               for b, f in ((1, 0.010), (2, 0.018), (4, 0.034))]
+    dev = _device(layers=with_cp)
+    # cp 2 at micro-batch 4: each rank holds 4 sequences' halves, the tokens of 2 whole sequences (b = 2).
+    lt = measured_layer_times(dev, TINY, 1, 2, False, cp=2)
+    assert (lt.forward_s, lt.backward_s, lt.cp_comm_included) == (pytest.approx(0.027), pytest.approx(0.072), True)
+    assert lt.source == "measured"
+    t = CostModel(TINY, load_cluster("local-cpu", gpus_per_node=2), dev).terms(Knobs(1, 1, 1, 4, cp=2))
+    assert t.cp_all_gather_s > 0  # priced, but the measured block holds it: not added a second time
+    assert (t.layer_forward_s, t.layer_backward_s) == (pytest.approx(0.027), pytest.approx(0.072))
+
+
+def test_a_cp_plan_without_a_measured_cp_block_adds_the_modelled_gather_and_says_extrapolated():
+    dev = _device()
+    lt = measured_layer_times(dev, TINY, 1, 2, False, cp=2)
+    assert (lt.forward_s, lt.cp_comm_included, lt.source) == (pytest.approx(0.018), False, "measured (extrapolated)")
+    t = CostModel(TINY, load_cluster("local-cpu", gpus_per_node=2), dev).terms(Knobs(1, 1, 1, 4, cp=2))
+    assert t.layer_forward_s == pytest.approx(0.018 + t.cp_all_gather_s)
+
+
 def test_tp_layer_is_never_below_its_shard_compute():
     dev = _device(links={"collective": {"bandwidth_GBps": 0.001, "latency_us": 1e5}})
     lt = measured_layer_times(dev, TINY, 2, 1, False)
@@ -195,6 +218,7 @@ def test_device_profile_of_another_schema_version_is_rejected():
     (lambda m: {k: v for k, v in m.items() if k != "layers"}, "measured.layers"),
     (lambda m: {**m, "layers": [{**m["layers"][0], "forward_s": "fast"}]}, "measured.layers[0].forward_s"),
     (lambda m: {**m, "layers": [{k: v for k, v in m["layers"][0].items() if k != "micro_batch"}]}, "measured.layers[0].micro_batch"),
+    (lambda m: {**m, "layers": [{**m["layers"][0], "with_cp": {"forward_s": 0.1, "backward_s": 0.2}}]}, "measured.layers[0].with_cp.cp"),
     (lambda m: {**m, "ends": [{**m["ends"][0], "head_backward_s": -1.0}]}, "measured.ends[0].head_backward_s"),
     (lambda m: {**m, "optimizer_s_per_param": None}, "measured.optimizer_s_per_param"),
     (lambda m: {**m, "links": {"collective": {"bandwidth_GBps": 0, "latency_us": 5}}}, "measured.links.collective.bandwidth_GBps"),
