@@ -116,7 +116,8 @@ class CostModel:
         ar_exposed, ways = ar * (1 - self.framework.tp_overlap), self.framework.tp_all_reduces_each_way(model.mlp, sp)
         cp_comm = 0.0 if lt.cp_comm_included else kv  # a measured cp block holds its own
         f, bw = lt.forward_s + ways * ar_exposed + cp_comm, lt.backward_s + ways * ar_exposed + cp_comm
-        rc = f if k.recompute == "full" else lt.selective_recompute_s if k.recompute == "selective" else 0.0
+        # Selective recomputation re-runs the attention core, under cp the keys' gather with it (runtime.parallel.context).
+        rc = f if k.recompute == "full" else lt.selective_recompute_s + kv if k.recompute == "selective" else 0.0
         whole_loss, lb = t > 1 and not self.framework.loss_parallel, self.framework.logit_bytes  # logits gathered to each tp rank
         loss_b = gathered_loss_extra_s(dev, model, t, b, lb) if whole_loss else 0.0
         logit_gather = comm.all_gather_s(b * model.seq_len * model.padded_vocab(t) * lb, t, tp_link(self.cluster, t)) if whole_loss else 0.0

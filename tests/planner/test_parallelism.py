@@ -120,6 +120,13 @@ def test_overlap_of_the_gradient_reduction_comes_from_the_zero_table():
     assert MESHPLAN.overlaps_dp(Knobs(2, 2, 2, 1, zero=3))      # FSDP2's hooks overlap under tp and pp too
 
 
+def test_selective_recomputation_under_cp_gathers_the_keys_again():
+    cm = CostModel(dataclasses.replace(LLAMA8, seq_len=32768), load_cluster("dgx-h100-80gb", nodes=1), H100)
+    plain, cp = cm.terms(Knobs(1, 1, 8, 1, recompute="selective")), cm.terms(Knobs(1, 1, 4, 1, recompute="selective", cp=2))
+    assert plain.cp_all_gather_s == 0 and cp.cp_all_gather_s > 0
+    assert cp.layer_recompute_s == pytest.approx(cm.layer(1, 0.5, False, cp=2).selective_recompute_s + cp.cp_all_gather_s)
+
+
 def test_cp_alone_keeps_ddp_and_tp_or_pp_reduce_by_hand():
     # The replicas are dp * cp ranks; context parallelism's all-gather runs inside autograd, so DDP still holds.
     assert gradient_reducer(zero=0, replicas=2 * 2, tp=1, pipelined=False) == "ddp"
