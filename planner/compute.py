@@ -217,7 +217,7 @@ def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequ
     if device.measured and precision == "bf16":
         from planner.measured import measured_layer_times  # only when a measured profile is in use
 
-        got = measured_layer_times(device, model, tp, b, sequence_parallel, cp)
+        got = measured_layer_times(device, model, tp, b, sequence_parallel, cp, runtime_cp=masked_chunks)
         if got is not None:
             if not compiled:
                 return got

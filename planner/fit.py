@@ -64,8 +64,6 @@ def cp_for(world: int, model: ModelSpec) -> int:
     return 2 if world % 2 == 0 and model.seq_len % 4 == 0 else 1
 
 
-
-
 def layer_shape(model: ModelSpec) -> tuple:
     """What a measured block is keyed by: its sizes and its family (planner.measured.layer_family), so that a Llama
     block never stands in for a GPT block of the same sizes."""

@@ -121,6 +121,7 @@ def check_measured(measured, source: str) -> _Parsed:
         raise SpecError(source, "measured", f"a measured profile needs its measurements, got {measured!r}; {_REGENERATE}")
     top = "measured"
     layers: dict[tuple, list[_Point]] = {}
+    cps: dict[tuple, int] = {}  # each curve's cp degree under with_cp
     for i, e in enumerate(_need(source, top, measured, "layers", "list")):
         where = f"{top}.layers[{i}]"
         ints = [_need(source, where, e, k, "int") for k in _LAYER_INTS]
@@ -130,9 +131,12 @@ def check_measured(measured, source: str) -> _Parsed:
         if ints[4] > 1 and "with_comm" in e:
             wc = _need(source, where, e, "with_comm", "dict")
             vals.update({f"with_comm_{k}": _need(source, f"{where}.with_comm", wc, k, "time") for k in ("forward_s", "backward_s")})
-        if ints[4] == 1 and "with_cp" in e:
+        if "with_cp" in e:
             wc = _need(source, where, e, "with_cp", "dict")
             cp = _need(source, f"{where}.with_cp", wc, "cp", "int")
+            if ints[4] != 1 or cp < 2 or cps.setdefault((*ints[:5], sp, family), cp) != cp:
+                raise SpecError(source, f"{where}.with_cp", f"the block under context parallelism is timed at tp 1 and one "
+                                f"cp >= 2 per curve, got tp {ints[4]}, cp {cp}; {_REGENERATE}")
             vals.update({f"cp{cp}_{k}": _need(source, f"{where}.with_cp", wc, k, "time") for k in ("forward_s", "backward_s")})
         layers.setdefault((*ints[:5], sp, family), []).append(_Point(ints[5], vals))
     ends: dict[tuple, list[_Point]] = {}
@@ -230,7 +234,7 @@ def _find_layer_curve(parsed: _Parsed, model: ModelSpec, tp: int, sp: bool):
 
 
 def measured_layer_times(device: DeviceProfile, model: ModelSpec, tp: int, b: float, sequence_parallel: bool,
-                         cp: int = 1) -> LayerTimes | None:
+                         cp: int = 1, runtime_cp: bool = True) -> LayerTimes | None:
     """One block's shard on one device, per microbatch, from the profile; None when nothing measured is
     close enough (the caller falls back to the datasheet model). b: sequences' worth of tokens on the device
     (micro_batch / cp under context parallelism).
@@ -242,7 +246,9 @@ def measured_layer_times(device: DeviceProfile, model: ModelSpec, tp: int, b: fl
 
     Under cp, the profile's block under context parallelism at that cp (with_cp: its masked chunk calls against
     the gathered keys, the gather and its reduce-scatter) where it has one, returned with cp_comm_included; else
-    the plain block at the same tokens, flagged extrapolated (the cost model then adds its modelled gather)."""
+    the plain block at the same tokens, flagged extrapolated (the cost model then adds its modelled gather).
+    runtime_cp: the framework runs cp as meshplan's runtime does (Framework.cp_masked_chunks); the profile's cp
+    block is that runtime's, so another framework's cp plan is priced from the plain block, flagged extrapolated."""
     parsed = _parsed(device)
     found = _find_layer_curve(parsed, model, tp, sequence_parallel)
     if found is None:
@@ -264,14 +270,14 @@ def measured_layer_times(device: DeviceProfile, model: ModelSpec, tp: int, b: fl
             if got is not None:
                 out[key] = max(out[key], got[0] - modelled)
     included = False
-    if cp > 1:
+    if cp > 1 and runtime_cp:
         got = [interpolate(_curve(pts, seq, f"cp{cp}_{key}"), tokens) if all(f"cp{cp}_{key}" in p.values for p in pts) else None
                for key in ("forward_s", "backward_s")]
         included = None not in got
         if included:
             (out["forward_s"], f1), (out["backward_s"], f2) = got
             extrapolated |= f1 or f2
-        extrapolated |= not included
+    extrapolated |= cp > 1 and not included
     return LayerTimes(forward_s=out["forward_s"], backward_s=out["backward_s"],
                       selective_recompute_s=out["selective_recompute_s"],
                       source="measured (extrapolated)" if extrapolated else "measured", cp_comm_included=included)

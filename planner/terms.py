@@ -138,7 +138,7 @@ class CostModel:
             head_tp_comm_s=ar_exposed + logit_gather,
             stage_forward_s=so_f, stage_backward_s=so_b,
             layer_activation_bytes=activation_bytes_per_layer(model, t, b, sp, k.recompute, fused, saved, fp8) * scale
-            + (gathered if k.recompute != "full" else 0.0),
+            + (gathered if k.recompute == "none" else 0.0),  # selective checkpoints cp attention with its gather
             full_activation_bytes=activation_bytes_per_layer(model, t, b, sp, "full", fused, saved, fp8) * scale,
             embedding_activation_bytes=embedding_activation_bytes(model, t, b, sp, saved) * scale,
             head_transient_bytes=head_transient_bytes(model, t, b, saved, pipelined=k.pp > 1, gathered=gl), logit_bytes=logit_bytes(model, t, b, gl),

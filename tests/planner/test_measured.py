@@ -133,6 +133,16 @@ def test_a_cp_plan_without_a_measured_cp_block_adds_the_modelled_gather_and_says
     assert t.layer_forward_s == pytest.approx(0.018 + t.cp_all_gather_s)
 
 
+def test_another_frameworks_cp_plan_is_not_priced_from_meshplans_cp_block():
+    with_cp = [dict(_layer(1, b, f, 2 * f), with_cp={"cp": 2, "forward_s": 1.5 * f, "backward_s": 4 * f})
+               for b, f in ((1, 0.010), (2, 0.018), (4, 0.034))]
+    dev = _device(layers=with_cp)
+    # Megatron-Core's cp (ring attention, no masked chunk calls) is not the runtime's that the profile timed.
+    lt = layer_times(TINY, dev, 1, 2, False, cp=2, masked_chunks=False)
+    assert (lt.forward_s, lt.cp_comm_included, lt.source) == (pytest.approx(0.018), False, "measured (extrapolated)")
+    assert layer_times(TINY, dev, 1, 2, False, cp=2, masked_chunks=True).cp_comm_included
+
+
 def test_tp_layer_is_never_below_its_shard_compute():
     dev = _device(links={"collective": {"bandwidth_GBps": 0.001, "latency_us": 1e5}})
     lt = measured_layer_times(dev, TINY, 2, 1, False)
@@ -219,6 +229,10 @@ def test_device_profile_of_another_schema_version_is_rejected():
     (lambda m: {**m, "layers": [{**m["layers"][0], "forward_s": "fast"}]}, "measured.layers[0].forward_s"),
     (lambda m: {**m, "layers": [{k: v for k, v in m["layers"][0].items() if k != "micro_batch"}]}, "measured.layers[0].micro_batch"),
     (lambda m: {**m, "layers": [{**m["layers"][0], "with_cp": {"forward_s": 0.1, "backward_s": 0.2}}]}, "measured.layers[0].with_cp.cp"),
+    (lambda m: {**m, "layers": [{**m["layers"][0], "with_cp": {"cp": 1, "forward_s": 0.1, "backward_s": 0.2}}]}, "measured.layers[0].with_cp"),
+    (lambda m: {**m, "layers": [{**m["layers"][3], "with_cp": {"cp": 2, "forward_s": 0.1, "backward_s": 0.2}}]}, "measured.layers[0].with_cp"),
+    (lambda m: {**m, "layers": [{**m["layers"][i], "with_cp": {"cp": 2 * (i + 1), "forward_s": 0.1, "backward_s": 0.2}} for i in (0, 1)]},
+     "measured.layers[1].with_cp"),
     (lambda m: {**m, "ends": [{**m["ends"][0], "head_backward_s": -1.0}]}, "measured.ends[0].head_backward_s"),
     (lambda m: {**m, "optimizer_s_per_param": None}, "measured.optimizer_s_per_param"),
     (lambda m: {**m, "links": {"collective": {"bandwidth_GBps": 0, "latency_us": 5}}}, "measured.links.collective.bandwidth_GBps"),

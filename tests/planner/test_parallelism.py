@@ -7,6 +7,7 @@ import pytest
 
 from planner.cost import MESHPLAN, CostModel, predict
 from planner.errors import SpecError
+from planner.memory import cp_gathered_kv_bytes
 from planner.plan import Knobs
 from planner.search import search
 from planner.specs import load_cluster, load_device, load_model
@@ -125,6 +126,19 @@ def test_selective_recomputation_under_cp_gathers_the_keys_again():
     plain, cp = cm.terms(Knobs(1, 1, 8, 1, recompute="selective")), cm.terms(Knobs(1, 1, 4, 1, recompute="selective", cp=2))
     assert plain.cp_all_gather_s == 0 and cp.cp_all_gather_s > 0
     assert cp.layer_recompute_s == pytest.approx(cm.layer(1, 0.5, False, cp=2).selective_recompute_s + cp.cp_all_gather_s)
+
+
+def test_only_without_recomputation_does_cp_attention_keep_the_gathered_keys_for_the_backward():
+    # The runtime checkpoints the cp attention core whole under selective: the gathered keys are made again in
+    # the backward, held only while one block recomputes.
+    cm = CostModel(dataclasses.replace(LLAMA8, seq_len=32768), load_cluster("dgx-h100-80gb", nodes=1), H100)
+    gathered = cp_gathered_kv_bytes(cm.model, 1, 2, 2)
+    none_cp, none = cm.terms(Knobs(1, 1, 4, 2, cp=2)), cm.terms(Knobs(1, 1, 8, 1))
+    sel_cp, sel = cm.terms(Knobs(1, 1, 4, 2, recompute="selective", cp=2)), cm.terms(Knobs(1, 1, 8, 1, recompute="selective"))
+    assert gathered > 0
+    assert none_cp.layer_activation_bytes == pytest.approx(none.layer_activation_bytes + gathered)
+    assert sel_cp.layer_activation_bytes == pytest.approx(sel.layer_activation_bytes)
+    assert sel_cp.recompute_working_bytes == pytest.approx(sel.recompute_working_bytes + gathered)
 
 
 def test_cp_alone_keeps_ddp_and_tp_or_pp_reduce_by_hand():
