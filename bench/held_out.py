@@ -58,7 +58,7 @@ KF_CLUSTER = "hgx-h200-4gpu"
 TORCH_MM_RATE = 790.29 / 989.0
 """A bf16 torch.mm on an H200 SXM: 790.29 TFLOP/s of the 989 dense peak (zzc0721/torch-performance-test-data, cited
 in the h200-sxm-141gb datasheet's notes): what the GEMMs alone reach, where the datasheet's fitted curve tops out at
-0.580."""
+0.583."""
 
 NCCL_SM_SHARE = 32 / 132
 """Share of an H100's or H200's 132 SMs that NCCL's kernels hold while a collective runs: one CTA per channel

@@ -157,7 +157,7 @@ DEEPSPEED = Framework("deepspeed", grad_reduce_bytes=4, dp_overlap=False, p2p_sc
 # model.fp8_params: nemotron/configure.sh, llama3.1/configure.sh, nemo_megatron/gpt3_175b_hydra.yaml), its casts and
 # transposes as Transformer Engine 1.x makes them (compute.transformer_engine_fp8_moves_per_token).
 # The TP overlap share is fitted by bench/fit_calibration.py on the H100 runs in profiles/calibration/.
-MEGATRON_CORE_TP_OVERLAP = 0.428
+MEGATRON_CORE_TP_OVERLAP = 0.414
 MEGATRON_CORE = Framework("megatron-core", grad_reduce_bytes=2, grad_bytes=2, dp_overlap=True, p2p_scatter_gather=True, p2p_blocking=False,
                           tp_overlap=MEGATRON_CORE_TP_OVERLAP, param_gather_overlap=True, fp8_casts="transformer-engine",
                           fp8_weight_casts=False, fp8_primary_weights=True, fused_elementwise=True, saved=MEGATRON_CORE_SAVED,
