@@ -6,7 +6,7 @@ GEMMs run at peak * efficiency(size), elementwise kernels are memory-bound. A me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.kernels import flash_efficiency, log_linear
 from planner.specs import DeviceProfile, ModelSpec
@@ -60,6 +60,13 @@ def memory_s(device: DeviceProfile, elements: float) -> float:
     return elements * device.dtype_bytes / (device.memory_bandwidth_GBps * 1e9 * device.memory_efficiency)
 
 
+def masked_chunk_waste(cp: int) -> float:
+    """Attention work under cp with masked chunk calls (Framework.cp_masked_chunks) over the causal work: a rank's
+    two chunks j = r and 2cp-1-r against the (j+1)c keys before them, each as one masked call, run every tile of
+    both rectangles, (2cp+1)c^2 where causal skipping would run 2cp c^2."""
+    return (2 * cp + 1) / (2 * cp) if cp > 1 else 1.0
+
+
 def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float, cp: int, fused: bool,
                       flash: bool = False, masked_chunks: bool = False) -> tuple[float, float]:
     """(forward, backward) of softmax(QK^T)V for this shard's heads, b sequences' worth (b/cp under context
@@ -71,9 +78,7 @@ def _attention_core_s(device: DeviceProfile, model: ModelSpec, tp: int, b: float
     # work is done chunk against chunk (2cp chunks of s/2cp tokens, Liu et al. 2023 'Ring Attention'), at the
     # efficiency of a chunk's GEMM, not of a whole sequence's.
     c = s // (2 * cp) if cp > 1 else s
-    # A rank's two chunks j = r and 2cp-1-r against the (j+1)c keys before them, each as one masked call: every
-    # tile of both rectangles runs, (2cp+1)c^2 where causal skipping would run 2cp c^2.
-    waste = (2 * cp + 1) / (2 * cp) if masked_chunks and cp > 1 else 1.0
+    waste = masked_chunk_waste(cp) if masked_chunks else 1.0
     if fused and flash and device.flash_attention_efficiency:
         # FlashAttention-2 at its measured share of peak for a call of c queries (planner/kernels.py), on the
         # causal FLOPs it runs: half of 4 s^2 d per head and sequence; the backward runs 2.5 times as many.
@@ -218,6 +223,10 @@ def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequ
         from planner.measured import measured_layer_times  # only when a measured profile is in use
 
         got = measured_layer_times(device, model, tp, b, sequence_parallel, cp, runtime_cp=masked_chunks)
+        if got is not None and masked_chunks:
+            # The profile times the attention core alone without cp, causal; the runtime's cp core, which selective
+            # recomputation re-runs, computes its chunks' whole masked rectangles.
+            got = replace(got, selective_recompute_s=got.selective_recompute_s * masked_chunk_waste(cp))
         if got is not None:
             if not compiled:
                 return got

@@ -140,7 +140,12 @@ def test_another_frameworks_cp_plan_is_not_priced_from_meshplans_cp_block():
     # Megatron-Core's cp (ring attention, no masked chunk calls) is not the runtime's that the profile timed.
     lt = layer_times(TINY, dev, 1, 2, False, cp=2, masked_chunks=False)
     assert (lt.forward_s, lt.cp_comm_included, lt.source) == (pytest.approx(0.018), False, "measured (extrapolated)")
-    assert layer_times(TINY, dev, 1, 2, False, cp=2, masked_chunks=True).cp_comm_included
+    assert lt.selective_recompute_s == pytest.approx(0.0018)
+    ours = layer_times(TINY, dev, 1, 2, False, cp=2, masked_chunks=True)
+    assert ours.cp_comm_included
+    # The core selective recomputation re-runs is the runtime's cp core: its masked rectangles, 5/4 of the
+    # causal work the plain core was timed at.
+    assert ours.selective_recompute_s == pytest.approx(0.0018 * 5 / 4)
 
 
 def test_tp_layer_is_never_below_its_shard_compute():
