@@ -54,7 +54,8 @@ def test_quick_profile_writes_a_measured_profile_that_load_device_reads_back(tmp
         assert plan.profile == "cpu (measured)" and plan.prediction.iteration_s > 0
         # Both models' blocks under context parallelism over the 2 ranks (runtime.parallel.context), priced from them.
         assert {e["mlp"] for e in m["layers"] if e.get("with_cp", {}).get("cp") == 2} == {"gelu", "swiglu"}
-        assert layer_times(LLAMA_TINY, device, 1, 1, False, cp=2).cp_comm_included
+        assert layer_times(LLAMA_TINY, device, 1, 1, False, cp=2, masked_chunks=True).cp_comm_included  # the runtime's cp
+        assert not layer_times(LLAMA_TINY, device, 1, 1, False, cp=2).cp_comm_included  # another framework's
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
