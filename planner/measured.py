@@ -126,7 +126,7 @@ def check_measured(measured, source: str) -> _Parsed:
         where = f"{top}.layers[{i}]"
         ints = [_need(source, where, e, k, "int") for k in _LAYER_INTS]
         sp = _need(source, where, e, "sequence_parallel", "bool")
-        family = _family(source, where, e, ints[1])
+        key = (*ints[:5], sp, _family(source, where, e, ints[1]))
         vals = {k: _need(source, where, e, k, "time") for k in _LAYER_TIMES}
         if ints[4] > 1 and "with_comm" in e:
             wc = _need(source, where, e, "with_comm", "dict")
@@ -134,11 +134,11 @@ def check_measured(measured, source: str) -> _Parsed:
         if "with_cp" in e:
             wc = _need(source, where, e, "with_cp", "dict")
             cp = _need(source, f"{where}.with_cp", wc, "cp", "int")
-            if ints[4] != 1 or cp < 2 or cps.setdefault((*ints[:5], sp, family), cp) != cp:
+            if ints[4] != 1 or cp < 2 or cps.setdefault(key, cp) != cp:
                 raise SpecError(source, f"{where}.with_cp", f"the block under context parallelism is timed at tp 1 and one "
                                 f"cp >= 2 per curve, got tp {ints[4]}, cp {cp}; {_REGENERATE}")
             vals.update({f"cp{cp}_{k}": _need(source, f"{where}.with_cp", wc, k, "time") for k in ("forward_s", "backward_s")})
-        layers.setdefault((*ints[:5], sp, family), []).append(_Point(ints[5], vals))
+        layers.setdefault(key, []).append(_Point(ints[5], vals))
     ends: dict[tuple, list[_Point]] = {}
     for i, e in enumerate(_need(source, top, measured, "ends", "list")):
         where = f"{top}.ends[{i}]"
@@ -151,17 +151,14 @@ def check_measured(measured, source: str) -> _Parsed:
         if kind not in LINK_KINDS:
             raise SpecError(source, f"{top}.links.{kind}", f"unknown link; expected one of {', '.join(LINK_KINDS)}; {_REGENERATE}")
         links[kind] = parse_link(data, source, f"{top}.links.{kind}")
-    if "reference_s" in measured:  # runtime.machine's reference block per model (older profiles have none)
-        refs = _need(source, top, measured, "reference_s", "dict")
-        for name in refs:
-            _need(source, f"{top}.reference_s", refs, name, "time")
-    if "stage_overhead_s" in measured:
-        so = _need(source, top, measured, "stage_overhead_s", "dict")
-        for k in ("forward_s", "backward_s"):
-            _need(source, f"{top}.stage_overhead_s", so, k, "time")
-    overlap = 0.0
-    if "ddp" in measured:
-        overlap = _need(source, f"{top}.ddp", _need(source, top, measured, "ddp", "dict"), "overlap_cost", "ratio")
+    # Optional (older profiles have none): runtime.machine's reference block per model, the pipeline's overhead.
+    for section, keys in (("reference_s", None), ("stage_overhead_s", ("forward_s", "backward_s"))):
+        if section in measured:
+            times = _need(source, top, measured, section, "dict")
+            for k in keys or times:
+                _need(source, f"{top}.{section}", times, k, "time")
+    overlap = (_need(source, f"{top}.ddp", _need(source, top, measured, "ddp", "dict"), "overlap_cost", "ratio")
+               if "ddp" in measured else 0.0)
     for curves in (layers, ends):
         for pts in curves.values():
             pts.sort(key=lambda p: p.micro_batch)
@@ -245,10 +242,9 @@ def measured_layer_times(device: DeviceProfile, model: ModelSpec, tp: int, b: fl
     alone): model plus modelled comm then add up to what the runtime measured.
 
     Under cp, the profile's block under context parallelism at that cp (with_cp: its masked chunk calls against
-    the gathered keys, the gather and its reduce-scatter) where it has one, returned with cp_comm_included; else
-    the plain block at the same tokens, flagged extrapolated (the cost model then adds its modelled gather).
-    runtime_cp: the framework runs cp as meshplan's runtime does (Framework.cp_masked_chunks); the profile's cp
-    block is that runtime's, so another framework's cp plan is priced from the plain block, flagged extrapolated."""
+    the gathered keys, the gather and its reduce-scatter), returned with cp_comm_included, where it has one and
+    the framework runs cp as that runtime does (runtime_cp: Framework.cp_masked_chunks); else the plain block at
+    the same tokens, flagged extrapolated (the cost model then adds its modelled gather)."""
     parsed = _parsed(device)
     found = _find_layer_curve(parsed, model, tp, sequence_parallel)
     if found is None:
