@@ -223,11 +223,11 @@ def layer_times(model: ModelSpec, device: DeviceProfile, tp: int, b: float, sequ
         from planner.measured import measured_layer_times  # only when a measured profile is in use
 
         got = measured_layer_times(device, model, tp, b, sequence_parallel, cp, runtime_cp=masked_chunks)
-        if got is not None and masked_chunks:
-            # The profile times the attention core alone without cp, causal; the runtime's cp core, which selective
-            # recomputation re-runs, computes its chunks' whole masked rectangles.
-            got = replace(got, selective_recompute_s=got.selective_recompute_s * masked_chunk_waste(cp))
         if got is not None:
+            if masked_chunks:
+                # The profile times the attention core alone without cp, causal; the runtime's cp core, which
+                # selective recomputation re-runs, computes its chunks' whole masked rectangles.
+                got = replace(got, selective_recompute_s=got.selective_recompute_s * masked_chunk_waste(cp))
             if not compiled:
                 return got
             saved = memory_s(device, b * model.seq_len * (elementwise_per_token(model, tp, sequence_parallel, False)
